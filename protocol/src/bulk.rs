@@ -1,0 +1,346 @@
+//! Bulk payloads: sealed memfds that a receiver maps read-only with zero copies, or inline
+//! bytes inside the frame when the payload is small enough that a memfd would cost more.
+//!
+//! A sender gets a [`BulkWriter`], fills it, and hands it to [`crate::Channel::send_bulk`],
+//! which (for `SealedEncrypted`) encrypts the bytes in place, drops the writable mapping, and
+//! seals the memfd with `F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL` before the
+//! descriptor leaves the process. A receiver checks that the descriptor is a memfd with exactly
+//! those seals and the size bound by the authenticated frame before it maps anything.
+//! This module never trusts a received descriptor: every check fails closed and the
+//! descriptor is closed on every error path (it is an `OwnedFd`).
+
+use std::ffi::CStr;
+use std::ops::Deref;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, Condvar, Mutex};
+
+use crate::crypto::Direction;
+use crate::error::BulkError;
+use crate::frame::TAG_LEN;
+use crate::sys::{self, MapMode, Mapping};
+
+/// How the bulk bytes are protected on the way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BulkMode {
+    /// Immutability from the kernel's seals; origin and size bound by the authenticated frame.
+    /// No hashing on the hot path.
+    Sealed,
+    /// As `Sealed`, and the bytes are ChaCha20-Poly1305-encrypted under the channel key with a
+    /// nonce space distinct from frames'.
+    SealedEncrypted,
+}
+
+/// Default payload size below which bulk bytes travel inline in the frame. Measured by the
+/// `bulk_crossover` benchmark scenario on the reference machine (see the bench's output).
+pub const DEFAULT_INLINE_THRESHOLD: usize = 32 * 1024;
+
+const MEMFD_NAME: &CStr = c"airlock-bulk";
+
+/// A payload being written by its sender. Not yet sealed: only `send_bulk` seals it.
+#[derive(Debug)]
+pub struct BulkWriter {
+    inner: WriterInner,
+    len: usize,
+}
+
+#[derive(Debug)]
+enum WriterInner {
+    Inline(Vec<u8>),
+    Memfd { fd: OwnedFd, map: Mapping, capacity: usize },
+}
+
+impl BulkWriter {
+    /// A writer for `len` bytes: inline below `inline_threshold`, else a fresh memfd.
+    pub fn allocate(len: usize, inline_threshold: usize) -> Result<BulkWriter, BulkError> {
+        if len < inline_threshold {
+            return Ok(BulkWriter { inner: WriterInner::Inline(vec![0; len]), len });
+        }
+        let (fd, map) = new_memfd(len)?;
+        Ok(BulkWriter { inner: WriterInner::Memfd { fd, map, capacity: len }, len })
+    }
+
+    /// A writer for `len` bytes that takes a pre-faulted memfd from `pool` when one fits.
+    pub fn allocate_from(pool: &BulkPool, len: usize, inline_threshold: usize) -> Result<BulkWriter, BulkError> {
+        if len >= inline_threshold {
+            if let Some((fd, map)) = pool.take(len) {
+                let capacity = map.len();
+                return Ok(BulkWriter { inner: WriterInner::Memfd { fd, map, capacity }, len });
+            }
+        }
+        BulkWriter::allocate(len, inline_threshold)
+    }
+
+    /// A writer holding a copy of `data`.
+    pub fn copy_from(data: &[u8], inline_threshold: usize) -> Result<BulkWriter, BulkError> {
+        let mut w = BulkWriter::allocate(data.len(), inline_threshold)?;
+        w.as_mut_slice().copy_from_slice(data);
+        Ok(w)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn is_memfd(&self) -> bool {
+        matches!(self.inner, WriterInner::Memfd { .. })
+    }
+
+    /// The payload's bytes, to fill.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        match &mut self.inner {
+            WriterInner::Inline(v) => v.as_mut_slice(),
+            WriterInner::Memfd { map, .. } => match map.as_mut_slice() {
+                Some(s) => &mut s[..self.len],
+                None => &mut [],
+            },
+        }
+    }
+
+    /// Encrypts (when asked), unmaps, trims and seals. Returns what goes on the wire.
+    pub(crate) fn finish(self, encrypt: Option<(&Direction, u64)>) -> Result<Outgoing, BulkError> {
+        let len = self.len;
+        match self.inner {
+            WriterInner::Inline(v) => Ok(Outgoing::Inline(v)),
+            WriterInner::Memfd { fd, mut map, capacity } => {
+                let mut tag = [0u8; TAG_LEN];
+                if let Some((dir, seq)) = encrypt {
+                    if let Some(s) = map.as_mut_slice() {
+                        tag = dir.seal_bulk(seq, &mut s[..len]);
+                    }
+                }
+                // No writable mapping may remain, or F_SEAL_WRITE fails with EBUSY.
+                drop(map);
+                if capacity != len {
+                    sys::ftruncate(fd.as_fd(), len as u64).map_err(|e| BulkError::io("ftruncate bulk memfd", e))?;
+                }
+                sys::add_seals(fd.as_fd(), sys::SEAL_SET).map_err(|e| BulkError::io("seal bulk memfd", e))?;
+                Ok(Outgoing::Memfd { fd, len: len as u64, tag })
+            }
+        }
+    }
+}
+
+/// A finished payload, ready to go on the wire.
+#[derive(Debug)]
+pub(crate) enum Outgoing {
+    Inline(Vec<u8>),
+    Memfd { fd: OwnedFd, len: u64, tag: [u8; TAG_LEN] },
+}
+
+fn new_memfd(len: usize) -> Result<(OwnedFd, Mapping), BulkError> {
+    let fd = sys::memfd_create(MEMFD_NAME, false).map_err(|e| BulkError::io("memfd_create", e))?;
+    sys::ftruncate(fd.as_fd(), len as u64).map_err(|e| BulkError::io("ftruncate bulk memfd", e))?;
+    let map = Mapping::map(fd.as_fd(), len, MapMode::SharedWrite).map_err(|e| BulkError::io("mmap bulk memfd", e))?;
+    Ok((fd, map))
+}
+
+/// A received bulk payload. Dereferences to its bytes; a memfd payload is a read-only mapping
+/// of a sealed memfd (zero copies), which its sender can no longer change.
+#[derive(Debug)]
+pub struct Bulk {
+    inner: BulkInner,
+}
+
+#[derive(Debug)]
+enum BulkInner {
+    Inline(Vec<u8>),
+    Mapped { map: Mapping, fd: OwnedFd },
+    Decrypted(Vec<u8>),
+}
+
+impl Bulk {
+    pub(crate) fn inline(v: Vec<u8>) -> Bulk {
+        Bulk { inner: BulkInner::Inline(v) }
+    }
+
+    /// True when the bytes live in a sealed memfd mapped read-only.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.inner, BulkInner::Mapped { .. })
+    }
+
+    /// The verified sealed memfd behind a mapped payload, for passing on unchanged.
+    pub fn sealed_fd(&self) -> Option<BorrowedFd<'_>> {
+        match &self.inner {
+            BulkInner::Mapped { fd, .. } => Some(fd.as_fd()),
+            _ => None,
+        }
+    }
+}
+
+impl Deref for Bulk {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match &self.inner {
+            BulkInner::Inline(v) | BulkInner::Decrypted(v) => v,
+            BulkInner::Mapped { map, .. } => map.as_slice(),
+        }
+    }
+}
+
+/// Checks that `fd` is a memfd sealed with exactly the required seals and holding exactly
+/// `expected_len` bytes. Does not map it.
+pub fn verify_sealed_memfd(fd: BorrowedFd<'_>, expected_len: u64, max_len: u64) -> Result<(), BulkError> {
+    if expected_len > max_len {
+        return Err(BulkError::TooLarge { len: expected_len, limit: max_len });
+    }
+    let (mode, size) = sys::file_mode_and_size(fd).map_err(|e| BulkError::io("fstat bulk fd", e))?;
+    if mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(BulkError::NotMemfd { detail: format!("not a regular file (mode {mode:#o})") });
+    }
+    let magic = sys::fs_magic(fd).map_err(|e| BulkError::io("fstatfs bulk fd", e))?;
+    if magic != sys::TMPFS_MAGIC && magic != sys::HUGETLBFS_MAGIC {
+        return Err(BulkError::NotMemfd { detail: format!("lives on filesystem {magic:#x}, not shmem") });
+    }
+    let seals = match sys::get_seals(fd) {
+        Ok(s) => s,
+        Err(e) => return Err(BulkError::NotMemfd { detail: format!("F_GET_SEALS refused: {e}") }),
+    };
+    let missing = sys::SEAL_SET & !seals;
+    if missing != 0 {
+        return Err(BulkError::MissingSeals { seals, missing });
+    }
+    // F_SEAL_EXEC (memfds made with MFD_NOEXEC_SEAL) only takes rights away; nothing else may
+    // be present.
+    let extra = seals & !(sys::SEAL_SET | libc::F_SEAL_EXEC);
+    if extra != 0 {
+        return Err(BulkError::UnexpectedSeals { extra });
+    }
+    if size != expected_len {
+        return Err(BulkError::Size { expected: expected_len, actual: size });
+    }
+    Ok(())
+}
+
+/// Verifies and maps a received memfd; decrypts it when the frame says it is encrypted.
+pub(crate) fn accept_memfd(
+    fd: OwnedFd,
+    len: u64,
+    max_len: u64,
+    decrypt: Option<(&Direction, u64, &[u8; TAG_LEN])>,
+) -> Result<Bulk, BulkError> {
+    verify_sealed_memfd(fd.as_fd(), len, max_len)?;
+    let len = usize::try_from(len).map_err(|_| BulkError::TooLarge { len, limit: max_len })?;
+    let map = Mapping::map(fd.as_fd(), len, MapMode::SharedRead).map_err(|e| BulkError::io("mmap bulk memfd", e))?;
+    match decrypt {
+        None => Ok(Bulk { inner: BulkInner::Mapped { map, fd } }),
+        Some((dir, seq, tag)) => {
+            let mut v = map.as_slice().to_vec();
+            drop(map);
+            if !dir.open_bulk(seq, &mut v, tag) {
+                return Err(BulkError::Authenticate);
+            }
+            Ok(Bulk { inner: BulkInner::Decrypted(v) })
+        }
+    }
+}
+
+/// A pool of pre-faulted, writable memfds of one capacity, refilled by a background thread,
+/// so that a sender's hot path neither allocates nor faults pages.
+#[derive(Debug)]
+pub struct BulkPool {
+    shared: Arc<PoolShared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+struct PoolShared {
+    state: Mutex<PoolState>,
+    changed: Condvar,
+    capacity: usize,
+    depth: usize,
+}
+
+#[derive(Debug, Default)]
+struct PoolState {
+    ready: Vec<(OwnedFd, Mapping)>,
+    shutdown: bool,
+    failed: Option<String>,
+}
+
+impl BulkPool {
+    /// Keeps `depth` memfds of `capacity` bytes ready.
+    pub fn new(capacity: usize, depth: usize) -> std::io::Result<BulkPool> {
+        let shared = Arc::new(PoolShared { state: Mutex::new(PoolState::default()), changed: Condvar::new(), capacity, depth });
+        let s = Arc::clone(&shared);
+        let thread = std::thread::Builder::new().name("airlock-bulk-pool".into()).spawn(move || refill(&s))?;
+        Ok(BulkPool { shared, thread: Some(thread) })
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.shared.capacity
+    }
+
+    fn take(&self, len: usize) -> Option<(OwnedFd, Mapping)> {
+        if len > self.shared.capacity {
+            return None;
+        }
+        let mut st = self.shared.state.lock().ok()?;
+        let item = st.ready.pop();
+        drop(st);
+        self.shared.changed.notify_all();
+        item
+    }
+
+    /// Blocks until the pool is full (or its refill failed); returns the refill error if any.
+    pub fn wait_full(&self) -> Result<(), String> {
+        let Ok(mut st) = self.shared.state.lock() else { return Err("pool lock poisoned".into()) };
+        while st.ready.len() < self.shared.depth && st.failed.is_none() {
+            st = match self.shared.changed.wait(st) {
+                Ok(g) => g,
+                Err(_) => return Err("pool lock poisoned".into()),
+            };
+        }
+        match &st.failed {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+}
+
+fn refill(s: &PoolShared) {
+    loop {
+        {
+            let Ok(mut st) = s.state.lock() else { return };
+            while !st.shutdown && st.ready.len() >= s.depth {
+                st = match s.changed.wait(st) {
+                    Ok(g) => g,
+                    Err(_) => return,
+                };
+            }
+            if st.shutdown {
+                return;
+            }
+        }
+        let made = new_memfd(s.capacity).and_then(|(fd, map)| {
+            // Best effort: transparent huge pages for shmem when the host allows `advise`.
+            let _ = sys::advise_hugepage(&map);
+            Ok((fd, map))
+        });
+        let Ok(mut st) = s.state.lock() else { return };
+        match made {
+            Ok(item) => st.ready.push(item),
+            Err(e) => {
+                st.failed = Some(e.to_string());
+                s.changed.notify_all();
+                return;
+            }
+        }
+        s.changed.notify_all();
+    }
+}
+
+impl Drop for BulkPool {
+    fn drop(&mut self) {
+        if let Ok(mut st) = self.shared.state.lock() {
+            st.shutdown = true;
+        }
+        self.shared.changed.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,538 @@
+//! The secure channel: one authenticated, encrypted, replay-proof frame per `SOCK_SEQPACKET`
+//! datagram, with descriptors and bulk payloads attached.
+//!
+//! A channel accepts only the exact next sequence number of its receive direction, so replayed,
+//! reordered and dropped frames are all detected. The first failed check poisons the channel:
+//! every later call returns [`ChannelError::Poisoned`] naming the first failure, because after
+//! a failure the two sides can no longer agree on what the peer saw. This module never logs key
+//! material or payload bytes; spans carry only sequence numbers and sizes.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::bulk::{self, Bulk, BulkMode, BulkWriter, Outgoing};
+use crate::crypto::{Direction, Key};
+use crate::error::ChannelError;
+use crate::frame::{
+    BulkDescriptor, Header, Kind, BULK_DESCRIPTOR_LEN, FLAG_BULK_ENCRYPTED, FLAG_BULK_INLINE, FLAG_BULK_MEMFD,
+    HEADER_LEN, TAG_LEN,
+};
+use crate::sys;
+
+/// The protocol version carried in `Hello`. Bump on any incompatible change of message types.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Bounds on everything a peer controls. Both sides of a channel should use the same values.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest datagram, header and tag included.
+    pub max_frame: usize,
+    /// Most descriptors on one frame (a bulk memfd counts).
+    pub max_attachments: usize,
+    /// Largest bulk payload accepted.
+    pub max_bulk: u64,
+    /// Bulk payloads below this size travel inline in the frame.
+    pub inline_threshold: usize,
+    /// Frames pulled from the socket per `recvmmsg`.
+    pub recv_batch: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame: 64 * 1024,
+            max_attachments: 8,
+            max_bulk: 1 << 30,
+            inline_threshold: bulk::DEFAULT_INLINE_THRESHOLD,
+            recv_batch: 16,
+        }
+    }
+}
+
+/// Who is speaking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Supervisor,
+    Worker,
+}
+
+/// The first frame each way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol: u16,
+    pub role: Role,
+    /// The speaker's name (a worker's configured name, or `airlockd`).
+    pub name: String,
+}
+
+impl Hello {
+    pub fn new(role: Role, name: impl Into<String>) -> Hello {
+        Hello { protocol: PROTOCOL_VERSION, role, name: name.into() }
+    }
+}
+
+/// The keys of one end of a channel: what it sends under and what it receives under.
+#[derive(Debug, Clone)]
+pub struct ChannelKeys {
+    pub send: Key,
+    pub recv: Key,
+    /// Frames per key epoch before both directions ratchet forward.
+    pub rekey_interval: u64,
+}
+
+impl ChannelKeys {
+    /// Fresh keys for both ends; the second is the mirror of the first.
+    pub fn generate(rekey_interval: u64) -> std::io::Result<(ChannelKeys, ChannelKeys)> {
+        let a_to_b = Key::generate()?;
+        let b_to_a = Key::generate()?;
+        Ok((
+            ChannelKeys { send: a_to_b.clone(), recv: b_to_a.clone(), rekey_interval },
+            ChannelKeys { send: b_to_a, recv: a_to_b, rekey_interval },
+        ))
+    }
+}
+
+/// Default number of frames per key epoch.
+pub const DEFAULT_REKEY_INTERVAL: u64 = 1 << 20;
+
+/// A received message with what came attached.
+#[derive(Debug)]
+pub struct Received<T> {
+    pub msg: T,
+    /// Descriptors passed with the message (the bulk memfd, if any, is not among them).
+    pub fds: Vec<OwnedFd>,
+    pub bulk: Option<Bulk>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    slot: usize,
+    info: sys::Received,
+}
+
+/// One end of a secure channel.
+#[derive(Debug)]
+pub struct Channel {
+    sock: OwnedFd,
+    tx: Direction,
+    rx: Direction,
+    limits: Limits,
+    poisoned: Option<String>,
+    established: bool,
+    slots: Vec<sys::RecvSlot>,
+    pending: VecDeque<Pending>,
+    out_bufs: Vec<Vec<u8>>,
+}
+
+impl Channel {
+    /// Wraps a connected `SOCK_SEQPACKET` socket with this end's keys. No frame is exchanged
+    /// until [`Channel::handshake`].
+    pub fn new(sock: OwnedFd, keys: ChannelKeys, limits: Limits) -> Channel {
+        let _ = sys::set_socket_buffers(sock.as_fd(), limits.max_frame * 4);
+        Channel {
+            sock,
+            tx: Direction::new(keys.send, keys.rekey_interval),
+            rx: Direction::new(keys.recv, keys.rekey_interval),
+            limits,
+            poisoned: None,
+            established: false,
+            slots: Vec::new(),
+            pending: VecDeque::new(),
+            out_bufs: Vec::new(),
+        }
+    }
+
+    /// Two connected ends with fresh keys (one process; tests and in-process use).
+    pub fn pair(limits: Limits, rekey_interval: u64) -> Result<(Channel, Channel), ChannelError> {
+        let (a, b) = sys::seqpacket_pair().map_err(|e| ChannelError::io("socketpair", e))?;
+        let (ka, kb) = ChannelKeys::generate(rekey_interval).map_err(|e| ChannelError::io("getrandom", e))?;
+        Ok((Channel::new(a, ka, limits.clone()), Channel::new(b, kb, limits)))
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The socket, for `poll`/`epoll` registration. Never read or write it directly.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+
+    /// Whether an earlier failure has poisoned the channel, and why.
+    pub fn poisoned(&self) -> Option<&str> {
+        self.poisoned.as_deref()
+    }
+
+    /// True when frames already read from the socket are waiting to be decoded, so a caller
+    /// that polls the socket must call `try_recv` first.
+    pub fn has_buffered(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    fn check_poison(&self) -> Result<(), ChannelError> {
+        match &self.poisoned {
+            Some(reason) => Err(ChannelError::Poisoned { reason: reason.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    fn poison<T>(&mut self, r: Result<T, ChannelError>) -> Result<T, ChannelError> {
+        if let Err(e) = &r {
+            if self.poisoned.is_none() && !matches!(e, ChannelError::Poisoned { .. }) {
+                tracing::warn!(error = %e, "channel poisoned");
+                self.poisoned = Some(e.to_string());
+                // Drop (and so close) every descriptor already read but not yet decoded.
+                self.pending.clear();
+            }
+        }
+        r
+    }
+
+    /// Exchanges `Hello` frames. Returns the peer's `Hello` after checking its version.
+    pub fn handshake(&mut self, ours: &Hello) -> Result<Hello, ChannelError> {
+        self.check_poison()?;
+        if self.established {
+            return Err(ChannelError::UnexpectedKind { expected: "no second handshake", got: Kind::Hello as u8 });
+        }
+        let sent = self.send_frame(Kind::Hello, ours, &[], None);
+        self.poison(sent)?;
+        let r = self.recv_kind::<Hello>(Kind::Hello, None);
+        let theirs = self.poison(r)?.msg;
+        if theirs.protocol != PROTOCOL_VERSION {
+            let e = ChannelError::ProtocolVersion { ours: PROTOCOL_VERSION, theirs: theirs.protocol };
+            return self.poison(Err(e));
+        }
+        self.established = true;
+        Ok(theirs)
+    }
+
+    /// Sends one message.
+    pub fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), ChannelError> {
+        self.send_with(msg, &[])
+    }
+
+    /// Sends one message with descriptors attached.
+    pub fn send_with<T: Serialize>(&mut self, msg: &T, fds: &[BorrowedFd<'_>]) -> Result<(), ChannelError> {
+        self.check_poison()?;
+        self.require_established()?;
+        let r = self.send_frame(Kind::Message, msg, fds, None);
+        self.poison_send(r)
+    }
+
+    /// Sends one message with a bulk payload. The writer is sealed here; the receiver gets a
+    /// [`Bulk`] that dereferences to the bytes.
+    pub fn send_bulk<T: Serialize>(
+        &mut self,
+        msg: &T,
+        fds: &[BorrowedFd<'_>],
+        bulk: BulkWriter,
+        mode: BulkMode,
+    ) -> Result<(), ChannelError> {
+        self.check_poison()?;
+        self.require_established()?;
+        if bulk.len() as u64 > self.limits.max_bulk {
+            return Err(crate::BulkError::TooLarge { len: bulk.len() as u64, limit: self.limits.max_bulk }.into());
+        }
+        let seq = self.tx.next_seq;
+        self.tx.ratchet_for(seq);
+        let encrypt = (mode == BulkMode::SealedEncrypted).then_some((&self.tx, seq));
+        let out = bulk.finish(encrypt)?;
+        let r = self.send_frame(Kind::Message, msg, fds, Some((out, mode)));
+        if mode == BulkMode::SealedEncrypted && r.is_err() {
+            // The bulk nonce of this sequence number is spent: never let it be used again.
+            return self.poison(r);
+        }
+        self.poison_send(r)
+    }
+
+    /// Sends a verified sealed memfd received earlier (a broker forwarding a payload without
+    /// copying it). The descriptor is re-verified before it leaves.
+    pub fn forward_sealed<T: Serialize>(&mut self, msg: &T, memfd: OwnedFd) -> Result<(), ChannelError> {
+        self.check_poison()?;
+        self.require_established()?;
+        let (_, len) = sys::file_mode_and_size(memfd.as_fd()).map_err(|e| ChannelError::io("fstat bulk memfd", e))?;
+        bulk::verify_sealed_memfd(memfd.as_fd(), len, self.limits.max_bulk)?;
+        let out = Outgoing::Memfd { fd: memfd, len, tag: [0; TAG_LEN] };
+        let r = self.send_frame(Kind::Message, msg, &[], Some((out, BulkMode::Sealed)));
+        self.poison_send(r)
+    }
+
+    /// Sends many messages with as few syscalls as possible (`sendmmsg`).
+    pub fn send_batch<T: Serialize>(&mut self, msgs: &[T]) -> Result<(), ChannelError> {
+        self.check_poison()?;
+        self.require_established()?;
+        let mut bufs = std::mem::take(&mut self.out_bufs);
+        bufs.resize_with(msgs.len().max(bufs.len()), Vec::new);
+        let mut built = 0;
+        let mut result = Ok(());
+        for (m, buf) in msgs.iter().zip(bufs.iter_mut()) {
+            if let Err(e) = self.build_frame(buf, Kind::Message, m, 0, None) {
+                result = Err(e);
+                break;
+            }
+            built += 1;
+        }
+        if result.is_ok() {
+            let out: Vec<sys::OutDatagram<'_>> =
+                bufs[..built].iter().map(|b| sys::OutDatagram { parts: [b.as_slice(), &[]], fds: &[] }).collect();
+            result = sys::send_datagrams(self.sock.as_fd(), &out).map_err(|e| ChannelError::io("sendmmsg", e));
+        } else if built > 0 {
+            // Sequence numbers were consumed by frames that were never sent.
+            result = result.map_err(|e| {
+                let msg = e.to_string();
+                self.poisoned = Some(msg);
+                e
+            });
+        }
+        self.out_bufs = bufs;
+        self.poison_send(result)
+    }
+
+    fn poison_send(&mut self, r: Result<(), ChannelError>) -> Result<(), ChannelError> {
+        match r {
+            // Encoding and size errors happen before a sequence number is used: the channel
+            // is still consistent.
+            Err(e @ (ChannelError::Encode(_) | ChannelError::MessageTooLarge { .. } | ChannelError::Bulk(_))) => Err(e),
+            other => self.poison(other),
+        }
+    }
+
+    fn require_established(&self) -> Result<(), ChannelError> {
+        if self.established {
+            Ok(())
+        } else {
+            Err(ChannelError::UnexpectedKind { expected: "Hello (handshake first)", got: Kind::Message as u8 })
+        }
+    }
+
+    /// Encodes and encrypts one frame into `buf` (consuming a sequence number).
+    fn build_frame<T: Serialize>(
+        &mut self,
+        buf: &mut Vec<u8>,
+        kind: Kind,
+        msg: &T,
+        attachments: usize,
+        bulk: Option<(&Outgoing, BulkMode)>,
+    ) -> Result<(), ChannelError> {
+        buf.clear();
+        buf.resize(HEADER_LEN, 0);
+        let mut flags = 0u16;
+        match bulk {
+            None => {}
+            Some((Outgoing::Inline(bytes), _)) => {
+                flags |= FLAG_BULK_INLINE;
+                let d = BulkDescriptor { len: bytes.len() as u64, tag: [0; TAG_LEN] };
+                buf.extend_from_slice(&d.encode());
+                buf.extend_from_slice(bytes);
+            }
+            Some((Outgoing::Memfd { len, tag, .. }, mode)) => {
+                flags |= FLAG_BULK_MEMFD;
+                if mode == BulkMode::SealedEncrypted {
+                    flags |= FLAG_BULK_ENCRYPTED;
+                }
+                buf.extend_from_slice(&BulkDescriptor { len: *len, tag: *tag }.encode());
+            }
+        }
+        let mut buf_taken = std::mem::take(buf);
+        let enc = postcard::to_extend(msg, buf_taken);
+        buf_taken = match enc {
+            Ok(v) => v,
+            Err(e) => return Err(ChannelError::Encode(e)),
+        };
+        *buf = buf_taken;
+        let body_len = buf.len() - HEADER_LEN + TAG_LEN;
+        if HEADER_LEN + body_len > self.limits.max_frame {
+            return Err(ChannelError::MessageTooLarge { len: HEADER_LEN + body_len, limit: self.limits.max_frame });
+        }
+        let seq = self.tx.next_seq;
+        self.tx.ratchet_for(seq);
+        let header = Header { kind, flags, attachments: attachments as u16, seq, body_len: body_len as u32 }.encode();
+        buf[..HEADER_LEN].copy_from_slice(&header);
+        let (h, body) = buf.split_at_mut(HEADER_LEN);
+        let tag = self.tx.seal_frame(seq, h, body);
+        buf.extend_from_slice(&tag);
+        self.tx.next_seq += 1;
+        Ok(())
+    }
+
+    fn send_frame<T: Serialize>(
+        &mut self,
+        kind: Kind,
+        msg: &T,
+        fds: &[BorrowedFd<'_>],
+        bulk: Option<(Outgoing, BulkMode)>,
+    ) -> Result<(), ChannelError> {
+        let mut raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        if let Some((Outgoing::Memfd { fd, .. }, _)) = &bulk {
+            raw.push(fd.as_raw_fd());
+        }
+        if raw.len() > self.limits.max_attachments {
+            return Err(ChannelError::TooManyAttachments { count: raw.len(), limit: self.limits.max_attachments });
+        }
+        let mut buf = self.out_bufs.pop().unwrap_or_default();
+        let r = self.build_frame(&mut buf, kind, msg, raw.len(), bulk.as_ref().map(|(o, m)| (o, *m)));
+        let r = r.and_then(|()| {
+            let d = [sys::OutDatagram { parts: [buf.as_slice(), &[]], fds: &raw }];
+            sys::send_datagrams(self.sock.as_fd(), &d).map_err(|e| ChannelError::io("sendmsg", e))
+        });
+        self.out_bufs.push(buf);
+        r
+    }
+
+    /// Receives the next message, blocking.
+    pub fn recv<T: DeserializeOwned>(&mut self) -> Result<Received<T>, ChannelError> {
+        self.check_poison()?;
+        self.require_established()?;
+        let r = self.recv_kind(Kind::Message, None);
+        self.poison(r)
+    }
+
+    /// Receives the next message if one arrives within `timeout`; `Ok(None)` otherwise.
+    pub fn recv_timeout<T: DeserializeOwned>(&mut self, timeout: Duration) -> Result<Option<Received<T>>, ChannelError> {
+        self.check_poison()?;
+        self.require_established()?;
+        if self.pending.is_empty() {
+            let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+            let ready = sys::poll_readable(self.sock.as_fd(), ms).map_err(|e| ChannelError::io("poll", e));
+            if !self.poison(ready)? {
+                return Ok(None);
+            }
+        }
+        self.try_recv()
+    }
+
+    /// Receives a message if one is ready, without blocking.
+    pub fn try_recv<T: DeserializeOwned>(&mut self) -> Result<Option<Received<T>>, ChannelError> {
+        self.check_poison()?;
+        self.require_established()?;
+        if self.pending.is_empty() {
+            let filled = self.fill(true);
+            self.poison(filled)?;
+            if self.pending.is_empty() {
+                return Ok(None);
+            }
+        }
+        let r = self.recv_kind(Kind::Message, None);
+        self.poison(r).map(Some)
+    }
+
+    fn fill(&mut self, nonblocking: bool) -> Result<(), ChannelError> {
+        let batch = self.limits.recv_batch.max(1);
+        if self.slots.len() != batch {
+            self.slots = (0..batch).map(|_| sys::RecvSlot::new(self.limits.max_frame, self.limits.max_attachments)).collect();
+        }
+        let got = sys::recv_datagrams(self.sock.as_fd(), &mut self.slots, nonblocking)
+            .map_err(|e| ChannelError::io("recvmmsg", e))?;
+        self.pending.extend(got.into_iter().enumerate().map(|(slot, info)| Pending { slot, info }));
+        Ok(())
+    }
+
+    fn recv_kind<T: DeserializeOwned>(&mut self, expected: Kind, _: Option<()>) -> Result<Received<T>, ChannelError> {
+        if self.pending.is_empty() {
+            self.fill(false)?;
+        }
+        let Some(p) = self.pending.pop_front() else {
+            return Err(ChannelError::Closed);
+        };
+        self.open(expected, p)
+    }
+
+    /// Checks and decrypts one datagram.
+    fn open<T: DeserializeOwned>(&mut self, expected: Kind, p: Pending) -> Result<Received<T>, ChannelError> {
+        let Pending { slot, info } = p;
+        let mut fds = info.fds;
+        let len = info.len;
+        if len == 0 {
+            return Err(ChannelError::Closed);
+        }
+        if info.truncated {
+            return Err(ChannelError::Oversized { limit: self.limits.max_frame });
+        }
+        if info.control_truncated {
+            return Err(ChannelError::ControlTruncated);
+        }
+        if info.foreign_control {
+            return Err(ChannelError::ForeignControl);
+        }
+        let buf = &mut self.slots[slot].buf[..len];
+        let header = Header::decode(buf)?;
+        let _span = tracing::trace_span!("frame", seq = header.seq, len).entered();
+        if header.seq != self.rx.next_seq {
+            return Err(ChannelError::Sequence { expected: self.rx.next_seq, got: header.seq });
+        }
+        let body_len = header.body_len as usize;
+        if len - HEADER_LEN != body_len {
+            return Err(ChannelError::BodyLength { header: body_len, actual: len - HEADER_LEN });
+        }
+        if fds.len() > self.limits.max_attachments {
+            return Err(ChannelError::TooManyAttachments { count: fds.len(), limit: self.limits.max_attachments });
+        }
+        if fds.len() != header.attachments as usize {
+            return Err(ChannelError::AttachmentCount { header: header.attachments as usize, received: fds.len() });
+        }
+        self.rx.ratchet_for(header.seq);
+        let (h, rest) = buf.split_at_mut(HEADER_LEN);
+        let (body, tag) = rest.split_at_mut(body_len - TAG_LEN);
+        let mut t = [0u8; TAG_LEN];
+        t.copy_from_slice(tag);
+        if !self.rx.open_frame(header.seq, h, body, &t) {
+            return Err(ChannelError::Authenticate { seq: header.seq });
+        }
+        self.rx.next_seq += 1;
+        if header.kind != expected {
+            let name = match expected {
+                Kind::Hello => "Hello",
+                Kind::Message => "Message",
+            };
+            return Err(ChannelError::UnexpectedKind { expected: name, got: header.kind as u8 });
+        }
+        let mut plain: &[u8] = body;
+        let mut bulk_out = None;
+        if header.flags & (FLAG_BULK_INLINE | FLAG_BULK_MEMFD) != 0 {
+            let d = BulkDescriptor::decode(plain).ok_or(ChannelError::BadHeader { reason: "bulk descriptor truncated" })?;
+            plain = &plain[BULK_DESCRIPTOR_LEN..];
+            if d.len > self.limits.max_bulk {
+                return Err(crate::BulkError::TooLarge { len: d.len, limit: self.limits.max_bulk }.into());
+            }
+            if header.flags & FLAG_BULK_INLINE != 0 {
+                let n = usize::try_from(d.len).unwrap_or(usize::MAX);
+                if n > plain.len() {
+                    return Err(ChannelError::BadHeader { reason: "inline bulk longer than the frame" });
+                }
+                bulk_out = Some(Bulk::inline(plain[..n].to_vec()));
+                plain = &plain[n..];
+            } else {
+                let fd = fds.pop().ok_or(crate::BulkError::MissingFd)?;
+                let decrypt = (header.flags & FLAG_BULK_ENCRYPTED != 0).then_some((&self.rx, header.seq, &d.tag));
+                bulk_out = Some(bulk::accept_memfd(fd, d.len, self.limits.max_bulk, decrypt)?);
+            }
+        }
+        let (msg, trailing) = postcard::take_from_bytes::<T>(plain).map_err(ChannelError::Decode)?;
+        if !trailing.is_empty() {
+            return Err(ChannelError::BadHeader { reason: "trailing bytes after the message" });
+        }
+        Ok(Received { msg, fds, bulk: bulk_out })
+    }
+
+    /// Test hook: writes raw bytes on the socket as if they were a frame, bypassing all
+    /// framing. Adversarial tests use it to play a hostile peer.
+    #[doc(hidden)]
+    pub fn send_raw_datagram(&mut self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), ChannelError> {
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let d = [sys::OutDatagram { parts: [bytes, &[]], fds: &raw }];
+        sys::send_datagrams(self.sock.as_fd(), &d).map_err(|e| ChannelError::io("sendmsg", e))
+    }
+
+    /// Test hook: builds the next frame exactly as `send` would, without sending it, and
+    /// consumes its sequence number. Adversarial tests tamper with it and send it raw.
+    #[doc(hidden)]
+    pub fn seal_raw<T: Serialize>(&mut self, msg: &T) -> Result<Vec<u8>, ChannelError> {
+        let mut buf = Vec::new();
+        self.build_frame(&mut buf, Kind::Message, msg, 0, None)?;
+        Ok(buf)
+    }
+}

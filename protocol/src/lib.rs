@@ -1,0 +1,22 @@
+//! `airlock-protocol`: the wire format, the secure channel and sealed-memfd bulk transport.
+//!
+//! This crate owns everything that crosses a trust boundary between airlock processes and
+//! nothing else: no policy, no spawning decisions, no confinement. See `ARCHITECTURE.md`.
+//!
+//! - [`Channel`]: authenticated, encrypted, replay-proof frames over `SOCK_SEQPACKET`.
+//! - [`BulkWriter`] / [`Bulk`]: payloads in sealed memfds, mapped read-only by the receiver.
+//! - [`handoff`]: how a spawner gives a child its channel and keys before it reads input.
+#![deny(unsafe_code)]
+
+pub mod bulk;
+pub mod channel;
+pub mod crypto;
+pub mod error;
+pub mod frame;
+pub mod handoff;
+pub mod sys;
+
+pub use bulk::{Bulk, BulkMode, BulkPool, BulkWriter};
+pub use channel::{Channel, ChannelKeys, Hello, Limits, Received, Role, DEFAULT_REKEY_INTERVAL, PROTOCOL_VERSION};
+pub use crypto::Key;
+pub use error::{BulkError, ChannelError, HandoffError};
