@@ -264,7 +264,8 @@ struct PoolState {
 impl BulkPool {
     /// Keeps `depth` memfds of `capacity` bytes ready.
     pub fn new(capacity: usize, depth: usize) -> std::io::Result<BulkPool> {
-        let shared = Arc::new(PoolShared { state: Mutex::new(PoolState::default()), changed: Condvar::new(), capacity, depth });
+        let shared =
+            Arc::new(PoolShared { state: Mutex::new(PoolState::default()), changed: Condvar::new(), capacity, depth });
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new().name("airlock-bulk-pool".into()).spawn(move || refill(&s))?;
         Ok(BulkPool { shared, thread: Some(thread) })

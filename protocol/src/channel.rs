@@ -392,7 +392,10 @@ impl Channel {
     }
 
     /// Receives the next message if one arrives within `timeout`; `Ok(None)` otherwise.
-    pub fn recv_timeout<T: DeserializeOwned>(&mut self, timeout: Duration) -> Result<Option<Received<T>>, ChannelError> {
+    pub fn recv_timeout<T: DeserializeOwned>(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<Received<T>>, ChannelError> {
         self.check_poison()?;
         self.require_established()?;
         if self.pending.is_empty() {
@@ -423,7 +426,8 @@ impl Channel {
     fn fill(&mut self, nonblocking: bool) -> Result<(), ChannelError> {
         let batch = self.limits.recv_batch.max(1);
         if self.slots.len() != batch {
-            self.slots = (0..batch).map(|_| sys::RecvSlot::new(self.limits.max_frame, self.limits.max_attachments)).collect();
+            self.slots =
+                (0..batch).map(|_| sys::RecvSlot::new(self.limits.max_frame, self.limits.max_attachments)).collect();
         }
         let got = sys::recv_datagrams(self.sock.as_fd(), &mut self.slots, nonblocking)
             .map_err(|e| ChannelError::io("recvmmsg", e))?;
@@ -493,7 +497,8 @@ impl Channel {
         let mut plain: &[u8] = body;
         let mut bulk_out = None;
         if header.flags & (FLAG_BULK_INLINE | FLAG_BULK_MEMFD) != 0 {
-            let d = BulkDescriptor::decode(plain).ok_or(ChannelError::BadHeader { reason: "bulk descriptor truncated" })?;
+            let d =
+                BulkDescriptor::decode(plain).ok_or(ChannelError::BadHeader { reason: "bulk descriptor truncated" })?;
             plain = &plain[BULK_DESCRIPTOR_LEN..];
             if d.len > self.limits.max_bulk {
                 return Err(crate::BulkError::TooLarge { len: d.len, limit: self.limits.max_bulk }.into());
@@ -525,6 +530,21 @@ impl Channel {
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let d = [sys::OutDatagram { parts: [bytes, &[]], fds: &raw }];
         sys::send_datagrams(self.sock.as_fd(), &d).map_err(|e| ChannelError::io("sendmsg", e))
+    }
+
+    /// Test hook: sends `fd` as if it were a sealed bulk memfd of `claimed_len` bytes, without
+    /// sealing or checking it. Adversarial tests use it to play a hostile peer.
+    #[doc(hidden)]
+    pub fn send_unchecked_bulk_fd<T: Serialize>(
+        &mut self,
+        msg: &T,
+        fd: OwnedFd,
+        claimed_len: u64,
+        encrypted: bool,
+    ) -> Result<(), ChannelError> {
+        let out = Outgoing::Memfd { fd, len: claimed_len, tag: [0; TAG_LEN] };
+        let mode = if encrypted { BulkMode::SealedEncrypted } else { BulkMode::Sealed };
+        self.send_frame(Kind::Message, msg, &[], Some((out, mode)))
     }
 
     /// Test hook: builds the next frame exactly as `send` would, without sending it, and

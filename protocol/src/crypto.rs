@@ -83,7 +83,8 @@ impl Direction {
             self.epoch += 1;
             let mut next = [0u8; KEY_LEN];
             // Keystream of the old key under a nonce no frame uses: ChaCha20 as a PRF.
-            let _tag = self.cipher.encrypt_in_place_detached(&nonce(DOMAIN_RATCHET, self.epoch), b"airlock rekey", &mut next);
+            let _tag =
+                self.cipher.encrypt_in_place_detached(&nonce(DOMAIN_RATCHET, self.epoch), b"airlock rekey", &mut next);
             self.key = Key::from_bytes(next);
             next.zeroize();
             self.cipher = ChaCha20Poly1305::new(self.key.expose().into());

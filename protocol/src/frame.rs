@@ -138,7 +138,8 @@ mod tests {
 
     #[test]
     fn header_round_trips() {
-        let h = Header { kind: Kind::Message, flags: FLAG_BULK_MEMFD, attachments: 3, seq: 0xdead_beef_0102, body_len: 99 };
+        let h =
+            Header { kind: Kind::Message, flags: FLAG_BULK_MEMFD, attachments: 3, seq: 0xdead_beef_0102, body_len: 99 };
         assert_eq!(Header::decode(&h.encode()).ok(), Some(h));
     }
 

@@ -74,14 +74,19 @@ impl ChildEnd {
 /// In a child: claims the inherited channel and key memfd, reads the keys and closes the memfd.
 pub fn take_inherited(limits: Limits) -> Result<Channel, ChannelError> {
     let claim = |fd| {
-        sys::claim_inherited_fd(fd).map_err(|e| HandoffError::NotKeyMemfd { fd, detail: format!("cannot claim it: {e}") })
+        sys::claim_inherited_fd(fd)
+            .map_err(|e| HandoffError::NotKeyMemfd { fd, detail: format!("cannot claim it: {e}") })
     };
     let keys_fd = claim(KEYS_FD)?;
     let sock = claim(CHANNEL_FD)?;
     match sys::socket_type(sock.as_fd()) {
         Ok(libc::SOCK_SEQPACKET) => {}
         Ok(t) => {
-            return Err(HandoffError::NotKeyMemfd { fd: CHANNEL_FD, detail: format!("socket type {t}, not SOCK_SEQPACKET") }.into())
+            return Err(HandoffError::NotKeyMemfd {
+                fd: CHANNEL_FD,
+                detail: format!("socket type {t}, not SOCK_SEQPACKET"),
+            }
+            .into())
         }
         Err(e) => return Err(HandoffError::NotKeyMemfd { fd: CHANNEL_FD, detail: format!("not a socket: {e}") }.into()),
     }
@@ -106,5 +111,9 @@ fn read_key_memfd(fd: OwnedFd) -> Result<ChannelKeys, HandoffError> {
     let mut interval = [0u8; 8];
     interval.copy_from_slice(&blob[8 + 2 * KEY_LEN..]);
     blob.zeroize();
-    Ok(ChannelKeys { send: Key::from_bytes(send), recv: Key::from_bytes(recv), rekey_interval: u64::from_le_bytes(interval) })
+    Ok(ChannelKeys {
+        send: Key::from_bytes(send),
+        recv: Key::from_bytes(recv),
+        rekey_interval: u64::from_le_bytes(interval),
+    })
 }

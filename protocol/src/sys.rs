@@ -202,7 +202,8 @@ pub fn recv_datagrams(sock: BorrowedFd<'_>, slots: &mut [RecvSlot], nonblocking:
     let count = loop {
         // SAFETY: headers point at iovecs and control buffers owned by `slots`/`iovs`, valid
         // and writable for their stated lengths for the duration of the call.
-        let rc = unsafe { libc::recvmmsg(sock.as_raw_fd(), hdrs.as_mut_ptr(), n as libc::c_uint, flags, ptr::null_mut()) };
+        let rc =
+            unsafe { libc::recvmmsg(sock.as_raw_fd(), hdrs.as_mut_ptr(), n as libc::c_uint, flags, ptr::null_mut()) };
         if rc < 0 {
             let e = io::Error::last_os_error();
             match e.kind() {
@@ -390,7 +391,8 @@ impl Mapping {
             MapMode::SharedWrite => libc::PROT_READ | libc::PROT_WRITE,
         };
         // SAFETY: a fresh mapping chosen by the kernel (addr null); it aliases no Rust object.
-        let p = unsafe { libc::mmap(ptr::null_mut(), len, prot, libc::MAP_SHARED | libc::MAP_POPULATE, fd.as_raw_fd(), 0) };
+        let p =
+            unsafe { libc::mmap(ptr::null_mut(), len, prot, libc::MAP_SHARED | libc::MAP_POPULATE, fd.as_raw_fd(), 0) };
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
@@ -451,7 +453,8 @@ pub fn dup_above(fd: BorrowedFd<'_>, min: RawFd) -> io::Result<OwnedFd> {
 }
 
 /// Arranges for `cmd`'s child to find each `(source, target)` descriptor at `target`, without
-/// close-on-exec, and every other descriptor of ours closed (they are all `CLOEXEC`).
+/// close-on-exec, and every descriptor above the highest target closed (`close_range`), so the
+/// child starts with stdio and exactly the planned descriptors.
 ///
 /// The sources are first moved above every target, so a source can never be clobbered by an
 /// earlier `dup2`; the child then only calls `dup2`, which is async-signal-safe.
@@ -464,14 +467,23 @@ pub fn install_child_fds(cmd: &mut std::process::Command, fds: Vec<(OwnedFd, Raw
         moved.push((high, target));
     }
     let plan: Vec<(RawFd, RawFd)> = moved.iter().map(|(f, t)| (f.as_raw_fd(), *t)).collect();
-    // SAFETY: the closure runs between fork and exec and calls only dup2, which is
-    // async-signal-safe; it allocates nothing. `moved` keeps the sources open until the
+    // SAFETY: the closure runs between fork and exec and calls only dup2, close_range and
+    // close, which are async-signal-safe; it allocates nothing. `moved` keeps the sources open until the
     // Command is dropped.
     unsafe {
         cmd.pre_exec(move || {
             for &(src, dst) in &plan {
                 if libc::dup2(src, dst) == -1 {
                     return Err(io::Error::last_os_error());
+                }
+            }
+            // Nothing else crosses exec: not even descriptors some ancestor leaked to us
+            // without close-on-exec.
+            if libc::syscall(libc::SYS_close_range, top as libc::c_uint, libc::c_uint::MAX, 0 as libc::c_uint) == -1 {
+                let mut fd = top;
+                while fd < 4096 {
+                    libc::close(fd);
+                    fd += 1;
                 }
             }
             Ok(())
@@ -553,7 +565,9 @@ pub fn socket_type(fd: BorrowedFd<'_>) -> io::Result<libc::c_int> {
     let mut v: libc::c_int = 0;
     let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `v` and `len` are valid for writes and `len` holds v's size.
-    cvt(unsafe { libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_TYPE, (&mut v as *mut libc::c_int).cast(), &mut len) })?;
+    cvt(unsafe {
+        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_TYPE, (&mut v as *mut libc::c_int).cast(), &mut len)
+    })?;
     Ok(v)
 }
 

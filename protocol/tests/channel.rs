@@ -1,0 +1,267 @@
+//! In-process tests of the channel and codec: round trips, every single-bit flip, replay,
+//! reorder, truncation, oversize, wrong keys, versions, poisoning, rekeying, hostile bytes.
+
+use airlock_protocol::{
+    Bulk, BulkMode, BulkWriter, Channel, ChannelError, ChannelKeys, Hello, Limits, Role, DEFAULT_REKEY_INTERVAL,
+};
+use proptest::prelude::*;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum Msg {
+    Ping(u64),
+    Text(String),
+    Blob(Vec<u8>),
+}
+
+fn established(limits: Limits, rekey: u64) -> (Channel, Channel) {
+    let (mut a, mut b) = Channel::pair(limits, rekey).expect("pair");
+    let t = std::thread::spawn(move || {
+        b.handshake(&Hello::new(Role::Worker, "b")).expect("b handshake");
+        b
+    });
+    let peer = a.handshake(&Hello::new(Role::Supervisor, "a")).expect("a handshake");
+    assert_eq!(peer, Hello::new(Role::Worker, "b"));
+    (a, t.join().expect("join"))
+}
+
+#[test]
+fn message_round_trips_with_fds() {
+    let (mut a, mut b) = established(Limits::default(), DEFAULT_REKEY_INTERVAL);
+    let (r, w) = std::io::pipe().expect("pipe");
+    a.send_with(&Msg::Text("hello".into()), &[std::os::fd::AsFd::as_fd(&w)]).expect("send");
+    drop(w);
+    let got = b.recv::<Msg>().expect("recv");
+    assert_eq!(got.msg, Msg::Text("hello".into()));
+    assert_eq!(got.fds.len(), 1);
+    assert!(got.bulk.is_none());
+    drop(r);
+}
+
+#[test]
+fn batch_send_arrives_in_order() {
+    let (mut a, mut b) = established(Limits::default(), DEFAULT_REKEY_INTERVAL);
+    let msgs: Vec<Msg> = (0..200).map(Msg::Ping).collect();
+    let t = std::thread::spawn(move || {
+        a.send_batch(&msgs).expect("batch");
+        a
+    });
+    for i in 0..200 {
+        assert_eq!(b.recv::<Msg>().expect("recv").msg, Msg::Ping(i));
+    }
+    drop(t.join());
+}
+
+#[test]
+fn rekeying_every_few_frames_keeps_both_sides_in_step() {
+    let (mut a, mut b) = established(Limits::default(), 3);
+    for i in 0..50 {
+        a.send(&Msg::Ping(i)).expect("send");
+        assert_eq!(b.recv::<Msg>().expect("recv").msg, Msg::Ping(i));
+        b.send(&Msg::Ping(i + 1000)).expect("send back");
+        assert_eq!(a.recv::<Msg>().expect("recv back").msg, Msg::Ping(i + 1000));
+    }
+}
+
+fn bulk_round_trip(len: usize, mode: BulkMode) -> Bulk {
+    let (mut a, mut b) = established(Limits::default(), DEFAULT_REKEY_INTERVAL);
+    let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+    let w = BulkWriter::copy_from(&data, a.limits().inline_threshold).expect("writer");
+    let t = std::thread::spawn(move || {
+        a.send_bulk(&Msg::Ping(len as u64), &[], w, mode).expect("send bulk");
+        a
+    });
+    let got = b.recv::<Msg>().expect("recv");
+    drop(t.join());
+    assert_eq!(got.msg, Msg::Ping(len as u64));
+    let bulk = got.bulk.expect("bulk present");
+    assert!(bulk[..] == data[..], "bulk bytes differ");
+    bulk
+}
+
+#[test]
+fn small_bulk_travels_inline() {
+    let b = bulk_round_trip(100, BulkMode::Sealed);
+    assert!(!b.is_mapped());
+}
+
+#[test]
+fn large_bulk_arrives_as_sealed_mapping() {
+    let b = bulk_round_trip(1 << 20, BulkMode::Sealed);
+    assert!(b.is_mapped());
+    let fd = b.sealed_fd().expect("fd");
+    airlock_protocol::bulk::verify_sealed_memfd(fd, 1 << 20, 1 << 20).expect("still sealed");
+}
+
+#[test]
+fn large_encrypted_bulk_round_trips() {
+    let b = bulk_round_trip(3 << 20, BulkMode::SealedEncrypted);
+    assert!(!b.is_mapped());
+}
+
+#[test]
+fn empty_bulk_round_trips() {
+    let b = bulk_round_trip(0, BulkMode::Sealed);
+    assert!(b.is_empty());
+}
+
+/// Sends `frame` raw to a fresh receiver that expects it as its first message.
+fn deliver_raw(frame: &[u8]) -> Result<Msg, ChannelError> {
+    let (mut a, mut b) = established(Limits::default(), DEFAULT_REKEY_INTERVAL);
+    a.send_raw_datagram(frame, &[]).expect("raw send");
+    b.recv::<Msg>().map(|r| r.msg)
+}
+
+#[test]
+fn every_single_bit_flip_is_rejected() {
+    let (mut a, mut b) = established(Limits::default(), DEFAULT_REKEY_INTERVAL);
+    let frame = a.seal_raw(&Msg::Text("setpoint 42".into())).expect("seal");
+    // Sanity: the untouched frame is accepted.
+    a.send_raw_datagram(&frame, &[]).expect("raw");
+    assert_eq!(b.recv::<Msg>().expect("clean frame").msg, Msg::Text("setpoint 42".into()));
+    for bit in 0..frame.len() * 8 {
+        let (mut a, mut b) = established(Limits::default(), DEFAULT_REKEY_INTERVAL);
+        let mut f = a.seal_raw(&Msg::Text("setpoint 42".into())).expect("seal");
+        f[bit / 8] ^= 1 << (bit % 8);
+        a.send_raw_datagram(&f, &[]).expect("raw");
+        let r = b.recv::<Msg>();
+        assert!(r.is_err(), "bit {bit} flipped was accepted: {r:?}");
+        assert!(b.poisoned().is_some(), "bit {bit}: channel not poisoned");
+    }
+}
+
+#[test]
+fn replayed_frame_is_rejected_as_sequence_error() {
+    let (mut a, mut b) = established(Limits::default(), DEFAULT_REKEY_INTERVAL);
+    let f = a.seal_raw(&Msg::Ping(1)).expect("seal");
+    a.send_raw_datagram(&f, &[]).expect("raw");
+    a.send_raw_datagram(&f, &[]).expect("raw again");
+    assert_eq!(b.recv::<Msg>().expect("first").msg, Msg::Ping(1));
+    match b.recv::<Msg>() {
+        Err(ChannelError::Sequence { expected: 2, got: 1 }) => {}
+        other => panic!("expected a sequence error, got {other:?}"),
+    }
+    // Poisoned from now on, naming the first failure.
+    match b.recv::<Msg>() {
+        Err(ChannelError::Poisoned { reason }) => assert!(reason.contains("replayed"), "{reason}"),
+        other => panic!("expected poisoned, got {other:?}"),
+    }
+}
+
+#[test]
+fn reordered_frames_are_rejected() {
+    let (mut a, mut b) = established(Limits::default(), DEFAULT_REKEY_INTERVAL);
+    let f1 = a.seal_raw(&Msg::Ping(1)).expect("seal");
+    let f2 = a.seal_raw(&Msg::Ping(2)).expect("seal");
+    a.send_raw_datagram(&f2, &[]).expect("raw");
+    a.send_raw_datagram(&f1, &[]).expect("raw");
+    assert!(matches!(b.recv::<Msg>(), Err(ChannelError::Sequence { expected: 1, got: 2 })));
+}
+
+#[test]
+fn truncated_frames_are_rejected() {
+    let (mut a, _b) = established(Limits::default(), DEFAULT_REKEY_INTERVAL);
+    let f = a.seal_raw(&Msg::Ping(1)).expect("seal");
+    assert!(matches!(deliver_raw(&f[..10]), Err(ChannelError::Truncated { len: 10, .. })));
+    assert!(matches!(deliver_raw(&f[..f.len() - 1]), Err(ChannelError::BodyLength { .. })));
+}
+
+#[test]
+fn oversized_frame_is_rejected() {
+    let limits = Limits::default();
+    let big = vec![0u8; limits.max_frame + 100];
+    assert!(matches!(deliver_raw(&big), Err(ChannelError::Oversized { .. })));
+}
+
+#[test]
+fn too_large_message_is_refused_before_sending_and_channel_survives() {
+    let (mut a, mut b) = established(Limits::default(), DEFAULT_REKEY_INTERVAL);
+    let r = a.send(&Msg::Blob(vec![7; 100_000]));
+    assert!(matches!(r, Err(ChannelError::MessageTooLarge { .. })), "{r:?}");
+    a.send(&Msg::Ping(5)).expect("channel still usable");
+    assert_eq!(b.recv::<Msg>().expect("recv").msg, Msg::Ping(5));
+}
+
+#[test]
+fn wrong_key_fails_authentication() {
+    let (sa, sb) = airlock_protocol::sys::seqpacket_pair().expect("pair");
+    let (ka, _) = ChannelKeys::generate(DEFAULT_REKEY_INTERVAL).expect("keys");
+    let (_, kb) = ChannelKeys::generate(DEFAULT_REKEY_INTERVAL).expect("keys");
+    let mut a = Channel::new(sa, ka, Limits::default());
+    let mut b = Channel::new(sb, kb, Limits::default());
+    let t = std::thread::spawn(move || a.handshake(&Hello::new(Role::Supervisor, "a")).map(|_| ()));
+    match b.handshake(&Hello::new(Role::Worker, "b")) {
+        Err(ChannelError::Authenticate { seq: 0 }) => {}
+        other => panic!("expected authentication failure, got {other:?}"),
+    }
+    drop(b);
+    assert!(t.join().expect("join").is_err());
+}
+
+#[test]
+fn protocol_version_mismatch_names_both_versions() {
+    let (mut a, mut b) = Channel::pair(Limits::default(), DEFAULT_REKEY_INTERVAL).expect("pair");
+    let t = std::thread::spawn(move || {
+        let mut old = Hello::new(Role::Worker, "old");
+        old.protocol = 99;
+        let _ = b.handshake(&old);
+    });
+    let err = a.handshake(&Hello::new(Role::Supervisor, "a")).expect_err("must fail");
+    let s = err.to_string();
+    assert!(s.contains("99") && s.contains(&airlock_protocol::PROTOCOL_VERSION.to_string()), "{s}");
+    drop(a);
+    drop(t.join());
+}
+
+#[test]
+fn messages_before_handshake_are_refused() {
+    let (mut a, _b) = Channel::pair(Limits::default(), DEFAULT_REKEY_INTERVAL).expect("pair");
+    assert!(matches!(a.send(&Msg::Ping(1)), Err(ChannelError::UnexpectedKind { .. })));
+}
+
+#[test]
+fn peer_close_is_reported_as_closed() {
+    let (a, mut b) = established(Limits::default(), DEFAULT_REKEY_INTERVAL);
+    drop(a);
+    assert!(matches!(b.recv::<Msg>(), Err(ChannelError::Closed)));
+}
+
+#[test]
+fn try_recv_and_timeout_return_none_when_idle() {
+    let (mut a, mut b) = established(Limits::default(), DEFAULT_REKEY_INTERVAL);
+    assert!(b.try_recv::<Msg>().expect("try").is_none());
+    assert!(b.recv_timeout::<Msg>(std::time::Duration::from_millis(10)).expect("timeout").is_none());
+    a.send(&Msg::Ping(3)).expect("send");
+    let got = b.recv_timeout::<Msg>(std::time::Duration::from_secs(5)).expect("recv").expect("some");
+    assert_eq!(got.msg, Msg::Ping(3));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn arbitrary_messages_round_trip(text in ".{0,200}", blob in proptest::collection::vec(any::<u8>(), 0..2000), n in any::<u64>()) {
+        let (mut a, mut b) = established(Limits::default(), 7);
+        for m in [Msg::Text(text.clone()), Msg::Blob(blob.clone()), Msg::Ping(n)] {
+            a.send(&m).expect("send");
+            prop_assert_eq!(b.recv::<Msg>().expect("recv").msg, m);
+        }
+    }
+
+    #[test]
+    fn hostile_datagrams_never_panic_and_are_rejected(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let r = deliver_raw(&bytes);
+        prop_assert!(r.is_err());
+    }
+
+    #[test]
+    fn hostile_bytes_with_valid_header_prefix_are_rejected(tail in proptest::collection::vec(any::<u8>(), 16..300)) {
+        let mut f = vec![1u8, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        f.extend_from_slice(&((tail.len()) as u32).to_le_bytes());
+        f.extend_from_slice(&[0, 0, 0, 0]);
+        f.extend_from_slice(&tail);
+        f[8] = 1; // the sequence number the receiver expects after the handshake
+        let r = deliver_raw(&f);
+        prop_assert!(matches!(r, Err(ChannelError::Authenticate { seq: 1 } | ChannelError::Sequence { .. })), "{:?}", r);
+    }
+}
