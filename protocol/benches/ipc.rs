@@ -1,1 +1,432 @@
-fn main() {}
+//! `cargo bench -p airlock-protocol --bench ipc`: two-process benchmarks of the secure channel
+//! and the bulk transport, each against a baseline measured in the same run. Prints one JSON
+//! object per line: `scenario`, `airlock`, `baseline`, `unit`, `ratio` (lower is better).
+//!
+//! The peer is this same binary re-executed with `--peer MODE`; it receives its descriptors
+//! through the real hand-off. Pinned scenarios run both processes on CPU 0.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+use airlock_protocol::sys;
+use airlock_protocol::{handoff, BulkMode, BulkPool, BulkWriter, Channel, Hello, Limits, Role};
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+use chacha20poly1305::ChaCha20Poly1305;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Serialize, Deserialize)]
+enum BenchMsg {
+    Echo(#[serde(with = "serde_bytes")] Vec<u8>),
+    Data(#[serde(with = "serde_bytes")] Vec<u8>),
+    Done,
+    Count(u64),
+    Fold,
+    Sum(u64),
+}
+
+const MIB16: usize = 16 << 20;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--peer") {
+        let mode = args.get(i + 1).cloned().unwrap_or_default();
+        if let Err(e) = peer(&mode) {
+            eprintln!("bench peer {mode}: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    // AIRLOCK_BENCH_QUICK=1: fewer iterations. AIRLOCK_BENCH_ONLY=name[,name]: some scenarios.
+    let quick = std::env::var("AIRLOCK_BENCH_QUICK").is_ok();
+    let only_list = std::env::var("AIRLOCK_BENCH_ONLY").ok();
+    let want = |name: &str| only_list.as_deref().is_none_or(|l| l.split(',').any(|x| x == name));
+    let only: Option<String> = None;
+    for pinned in [true, false] {
+        if pinned {
+            sys::pin_to_cpu(0).expect("pin to CPU 0");
+        } else {
+            sys::unpin().expect("unpin");
+        }
+        let sfx = if pinned { "" } else { "_unpinned" };
+        if pinned && only.as_deref() == Some("pinned") || !pinned && only.as_deref() == Some("unpinned") {
+            continue;
+        }
+        if want("rtt_64") {
+            rtt_64(sfx, quick);
+        }
+        if want("msgs_1k") {
+            msgs_1k(sfx, quick);
+        }
+        if want("bulk_16m") {
+            bulk_16m(sfx, quick, BulkMode::Sealed);
+        }
+        if want("bulk_16m_encrypted") {
+            bulk_16m(sfx, quick, BulkMode::SealedEncrypted);
+        }
+        if pinned && want("memcpy_16m_reference") {
+            memcpy_16m();
+        }
+        if pinned && want("bulk_crossover") {
+            bulk_crossover(quick);
+        }
+    }
+}
+
+fn emit(scenario: &str, airlock: f64, baseline: f64, unit: &str, lower_is_better: bool, extra: Option<(&str, String)>) {
+    let ratio = if lower_is_better { airlock / baseline } else { baseline / airlock };
+    let mut o = serde_json::json!({
+        "scenario": scenario,
+        "airlock": round(airlock),
+        "baseline": round(baseline),
+        "unit": unit,
+        "ratio": (ratio * 1000.0).round() / 1000.0,
+    });
+    if let Some((k, v)) = extra {
+        o[k] = serde_json::Value::String(v);
+    }
+    println!("{o}");
+}
+
+fn round(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+// ------------------------------------------------------------------ spawning peers
+
+fn spawn(mode: &str, fds: Vec<(OwnedFd, i32)>) -> Child {
+    let mut cmd = Command::new(std::env::current_exe().expect("current_exe"));
+    cmd.args(["--peer", mode]).stdin(Stdio::null());
+    let guard = sys::install_child_fds(&mut cmd, fds).expect("install fds");
+    let child = cmd.spawn().expect("spawn peer");
+    drop(guard);
+    child
+}
+
+fn spawn_airlock(mode: &str) -> (Channel, Child) {
+    let (mut ch, end) = handoff::prepare(bench_limits(), airlock_protocol::DEFAULT_REKEY_INTERVAL).expect("prepare");
+    let mut cmd = Command::new(std::env::current_exe().expect("current_exe"));
+    cmd.args(["--peer", mode]).stdin(Stdio::null());
+    let guard = end.install(&mut cmd, Vec::new()).expect("install");
+    let child = cmd.spawn().expect("spawn");
+    drop(guard);
+    ch.handshake(&Hello::new(Role::Supervisor, "bench")).expect("handshake");
+    (ch, child)
+}
+
+fn spawn_raw(mode: &str, stream: bool) -> (OwnedFd, Child) {
+    let (a, b) = if stream { sys::stream_pair() } else { sys::seqpacket_pair() }.expect("socketpair");
+    sys::set_socket_buffers(a.as_fd(), 256 * 1024).expect("bufs");
+    sys::set_socket_buffers(b.as_fd(), 256 * 1024).expect("bufs");
+    let child = spawn(mode, vec![(b, 3)]);
+    (a, child)
+}
+
+fn bench_limits() -> Limits {
+    Limits::default()
+}
+
+fn finish(mut child: Child) {
+    let _ = child.wait();
+}
+
+// ------------------------------------------------------------------ scenarios
+
+fn rtt_64(sfx: &str, quick: bool) {
+    let iters = if quick { 2000 } else { 20000 };
+    let payload = vec![0x5au8; 64];
+    let (mut ch, child) = spawn_airlock("airlock");
+    let mut times = Vec::with_capacity(iters);
+    for i in 0..iters + iters / 10 {
+        let t = Instant::now();
+        ch.send(&BenchMsg::Echo(payload.clone())).expect("send");
+        let r = ch.recv::<BenchMsg>().expect("recv");
+        if i >= iters / 10 {
+            times.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        assert!(matches!(r.msg, BenchMsg::Echo(v) if v.len() == 64));
+    }
+    drop(ch);
+    finish(child);
+    let airlock = median(times);
+
+    let (sock, child) = spawn_raw("raw-echo", false);
+    let mut buf = [0u8; 256];
+    let mut times = Vec::with_capacity(iters);
+    for i in 0..iters + iters / 10 {
+        let t = Instant::now();
+        sys::send_bytes(sock.as_fd(), &payload).expect("send");
+        let n = sys::recv_bytes(sock.as_fd(), &mut buf).expect("recv");
+        if i >= iters / 10 {
+            times.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        assert_eq!(n, 64);
+    }
+    drop(sock);
+    finish(child);
+    emit(&format!("rtt_64{sfx}"), airlock, median(times), "us", true, None);
+}
+
+fn msgs_1k(sfx: &str, quick: bool) {
+    let n = if quick { 20_000 } else { 100_000 };
+    let runs = 5;
+    let payload = vec![0xa5u8; 1024];
+    let batch: Vec<BenchMsg> = (0..64).map(|_| BenchMsg::Data(payload.clone())).collect();
+    let (mut ch, child) = spawn_airlock("airlock");
+    let mut rates = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let mut sent = 0;
+        while sent < n {
+            let k = (n - sent).min(batch.len());
+            ch.send_batch(&batch[..k]).expect("batch");
+            sent += k;
+        }
+        ch.send(&BenchMsg::Done).expect("done");
+        let r = ch.recv::<BenchMsg>().expect("count");
+        let secs = t.elapsed().as_secs_f64();
+        assert!(matches!(r.msg, BenchMsg::Count(c) if c == n as u64), "{:?}", r.msg);
+        rates.push(n as f64 / secs);
+    }
+    drop(ch);
+    finish(child);
+    let airlock = median(rates);
+
+    let (sock, child) = spawn_raw("raw-sink", false);
+    let mut rates = Vec::new();
+    let mut ack = [0u8; 8];
+    for _ in 0..runs {
+        let t = Instant::now();
+        sys::send_bytes(sock.as_fd(), &(n as u64).to_le_bytes()).expect("send n");
+        for _ in 0..n {
+            sys::send_bytes(sock.as_fd(), &payload).expect("send");
+        }
+        sys::recv_bytes(sock.as_fd(), &mut ack).expect("ack");
+        rates.push(n as f64 / t.elapsed().as_secs_f64());
+    }
+    drop(sock);
+    finish(child);
+    emit(&format!("msgs_1k{sfx}"), airlock, median(rates), "msgs/s", false, None);
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i.wrapping_mul(2654435761) >> 7) as u8).collect()
+}
+
+/// Reads every byte: a wrapping sum of little-endian u64 words (vectorizes well).
+fn fold(b: &[u8]) -> u64 {
+    let mut acc = 0u64;
+    let chunks = b.chunks_exact(8);
+    let rem = chunks.remainder();
+    for c in chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        acc = acc.wrapping_add(u64::from_le_bytes(w));
+    }
+    for &x in rem {
+        acc = acc.wrapping_add(u64::from(x));
+    }
+    acc
+}
+
+fn bulk_16m(sfx: &str, quick: bool, mode: BulkMode) {
+    let iters = if quick { 5 } else { 25 };
+    let data = pattern(MIB16);
+    let want = fold(&data);
+    let (mut ch, child) = spawn_airlock("airlock");
+    let pool = BulkPool::new(MIB16, 2).expect("pool");
+    let mut times = Vec::new();
+    for _ in 0..iters + 2 {
+        pool.wait_full().expect("pool");
+        let t = Instant::now();
+        let mut w = BulkWriter::allocate_from(&pool, MIB16, ch.limits().inline_threshold).expect("writer");
+        w.as_mut_slice().copy_from_slice(&data);
+        ch.send_bulk(&BenchMsg::Fold, &[], w, mode).expect("send bulk");
+        let r = ch.recv::<BenchMsg>().expect("recv");
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        assert!(matches!(r.msg, BenchMsg::Sum(s) if s == want));
+    }
+    drop(ch);
+    finish(child);
+    let airlock = median(times[2..].to_vec());
+
+    let baseline = if mode == BulkMode::Sealed {
+        let (sock, child) = spawn_raw("stream-sink", true);
+        let mut f = std::fs::File::from(sock);
+        let mut times = Vec::new();
+        let mut ack = [0u8; 8];
+        for _ in 0..iters + 2 {
+            let t = Instant::now();
+            f.write_all(&(MIB16 as u64).to_le_bytes()).expect("len");
+            f.write_all(&data).expect("write");
+            f.read_exact(&mut ack).expect("ack");
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        drop(f);
+        finish(child);
+        median(times[2..].to_vec())
+    } else {
+        let key = chacha20poly1305::Key::from([7u8; 32]);
+        let c = ChaCha20Poly1305::new(&key);
+        let nonce = chacha20poly1305::Nonce::from([1u8; 12]);
+        let mut buf = data.clone();
+        let mut times = Vec::new();
+        for _ in 0..iters + 2 {
+            let t = Instant::now();
+            let tag = c.encrypt_in_place_detached(&nonce, b"", &mut buf).expect("seal");
+            c.decrypt_in_place_detached(&nonce, b"", &mut buf, &tag).expect("open");
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        assert_eq!(fold(&buf), want);
+        median(times[2..].to_vec())
+    };
+    let name = if mode == BulkMode::Sealed { "bulk_16m" } else { "bulk_16m_encrypted" };
+    emit(&format!("{name}{sfx}"), airlock, baseline, "ms", true, None);
+}
+
+fn memcpy_16m() {
+    let src = pattern(MIB16);
+    let mut dst = vec![0u8; MIB16];
+    let mut times = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        dst.copy_from_slice(std::hint::black_box(&src));
+        std::hint::black_box(&dst);
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let m = median(times);
+    emit("memcpy_16m_reference", m, m, "ms", true, Some(("note", "in-process memcpy of 16 MiB, for reference".into())));
+}
+
+fn bulk_crossover(quick: bool) {
+    let iters = if quick { 50 } else { 300 };
+    let (mut ch, child) = spawn_airlock("airlock");
+    let sizes = [1024usize, 4096, 8192, 16384, 24576, 32768, 49152, 61440];
+    let mut crossover = None;
+    for &len in &sizes {
+        let data = pattern(len);
+        let want = fold(&data);
+        let mut run = |threshold: usize| {
+            let mut times = Vec::new();
+            for _ in 0..iters {
+                let t = Instant::now();
+                let w = BulkWriter::copy_from(&data, threshold).expect("writer");
+                ch.send_bulk(&BenchMsg::Fold, &[], w, BulkMode::Sealed).expect("send");
+                let r = ch.recv::<BenchMsg>().expect("recv");
+                times.push(t.elapsed().as_secs_f64() * 1e6);
+                assert!(matches!(r.msg, BenchMsg::Sum(s) if s == want));
+            }
+            median(times)
+        };
+        let inline = run(usize::MAX);
+        let memfd = run(0);
+        emit(
+            &format!("bulk_crossover_{len}"),
+            memfd,
+            inline,
+            "us",
+            true,
+            Some(("note", "memfd vs inline frame".into())),
+        );
+        if crossover.is_none() && memfd < inline {
+            crossover = Some(len);
+        }
+    }
+    drop(ch);
+    finish(child);
+    let measured = crossover.map_or_else(|| "above 61440".to_string(), |c| c.to_string());
+    let c = crossover.unwrap_or(64 * 1024) as f64;
+    let configured = airlock_protocol::bulk::DEFAULT_INLINE_THRESHOLD as f64;
+    emit(
+        "bulk_crossover",
+        c,
+        configured,
+        "bytes",
+        true,
+        Some(("note", format!("smallest size where a memfd beat inline: {measured}; airlock = measured, baseline = configured threshold"))),
+    );
+}
+
+// ------------------------------------------------------------------ peers
+
+fn peer(mode: &str) -> Result<(), String> {
+    match mode {
+        "airlock" => {
+            let mut ch = handoff::take_inherited(bench_limits()).map_err(|e| e.to_string())?;
+            ch.handshake(&Hello::new(Role::Worker, "bench-peer")).map_err(|e| e.to_string())?;
+            let mut count = 0u64;
+            loop {
+                let r = match ch.recv::<BenchMsg>() {
+                    Ok(r) => r,
+                    Err(airlock_protocol::ChannelError::Closed) => return Ok(()),
+                    Err(e) => return Err(e.to_string()),
+                };
+                match r.msg {
+                    BenchMsg::Echo(v) => ch.send(&BenchMsg::Echo(v)).map_err(|e| e.to_string())?,
+                    BenchMsg::Data(_) => count += 1,
+                    BenchMsg::Done => {
+                        ch.send(&BenchMsg::Count(count)).map_err(|e| e.to_string())?;
+                        count = 0;
+                    }
+                    BenchMsg::Fold => {
+                        let s = r.bulk.as_deref().map(fold).unwrap_or(0);
+                        ch.send(&BenchMsg::Sum(s)).map_err(|e| e.to_string())?;
+                    }
+                    other => return Err(format!("unexpected {other:?}")),
+                }
+            }
+        }
+        "raw-echo" => {
+            let s = sys::claim_inherited_fd(3).map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 256];
+            loop {
+                let n = sys::recv_bytes(s.as_fd(), &mut buf).map_err(|e| e.to_string())?;
+                if n == 0 {
+                    return Ok(());
+                }
+                sys::send_bytes(s.as_fd(), &buf[..n]).map_err(|e| e.to_string())?;
+            }
+        }
+        "raw-sink" => {
+            let s = sys::claim_inherited_fd(3).map_err(|e| e.to_string())?;
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let n = sys::recv_bytes(s.as_fd(), &mut buf).map_err(|e| e.to_string())?;
+                if n == 0 {
+                    return Ok(());
+                }
+                let mut w = [0u8; 8];
+                w.copy_from_slice(&buf[..8]);
+                for _ in 0..u64::from_le_bytes(w) {
+                    sys::recv_bytes(s.as_fd(), &mut buf).map_err(|e| e.to_string())?;
+                }
+                sys::send_bytes(s.as_fd(), &[1u8; 8]).map_err(|e| e.to_string())?;
+            }
+        }
+        "stream-sink" => {
+            let s = sys::claim_inherited_fd(3).map_err(|e| e.to_string())?;
+            let mut f = std::fs::File::from(s);
+            let mut buf = vec![0u8; MIB16];
+            loop {
+                let mut len = [0u8; 8];
+                if f.read_exact(&mut len).is_err() {
+                    return Ok(());
+                }
+                let len = u64::from_le_bytes(len) as usize;
+                if buf.len() < len {
+                    buf.resize(len, 0);
+                }
+                f.read_exact(&mut buf[..len]).map_err(|e| e.to_string())?;
+                std::hint::black_box(&buf);
+                f.write_all(&[1u8; 8]).map_err(|e| e.to_string())?;
+            }
+        }
+        other => Err(format!("unknown peer mode {other}")),
+    }
+}

@@ -126,6 +126,12 @@ pub struct Channel {
     slots: Vec<sys::RecvSlot>,
     pending: VecDeque<Pending>,
     out_bufs: Vec<Vec<u8>>,
+    /// True when this end sent a frame since its last read: request/reply traffic, read one
+    /// frame at a time. False while only reading: the peer streams, read in batches.
+    sent_since_read: bool,
+    /// Decrypted plaintext of the last `Batch` frame and the entries not yet returned.
+    batch_buf: Vec<u8>,
+    batch: VecDeque<(usize, usize)>,
 }
 
 impl Channel {
@@ -143,6 +149,9 @@ impl Channel {
             slots: Vec::new(),
             pending: VecDeque::new(),
             out_bufs: Vec::new(),
+            sent_since_read: true,
+            batch_buf: Vec::new(),
+            batch: VecDeque::new(),
         }
     }
 
@@ -170,7 +179,7 @@ impl Channel {
     /// True when frames already read from the socket are waiting to be decoded, so a caller
     /// that polls the socket must call `try_recv` first.
     pub fn has_buffered(&self) -> bool {
-        !self.pending.is_empty()
+        !self.pending.is_empty() || !self.batch.is_empty()
     }
 
     fn check_poison(&self) -> Result<(), ChannelError> {
@@ -187,6 +196,7 @@ impl Channel {
                 self.poisoned = Some(e.to_string());
                 // Drop (and so close) every descriptor already read but not yet decoded.
                 self.pending.clear();
+                self.batch.clear();
             }
         }
         r
@@ -261,35 +271,84 @@ impl Channel {
         self.poison_send(r)
     }
 
-    /// Sends many messages with as few syscalls as possible (`sendmmsg`).
+    /// Sends many messages with as few syscalls and frames as possible: messages are packed
+    /// into `Batch` frames of up to `max_frame` bytes (each frame authenticated and sequenced
+    /// like any other), and the frames go out with one `sendmmsg`. The receiver's `recv`
+    /// returns them one by one, in order. Nothing is sent if any message fails to encode.
     pub fn send_batch<T: Serialize>(&mut self, msgs: &[T]) -> Result<(), ChannelError> {
         self.check_poison()?;
         self.require_established()?;
-        let mut bufs = std::mem::take(&mut self.out_bufs);
-        bufs.resize_with(msgs.len().max(bufs.len()), Vec::new);
-        let mut built = 0;
-        let mut result = Ok(());
-        for (m, buf) in msgs.iter().zip(bufs.iter_mut()) {
-            if let Err(e) = self.build_frame(buf, Kind::Message, m, 0, None) {
-                result = Err(e);
-                break;
+        if msgs.is_empty() {
+            return Ok(());
+        }
+        let mut frames = std::mem::take(&mut self.out_bufs);
+        let packed = self.pack_batch(msgs, &mut frames);
+        let n = match packed {
+            Ok(n) => n,
+            Err(e) => {
+                self.out_bufs = frames;
+                return Err(e);
             }
-            built += 1;
+        };
+        for buf in frames[..n].iter_mut() {
+            self.seal_into(buf, Kind::Batch, 0, 0);
         }
-        if result.is_ok() {
-            let out: Vec<sys::OutDatagram<'_>> =
-                bufs[..built].iter().map(|b| sys::OutDatagram { parts: [b.as_slice(), &[]], fds: &[] }).collect();
-            result = sys::send_datagrams(self.sock.as_fd(), &out).map_err(|e| ChannelError::io("sendmmsg", e));
-        } else if built > 0 {
-            // Sequence numbers were consumed by frames that were never sent.
-            result = result.map_err(|e| {
-                let msg = e.to_string();
-                self.poisoned = Some(msg);
-                e
-            });
+        let out: Vec<sys::OutDatagram<'_>> =
+            frames[..n].iter().map(|b| sys::OutDatagram { parts: [b.as_slice(), &[]], fds: &[] }).collect();
+        let r = sys::send_datagrams(self.sock.as_fd(), &out).map_err(|e| ChannelError::io("sendmmsg", e));
+        drop(out);
+        self.out_bufs = frames;
+        self.poison(r)
+    }
+
+    /// Encodes `msgs` into unsealed batch plaintexts in `frames` (header space reserved);
+    /// returns how many frames were used. Consumes no sequence number.
+    fn pack_batch<T: Serialize>(&self, msgs: &[T], frames: &mut Vec<Vec<u8>>) -> Result<usize, ChannelError> {
+        let cap = self.limits.max_frame - TAG_LEN;
+        let mut used = 0usize;
+        let start_frame = |frames: &mut Vec<Vec<u8>>, used: &mut usize| {
+            if frames.len() <= *used {
+                frames.push(Vec::new());
+            }
+            let f = &mut frames[*used];
+            f.clear();
+            f.resize(HEADER_LEN, 0);
+            *used += 1;
+        };
+        start_frame(frames, &mut used);
+        for m in msgs {
+            let mut cur = std::mem::take(&mut frames[used - 1]);
+            let at = cur.len();
+            cur.extend_from_slice(&[0; 4]);
+            cur = postcard::to_extend(m, cur).map_err(ChannelError::Encode)?;
+            let entry_len = cur.len() - at - 4;
+            if cur.len() > cap {
+                if at == HEADER_LEN {
+                    return Err(ChannelError::MessageTooLarge {
+                        len: HEADER_LEN + 4 + entry_len + TAG_LEN,
+                        limit: self.limits.max_frame,
+                    });
+                }
+                // Move this entry into a fresh frame.
+                let entry = cur.split_off(at);
+                frames[used - 1] = cur;
+                start_frame(frames, &mut used);
+                cur = std::mem::take(&mut frames[used - 1]);
+                cur.extend_from_slice(&entry);
+                if cur.len() > cap {
+                    return Err(ChannelError::MessageTooLarge {
+                        len: cur.len() + TAG_LEN,
+                        limit: self.limits.max_frame,
+                    });
+                }
+                let at = HEADER_LEN;
+                cur[at..at + 4].copy_from_slice(&(entry_len as u32).to_le_bytes());
+            } else {
+                cur[at..at + 4].copy_from_slice(&(entry_len as u32).to_le_bytes());
+            }
+            frames[used - 1] = cur;
         }
-        self.out_bufs = bufs;
-        self.poison_send(result)
+        Ok(used)
     }
 
     fn poison_send(&mut self, r: Result<(), ChannelError>) -> Result<(), ChannelError> {
@@ -344,10 +403,17 @@ impl Channel {
             Err(e) => return Err(ChannelError::Encode(e)),
         };
         *buf = buf_taken;
-        let body_len = buf.len() - HEADER_LEN + TAG_LEN;
-        if HEADER_LEN + body_len > self.limits.max_frame {
-            return Err(ChannelError::MessageTooLarge { len: HEADER_LEN + body_len, limit: self.limits.max_frame });
+        if buf.len() + TAG_LEN > self.limits.max_frame {
+            return Err(ChannelError::MessageTooLarge { len: buf.len() + TAG_LEN, limit: self.limits.max_frame });
         }
+        self.seal_into(buf, kind, flags, attachments);
+        Ok(())
+    }
+
+    /// Seals a plaintext that follows `HEADER_LEN` reserved bytes in `buf`: assigns the next
+    /// sequence number, writes the header, encrypts in place and appends the tag.
+    fn seal_into(&mut self, buf: &mut Vec<u8>, kind: Kind, flags: u16, attachments: usize) {
+        let body_len = buf.len() - HEADER_LEN + TAG_LEN;
         let seq = self.tx.next_seq;
         self.tx.ratchet_for(seq);
         let header = Header { kind, flags, attachments: attachments as u16, seq, body_len: body_len as u32 }.encode();
@@ -356,7 +422,7 @@ impl Channel {
         let tag = self.tx.seal_frame(seq, h, body);
         buf.extend_from_slice(&tag);
         self.tx.next_seq += 1;
-        Ok(())
+        self.sent_since_read = true;
     }
 
     fn send_frame<T: Serialize>(
@@ -376,8 +442,7 @@ impl Channel {
         let mut buf = self.out_bufs.pop().unwrap_or_default();
         let r = self.build_frame(&mut buf, kind, msg, raw.len(), bulk.as_ref().map(|(o, m)| (o, *m)));
         let r = r.and_then(|()| {
-            let d = [sys::OutDatagram { parts: [buf.as_slice(), &[]], fds: &raw }];
-            sys::send_datagrams(self.sock.as_fd(), &d).map_err(|e| ChannelError::io("sendmsg", e))
+            sys::send_datagram(self.sock.as_fd(), &buf, &raw).map_err(|e| ChannelError::io("sendmsg", e))
         });
         self.out_bufs.push(buf);
         r
@@ -398,7 +463,7 @@ impl Channel {
     ) -> Result<Option<Received<T>>, ChannelError> {
         self.check_poison()?;
         self.require_established()?;
-        if self.pending.is_empty() {
+        if !self.has_buffered() {
             let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
             let ready = sys::poll_readable(self.sock.as_fd(), ms).map_err(|e| ChannelError::io("poll", e));
             if !self.poison(ready)? {
@@ -412,7 +477,7 @@ impl Channel {
     pub fn try_recv<T: DeserializeOwned>(&mut self) -> Result<Option<Received<T>>, ChannelError> {
         self.check_poison()?;
         self.require_established()?;
-        if self.pending.is_empty() {
+        if self.pending.is_empty() && self.batch.is_empty() {
             let filled = self.fill(true);
             self.poison(filled)?;
             if self.pending.is_empty() {
@@ -429,13 +494,26 @@ impl Channel {
             self.slots =
                 (0..batch).map(|_| sys::RecvSlot::new(self.limits.max_frame, self.limits.max_attachments)).collect();
         }
-        let got = sys::recv_datagrams(self.sock.as_fd(), &mut self.slots, nonblocking)
-            .map_err(|e| ChannelError::io("recvmmsg", e))?;
-        self.pending.extend(got.into_iter().enumerate().map(|(slot, info)| Pending { slot, info }));
+        let streaming = !std::mem::replace(&mut self.sent_since_read, false);
+        if batch > 1 && streaming {
+            let got = sys::recv_datagrams(self.sock.as_fd(), &mut self.slots, nonblocking)
+                .map_err(|e| ChannelError::io("recvmmsg", e))?;
+            self.pending.extend(got.into_iter().enumerate().map(|(slot, info)| Pending { slot, info }));
+        } else {
+            // One frame with plain recvmsg: cheaper for request/reply traffic.
+            let got = sys::recv_datagram(self.sock.as_fd(), &mut self.slots[0], nonblocking)
+                .map_err(|e| ChannelError::io("recvmsg", e))?;
+            if let Some(info) = got {
+                self.pending.push_back(Pending { slot: 0, info });
+            }
+        }
         Ok(())
     }
 
     fn recv_kind<T: DeserializeOwned>(&mut self, expected: Kind, _: Option<()>) -> Result<Received<T>, ChannelError> {
+        if let Some(r) = self.pop_batched()? {
+            return Ok(r);
+        }
         if self.pending.is_empty() {
             self.fill(false)?;
         }
@@ -487,10 +565,18 @@ impl Channel {
             return Err(ChannelError::Authenticate { seq: header.seq });
         }
         self.rx.next_seq += 1;
+        if header.kind == Kind::Batch && expected == Kind::Message {
+            if header.flags != 0 || header.attachments != 0 || !fds.is_empty() {
+                return Err(ChannelError::BadHeader { reason: "batch frame with attachments or bulk" });
+            }
+            let body_len = body.len();
+            self.index_batch(slot, body_len)?;
+            return self.pop_batched()?.ok_or(ChannelError::BadHeader { reason: "empty batch frame" });
+        }
         if header.kind != expected {
             let name = match expected {
                 Kind::Hello => "Hello",
-                Kind::Message => "Message",
+                Kind::Message | Kind::Batch => "Message",
             };
             return Err(ChannelError::UnexpectedKind { expected: name, got: header.kind as u8 });
         }
@@ -521,6 +607,40 @@ impl Channel {
             return Err(ChannelError::BadHeader { reason: "trailing bytes after the message" });
         }
         Ok(Received { msg, fds, bulk: bulk_out })
+    }
+
+    /// Takes over the decrypted plaintext of a batch frame in `slot` and indexes its entries.
+    fn index_batch(&mut self, slot: usize, body_len: usize) -> Result<(), ChannelError> {
+        if self.batch_buf.len() != self.slots[slot].buf.len() {
+            self.batch_buf = vec![0; self.slots[slot].buf.len()];
+        }
+        std::mem::swap(&mut self.batch_buf, &mut self.slots[slot].buf);
+        let plain = &self.batch_buf[HEADER_LEN..HEADER_LEN + body_len];
+        let mut at = 0usize;
+        while at < plain.len() {
+            let Some(len) = plain.get(at..at + 4) else {
+                return Err(ChannelError::BadHeader { reason: "batch entry length truncated" });
+            };
+            let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            let start = at + 4;
+            let end = start.checked_add(len).filter(|&e| e <= plain.len());
+            let Some(end) = end else {
+                return Err(ChannelError::BadHeader { reason: "batch entry overruns the frame" });
+            };
+            self.batch.push_back((HEADER_LEN + start, HEADER_LEN + end));
+            at = end;
+        }
+        Ok(())
+    }
+
+    fn pop_batched<T: DeserializeOwned>(&mut self) -> Result<Option<Received<T>>, ChannelError> {
+        let Some((start, end)) = self.batch.pop_front() else { return Ok(None) };
+        let (msg, trailing) =
+            postcard::take_from_bytes::<T>(&self.batch_buf[start..end]).map_err(ChannelError::Decode)?;
+        if !trailing.is_empty() {
+            return Err(ChannelError::BadHeader { reason: "trailing bytes after a batched message" });
+        }
+        Ok(Some(Received { msg, fds: Vec::new(), bulk: None }))
     }
 
     /// Test hook: writes raw bytes on the socket as if they were a frame, bypassing all

@@ -4,7 +4,7 @@
 //! ```text
 //! offset size field
 //!      0    1 wire version (WIRE_VERSION)
-//!      1    1 kind (Hello = 1, Message = 2)
+//!      1    1 kind (Hello = 1, Message = 2, Batch = 3)
 //!      2    2 flags (little endian; unknown bits are an error)
 //!      4    2 number of attached descriptors
 //!      6    2 reserved, zero
@@ -33,6 +33,9 @@ const KNOWN_FLAGS: u16 = FLAG_BULK_MEMFD | FLAG_BULK_ENCRYPTED | FLAG_BULK_INLIN
 pub enum Kind {
     Hello = 1,
     Message = 2,
+    /// Several messages coalesced into one frame by `send_batch`: the plaintext is a sequence
+    /// of (u32 little-endian length, postcard message) entries. No descriptors, no bulk.
+    Batch = 3,
 }
 
 impl Kind {
@@ -40,6 +43,7 @@ impl Kind {
         match v {
             1 => Some(Kind::Hello),
             2 => Some(Kind::Message),
+            3 => Some(Kind::Batch),
             _ => None,
         }
     }

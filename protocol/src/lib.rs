@@ -16,6 +16,10 @@ pub mod frame;
 pub mod handoff;
 pub mod sys;
 
+/// Re-exported so that message types can mark byte fields `#[serde(with = "serde_bytes")]`,
+/// which postcard then encodes as one length-prefixed block instead of byte by byte.
+pub use serde_bytes;
+
 pub use bulk::{Bulk, BulkMode, BulkPool, BulkWriter};
 pub use channel::{Channel, ChannelKeys, Hello, Limits, Received, Role, DEFAULT_REKEY_INTERVAL, PROTOCOL_VERSION};
 pub use crypto::Key;

@@ -114,7 +114,7 @@ pub fn send_datagrams(sock: BorrowedFd<'_>, out: &[OutDatagram<'_>]) -> io::Resu
                     let c = libc::CMSG_FIRSTHDR(&h.msg_hdr);
                     (*c).cmsg_level = libc::SOL_SOCKET;
                     (*c).cmsg_type = libc::SCM_RIGHTS;
-                    (*c).cmsg_len = libc::CMSG_LEN((d.fds.len() * mem::size_of::<RawFd>()) as u32) as _;
+                    (*c).cmsg_len = libc::CMSG_LEN(mem::size_of_val(d.fds) as u32) as _;
                     ptr::copy_nonoverlapping(d.fds.as_ptr(), libc::CMSG_DATA(c).cast::<RawFd>(), d.fds.len());
                 }
             }
@@ -144,6 +144,113 @@ pub fn send_datagrams(sock: BorrowedFd<'_>, out: &[OutDatagram<'_>]) -> io::Resu
         done += chunk.len();
     }
     Ok(())
+}
+
+/// Sends one datagram with `sendmsg` (one iovec, no allocation for up to 8 descriptors).
+pub fn send_datagram(sock: BorrowedFd<'_>, buf: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    let mut iov = libc::iovec { iov_base: buf.as_ptr() as *mut _, iov_len: buf.len() };
+    let mut small = [0u64; 8];
+    let mut big = Vec::new();
+    let space = cmsg_space(fds.len());
+    let control: &mut [u64] = if space <= small.len() * 8 {
+        &mut small[..]
+    } else {
+        big.resize(space.div_ceil(8), 0u64);
+        &mut big[..]
+    };
+    // SAFETY: all-zero is a valid msghdr.
+    let mut h: libc::msghdr = unsafe { mem::zeroed() };
+    h.msg_iov = &mut iov;
+    h.msg_iovlen = 1;
+    if !fds.is_empty() {
+        h.msg_control = control.as_mut_ptr().cast();
+        h.msg_controllen = space as _;
+        // SAFETY: msg_control points at at least `space` zeroed, 8-aligned bytes, which is
+        // CMSG_SPACE for `fds.len()` descriptors, so the first header and its data fit.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&h);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(mem::size_of_val(fds) as u32) as _;
+            ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c).cast::<RawFd>(), fds.len());
+        }
+    }
+    loop {
+        // SAFETY: `h` points at `iov`, `buf` and `control`, all live for the call; the kernel
+        // only reads them.
+        let rc = unsafe { libc::sendmsg(sock.as_raw_fd(), &h, libc::MSG_NOSIGNAL) };
+        if rc >= 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Receives one datagram into `slot` with `recvmsg(MSG_CMSG_CLOEXEC)`. With `nonblocking`,
+/// returns `None` instead of waiting.
+pub fn recv_datagram(sock: BorrowedFd<'_>, slot: &mut RecvSlot, nonblocking: bool) -> io::Result<Option<Received>> {
+    let mut iov = libc::iovec { iov_base: slot.buf.as_mut_ptr().cast(), iov_len: slot.buf.len() };
+    // SAFETY: all-zero is a valid msghdr.
+    let mut h: libc::msghdr = unsafe { mem::zeroed() };
+    h.msg_iov = &mut iov;
+    h.msg_iovlen = 1;
+    h.msg_control = slot.cmsg.as_mut_ptr().cast();
+    h.msg_controllen = (slot.cmsg.len() * 8) as _;
+    let mut flags = libc::MSG_CMSG_CLOEXEC;
+    if nonblocking {
+        flags |= libc::MSG_DONTWAIT;
+    }
+    let len = loop {
+        // SAFETY: `h` points at the slot's buffer and control area, valid and writable for
+        // their stated lengths during the call.
+        let rc = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut h, flags) };
+        if rc >= 0 {
+            break rc as usize;
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock if nonblocking => return Ok(None),
+            _ => return Err(e),
+        }
+    };
+    Ok(Some(parse_received(&h, len)))
+}
+
+fn parse_received(h: &libc::msghdr, len: usize) -> Received {
+    let mut r = Received {
+        len,
+        truncated: h.msg_flags & libc::MSG_TRUNC != 0,
+        control_truncated: h.msg_flags & libc::MSG_CTRUNC != 0,
+        foreign_control: false,
+        fds: Vec::new(),
+    };
+    if h.msg_controllen == 0 {
+        return r;
+    }
+    // SAFETY: the kernel filled msg_control up to msg_controllen; CMSG_FIRSTHDR/NXTHDR stay
+    // within that range and return null past its end. For SCM_RIGHTS, the data area holds
+    // (cmsg_len - CMSG_LEN(0)) / sizeof(int) descriptors that are now ours.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(h);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c).cast::<RawFd>();
+                let bytes = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                for k in 0..bytes / mem::size_of::<RawFd>() {
+                    let fd = ptr::read_unaligned(data.add(k));
+                    r.fds.push(OwnedFd::from_raw_fd(fd));
+                }
+            } else {
+                r.foreign_control = true;
+            }
+            c = libc::CMSG_NXTHDR(h, c);
+        }
+    }
+    r
 }
 
 /// A receive slot: room for one datagram of up to `buf.len()` bytes and its descriptors.
@@ -214,37 +321,7 @@ pub fn recv_datagrams(sock: BorrowedFd<'_>, slots: &mut [RecvSlot], nonblocking:
         }
         break rc as usize;
     };
-    let mut out = Vec::with_capacity(count);
-    for h in &hdrs[..count] {
-        let mut r = Received {
-            len: h.msg_len as usize,
-            truncated: h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
-            control_truncated: h.msg_hdr.msg_flags & libc::MSG_CTRUNC != 0,
-            foreign_control: false,
-            fds: Vec::new(),
-        };
-        // SAFETY: the kernel filled msg_control up to msg_controllen; CMSG_FIRSTHDR/NXTHDR
-        // stay within that range and return null past its end. For SCM_RIGHTS, the data area
-        // holds (cmsg_len - CMSG_LEN(0)) / sizeof(int) descriptors that are now ours.
-        unsafe {
-            let mut c = libc::CMSG_FIRSTHDR(&h.msg_hdr);
-            while !c.is_null() {
-                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                    let data = libc::CMSG_DATA(c).cast::<RawFd>();
-                    let bytes = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                    for k in 0..bytes / mem::size_of::<RawFd>() {
-                        let fd = ptr::read_unaligned(data.add(k));
-                        r.fds.push(OwnedFd::from_raw_fd(fd));
-                    }
-                } else {
-                    r.foreign_control = true;
-                }
-                c = libc::CMSG_NXTHDR(&h.msg_hdr, c);
-            }
-        }
-        out.push(r);
-    }
-    Ok(out)
+    Ok(hdrs[..count].iter().map(|h| parse_received(&h.msg_hdr, h.msg_len as usize)).collect())
 }
 
 /// Plain `send` of one datagram or stream chunk (benchmark baselines).
@@ -383,6 +460,15 @@ pub enum MapMode {
 impl Mapping {
     /// Maps `len` bytes of `fd` from offset 0, pre-faulting the pages (`MAP_POPULATE`).
     pub fn map(fd: BorrowedFd<'_>, len: usize, mode: MapMode) -> io::Result<Mapping> {
+        Mapping::map_with(fd, len, mode, libc::MAP_POPULATE)
+    }
+
+    /// Maps `len` bytes of `fd` from offset 0 without faulting anything in yet.
+    pub fn map_lazy(fd: BorrowedFd<'_>, len: usize, mode: MapMode) -> io::Result<Mapping> {
+        Mapping::map_with(fd, len, mode, 0)
+    }
+
+    fn map_with(fd: BorrowedFd<'_>, len: usize, mode: MapMode, extra: libc::c_int) -> io::Result<Mapping> {
         if len == 0 {
             return Ok(Mapping { ptr: ptr::NonNull::<u64>::dangling().as_ptr().cast(), len: 0, writable: false });
         }
@@ -391,8 +477,7 @@ impl Mapping {
             MapMode::SharedWrite => libc::PROT_READ | libc::PROT_WRITE,
         };
         // SAFETY: a fresh mapping chosen by the kernel (addr null); it aliases no Rust object.
-        let p =
-            unsafe { libc::mmap(ptr::null_mut(), len, prot, libc::MAP_SHARED | libc::MAP_POPULATE, fd.as_raw_fd(), 0) };
+        let p = unsafe { libc::mmap(ptr::null_mut(), len, prot, libc::MAP_SHARED | extra, fd.as_raw_fd(), 0) };
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
@@ -431,6 +516,27 @@ impl Drop for Mapping {
             unsafe { libc::munmap(self.ptr, self.len) };
         }
     }
+}
+
+/// Faults in every page of a writable mapping now (`MADV_POPULATE_WRITE`, Linux 5.14), or by
+/// touching each page where the kernel is older.
+pub fn populate_write(m: &mut Mapping) -> io::Result<()> {
+    const MADV_POPULATE_WRITE: libc::c_int = 23;
+    if m.len == 0 {
+        return Ok(());
+    }
+    // SAFETY: advice on a live mapping we own; populating does not change its contents.
+    if unsafe { libc::madvise(m.ptr, m.len, MADV_POPULATE_WRITE) } == 0 {
+        return Ok(());
+    }
+    let Some(s) = m.as_mut_slice() else { return Err(io::Error::from_raw_os_error(libc::EACCES)) };
+    for i in (0..s.len()).step_by(4096) {
+        // A volatile read-modify-write of a byte we own: faults the page in writable.
+        let p = &mut s[i];
+        // SAFETY: `p` is a valid, aligned, exclusive reference into the mapping.
+        unsafe { ptr::write_volatile(p, ptr::read_volatile(p)) };
+    }
+    Ok(())
 }
 
 /// `madvise(MADV_HUGEPAGE)` on a mapping (best effort; shmem THP must be set to `advise`).

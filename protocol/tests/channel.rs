@@ -265,3 +265,29 @@ proptest! {
         prop_assert!(matches!(r, Err(ChannelError::Authenticate { seq: 1 } | ChannelError::Sequence { .. })), "{:?}", r);
     }
 }
+
+#[test]
+fn batch_larger_than_a_frame_spans_frames_in_order() {
+    let (mut a, mut b) = established(Limits::default(), 5);
+    let msgs: Vec<Msg> = (0..300u64).map(|i| Msg::Blob(vec![(i % 251) as u8; 1000 + i as usize])).collect();
+    let expect = msgs.clone();
+    let t = std::thread::spawn(move || {
+        a.send_batch(&msgs).expect("batch");
+        a.send(&Msg::Ping(99)).expect("after batch");
+        a
+    });
+    for m in expect {
+        assert_eq!(b.recv::<Msg>().expect("recv").msg, m);
+    }
+    assert_eq!(b.recv::<Msg>().expect("recv").msg, Msg::Ping(99));
+    drop(t.join());
+}
+
+#[test]
+fn batch_with_an_oversized_message_sends_nothing_and_channel_survives() {
+    let (mut a, mut b) = established(Limits::default(), DEFAULT_REKEY_INTERVAL);
+    let msgs = vec![Msg::Ping(1), Msg::Blob(vec![0; 70_000]), Msg::Ping(2)];
+    assert!(matches!(a.send_batch(&msgs), Err(ChannelError::MessageTooLarge { .. })));
+    a.send(&Msg::Ping(3)).expect("still usable");
+    assert_eq!(b.recv::<Msg>().expect("recv").msg, Msg::Ping(3));
+}
