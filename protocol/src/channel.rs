@@ -171,6 +171,13 @@ impl Channel {
         self.sock.as_fd()
     }
 
+    /// Bounds how long a blocking receive (`recv`, `handshake`) waits; `None` waits forever.
+    /// A receive that times out fails (and so poisons the channel): use it for steps that
+    /// must complete, such as a spawn's handshake.
+    pub fn set_recv_timeout(&mut self, timeout: Option<Duration>) -> Result<(), ChannelError> {
+        sys::set_recv_timeout(self.sock.as_fd(), timeout).map_err(|e| ChannelError::io("setsockopt SO_RCVTIMEO", e))
+    }
+
     /// Whether an earlier failure has poisoned the channel, and why.
     pub fn poisoned(&self) -> Option<&str> {
         self.poisoned.as_deref()

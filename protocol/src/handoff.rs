@@ -59,6 +59,12 @@ fn write_key_memfd(k: &ChannelKeys) -> Result<OwnedFd, HandoffError> {
 }
 
 impl ChildEnd {
+    /// The socket and the key memfd, for a spawner that installs descriptors itself (it must
+    /// place them at [`CHANNEL_FD`] and [`KEYS_FD`]).
+    pub fn into_parts(self) -> (OwnedFd, OwnedFd) {
+        (self.sock, self.keys)
+    }
+
     /// Arranges for `cmd`'s child to inherit the channel at [`CHANNEL_FD`], the keys at
     /// [`KEYS_FD`], and each of `brokered` from [`FIRST_BROKERED_FD`] on. Every other
     /// descriptor of the parent is close-on-exec. Drop the returned guard after `spawn`.

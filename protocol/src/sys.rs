@@ -64,6 +64,23 @@ pub fn set_socket_buffers(sock: BorrowedFd<'_>, bytes: usize) -> io::Result<()> 
     Ok(())
 }
 
+/// Sets `SO_RCVTIMEO` (`None`: block forever).
+pub fn set_recv_timeout(sock: BorrowedFd<'_>, timeout: Option<std::time::Duration>) -> io::Result<()> {
+    let d = timeout.unwrap_or_default();
+    let tv = libc::timeval { tv_sec: d.as_secs() as libc::time_t, tv_usec: d.subsec_micros() as libc::suseconds_t };
+    // SAFETY: `tv` is a live timeval and its size is passed alongside.
+    cvt(unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
 /// One outgoing datagram: up to two byte slices (header, body) and the descriptors to pass.
 #[derive(Debug)]
 pub struct OutDatagram<'a> {
