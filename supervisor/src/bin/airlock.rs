@@ -1,0 +1,135 @@
+//! `airlock`: the admin CLI. Talks to a running `airlockd` over its control socket, and
+//! audits seccomp policies.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
+use airlock_supervisor::runtime::{CallResult, ControlRequest, Status, WorkerState};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "airlock", version, about = "Administer airlock: status, calls, policy audit")]
+struct Args {
+    /// The supervisor's control socket (default: $RUNTIME_DIRECTORY/control.sock, then
+    /// /run/airlock/control.sock, then the per-user fallback airlockd uses).
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Every worker: state, pid, restarts, services, and each confinement layer.
+    Status {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Call SERVICE.METHOD through the supervisor with BODY (UTF-8) and print the reply.
+    Call {
+        service: String,
+        method: String,
+        #[arg(default_value = "")]
+        body: String,
+    },
+    /// Audit, check, diff, export, disassemble and verify seccomp policies.
+    Policy(airlock_policies::cli::PolicyArgs),
+}
+
+fn default_socket() -> PathBuf {
+    if let Some(d) = std::env::var_os("RUNTIME_DIRECTORY") {
+        return PathBuf::from(d).join("control.sock");
+    }
+    let system = PathBuf::from("/run/airlock/control.sock");
+    if system.exists() {
+        return system;
+    }
+    // SAFETY-free: same fallback as airlockd's Config::runtime_directory.
+    std::env::temp_dir().join(format!("airlock-run-{}", airlock_supervisor::sys::euid())).join("control.sock")
+}
+
+fn request<T: serde::de::DeserializeOwned>(sock: &PathBuf, req: &ControlRequest) -> anyhow::Result<T> {
+    let mut s = UnixStream::connect(sock)
+        .with_context(|| format!("connecting to {} (is airlockd running?)", sock.display()))?;
+    // The supervisor may refuse (and close) before reading: read its answer even when the
+    // write fails.
+    let wrote = writeln!(s, "{}", serde_json::to_string(req)?);
+    let mut line = String::new();
+    let read = BufReader::new(&s).read_line(&mut line);
+    if line.is_empty() {
+        wrote.context("sending the request")?;
+        read.context("reading the supervisor's answer")?;
+        anyhow::bail!("the supervisor closed the connection without answering");
+    }
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+        if let Some(e) = v.get("error") {
+            anyhow::bail!("supervisor refused: {e}");
+        }
+    }
+    serde_json::from_str(&line).with_context(|| format!("unexpected answer: {}", line.trim()))
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let sock = args.socket.clone().unwrap_or_else(default_socket);
+    let r = match args.cmd {
+        Cmd::Policy(p) => return std::process::ExitCode::from(airlock_policies::cli::run(p).clamp(0, 255) as u8),
+        Cmd::Status { json } => status(&sock, json),
+        Cmd::Call { service, method, body } => call(&sock, service, method, body),
+    };
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("airlock: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn status(sock: &PathBuf, json: bool) -> anyhow::Result<std::process::ExitCode> {
+    let st: Status = request(sock, &ControlRequest::Status)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    println!("airlockd pid {} uid {}", st.pid, st.uid);
+    for w in &st.workers {
+        let state = match &w.state {
+            WorkerState::Running => "running".to_string(),
+            WorkerState::Restarting { in_ms } => format!("restarting in {in_ms} ms"),
+            WorkerState::Failed(why) => format!("failed: {why}"),
+            WorkerState::Stopped => "stopped".to_string(),
+        };
+        let pid = w.pid.map_or_else(|| "-".to_string(), |p| p.to_string());
+        println!(
+            "\nworker {} ({state}) pid {pid} restarts {} services [{}]",
+            w.name,
+            w.restarts,
+            w.services.join(", ")
+        );
+        if let Some(e) = &w.last_exit {
+            println!("  last exit: {e}");
+        }
+        for (layer, state) in &w.confinement {
+            println!("  {layer:<20} {state}");
+        }
+        for n in &w.notes {
+            println!("  note: {n}");
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn call(sock: &PathBuf, service: String, method: String, body: String) -> anyhow::Result<std::process::ExitCode> {
+    let r: CallResult = request(sock, &ControlRequest::Call { service, method, body })?;
+    if r.ok {
+        println!("{}", r.body);
+        Ok(std::process::ExitCode::SUCCESS)
+    } else {
+        eprintln!("airlock: call failed: {}", r.body);
+        Ok(std::process::ExitCode::FAILURE)
+    }
+}

@@ -1,0 +1,68 @@
+//! `airlockd`: the airlock supervisor.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+
+/// The airlock supervisor: spawns, confines, verifies and restarts sandboxed workers.
+#[derive(Debug, Parser)]
+#[command(name = "airlockd", version)]
+struct Args {
+    /// Configuration file (TOML). Without it, the embedded default configuration runs.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Validate a configuration file, print every error with its line, and exit.
+    #[arg(long, value_name = "PATH", conflicts_with = "config")]
+    check_config: Option<PathBuf>,
+    /// Print the embedded default configuration and exit.
+    #[arg(long)]
+    print_default_config: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    airlock_supervisor::init_logging();
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("airlockd: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<std::process::ExitCode> {
+    let args = Args::parse();
+    let known = airlock_supervisor::known_policies();
+    if args.print_default_config {
+        print!("{}", airlock_supervisor::config::EMBEDDED_DEFAULT);
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    if let Some(path) = args.check_config {
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        return Ok(match airlock_supervisor::config::parse(&text, &path.display().to_string(), &known) {
+            Ok(c) => {
+                println!("{}: OK ({} workers)", path.display(), c.workers.len());
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::ExitCode::FAILURE
+            }
+        });
+    }
+    let (text, name) = match &args.config {
+        Some(p) => {
+            (std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?, p.display().to_string())
+        }
+        None => {
+            (airlock_supervisor::config::EMBEDDED_DEFAULT.to_string(), "embedded default configuration".to_string())
+        }
+    };
+    let cfg = airlock_supervisor::config::parse(&text, &name, &known)
+        .map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+    tracing::info!(config = %name, workers = cfg.workers.len(), "starting airlockd");
+    let sup = airlock_supervisor::runtime::Supervisor::start(cfg).context("starting the supervisor")?;
+    sup.run().context("running the supervisor")?;
+    Ok(std::process::ExitCode::SUCCESS)
+}

@@ -1,0 +1,500 @@
+//! The supervisor's TOML configuration: schema, defaults, the embedded default job, and
+//! validation that reports every error with its line. Documented in `docs/configuration.md`.
+//! Pure data and checks: nothing here opens, spawns or confines anything.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use airlock_worker::{Layer, Requirement};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The configuration `airlockd` runs when started without `--config`.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../default.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub supervisor: SupervisorSection,
+    #[serde(default)]
+    pub defaults: Defaults,
+    #[serde(default, rename = "worker")]
+    pub workers: Vec<WorkerConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SupervisorSection {
+    /// Journal and worker state. `$STATE_DIRECTORY` (systemd) wins when set.
+    pub state_directory: Option<PathBuf>,
+    /// Control socket directory. `$RUNTIME_DIRECTORY` (systemd) wins when set.
+    pub runtime_directory: Option<PathBuf>,
+    /// Where relative worker executables are found; default: next to `airlockd`.
+    pub worker_directory: Option<PathBuf>,
+    /// Host uids handed to workers configured with `uid = "dynamic"` (root supervisor only).
+    #[serde(default = "default_uid_range")]
+    pub dynamic_uid_range: [u32; 2],
+    #[serde(default = "default_shutdown_ms")]
+    pub shutdown_timeout_ms: u64,
+    #[serde(default = "default_ready_ms")]
+    pub ready_timeout_ms: u64,
+}
+
+fn default_uid_range() -> [u32; 2] {
+    [61000, 61999]
+}
+fn default_shutdown_ms() -> u64 {
+    3000
+}
+fn default_ready_ms() -> u64 {
+    10_000
+}
+
+impl Default for SupervisorSection {
+    fn default() -> Self {
+        SupervisorSection {
+            state_directory: None,
+            runtime_directory: None,
+            worker_directory: None,
+            dynamic_uid_range: default_uid_range(),
+            shutdown_timeout_ms: default_shutdown_ms(),
+            ready_timeout_ms: default_ready_ms(),
+        }
+    }
+}
+
+/// Per-layer requirements; any layer left out is `required`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Confinement {
+    pub user_namespace: Option<Requirement>,
+    pub pid_namespace: Option<Requirement>,
+    pub net_namespace: Option<Requirement>,
+    pub mount_namespace: Option<Requirement>,
+    pub ipc_namespace: Option<Requirement>,
+    pub uts_namespace: Option<Requirement>,
+    pub cgroup_namespace: Option<Requirement>,
+    pub uid: Option<Requirement>,
+    pub capabilities: Option<Requirement>,
+    pub no_new_privs: Option<Requirement>,
+    pub landlock: Option<Requirement>,
+    pub rlimits: Option<Requirement>,
+    pub not_dumpable: Option<Requirement>,
+    pub parent_death_signal: Option<Requirement>,
+    pub seccomp: Option<Requirement>,
+}
+
+impl Confinement {
+    fn get(&self, l: Layer) -> Option<Requirement> {
+        match l {
+            Layer::UserNamespace => self.user_namespace,
+            Layer::PidNamespace => self.pid_namespace,
+            Layer::NetNamespace => self.net_namespace,
+            Layer::MountNamespace => self.mount_namespace,
+            Layer::IpcNamespace => self.ipc_namespace,
+            Layer::UtsNamespace => self.uts_namespace,
+            Layer::CgroupNamespace => self.cgroup_namespace,
+            Layer::Uid => self.uid,
+            Layer::Capabilities => self.capabilities,
+            Layer::NoNewPrivs => self.no_new_privs,
+            Layer::Landlock => self.landlock,
+            Layer::Rlimits => self.rlimits,
+            Layer::NotDumpable => self.not_dumpable,
+            Layer::ParentDeathSignal => self.parent_death_signal,
+            Layer::Seccomp => self.seccomp,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Defaults {
+    #[serde(default)]
+    pub confinement: Confinement,
+    #[serde(default)]
+    pub rlimits: RlimitConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum UidSpec {
+    Fixed(u32),
+    Named(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct WorkerConfig {
+    pub name: Spanned<String>,
+    pub executable: Spanned<String>,
+    #[serde(default)]
+    pub args: Vec<String>,
+    pub policy: Spanned<String>,
+    /// A host uid, or `"dynamic"` (from the supervisor's range). Used when the supervisor
+    /// runs as root; an unprivileged supervisor's workers share its uid.
+    pub uid: Option<UidSpec>,
+    pub gid: Option<u32>,
+    #[serde(default)]
+    pub services: Vec<String>,
+    #[serde(default)]
+    pub confinement: Confinement,
+    #[serde(default)]
+    pub landlock: LandlockConfig,
+    pub rlimits: Option<RlimitConfig>,
+    #[serde(default)]
+    pub restart: RestartConfig,
+    #[serde(default, rename = "resource")]
+    pub resources: Vec<Spanned<Resource>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LandlockConfig {
+    #[serde(default)]
+    pub read: Vec<PathBuf>,
+    #[serde(default)]
+    pub write: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RlimitConfig {
+    #[serde(default = "d_nofile")]
+    pub nofile: u64,
+    #[serde(default = "d_nproc")]
+    pub nproc: u64,
+    #[serde(default = "d_as")]
+    pub address_space_mib: u64,
+    #[serde(default = "d_fsize")]
+    pub file_size_mib: u64,
+}
+fn d_nofile() -> u64 {
+    64
+}
+fn d_nproc() -> u64 {
+    512
+}
+fn d_as() -> u64 {
+    2048
+}
+fn d_fsize() -> u64 {
+    1024
+}
+
+impl Default for RlimitConfig {
+    fn default() -> Self {
+        RlimitConfig { nofile: d_nofile(), nproc: d_nproc(), address_space_mib: d_as(), file_size_mib: d_fsize() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    Always,
+    #[default]
+    OnFailure,
+    Never,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RestartConfig {
+    #[serde(default)]
+    pub policy: RestartPolicy,
+    #[serde(default = "d_init")]
+    pub initial_backoff_ms: u64,
+    #[serde(default = "d_maxb")]
+    pub max_backoff_ms: u64,
+    /// More restarts than this within `window_s` is a crash loop: the worker stays down.
+    #[serde(default = "d_maxr")]
+    pub max_restarts: u32,
+    #[serde(default = "d_window")]
+    pub window_s: u64,
+}
+fn d_init() -> u64 {
+    100
+}
+fn d_maxb() -> u64 {
+    10_000
+}
+fn d_maxr() -> u32 {
+    5
+}
+fn d_window() -> u64 {
+    60
+}
+
+impl Default for RestartConfig {
+    fn default() -> Self {
+        RestartConfig {
+            policy: RestartPolicy::default(),
+            initial_backoff_ms: d_init(),
+            max_backoff_ms: d_maxb(),
+            max_restarts: d_maxr(),
+            window_s: d_window(),
+        }
+    }
+}
+
+/// A privileged resource the supervisor opens and passes to the worker as a descriptor, in
+/// the order listed, from fd 5 on.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Resource {
+    TcpListen {
+        address: String,
+    },
+    UnixListen {
+        path: PathBuf,
+    },
+    File {
+        path: PathBuf,
+        #[serde(default)]
+        write: bool,
+    },
+    Device {
+        path: PathBuf,
+    },
+}
+
+/// One problem in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub line: usize,
+    pub message: String,
+}
+
+/// Every problem found, formatted as `PATH:LINE: message` lines.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", render(.source_name, .problems))]
+pub struct ConfigError {
+    pub source_name: String,
+    pub problems: Vec<ConfigProblem>,
+}
+
+fn render(name: &str, problems: &[ConfigProblem]) -> String {
+    problems.iter().map(|p| format!("{name}:{}: {}", p.line, p.message)).collect::<Vec<_>>().join("\n")
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+}
+
+/// Parses and validates a configuration. `known_policies` are the policy names compiled in.
+pub fn parse(text: &str, source_name: &str, known_policies: &[String]) -> Result<Config, ConfigError> {
+    let cfg: Config = toml::from_str(text).map_err(|e| ConfigError {
+        source_name: source_name.into(),
+        problems: vec![ConfigProblem {
+            line: e.span().map_or(1, |s| line_of(text, s.start)),
+            message: e.message().trim().to_string(),
+        }],
+    })?;
+    let mut problems = Vec::new();
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut services: BTreeMap<String, String> = BTreeMap::new();
+    let mut fixed_uids: BTreeMap<u32, String> = BTreeMap::new();
+    let [lo, hi] = cfg.supervisor.dynamic_uid_range;
+    if lo == 0 || lo > hi {
+        problems.push(ConfigProblem {
+            line: 1,
+            message: format!("dynamic-uid-range [{lo}, {hi}] must be non-empty and exclude 0"),
+        });
+    }
+    if cfg.workers.is_empty() {
+        problems.push(ConfigProblem { line: 1, message: "no [[worker]] defined".into() });
+    }
+    for w in &cfg.workers {
+        let name = w.name.get_ref();
+        let line = line_of(text, w.name.span().start);
+        let mut bad =
+            |line: usize, m: String| problems.push(ConfigProblem { line, message: format!("worker {name}: {m}") });
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            bad(line, "name must be non-empty ASCII letters, digits, '-' or '_'".into());
+        }
+        if let Some(prev) = seen.insert(name.clone(), line) {
+            bad(line, format!("duplicate worker name (first defined on line {prev})"));
+        }
+        if w.executable.get_ref().is_empty() {
+            bad(line_of(text, w.executable.span().start), "executable is empty".into());
+        }
+        if !known_policies.iter().any(|p| p == w.policy.get_ref()) {
+            bad(
+                line_of(text, w.policy.span().start),
+                format!("unknown policy {:?} (known: {})", w.policy.get_ref(), known_policies.join(", ")),
+            );
+        }
+        match &w.uid {
+            Some(UidSpec::Named(s)) if s != "dynamic" => {
+                bad(line, format!("uid must be a number or \"dynamic\", not {s:?}"))
+            }
+            Some(UidSpec::Fixed(0)) => bad(line, "uid 0 is not allowed for a worker".into()),
+            Some(UidSpec::Fixed(u)) => {
+                if let Some(other) = fixed_uids.insert(*u, name.clone()) {
+                    bad(line, format!("uid {u} is already used by worker {other}: each worker needs its own uid"));
+                }
+                if (lo..=hi).contains(u) {
+                    bad(line, format!("uid {u} lies in the dynamic range [{lo}, {hi}]"));
+                }
+            }
+            _ => {}
+        }
+        if w.gid == Some(0) {
+            bad(line, "gid 0 is not allowed for a worker".into());
+        }
+        for s in &w.services {
+            if let Some(other) = services.insert(s.clone(), name.clone()) {
+                bad(line, format!("service {s:?} is already provided by worker {other}"));
+            }
+        }
+        for p in w.landlock.read.iter().chain(&w.landlock.write) {
+            if !p.is_absolute() {
+                bad(line, format!("landlock path {} must be absolute", p.display()));
+            }
+        }
+        let r = &w.restart;
+        if r.initial_backoff_ms == 0 || r.initial_backoff_ms > r.max_backoff_ms {
+            bad(line, "restart: initial-backoff-ms must be > 0 and <= max-backoff-ms".into());
+        }
+        for res in &w.resources {
+            let rline = line_of(text, res.span().start);
+            match res.get_ref() {
+                Resource::TcpListen { address } => {
+                    if address.parse::<SocketAddr>().is_err() {
+                        bad(rline, format!("tcp-listen address {address:?} is not IP:PORT"));
+                    }
+                }
+                Resource::UnixListen { path } | Resource::File { path, .. } | Resource::Device { path } => {
+                    if !path.is_absolute() {
+                        bad(rline, format!("resource path {} must be absolute", path.display()));
+                    }
+                }
+            }
+        }
+        let rl = w.rlimits.as_ref().unwrap_or(&cfg.defaults.rlimits);
+        if rl.nofile < 16 {
+            bad(line, "rlimits.nofile below 16 cannot run a worker".into());
+        }
+    }
+    if problems.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(ConfigError { source_name: source_name.into(), problems })
+    }
+}
+
+impl Config {
+    /// The requirement for `layer` of `w`: the worker's own, else the defaults, else required.
+    pub fn requirement(&self, w: &WorkerConfig, layer: Layer) -> Requirement {
+        w.confinement.get(layer).or(self.defaults.confinement.get(layer)).unwrap_or(Requirement::Required)
+    }
+
+    pub fn rlimits<'a>(&'a self, w: &'a WorkerConfig) -> &'a RlimitConfig {
+        w.rlimits.as_ref().unwrap_or(&self.defaults.rlimits)
+    }
+
+    pub fn state_directory(&self) -> PathBuf {
+        env_dir("STATE_DIRECTORY")
+            .or_else(|| self.supervisor.state_directory.clone())
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("airlock-state-{}", crate::sys::euid())))
+    }
+
+    pub fn runtime_directory(&self) -> PathBuf {
+        env_dir("RUNTIME_DIRECTORY")
+            .or_else(|| self.supervisor.runtime_directory.clone())
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("airlock-run-{}", crate::sys::euid())))
+    }
+
+    /// Resolves a worker's executable: absolute as given, else in `worker-directory`, else
+    /// next to the running `airlockd`.
+    pub fn resolve_executable(&self, w: &WorkerConfig) -> PathBuf {
+        let exe = Path::new(w.executable.get_ref());
+        if exe.is_absolute() {
+            return exe.to_path_buf();
+        }
+        let dir = self
+            .supervisor
+            .worker_directory
+            .clone()
+            .or_else(|| std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)));
+        dir.map_or_else(|| exe.to_path_buf(), |d| d.join(exe))
+    }
+}
+
+fn env_dir(var: &str) -> Option<PathBuf> {
+    // systemd may pass several, colon-separated: the first is ours.
+    std::env::var_os(var).and_then(|v| v.to_str().and_then(|s| s.split(':').next()).map(PathBuf::from))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policies() -> Vec<String> {
+        vec!["echo".into(), "ui".into()]
+    }
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let known: Vec<String> = airlock_policies::embedded().names().iter().map(|s| s.to_string()).collect();
+        parse(EMBEDDED_DEFAULT, "embedded", &known).expect("embedded default must validate");
+    }
+
+    #[test]
+    fn syntax_error_reports_its_line() {
+        let e = parse("[supervisor]\nshutdown-timeout-ms = \"x\"\n", "t.toml", &policies()).expect_err("bad");
+        assert_eq!(e.problems[0].line, 2, "{e}");
+    }
+
+    #[test]
+    fn unknown_field_is_an_error_with_line() {
+        let t = "[[worker]]\nname = \"a\"\nexecutable = \"x\"\npolicy = \"echo\"\nfrobnicate = 1\n";
+        let e = parse(t, "t.toml", &policies()).expect_err("bad");
+        assert!(e.to_string().contains("frobnicate"), "{e}");
+        assert_eq!(e.problems[0].line, 5, "{e}");
+    }
+
+    #[test]
+    fn every_semantic_error_is_listed_with_its_line() {
+        let t = r#"
+[[worker]]
+name = "a"
+executable = "x"
+policy = "nope"
+uid = 0
+services = ["s"]
+
+[[worker]]
+name = "a"
+executable = ""
+policy = "echo"
+services = ["s"]
+[[worker.resource]]
+kind = "tcp-listen"
+address = "localhost"
+"#;
+        let e = parse(t, "t.toml", &policies()).expect_err("bad");
+        let s = e.to_string();
+        for want in [
+            "t.toml:5: worker a: unknown policy",
+            "t.toml:3: worker a: uid 0",
+            "t.toml:10: worker a: duplicate worker name",
+            "t.toml:11: worker a: executable is empty",
+            "t.toml:10: worker a: service \"s\" is already provided",
+            "t.toml:14: worker a: tcp-listen address",
+        ] {
+            assert!(s.contains(want), "missing {want:?} in:\n{s}");
+        }
+    }
+
+    #[test]
+    fn requirements_default_to_required_and_follow_overrides() {
+        let t = "[defaults.confinement]\nlandlock = \"best-effort\"\n[[worker]]\nname = \"a\"\nexecutable = \"x\"\npolicy = \"echo\"\n[worker.confinement]\nseccomp = \"off\"\n";
+        let c = parse(t, "t", &policies()).expect("valid");
+        let w = &c.workers[0];
+        assert_eq!(c.requirement(w, Layer::Landlock), Requirement::BestEffort);
+        assert_eq!(c.requirement(w, Layer::Seccomp), Requirement::Off);
+        assert_eq!(c.requirement(w, Layer::NoNewPrivs), Requirement::Required);
+    }
+}

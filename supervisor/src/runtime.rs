@@ -1,0 +1,782 @@
+//! The supervisor's event loop: watches every worker through its pidfd, channel and stderr,
+//! routes requests by service name, answers the control socket, restarts crashed workers
+//! with exponential backoff up to a crash-loop limit, and shuts down gracefully.
+//!
+//! Single-threaded by design: all state lives here and is touched from one place.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use airlock_protocol::{Channel, ChannelError};
+use airlock_worker::sandbox::{ConfinementReport, LayerState};
+use airlock_worker::wire::{ByteBody, FromWorker, Reply, Request, ToWorker};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, RestartPolicy};
+use crate::notify::Notifier;
+use crate::spawn::{self, HostAbilities, SpawnError};
+use crate::sys::{self, ExitStatus};
+
+/// Default call deadline for routed requests.
+const CALL_DEADLINE: Duration = Duration::from_secs(10);
+
+#[derive(Debug)]
+struct Running {
+    pid: i32,
+    pidfd: OwnedFd,
+    channel: Channel,
+    stderr: std::fs::File,
+    stderr_buf: Vec<u8>,
+    sigsys: Option<String>,
+    started: Instant,
+}
+
+/// The externally visible state of one worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkerState {
+    Running,
+    Restarting { in_ms: u64 },
+    Failed(String),
+    Stopped,
+}
+
+#[derive(Debug)]
+struct Slot {
+    name: String,
+    state: WorkerState,
+    backoff_until: Option<Instant>,
+    run: Option<Running>,
+    restarts: VecDeque<Instant>,
+    total_restarts: u32,
+    last_exit: Option<String>,
+    report: Option<ConfinementReport>,
+    notes: Vec<String>,
+    services: Vec<String>,
+}
+
+#[derive(Debug)]
+enum Caller {
+    Worker { slot: usize, id: u64 },
+    Control(UnixStream),
+}
+
+#[derive(Debug)]
+struct PendingCall {
+    caller: Caller,
+    target: usize,
+    deadline: Instant,
+}
+
+/// A control-socket request (one JSON line).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum ControlRequest {
+    Status,
+    Call { service: String, method: String, body: String },
+}
+
+/// One worker in `airlock status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub name: String,
+    pub state: WorkerState,
+    pub pid: Option<i32>,
+    pub restarts: u32,
+    pub services: Vec<String>,
+    pub last_exit: Option<String>,
+    pub confinement: Vec<(String, String)>,
+    pub notes: Vec<String>,
+}
+
+/// The answer to `status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub pid: u32,
+    pub uid: u32,
+    pub workers: Vec<WorkerStatus>,
+}
+
+/// The answer to `call`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CallResult {
+    pub ok: bool,
+    pub body: String,
+}
+
+/// Why the supervisor could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RuntimeError {
+    #[error("{step}: {source}")]
+    Io {
+        step: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The running supervisor.
+#[derive(Debug)]
+pub struct Supervisor {
+    cfg: Config,
+    host: HostAbilities,
+    slots: Vec<Slot>,
+    control: UnixListener,
+    control_path: PathBuf,
+    sigfd: OwnedFd,
+    notifier: Notifier,
+    pending: BTreeMap<u64, PendingCall>,
+    next_id: u64,
+    last_watchdog: Instant,
+}
+
+fn io_err(step: impl Into<String>) -> impl FnOnce(std::io::Error) -> RuntimeError {
+    let step = step.into();
+    move |source| RuntimeError::Io { step, source }
+}
+
+impl Supervisor {
+    /// Probes the host, opens the control socket and starts every worker.
+    pub fn start(cfg: Config) -> Result<Supervisor, RuntimeError> {
+        let sigfd = sys::signalfd(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP]).map_err(io_err("signalfd"))?;
+        let host = HostAbilities::probe();
+        tracing::info!(root = host.root, namespaces = ?host.namespaces, "host abilities");
+        let run_dir = cfg.runtime_directory();
+        std::fs::create_dir_all(&run_dir).map_err(io_err(format!("creating {}", run_dir.display())))?;
+        let state_dir = cfg.state_directory();
+        std::fs::create_dir_all(&state_dir).map_err(io_err(format!("creating {}", state_dir.display())))?;
+        let control_path = run_dir.join("control.sock");
+        let _ = std::fs::remove_file(&control_path);
+        let control =
+            UnixListener::bind(&control_path).map_err(io_err(format!("binding {}", control_path.display())))?;
+        std::fs::set_permissions(&control_path, std::fs::Permissions::from_mode(0o660))
+            .map_err(io_err("chmod control socket"))?;
+        control.set_nonblocking(true).map_err(io_err("control socket"))?;
+        let slots = cfg
+            .workers
+            .iter()
+            .map(|w| Slot {
+                name: w.name.get_ref().clone(),
+                state: WorkerState::Stopped,
+                backoff_until: None,
+                run: None,
+                restarts: VecDeque::new(),
+                total_restarts: 0,
+                last_exit: None,
+                report: None,
+                notes: Vec::new(),
+                services: Vec::new(),
+            })
+            .collect();
+        let mut s = Supervisor {
+            cfg,
+            host,
+            slots,
+            control,
+            control_path,
+            sigfd,
+            notifier: Notifier::from_env(),
+            pending: BTreeMap::new(),
+            next_id: 1,
+            last_watchdog: Instant::now(),
+        };
+        for i in 0..s.slots.len() {
+            s.launch(i);
+        }
+        tracing::info!(control = %s.control_path.display(), "airlockd ready");
+        s.notifier.send("READY=1\nSTATUS=workers started");
+        Ok(s)
+    }
+
+    pub fn control_path(&self) -> &std::path::Path {
+        &self.control_path
+    }
+
+    fn launch(&mut self, i: usize) {
+        let name = self.slots[i].name.clone();
+        let _span = tracing::info_span!("worker", name = %name).entered();
+        match spawn::spawn(&self.cfg, i, &self.host) {
+            Ok(st) => {
+                let stderr = std::fs::File::from(st.stderr);
+                let _ = sys::set_nonblocking(stderr.as_fd());
+                let ch = st.channel;
+                for (layer, state) in &st.report.layers {
+                    tracing::info!(pid = st.pid, layer = %layer, state = %state, "confinement");
+                }
+                for n in &st.notes {
+                    tracing::info!(pid = st.pid, "{n}");
+                }
+                let slot = &mut self.slots[i];
+                slot.report = Some(st.report);
+                slot.notes = st.notes;
+                slot.services = st.services;
+                slot.state = WorkerState::Running;
+                slot.backoff_until = None;
+                slot.run = Some(Running {
+                    pid: st.pid,
+                    pidfd: st.pidfd,
+                    channel: ch,
+                    stderr,
+                    stderr_buf: Vec::new(),
+                    sigsys: None,
+                    started: Instant::now(),
+                });
+                tracing::info!(pid = slot.run.as_ref().map_or(0, |r| r.pid), services = ?slot.services, "worker ready");
+            }
+            Err(e) => {
+                let fatal = matches!(
+                    e,
+                    SpawnError::LayerUnavailable { .. }
+                        | SpawnError::WorkerLayerFailed { .. }
+                        | SpawnError::Verification(_)
+                );
+                if let SpawnError::WorkerLayerFailed { report, .. } = &e {
+                    self.slots[i].report = Some(report.clone());
+                }
+                if matches!(e, SpawnError::Verification(_)) {
+                    tracing::error!(target: "airlock::security", worker = %name, error = %e, "security event: worker killed");
+                } else {
+                    tracing::error!(worker = %name, error = %e, "worker did not start");
+                }
+                if fatal {
+                    self.slots[i].state = WorkerState::Failed(e.to_string());
+                } else {
+                    self.slots[i].last_exit = Some(format!("start failed: {e}"));
+                    self.schedule_restart(i, false);
+                }
+            }
+        }
+    }
+
+    fn schedule_restart(&mut self, i: usize, clean_exit: bool) {
+        let policy = self.cfg.workers[i].restart.clone();
+        let slot = &mut self.slots[i];
+        if policy.policy == RestartPolicy::Never || (policy.policy == RestartPolicy::OnFailure && clean_exit) {
+            slot.state = WorkerState::Stopped;
+            return;
+        }
+        let now = Instant::now();
+        let window = Duration::from_secs(policy.window_s);
+        while slot.restarts.front().is_some_and(|t| now.duration_since(*t) > window) {
+            slot.restarts.pop_front();
+        }
+        if slot.restarts.len() as u32 >= policy.max_restarts {
+            let why =
+                format!("crash loop: {} restarts within {} s; not restarting", slot.restarts.len(), policy.window_s);
+            tracing::error!(worker = %slot.name, "{why}");
+            slot.state = WorkerState::Failed(why);
+            return;
+        }
+        let exp = slot.restarts.len().min(20) as u32;
+        let delay = policy.initial_backoff_ms.saturating_mul(1u64 << exp).min(policy.max_backoff_ms);
+        slot.restarts.push_back(now);
+        slot.total_restarts += 1;
+        slot.backoff_until = Some(now + Duration::from_millis(delay));
+        slot.state = WorkerState::Restarting { in_ms: delay };
+        tracing::warn!(worker = %slot.name, delay_ms = delay, "restarting after backoff");
+    }
+
+    /// Runs until SIGTERM or SIGINT, then stops every worker and returns.
+    pub fn run(mut self) -> Result<(), RuntimeError> {
+        loop {
+            if self.turn()? {
+                break;
+            }
+        }
+        self.shutdown();
+        Ok(())
+    }
+
+    /// One turn of the loop; returns true when asked to stop.
+    fn turn(&mut self) -> Result<bool, RuntimeError> {
+        let now = Instant::now();
+        let mut timeout = Duration::from_millis(500);
+        for s in &self.slots {
+            if let Some(t) = s.backoff_until {
+                timeout = timeout.min(t.saturating_duration_since(now));
+            }
+        }
+        for p in self.pending.values() {
+            timeout = timeout.min(p.deadline.saturating_duration_since(now));
+        }
+        if let Some(w) = self.notifier.watchdog {
+            timeout = timeout.min(w.saturating_sub(now.duration_since(self.last_watchdog)));
+        }
+        let buffered = self.slots.iter().any(|s| s.run.as_ref().is_some_and(|r| r.channel.has_buffered()));
+        if buffered {
+            timeout = Duration::ZERO;
+        }
+        // Poll set: [signalfd, control, then per running worker: pidfd, channel, stderr].
+        let mut owners: Vec<(usize, u8)> = Vec::new();
+        let revents = {
+            let mut fds: Vec<BorrowedFd<'_>> = vec![self.sigfd.as_fd(), self.control.as_fd()];
+            for (i, s) in self.slots.iter().enumerate() {
+                if let Some(r) = &s.run {
+                    fds.push(r.pidfd.as_fd());
+                    owners.push((i, 0));
+                    fds.push(r.channel.as_fd());
+                    owners.push((i, 1));
+                    fds.push(r.stderr.as_fd());
+                    owners.push((i, 2));
+                }
+            }
+            sys::poll(&fds, i32::try_from(timeout.as_millis()).unwrap_or(500)).map_err(io_err("poll"))?
+        };
+        if revents[0] != 0 {
+            while let Some(sig) = sys::read_signal(self.sigfd.as_fd()).map_err(io_err("signalfd"))? {
+                match sig {
+                    libc::SIGTERM | libc::SIGINT => {
+                        tracing::info!(signal = sig, "stopping");
+                        return Ok(true);
+                    }
+                    _ => {
+                        tracing::info!(signal = sig, "SIGHUP: configuration reload is not supported; restart airlockd")
+                    }
+                }
+            }
+        }
+        let mut exited = Vec::new();
+        for (k, &(i, what)) in owners.iter().enumerate() {
+            let ev = revents[k + 2];
+            let has_buf = what == 1 && self.slots[i].run.as_ref().is_some_and(|r| r.channel.has_buffered());
+            if ev == 0 && !has_buf {
+                continue;
+            }
+            match what {
+                0 => exited.push(i),
+                1 => self.drain_channel(i),
+                _ => self.drain_stderr(i),
+            }
+        }
+        for i in exited {
+            self.handle_exit(i);
+        }
+        if revents[1] != 0 {
+            self.accept_control();
+        }
+        let now = Instant::now();
+        for i in 0..self.slots.len() {
+            if self.slots[i].backoff_until.is_some_and(|t| t <= now) {
+                self.slots[i].backoff_until = None;
+                self.launch(i);
+            }
+        }
+        let expired: Vec<u64> = self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(id, _)| *id).collect();
+        for id in expired {
+            if let Some(p) = self.pending.remove(&id) {
+                let target = self.slots[p.target].name.clone();
+                tracing::warn!(id, worker = %target, "call timed out");
+                self.answer(p.caller, Err(format!("call to worker {target} timed out")), None);
+            }
+        }
+        if let Some(w) = self.notifier.watchdog {
+            if now.duration_since(self.last_watchdog) >= w {
+                self.notifier.send("WATCHDOG=1");
+                self.last_watchdog = now;
+            }
+        }
+        Ok(false)
+    }
+
+    fn drain_stderr(&mut self, i: usize) {
+        let name = self.slots[i].name.clone();
+        let Some(r) = self.slots[i].run.as_mut() else { return };
+        let mut buf = [0u8; 4096];
+        loop {
+            match r.stderr.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => r.stderr_buf.extend_from_slice(&buf[..n]),
+                Err(_) => break,
+            }
+            if r.stderr_buf.len() > 64 * 1024 {
+                break;
+            }
+        }
+        while let Some(pos) = r.stderr_buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = r.stderr_buf.drain(..=pos).collect();
+            let line = String::from_utf8_lossy(&line[..line.len() - 1]).chars().take(2000).collect::<String>();
+            if let Some(rest) = line.strip_prefix("airlock-sigsys ") {
+                r.sigsys = Some(rest.to_string());
+            }
+            tracing::info!(worker = %name, pid = r.pid, "stderr: {line}");
+        }
+        if r.stderr_buf.len() > 8192 {
+            r.stderr_buf.clear();
+        }
+    }
+
+    fn drain_channel(&mut self, i: usize) {
+        loop {
+            let Some(r) = self.slots[i].run.as_mut() else { return };
+            let got = match r.channel.try_recv::<FromWorker>() {
+                Ok(Some(g)) => g,
+                Ok(None) => return,
+                Err(e) => {
+                    self.channel_failed(i, e);
+                    return;
+                }
+            };
+            match got.msg {
+                FromWorker::Event(line) => tracing::info!(worker = %self.slots[i].name, "event: {line}"),
+                FromWorker::Request(req) => self.route(Caller::Worker { slot: i, id: req.id }, req, got.bulk),
+                FromWorker::Reply(rep) => self.route_reply(i, rep, got.bulk),
+                other => {
+                    tracing::error!(target: "airlock::security", worker = %self.slots[i].name, msg = ?std::mem::discriminant(&other), "security event: unexpected message from a running worker; killing it");
+                    self.kill(i);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn channel_failed(&mut self, i: usize, e: ChannelError) {
+        let name = self.slots[i].name.clone();
+        match e {
+            ChannelError::Closed => tracing::info!(worker = %name, "channel closed"),
+            other => {
+                tracing::error!(target: "airlock::security", worker = %name, error = %other, "security event: channel failure; killing worker")
+            }
+        }
+        self.kill(i);
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(r) = &self.slots[i].run {
+            let _ = sys::pidfd_send_signal(r.pidfd.as_fd(), libc::SIGKILL);
+        }
+    }
+
+    fn route(&mut self, caller: Caller, req: Request, bulk: Option<airlock_protocol::Bulk>) {
+        let target = self.slots.iter().position(|s| s.run.is_some() && s.services.contains(&req.service));
+        let Some(t) = target else {
+            let known = self.slots.iter().any(|s| s.services.contains(&req.service));
+            let why = if known {
+                format!("service {} is not running", req.service)
+            } else {
+                format!("no such service {}", req.service)
+            };
+            self.answer(caller, Err(why), None);
+            return;
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        let fwd =
+            ToWorker::Request(Request { id, service: req.service.clone(), method: req.method.clone(), body: req.body });
+        let sent = match self.slots[t].run.as_mut() {
+            Some(r) => match bulk.as_ref().and_then(|b| b.sealed_fd()) {
+                Some(fd) => match fd.try_clone_to_owned() {
+                    Ok(fd) => r.channel.forward_sealed(&fwd, fd),
+                    Err(e) => Err(ChannelError::Io { op: "dup bulk fd", source: e }),
+                },
+                None => r.channel.send(&fwd),
+            },
+            None => return,
+        };
+        if let Err(e) = sent {
+            self.answer(caller, Err(format!("forwarding to {}: {e}", self.slots[t].name)), None);
+            return;
+        }
+        self.pending.insert(id, PendingCall { caller, target: t, deadline: Instant::now() + CALL_DEADLINE });
+    }
+
+    fn route_reply(&mut self, from: usize, rep: Reply, bulk: Option<airlock_protocol::Bulk>) {
+        match self.pending.get(&rep.id) {
+            Some(p) if p.target == from => {}
+            _ => {
+                tracing::warn!(worker = %self.slots[from].name, id = rep.id, "dropping a late or unknown reply");
+                return;
+            }
+        }
+        if let Some(p) = self.pending.remove(&rep.id) {
+            self.answer(p.caller, rep.result.map(|b| b.0), bulk);
+        }
+    }
+
+    fn answer(&mut self, caller: Caller, result: Result<Vec<u8>, String>, bulk: Option<airlock_protocol::Bulk>) {
+        match caller {
+            Caller::Worker { slot, id } => {
+                let Some(r) = self.slots[slot].run.as_mut() else { return };
+                let msg = ToWorker::Reply(Reply { id, result: result.map(ByteBody) });
+                let sent = match bulk.as_ref().and_then(|b| b.sealed_fd()).map(|fd| fd.try_clone_to_owned()) {
+                    Some(Ok(fd)) => r.channel.forward_sealed(&msg, fd),
+                    _ => r.channel.send(&msg),
+                };
+                if let Err(e) = sent {
+                    tracing::warn!(worker = %self.slots[slot].name, error = %e, "could not deliver a reply");
+                }
+            }
+            Caller::Control(mut stream) => {
+                let (ok, body) = match result {
+                    Ok(b) => {
+                        let mut text = String::from_utf8_lossy(&b).into_owned();
+                        if let Some(bk) = &bulk {
+                            let sum = bk.iter().fold(0u64, |a, &x| a.wrapping_add(u64::from(x)));
+                            text = format!("{text}[bulk {} bytes, sum {sum}]", bk.len());
+                        }
+                        (true, text)
+                    }
+                    Err(e) => (false, e),
+                };
+                let _ = writeln!(stream, "{}", serde_json::to_string(&CallResult { ok, body }).unwrap_or_default());
+            }
+        }
+    }
+
+    fn handle_exit(&mut self, i: usize) {
+        self.drain_stderr(i);
+        let Some(r) = self.slots[i].run.take() else { return };
+        let status = match sys::reap(r.pidfd.as_fd()) {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                // Not exited yet (spurious wake-up): keep watching.
+                self.slots[i].run = Some(r);
+                return;
+            }
+            Err(e) => {
+                tracing::error!(worker = %self.slots[i].name, error = %e, "waitid failed");
+                ExitStatus::Code(-1)
+            }
+        };
+        let policy = self.cfg.workers[i].policy.get_ref().clone();
+        let reason = describe_exit(status, r.sigsys.as_deref(), &policy);
+        let ran = r.started.elapsed();
+        tracing::warn!(worker = %self.slots[i].name, pid = r.pid, ran_ms = ran.as_millis() as u64, "worker exited: {reason}");
+        self.slots[i].last_exit = Some(reason);
+        let failed: Vec<u64> = self.pending.iter().filter(|(_, p)| p.target == i).map(|(id, _)| *id).collect();
+        for id in failed {
+            if let Some(p) = self.pending.remove(&id) {
+                let name = self.slots[i].name.clone();
+                self.answer(p.caller, Err(format!("worker {name} died during the call")), None);
+            }
+        }
+        // Calls this worker was waiting for are answered into the void: drop them.
+        self.pending.retain(|_, p| !matches!(p.caller, Caller::Worker { slot, .. } if slot == i));
+        self.schedule_restart(i, status == ExitStatus::Code(0));
+    }
+
+    fn accept_control(&mut self) {
+        loop {
+            let (stream, _) = match self.control.accept() {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+            let creds = sys::peer_credentials(stream.as_fd());
+            let me = sys::euid();
+            match creds {
+                Ok((pid, uid, _)) if uid == 0 || uid == me => {
+                    tracing::debug!(peer_pid = pid, peer_uid = uid, "control connection");
+                }
+                Ok((pid, uid, _)) => {
+                    tracing::error!(target: "airlock::security", peer_pid = pid, peer_uid = uid, "security event: control connection refused");
+                    let mut s = stream;
+                    let _ = writeln!(
+                        s,
+                        "{{\"error\":\"permission denied: uid {uid} is neither root nor the service uid {me}\"}}"
+                    );
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "SO_PEERCRED failed; refusing control connection");
+                    continue;
+                }
+            }
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut line = String::new();
+            let mut rd = BufReader::new((&stream).take(64 * 1024));
+            if rd.read_line(&mut line).is_err() {
+                continue;
+            }
+            drop(rd);
+            let mut stream = stream;
+            match serde_json::from_str::<ControlRequest>(line.trim()) {
+                Ok(ControlRequest::Status) => {
+                    let st = self.status();
+                    let _ = writeln!(stream, "{}", serde_json::to_string(&st).unwrap_or_default());
+                }
+                Ok(ControlRequest::Call { service, method, body }) => {
+                    let req = Request { id: 0, service, method, body: body.into_bytes() };
+                    self.route(Caller::Control(stream), req, None);
+                }
+                Err(e) => {
+                    let _ = writeln!(
+                        stream,
+                        "{{\"error\":{}}}",
+                        serde_json::to_string(&format!("bad request: {e}")).unwrap_or_default()
+                    );
+                }
+            }
+        }
+    }
+
+    /// What `airlock status` shows.
+    pub fn status(&self) -> Status {
+        let now = Instant::now();
+        Status {
+            pid: std::process::id(),
+            uid: sys::euid(),
+            workers: self
+                .slots
+                .iter()
+                .map(|s| WorkerStatus {
+                    name: s.name.clone(),
+                    state: match (&s.state, s.backoff_until) {
+                        (WorkerState::Restarting { .. }, Some(t)) => {
+                            WorkerState::Restarting { in_ms: t.saturating_duration_since(now).as_millis() as u64 }
+                        }
+                        (st, _) => st.clone(),
+                    },
+                    pid: s.run.as_ref().map(|r| r.pid),
+                    restarts: s.total_restarts,
+                    services: s.services.clone(),
+                    last_exit: s.last_exit.clone(),
+                    confinement: s
+                        .report
+                        .as_ref()
+                        .map(|r| r.layers.iter().map(|(l, st)| (l.to_string(), st.to_string())).collect())
+                        .unwrap_or_default(),
+                    notes: s.notes.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    fn shutdown(&mut self) {
+        self.notifier.send("STOPPING=1");
+        for s in &mut self.slots {
+            if let Some(r) = s.run.as_mut() {
+                let _ = r.channel.send(&ToWorker::Shutdown);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.supervisor.shutdown_timeout_ms);
+        loop {
+            let mut left = 0;
+            for i in 0..self.slots.len() {
+                let Some(r) = self.slots[i].run.as_ref() else { continue };
+                match sys::reap(r.pidfd.as_fd()) {
+                    Ok(Some(st)) => {
+                        tracing::info!(worker = %self.slots[i].name, "stopped: {}", describe_exit(st, None, ""));
+                        self.slots[i].run = None;
+                        self.slots[i].state = WorkerState::Stopped;
+                    }
+                    _ => left += 1,
+                }
+            }
+            if left == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                for s in &mut self.slots {
+                    if let Some(r) = s.run.take() {
+                        tracing::warn!(worker = %s.name, "did not stop in time; SIGKILL");
+                        let _ = sys::pidfd_send_signal(r.pidfd.as_fd(), libc::SIGKILL);
+                        for _ in 0..200 {
+                            if !matches!(sys::reap(r.pidfd.as_fd()), Ok(None)) {
+                                break;
+                            }
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        s.state = WorkerState::Stopped;
+                    }
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = std::fs::remove_file(&self.control_path);
+        tracing::info!("airlockd stopped");
+    }
+}
+
+/// Describes an exit: code, signal, and for SIGSYS the syscall and policy.
+pub fn describe_exit(status: ExitStatus, sigsys: Option<&str>, policy: &str) -> String {
+    match status {
+        ExitStatus::Code(c) => format!("exit code {c}"),
+        ExitStatus::Signal(libc::SIGSYS) => {
+            let detail = sigsys.and_then(parse_sigsys).map_or_else(
+                || {
+                    format!(
+                        "a syscall forbidden by policy {policy} (the kernel killed it before it could report which)"
+                    )
+                },
+                |(nr, name)| format!("syscall {name} ({nr}) forbidden by policy {policy}"),
+            );
+            format!("killed by SIGSYS: {detail}")
+        }
+        ExitStatus::Signal(s) => format!("killed by signal {s} ({})", signal_name(s)),
+    }
+}
+
+fn parse_sigsys(line: &str) -> Option<(i64, String)> {
+    let mut nr = None;
+    let mut arch = None;
+    for part in line.split_whitespace() {
+        if let Some(v) = part.strip_prefix("nr=") {
+            nr = v.parse::<i64>().ok();
+        }
+        if let Some(v) = part.strip_prefix("arch=") {
+            arch = v.parse::<u32>().ok();
+        }
+    }
+    let nr = nr?;
+    let a = match arch {
+        Some(0xC000_00B7) => airlock_policies::Arch::Aarch64,
+        _ => airlock_policies::Arch::X86_64,
+    };
+    let name = u32::try_from(nr).ok().and_then(|n| airlock_policies::syscall_name(a, n)).unwrap_or("unknown");
+    Some((nr, name.to_string()))
+}
+
+fn signal_name(s: i32) -> &'static str {
+    match s {
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGILL => "SIGILL",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGXFSZ => "SIGXFSZ",
+        libc::SIGXCPU => "SIGXCPU",
+        _ => "signal",
+    }
+}
+
+impl WorkerStatus {
+    /// The state of one layer as printed, if reported.
+    pub fn layer(&self, name: &str) -> Option<&str> {
+        self.confinement.iter().find(|(l, _)| l == name).map(|(_, s)| s.as_str())
+    }
+}
+
+/// True for a report state that counts as enforced.
+pub fn is_applied(s: &LayerState) -> bool {
+    matches!(s, LayerState::Applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sigsys_exit_names_the_syscall_and_policy() {
+        let d = describe_exit(ExitStatus::Signal(libc::SIGSYS), Some("nr=101 arch=3221225534 policy=echo"), "echo");
+        assert!(d.contains("ptrace") && d.contains("101") && d.contains("echo"), "{d}");
+    }
+
+    #[test]
+    fn sigsys_without_report_says_so() {
+        let d = describe_exit(ExitStatus::Signal(libc::SIGSYS), None, "ui");
+        assert!(d.contains("policy ui") && d.contains("before it could report"), "{d}");
+    }
+
+    #[test]
+    fn plain_exits_are_described() {
+        assert_eq!(describe_exit(ExitStatus::Code(3), None, "x"), "exit code 3");
+        assert!(describe_exit(ExitStatus::Signal(9), None, "x").contains("SIGKILL"));
+    }
+}

@@ -1,0 +1,400 @@
+//! Spawning a worker: a fresh exec of its binary in the namespaces this host allows, with only
+//! its channel, key memfd, stderr and brokered descriptors open; then the handshake, the
+//! confinement plan, the worker's own report, and verification from outside.
+//!
+//! Order (also in `ARCHITECTURE.md`):
+//! 1. decide namespaces from the configuration and what the host allows (probed once);
+//!    a `required` layer the host refuses stops the spawn with the layer and errno;
+//! 2. open brokered resources; create the channel and keys (hand-off memfd);
+//! 3. clone into the namespaces; write uid/gid maps; release the child to exec;
+//! 4. handshake; send the plan; the worker applies its layers, seccomp last, and reports;
+//! 5. verify from `/proc/PID/status` (and the installed filter where privileged);
+//!    any disagreement kills the worker and is logged as a security event;
+//! 6. `Start`; the worker answers `Ready` with its services.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::time::{Duration, Instant};
+
+use airlock_protocol::{handoff, Channel, ChannelError, Hello, Limits, Role, DEFAULT_REKEY_INTERVAL};
+use airlock_worker::sandbox::{ConfinementPlan, ConfinementReport, Layer, LayerState, Requirement, Rlimits};
+use airlock_worker::wire::{FromWorker, ToWorker};
+
+use crate::config::{Config, Resource, UidSpec, WorkerConfig};
+use crate::sys;
+use crate::verify;
+
+/// Why a worker could not be started.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpawnError {
+    #[error("required confinement layer {layer} is unavailable on this host: {reason}")]
+    LayerUnavailable { layer: Layer, reason: String },
+    #[error("worker reported that required layer {layer} failed: {reason}")]
+    WorkerLayerFailed { layer: Layer, reason: String, report: ConfinementReport },
+    #[error("opening brokered resource {what}: {source}")]
+    Resource {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{step}: {source}")]
+    Io {
+        step: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("executing {path}: {source}")]
+    Exec {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("channel during {step}: {source}")]
+    Channel {
+        step: &'static str,
+        #[source]
+        source: ChannelError,
+    },
+    #[error("worker did not {step} within {timeout_ms} ms")]
+    Timeout { step: &'static str, timeout_ms: u64 },
+    #[error("worker sent {got} during {step}")]
+    Protocol { step: &'static str, got: String },
+    #[error("SECURITY: confinement verification failed: {0}")]
+    Verification(String),
+}
+
+/// What this host lets the supervisor do, probed once at start.
+#[derive(Debug, Clone)]
+pub struct HostAbilities {
+    pub root: bool,
+    /// For each namespace layer: usable (Ok) or the errno that refused it.
+    pub namespaces: BTreeMap<Layer, Result<(), i32>>,
+}
+
+pub const NAMESPACE_FLAGS: [(Layer, libc::c_int); 7] = [
+    (Layer::UserNamespace, libc::CLONE_NEWUSER),
+    (Layer::PidNamespace, libc::CLONE_NEWPID),
+    (Layer::NetNamespace, libc::CLONE_NEWNET),
+    (Layer::MountNamespace, libc::CLONE_NEWNS),
+    (Layer::IpcNamespace, libc::CLONE_NEWIPC),
+    (Layer::UtsNamespace, libc::CLONE_NEWUTS),
+    (Layer::CgroupNamespace, libc::CLONE_NEWCGROUP),
+];
+
+impl HostAbilities {
+    pub fn probe() -> HostAbilities {
+        let root = sys::euid() == 0;
+        let user = sys::can_clone(libc::CLONE_NEWUSER);
+        let mut namespaces = BTreeMap::new();
+        namespaces.insert(Layer::UserNamespace, user);
+        for (layer, flag) in NAMESPACE_FLAGS.iter().skip(1) {
+            // With a user namespace, the others come with it; without, only root has them.
+            let with_user = user.is_ok() && sys::can_clone(libc::CLONE_NEWUSER | flag).is_ok();
+            let alone = sys::can_clone(*flag);
+            let r = if with_user || alone.is_ok() { Ok(()) } else { alone };
+            namespaces.insert(*layer, r);
+        }
+        HostAbilities { root, namespaces }
+    }
+}
+
+fn errno_str(n: i32) -> String {
+    format!("{} ({})", airlock_worker::sandbox::errno_name(n), std::io::Error::from_raw_os_error(n))
+}
+
+/// The decisions for one worker before it is cloned.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub clone_flags: libc::c_int,
+    pub use_userns: bool,
+    pub host_uid: u32,
+    pub host_gid: u32,
+    pub plan: ConfinementPlan,
+}
+
+/// Decides namespaces, ids and the plan for `w`. Pure: testable without spawning.
+pub fn decide(cfg: &Config, index: usize, host: &HostAbilities, self_ids: (u32, u32)) -> Result<Decision, SpawnError> {
+    let w = &cfg.workers[index];
+    let req = |l| cfg.requirement(w, l);
+    let mut from_sup: Vec<(Layer, LayerState)> = Vec::new();
+    let mut flags = 0;
+    let userns_ok = host.namespaces.get(&Layer::UserNamespace).copied().unwrap_or(Err(libc::ENOSYS));
+    let use_userns = req(Layer::UserNamespace) != Requirement::Off && userns_ok.is_ok();
+    for (layer, flag) in NAMESPACE_FLAGS {
+        let r = req(layer);
+        if r == Requirement::Off {
+            from_sup.push((layer, LayerState::Off));
+            continue;
+        }
+        let avail = host.namespaces.get(&layer).copied().unwrap_or(Err(libc::ENOSYS));
+        // Other namespaces need either root or our user namespace.
+        let usable = match avail {
+            Ok(()) if layer == Layer::UserNamespace || host.root || use_userns => Ok(()),
+            Ok(()) => Err("needs a user namespace or root".to_string()),
+            Err(n) => Err(errno_str(n)),
+        };
+        match usable {
+            Ok(()) => {
+                flags |= flag;
+                from_sup.push((layer, LayerState::Applied));
+            }
+            Err(why) if r == Requirement::Required => return Err(SpawnError::LayerUnavailable { layer, reason: why }),
+            Err(why) => from_sup.push((layer, LayerState::Unavailable(why))),
+        }
+    }
+    // Host ids.
+    let [lo, _] = cfg.supervisor.dynamic_uid_range;
+    let (host_uid, host_gid, switch_to, uid_state) = if host.root {
+        let uid = match &w.uid {
+            Some(UidSpec::Fixed(u)) => *u,
+            _ => lo + index as u32,
+        };
+        let gid = w.gid.unwrap_or(uid);
+        if use_userns {
+            (uid, gid, None, Ok(LayerState::Applied))
+        } else {
+            (uid, gid, Some((uid, gid)), Ok(LayerState::Applied))
+        }
+    } else {
+        let why = format!("supervisor runs unprivileged: workers share uid {}", self_ids.0);
+        (self_ids.0, self_ids.1, None, Err(why))
+    };
+    match (req(Layer::Uid), uid_state) {
+        (Requirement::Off, _) => from_sup.push((Layer::Uid, LayerState::Off)),
+        (_, Ok(s)) if switch_to.is_none() => from_sup.push((Layer::Uid, s)),
+        (_, Ok(_)) => {} // applied by the worker itself (setresuid), reported by it
+        (Requirement::Required, Err(why)) => {
+            return Err(SpawnError::LayerUnavailable { layer: Layer::Uid, reason: why })
+        }
+        (Requirement::BestEffort, Err(why)) => from_sup.push((Layer::Uid, LayerState::Unavailable(why))),
+    }
+    let rl = cfg.rlimits(w);
+    let plan = ConfinementPlan {
+        worker: w.name.get_ref().clone(),
+        policy: w.policy.get_ref().clone(),
+        requirements: Layer::ALL.iter().map(|l| (*l, req(*l))).collect(),
+        minimal_root: flags & libc::CLONE_NEWNS != 0,
+        switch_to: if req(Layer::Uid) == Requirement::Off { None } else { switch_to },
+        landlock_read: w.landlock.read.clone(),
+        landlock_write: w.landlock.write.clone(),
+        rlimits: Rlimits {
+            nofile: Some(rl.nofile),
+            nproc: Some(rl.nproc),
+            address_space: Some(rl.address_space_mib << 20),
+            fsize: Some(rl.file_size_mib << 20),
+            core: 0,
+        },
+        from_supervisor: from_sup,
+    };
+    Ok(Decision { clone_flags: flags, use_userns, host_uid, host_gid, plan })
+}
+
+/// A started, verified, ready worker.
+#[derive(Debug)]
+pub struct Started {
+    pub pid: i32,
+    pub pidfd: OwnedFd,
+    pub channel: Channel,
+    pub stderr: OwnedFd,
+    pub report: ConfinementReport,
+    pub services: Vec<String>,
+    pub notes: Vec<String>,
+}
+
+/// Opens the brokered resources of `w`, in order.
+pub fn open_resources(w: &WorkerConfig) -> Result<Vec<OwnedFd>, SpawnError> {
+    let mut out = Vec::new();
+    for r in &w.resources {
+        let fd: OwnedFd = match r.get_ref() {
+            Resource::TcpListen { address } => {
+                let l = std::net::TcpListener::bind(address.as_str())
+                    .map_err(|e| SpawnError::Resource { what: format!("tcp-listen {address}"), source: e })?;
+                l.into()
+            }
+            Resource::UnixListen { path } => {
+                let _ = std::fs::remove_file(path);
+                let l = std::os::unix::net::UnixListener::bind(path)
+                    .map_err(|e| SpawnError::Resource { what: format!("unix-listen {}", path.display()), source: e })?;
+                l.into()
+            }
+            Resource::File { path, write } => {
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(*write)
+                    .create(*write)
+                    .truncate(false)
+                    .open(path)
+                    .map_err(|e| SpawnError::Resource { what: format!("file {}", path.display()), source: e })?;
+                f.into()
+            }
+            Resource::Device { path } => {
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(path)
+                    .map_err(|e| SpawnError::Resource { what: format!("device {}", path.display()), source: e })?;
+                f.into()
+            }
+        };
+        out.push(fd);
+    }
+    Ok(out)
+}
+
+fn write_maps(pid: i32, d: &Decision, self_ids: (u32, u32)) -> std::io::Result<()> {
+    let (uid, gid) = if sys::euid() == 0 { (d.host_uid, d.host_gid) } else { self_ids };
+    if sys::euid() != 0 {
+        // An unprivileged writer of gid_map must deny setgroups first.
+        std::fs::write(format!("/proc/{pid}/setgroups"), "deny")?;
+    }
+    std::fs::write(format!("/proc/{pid}/uid_map"), format!("0 {uid} 1\n"))?;
+    std::fs::write(format!("/proc/{pid}/gid_map"), format!("0 {gid} 1\n"))?;
+    Ok(())
+}
+
+fn recv_within(
+    ch: &mut Channel,
+    step: &'static str,
+    deadline: Instant,
+    timeout_ms: u64,
+) -> Result<airlock_protocol::Received<FromWorker>, SpawnError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    match ch.recv_timeout::<FromWorker>(left) {
+        Ok(Some(r)) => Ok(r),
+        Ok(None) => Err(SpawnError::Timeout { step, timeout_ms }),
+        Err(e) => Err(SpawnError::Channel { step, source: e }),
+    }
+}
+
+/// Spawns worker `index` of `cfg` and returns it verified and ready. On any failure after the
+/// clone, the child is killed before returning.
+pub fn spawn(cfg: &Config, index: usize, host: &HostAbilities) -> Result<Started, SpawnError> {
+    let w = &cfg.workers[index];
+    let self_ids = (sys::euid(), sys::egid());
+    let d = decide(cfg, index, host, self_ids)?;
+    let brokered = open_resources(w)?;
+    let exe_path = cfg.resolve_executable(w);
+    let exe = CString::new(exe_path.as_os_str().as_bytes()).map_err(|_| SpawnError::Exec {
+        path: exe_path.display().to_string(),
+        source: std::io::Error::from_raw_os_error(libc::EINVAL),
+    })?;
+    let mut argv = vec![exe.clone()];
+    for a in &w.args {
+        argv.push(CString::new(a.as_str()).map_err(|_| SpawnError::Exec {
+            path: exe_path.display().to_string(),
+            source: std::io::Error::from_raw_os_error(libc::EINVAL),
+        })?);
+    }
+    // A minimal environment: no secrets, nothing inherited but the log filter.
+    let mut envp = vec![CString::new(format!("AIRLOCK_WORKER={}", w.name.get_ref())).unwrap_or_default()];
+    if let Ok(v) = std::env::var("AIRLOCK_LOG") {
+        if let Ok(c) = CString::new(format!("AIRLOCK_LOG={v}")) {
+            envp.push(c);
+        }
+    }
+    let (mut ch, child_end) = handoff::prepare(Limits::default(), DEFAULT_REKEY_INTERVAL)
+        .map_err(|e| SpawnError::Channel { step: "prepare", source: e })?;
+    let (child_sock, child_keys) = child_end.into_parts();
+    let (err_r, err_w) = std::io::pipe().map_err(|e| SpawnError::Io { step: "stderr pipe", source: e })?;
+    let devnull = std::fs::File::open("/dev/null").map_err(|e| SpawnError::Io { step: "open /dev/null", source: e })?;
+    let devnull_w = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| SpawnError::Io { step: "open /dev/null", source: e })?;
+    let mut fds: Vec<(OwnedFd, i32)> = vec![
+        (devnull.into(), 0),
+        (devnull_w.into(), 1),
+        (err_w.into(), 2),
+        (child_sock, handoff::CHANNEL_FD),
+        (child_keys, handoff::KEYS_FD),
+    ];
+    for (i, fd) in brokered.into_iter().enumerate() {
+        fds.push((fd, handoff::FIRST_BROKERED_FD + i as i32));
+    }
+    let pending =
+        sys::spawn(sys::SpawnPlan { exe, argv, envp, fds, clone_flags: d.clone_flags, become_ns_root: d.use_userns })
+            .map_err(|e| SpawnError::Io { step: "clone", source: e })?;
+    let pid = pending.pid;
+    let pidfd = match sys::pidfd_open(pid) {
+        Ok(p) => p,
+        Err(e) => {
+            // SAFETY-free fallback: nothing else refers to this pid yet.
+            return Err(SpawnError::Io { step: "pidfd_open", source: e });
+        }
+    };
+    let kill = |pidfd: &OwnedFd| {
+        let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
+        for _ in 0..100 {
+            if matches!(sys::reap(pidfd.as_fd()), Ok(Some(_)) | Err(_)) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    if d.use_userns {
+        if let Err(e) = write_maps(pid, &d, self_ids) {
+            kill(&pidfd);
+            return Err(SpawnError::Io { step: "writing uid/gid maps", source: e });
+        }
+    }
+    if let Err(e) = pending.release() {
+        kill(&pidfd);
+        return Err(SpawnError::Exec { path: exe_path.display().to_string(), source: e });
+    }
+    let timeout_ms = cfg.supervisor.ready_timeout_ms;
+    let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+    let result = (|| -> Result<(ConfinementReport, Vec<String>, Vec<String>), SpawnError> {
+        ch.set_recv_timeout(Some(Duration::from_millis(timeout_ms)))
+            .map_err(|e| SpawnError::Channel { step: "handshake", source: e })?;
+        let peer = ch
+            .handshake(&Hello::new(Role::Supervisor, "airlockd"))
+            .map_err(|e| SpawnError::Channel { step: "handshake", source: e })?;
+        ch.set_recv_timeout(None).map_err(|e| SpawnError::Channel { step: "handshake", source: e })?;
+        if peer.role != Role::Worker {
+            return Err(SpawnError::Protocol { step: "handshake", got: format!("role {:?}", peer.role) });
+        }
+        ch.send(&ToWorker::Confine(Box::new(d.plan.clone())))
+            .map_err(|e| SpawnError::Channel { step: "confine", source: e })?;
+        let report = match recv_within(&mut ch, "confine", deadline, timeout_ms)?.msg {
+            FromWorker::Confined(r) => r,
+            FromWorker::ConfineFailed { layer, reason, report } => {
+                return Err(SpawnError::WorkerLayerFailed { layer, reason, report })
+            }
+            other => return Err(SpawnError::Protocol { step: "confine", got: format!("{other:?}") }),
+        };
+        let expect =
+            verify::Expectations::from_report(&report, d.host_uid, host.root || d.use_userns, w.policy.get_ref());
+        let notes = verify::verify(pid, &expect).map_err(SpawnError::Verification)?;
+        ch.send(&ToWorker::Start).map_err(|e| SpawnError::Channel { step: "start", source: e })?;
+        let services = match recv_within(&mut ch, "start", deadline, timeout_ms)?.msg {
+            FromWorker::Ready { services } => services,
+            other => return Err(SpawnError::Protocol { step: "start", got: format!("{other:?}") }),
+        };
+        Ok((report, services, notes))
+    })();
+    match result {
+        Ok((report, services, notes)) => {
+            Ok(Started { pid, pidfd, channel: ch, stderr: err_r.into(), report, services, notes })
+        }
+        Err(e) => {
+            kill(&pidfd);
+            // Keep what the worker wrote on stderr: it explains most failures.
+            let mut tail = String::new();
+            let _ = airlock_protocol::sys::poll_readable(err_r.as_fd(), 0);
+            let mut f = std::fs::File::from(OwnedFd::from(err_r));
+            let _ = set_nonblocking(&f);
+            let _ = std::io::Read::read_to_string(&mut f, &mut tail);
+            if !tail.trim().is_empty() {
+                tracing::warn!(worker = %w.name.get_ref(), stderr = %tail.trim(), "worker stderr before failure");
+            }
+            Err(e)
+        }
+    }
+}
+
+fn set_nonblocking(f: &std::fs::File) -> std::io::Result<()> {
+    crate::sys::set_nonblocking(f.as_fd())
+}

@@ -1,0 +1,365 @@
+//! Syscall wrappers the supervisor needs: spawning into namespaces, pidfds, signalfd, peer
+//! credentials. The only module of `airlock-supervisor` allowed to use `unsafe`; every block
+//! says why it is sound. No policy decisions here.
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::io;
+use std::mem;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr;
+
+fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
+    if rc == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// Everything the child needs between clone and exec, prepared in advance so that the child
+/// allocates nothing (only async-signal-safe syscalls run there).
+#[derive(Debug)]
+pub struct SpawnPlan {
+    pub exe: CString,
+    pub argv: Vec<CString>,
+    pub envp: Vec<CString>,
+    /// `(source, target)`: the child finds `source` at `target`.
+    pub fds: Vec<(OwnedFd, RawFd)>,
+    /// `CLONE_NEW*` flags.
+    pub clone_flags: libc::c_int,
+    /// With a new user namespace: once released, become uid/gid 0 of that namespace (mapped
+    /// to the worker's host ids) and drop supplementary groups, before exec.
+    pub become_ns_root: bool,
+}
+
+/// A child that has been cloned but not yet released to exec.
+#[derive(Debug)]
+pub struct Pending {
+    pub pid: i32,
+    release: OwnedFd,
+    exec_err: OwnedFd,
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [-1; 2];
+    // SAFETY: `fds` is a valid array of two ints.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: both descriptors are fresh and ours.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Clones a child into new namespaces (`plan.clone_flags`); the child waits until
+/// [`release`] so that the parent can write its uid/gid maps, then installs its descriptors,
+/// closes everything else, resets signal dispositions and the signal mask, and execs.
+pub fn spawn(plan: SpawnPlan) -> io::Result<Pending> {
+    let (release_r, release_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    // Move every source above every target so no dup2 clobbers a later source.
+    let top = plan.fds.iter().map(|(_, t)| *t).max().unwrap_or(2) + 1;
+    let mut moved = Vec::with_capacity(plan.fds.len());
+    for (fd, target) in plan.fds {
+        // SAFETY: integer arguments only.
+        let n = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, top.max(64)) })?;
+        // SAFETY: fresh descriptor, ours.
+        moved.push((unsafe { OwnedFd::from_raw_fd(n) }, target));
+    }
+    let pairs: Vec<(RawFd, RawFd)> = moved.iter().map(|(f, t)| (f.as_raw_fd(), *t)).collect();
+    // The exec-error pipe goes above every source, so no dup2 in the child can clobber it and
+    // close_range can spare it; it is close-on-exec, so a successful exec closes it.
+    let above = pairs.iter().map(|(f, _)| *f).max().unwrap_or(64).max(err_w.as_raw_fd()) + 1;
+    // SAFETY: integer arguments only.
+    let err_high = cvt(unsafe { libc::fcntl(err_w.as_raw_fd(), libc::F_DUPFD_CLOEXEC, above) })?;
+    // SAFETY: fresh descriptor, ours.
+    let err_high_owned = unsafe { OwnedFd::from_raw_fd(err_high) };
+    let mut argv: Vec<*const libc::c_char> = plan.argv.iter().map(|a| a.as_ptr()).collect();
+    argv.push(ptr::null());
+    let mut envp: Vec<*const libc::c_char> = plan.envp.iter().map(|a| a.as_ptr()).collect();
+    envp.push(ptr::null());
+    let release_fd = release_r.as_raw_fd();
+    let exe = plan.exe.as_ptr();
+    let become_root = plan.become_ns_root;
+
+    // SAFETY: a fork-like clone (no CLONE_VM, no new stack): the child gets a copy of our
+    // address space and runs only the async-signal-safe syscalls below before execve or
+    // _exit; every buffer it reads was prepared above and is not freed in the child.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (plan.clone_flags | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    if pid == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // Child.
+        // SAFETY: async-signal-safe syscalls only, on memory prepared before the clone.
+        unsafe {
+            let mut b = 0u8;
+            // Wait for the parent (uid/gid maps); EOF also releases us (parent gone: exec
+            // then fails the handshake, which is the safe outcome).
+            while libc::read(release_fd, (&mut b as *mut u8).cast(), 1) == -1
+                && *libc::__errno_location() == libc::EINTR
+            {}
+            if become_root {
+                // Our credentials still carry the creator's ids; switch to the namespace's
+                // root, which the maps now point at the worker's host ids. Supplementary
+                // groups go first (refused, harmlessly, where setgroups is denied).
+                libc::syscall(libc::SYS_setgroups, 0usize, ptr::null::<libc::gid_t>());
+                if libc::syscall(libc::SYS_setresgid, 0u32, 0u32, 0u32) == -1
+                    || libc::syscall(libc::SYS_setresuid, 0u32, 0u32, 0u32) == -1
+                {
+                    child_fail(err_high);
+                }
+            }
+            for &(src, dst) in &pairs {
+                if libc::dup2(src, dst) == -1 {
+                    child_fail(err_high);
+                }
+            }
+            // Reset what a process inherits across exec from a supervisor with custom
+            // signal handling: the mask and the dispositions.
+            let mut set: libc::sigset_t = mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigprocmask(libc::SIG_SETMASK, &set, ptr::null_mut());
+            for sig in 1..32 {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::signal(sig, libc::SIG_DFL);
+                }
+            }
+            // Close everything but the targets and the error pipe.
+            if libc::syscall(
+                libc::SYS_close_range,
+                top as libc::c_uint,
+                (err_high - 1) as libc::c_uint,
+                0 as libc::c_uint,
+            ) == -1
+                || libc::syscall(
+                    libc::SYS_close_range,
+                    (err_high + 1) as libc::c_uint,
+                    libc::c_uint::MAX,
+                    0 as libc::c_uint,
+                ) == -1
+            {
+                child_fail(err_high);
+            }
+            libc::execve(exe, argv.as_ptr(), envp.as_ptr());
+            child_fail(err_high);
+        }
+    }
+    drop(moved);
+    drop(err_high_owned);
+    drop(err_w);
+    drop(release_r);
+    Ok(Pending { pid: pid as i32, release: release_w, exec_err: err_r })
+}
+
+/// In the child: report errno on the error pipe and exit 127.
+unsafe fn child_fail(err_fd: RawFd) -> ! {
+    // SAFETY: async-signal-safe calls; `e` is a local.
+    unsafe {
+        let e = *libc::__errno_location();
+        libc::write(err_fd, (&e as *const i32).cast(), mem::size_of::<i32>());
+        libc::_exit(127)
+    }
+}
+
+impl Pending {
+    /// Lets the child exec. Returns the child's errno if the exec failed.
+    pub fn release(self) -> io::Result<()> {
+        // SAFETY: writes one byte from a local.
+        let b = [1u8];
+        // SAFETY: `b` is valid for one byte.
+        let _ = unsafe { libc::write(self.release.as_raw_fd(), b.as_ptr().cast(), 1) };
+        drop(self.release);
+        let mut e = [0u8; 4];
+        loop {
+            // SAFETY: `e` is valid for 4 bytes.
+            let n = unsafe { libc::read(self.exec_err.as_raw_fd(), e.as_mut_ptr().cast(), 4) };
+            if n == -1 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            if n == 4 {
+                return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(e)));
+            }
+            return Ok(());
+        }
+    }
+}
+
+/// `pidfd_open(pid, 0)`: a descriptor that becomes readable when the process exits.
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: integer arguments only.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor, ours.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Sends `sig` through a pidfd (no pid-reuse race).
+pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, sig: i32) -> io::Result<()> {
+    // SAFETY: integer arguments and a null siginfo.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), sig, ptr::null::<libc::siginfo_t>(), 0)
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// How a child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+/// Reaps the process behind `pidfd` if it has exited (`waitid(P_PIDFD, WNOHANG)`).
+pub fn reap(pidfd: BorrowedFd<'_>) -> io::Result<Option<ExitStatus>> {
+    // SAFETY: all-zero is a valid siginfo_t.
+    let mut info: libc::siginfo_t = unsafe { mem::zeroed() };
+    const P_PIDFD: libc::idtype_t = 3;
+    loop {
+        // SAFETY: `info` is a valid, writable siginfo_t.
+        let rc =
+            unsafe { libc::waitid(P_PIDFD, pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED | libc::WNOHANG) };
+        if rc == -1 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        break;
+    }
+    // SAFETY: waitid filled `info` (si_pid 0 means still running).
+    let (pid, code, status) = unsafe { (info.si_pid(), info.si_code, info.si_status()) };
+    if pid == 0 {
+        return Ok(None);
+    }
+    Ok(Some(match code {
+        libc::CLD_EXITED => ExitStatus::Code(status),
+        _ => ExitStatus::Signal(status),
+    }))
+}
+
+/// Blocks `signals` in this thread (and threads it creates) and returns a signalfd for them.
+pub fn signalfd(signals: &[i32]) -> io::Result<OwnedFd> {
+    // SAFETY: all-zero sigset, then filled by sigaddset.
+    let mut set: libc::sigset_t = unsafe { mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t.
+    unsafe { libc::sigemptyset(&mut set) };
+    for &s in signals {
+        // SAFETY: `set` is valid; `s` is a signal number.
+        unsafe { libc::sigaddset(&mut set, s) };
+    }
+    // SAFETY: `set` is valid; the old mask is not requested.
+    cvt(unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, ptr::null_mut()) })?;
+    // SAFETY: `set` is valid.
+    let fd = cvt(unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) })?;
+    // SAFETY: fresh descriptor, ours.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reads one pending signal number from a signalfd, if any.
+pub fn read_signal(fd: BorrowedFd<'_>) -> io::Result<Option<i32>> {
+    // SAFETY: all-zero is a valid signalfd_siginfo.
+    let mut si: libc::signalfd_siginfo = unsafe { mem::zeroed() };
+    // SAFETY: `si` is valid for its size.
+    let n = unsafe {
+        libc::read(
+            fd.as_raw_fd(),
+            (&mut si as *mut libc::signalfd_siginfo).cast(),
+            mem::size_of::<libc::signalfd_siginfo>(),
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    Ok(Some(si.ssi_signo as i32))
+}
+
+/// `poll` on several descriptors; returns the `revents` of each.
+pub fn poll(fds: &[BorrowedFd<'_>], timeout_ms: i32) -> io::Result<Vec<i16>> {
+    let mut p: Vec<libc::pollfd> =
+        fds.iter().map(|f| libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+    loop {
+        // SAFETY: `p` is a valid array of `p.len()` pollfds.
+        let rc = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        return Ok(p.iter().map(|x| x.revents).collect());
+    }
+}
+
+/// The peer's credentials on a connected Unix socket (`SO_PEERCRED`).
+pub fn peer_credentials(sock: BorrowedFd<'_>) -> io::Result<(i32, u32, u32)> {
+    // SAFETY: all-zero is a valid ucred.
+    let mut c: libc::ucred = unsafe { mem::zeroed() };
+    let mut len = mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `c` and `len` are valid for writes; `len` holds c's size.
+    cvt(unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut c as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    })?;
+    Ok((c.pid, c.uid, c.gid))
+}
+
+pub fn euid() -> u32 {
+    // SAFETY: no arguments; cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+pub fn egid() -> u32 {
+    // SAFETY: no arguments; cannot fail.
+    unsafe { libc::getegid() }
+}
+
+/// Probes whether a child can be cloned with `flags` here (it exits at once).
+pub fn can_clone(flags: libc::c_int) -> Result<(), i32> {
+    // SAFETY: fork-like clone; the child only calls _exit.
+    let pid = unsafe {
+        libc::syscall(libc::SYS_clone, (flags | libc::SIGCHLD) as libc::c_ulong, 0usize, 0usize, 0usize, 0usize)
+    };
+    if pid == -1 {
+        return Err(io::Error::last_os_error().raw_os_error().unwrap_or(0));
+    }
+    if pid == 0 {
+        // SAFETY: terminates the child at once.
+        unsafe { libc::_exit(0) };
+    }
+    let mut status = 0;
+    // SAFETY: `status` is valid; reaps exactly our child.
+    unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::__WALL) };
+    Ok(())
+}
+
+/// Sets `O_NONBLOCK` on a descriptor.
+pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: integer arguments only.
+    let fl = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    // SAFETY: integer arguments only.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) }).map(drop)
+}

@@ -1,0 +1,192 @@
+//! Verifying a worker's confinement from outside, before any work is routed to it: what its
+//! report claims must be what `/proc/PID/status` shows (and, where the supervisor holds the
+//! privilege, the installed seccomp filter must be exactly the compiled policy).
+//! A disagreement is a security event: the caller kills the worker.
+
+use airlock_worker::sandbox::{ConfinementReport, Layer, LayerState};
+
+/// The fields of `/proc/PID/status` that confinement is judged by.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProcStatus {
+    /// Real, effective, saved, filesystem uid as seen from the supervisor's user namespace.
+    pub uid: [u32; 4],
+    pub no_new_privs: bool,
+    /// 0 none, 1 strict, 2 filter.
+    pub seccomp: u8,
+    pub seccomp_filters: u32,
+    pub cap_inh: u64,
+    pub cap_prm: u64,
+    pub cap_eff: u64,
+    pub cap_bnd: u64,
+    pub cap_amb: u64,
+}
+
+/// Parses the text of `/proc/PID/status`.
+pub fn parse_status(text: &str) -> Result<ProcStatus, String> {
+    let mut s = ProcStatus::default();
+    let mut seen = 0;
+    for line in text.lines() {
+        let Some((k, v)) = line.split_once(':') else { continue };
+        let v = v.trim();
+        let hex = |v: &str| u64::from_str_radix(v, 16).map_err(|e| format!("{k}: {e}"));
+        match k {
+            "Uid" => {
+                let ids: Vec<u32> = v.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+                if ids.len() != 4 {
+                    return Err(format!("Uid line malformed: {v:?}"));
+                }
+                s.uid = [ids[0], ids[1], ids[2], ids[3]];
+                seen += 1;
+            }
+            "NoNewPrivs" => {
+                s.no_new_privs = v == "1";
+                seen += 1;
+            }
+            "Seccomp" => {
+                s.seccomp = v.parse().map_err(|e| format!("Seccomp: {e}"))?;
+                seen += 1;
+            }
+            "Seccomp_filters" => s.seccomp_filters = v.parse().unwrap_or(0),
+            "CapInh" => s.cap_inh = hex(v)?,
+            "CapPrm" => s.cap_prm = hex(v)?,
+            "CapEff" => s.cap_eff = hex(v)?,
+            "CapBnd" => s.cap_bnd = hex(v)?,
+            "CapAmb" => s.cap_amb = hex(v)?,
+            _ => {}
+        }
+    }
+    if seen < 3 {
+        return Err("status lacks Uid, NoNewPrivs or Seccomp".into());
+    }
+    Ok(s)
+}
+
+/// What the report promises, in checkable form.
+#[derive(Debug, Clone)]
+pub struct Expectations {
+    pub uid: u32,
+    pub seccomp: bool,
+    pub no_new_privs: bool,
+    pub caps_cleared: bool,
+    pub bounding_cleared: bool,
+    /// Whether this supervisor may read the installed filter (root).
+    pub read_filter: bool,
+    pub policy: String,
+}
+
+impl Expectations {
+    pub fn from_report(report: &ConfinementReport, uid: u32, privileged: bool, policy: &str) -> Expectations {
+        let applied = |l| matches!(report.get(l), Some(LayerState::Applied));
+        let caps = report.get(Layer::Capabilities);
+        Expectations {
+            uid,
+            seccomp: applied(Layer::Seccomp),
+            no_new_privs: applied(Layer::NoNewPrivs),
+            caps_cleared: matches!(caps, Some(LayerState::Applied | LayerState::Degraded(_))),
+            bounding_cleared: matches!(caps, Some(LayerState::Applied)),
+            read_filter: privileged && crate::sys::euid() == 0,
+            policy: policy.to_string(),
+        }
+    }
+}
+
+/// Checks a parsed status against the expectations; returns every mismatch.
+pub fn check(s: &ProcStatus, e: &Expectations) -> Vec<String> {
+    let mut bad = Vec::new();
+    if s.uid.iter().any(|&u| u != e.uid) {
+        bad.push(format!("uids {:?}, expected all {}", s.uid, e.uid));
+    }
+    if e.seccomp && s.seccomp != 2 {
+        bad.push(format!("report says seccomp applied, status says Seccomp: {}", s.seccomp));
+    }
+    if e.no_new_privs && !s.no_new_privs {
+        bad.push("report says no_new_privs applied, status says NoNewPrivs: 0".into());
+    }
+    if e.caps_cleared {
+        for (name, v) in [("CapInh", s.cap_inh), ("CapPrm", s.cap_prm), ("CapEff", s.cap_eff), ("CapAmb", s.cap_amb)] {
+            if v != 0 {
+                bad.push(format!("report says capabilities dropped, status says {name}: {v:016x}"));
+            }
+        }
+    }
+    if e.bounding_cleared && s.cap_bnd != 0 {
+        bad.push(format!("report says bounding set cleared, status says CapBnd: {:016x}", s.cap_bnd));
+    }
+    bad
+}
+
+/// Reads `/proc/PID/status` (and, where privileged, the installed filter) and checks it.
+/// Returns informational notes; `Err` lists the mismatches.
+pub fn verify(pid: i32, e: &Expectations) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|err| format!("reading /proc/{pid}/status: {err}"))?;
+    let s = parse_status(&text)?;
+    let bad = check(&s, e);
+    if !bad.is_empty() {
+        return Err(bad.join("; "));
+    }
+    let mut notes = Vec::new();
+    if e.seccomp {
+        if e.read_filter {
+            match airlock_policies::verify_pid(pid, &e.policy) {
+                Ok(()) => notes.push(format!("installed seccomp filter is exactly policy {}", e.policy)),
+                // Missing privilege (no CAP_SYS_ADMIN in the initial namespace, or the
+                // supervisor itself runs under a seccomp filter, as in a container) is not a
+                // mismatch: say what was not checked.
+                Err(err @ airlock_policies::PolicyError::ReadFilterDenied { .. }) => {
+                    notes.push(format!("installed filter not compared: {err}"))
+                }
+                Err(err) => return Err(format!("installed seccomp filter: {err}")),
+            }
+        } else {
+            notes.push("installed filter not compared: needs CAP_SYS_ADMIN".into());
+        }
+    }
+    Ok(notes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFINED: &str = "Name:\tx\nUid:\t61000\t61000\t61000\t61000\nGid:\t61000\t61000\t61000\t61000\nCapInh:\t0000000000000000\nCapPrm:\t0000000000000000\nCapEff:\t0000000000000000\nCapBnd:\t0000000000000000\nCapAmb:\t0000000000000000\nNoNewPrivs:\t1\nSeccomp:\t2\nSeccomp_filters:\t1\n";
+
+    fn expect() -> Expectations {
+        Expectations {
+            uid: 61000,
+            seccomp: true,
+            no_new_privs: true,
+            caps_cleared: true,
+            bounding_cleared: true,
+            read_filter: false,
+            policy: "echo".into(),
+        }
+    }
+
+    #[test]
+    fn confined_status_passes() {
+        let s = parse_status(CONFINED).expect("parse");
+        assert!(check(&s, &expect()).is_empty());
+    }
+
+    #[test]
+    fn each_lie_is_caught() {
+        for (from, to, what) in [
+            ("Seccomp:\t2", "Seccomp:\t0", "Seccomp"),
+            ("NoNewPrivs:\t1", "NoNewPrivs:\t0", "NoNewPrivs"),
+            ("CapEff:\t0000000000000000", "CapEff:\t0000000000200000", "CapEff"),
+            ("CapBnd:\t0000000000000000", "CapBnd:\t000001ffffffffff", "CapBnd"),
+            ("Uid:\t61000\t61000\t61000\t61000", "Uid:\t61000\t0\t61000\t61000", "uids"),
+        ] {
+            let s = parse_status(&CONFINED.replace(from, to)).expect("parse");
+            let bad = check(&s, &expect());
+            assert!(bad.iter().any(|b| b.contains(what)), "{what}: {bad:?}");
+        }
+    }
+
+    #[test]
+    fn malformed_status_is_an_error() {
+        assert!(parse_status("Name: x\n").is_err());
+        assert!(parse_status("Uid: 1 2\nNoNewPrivs: 1\nSeccomp: 2\n").is_err());
+    }
+}

@@ -1,0 +1,2 @@
+//! Integration tests live in `tests/tests/`; this crate only hosts them.
+#![deny(unsafe_code)]

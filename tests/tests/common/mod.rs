@@ -1,0 +1,229 @@
+//! Shared harness: runs the real `airlockd` with a test configuration in a private directory
+//! and talks to it through the real `airlock` CLI.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use airlock_supervisor::runtime::{Status, WorkerState, WorkerStatus};
+
+/// The directory holding the workspace's binaries (`target/<profile>`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+    for b in ["airlockd", "airlock", "airlock-worker-echo", "airlock-worker-probe"] {
+        assert!(
+            dir.join(b).exists(),
+            "{} is missing: run `cargo test --workspace` (it builds every binary) or `cargo build --workspace --bins`",
+            dir.join(b).display()
+        );
+    }
+    dir
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false)
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A running `airlockd`.
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+/// The embedded default's `[defaults]` section, for test configurations.
+pub const DEFAULTS: &str = r#"
+[defaults.confinement]
+user-namespace = "best-effort"
+pid-namespace = "best-effort"
+net-namespace = "best-effort"
+mount-namespace = "best-effort"
+ipc-namespace = "best-effort"
+uts-namespace = "best-effort"
+cgroup-namespace = "best-effort"
+uid = "best-effort"
+landlock = "best-effort"
+
+[defaults.rlimits]
+nofile = 64
+nproc = 512
+address-space-mib = 1024
+file-size-mib = 64
+"#;
+
+pub fn echo_worker(name: &str, service: &str, extra: &str) -> String {
+    format!(
+        "\n[[worker]]\nname = \"{name}\"\nexecutable = \"airlock-worker-echo\"\npolicy = \"echo\"\nservices = [\"{service}\"]\n{extra}\n"
+    )
+}
+
+impl Daemon {
+    /// Starts `airlockd` with `workers` (TOML `[[worker]]` tables) and waits until every
+    /// worker is running, failed or restarting (or `wait_running` is false).
+    pub fn start(workers: &str) -> Daemon {
+        let n = SEQ.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("airlock-test-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("test dir");
+        let cfg = format!(
+            "[supervisor]\nstate-directory = \"{d}/state\"\nruntime-directory = \"{d}/run\"\nworker-directory = \"{b}\"\nshutdown-timeout-ms = 2000\nready-timeout-ms = 10000\n{DEFAULTS}\n{workers}",
+            d = dir.display(),
+            b = bin_dir().display()
+        );
+        let cfg_path = dir.join("airlock.toml");
+        std::fs::write(&cfg_path, cfg).expect("write config");
+        let log = dir.join("airlockd.log");
+        let child = Command::new(bin("airlockd"))
+            .arg("--config")
+            .arg(&cfg_path)
+            .env("AIRLOCK_LOG", "info")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("RUNTIME_DIRECTORY")
+            .env_remove("STATE_DIRECTORY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn airlockd");
+        let d = Daemon { child: Some(child), socket: dir.join("run/control.sock"), dir, log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !d.socket.exists() {
+            if Instant::now() > deadline {
+                panic!("airlockd did not open its control socket; log:\n{}", d.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn airlock(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin("airlock")).arg("--socket").arg(&self.socket).args(args).output().expect("run airlock")
+    }
+
+    pub fn status(&self) -> Status {
+        let out = self.airlock(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "airlock status failed: {}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+        serde_json::from_slice(&out.stdout).expect("status json")
+    }
+
+    pub fn worker(&self, name: &str) -> WorkerStatus {
+        self.status().workers.into_iter().find(|w| w.name == name).expect("worker in status")
+    }
+
+    /// Waits until `pred` holds for worker `name`.
+    pub fn wait_for(&self, name: &str, what: &str, pred: impl Fn(&WorkerStatus) -> bool) -> WorkerStatus {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let w = self.worker(name);
+            if pred(&w) {
+                return w;
+            }
+            if Instant::now() > deadline {
+                panic!("worker {name}: timed out waiting for {what}; last status {w:?}\nlog:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    pub fn wait_running(&self, name: &str) -> WorkerStatus {
+        self.wait_for(name, "running", |w| w.state == WorkerState::Running && w.pid.is_some())
+    }
+
+    pub fn call(&self, service: &str, method: &str, body: &str) -> (bool, String) {
+        let out = self.airlock(&["call", service, method, body]);
+        let text = if out.status.success() {
+            String::from_utf8_lossy(&out.stdout)
+        } else {
+            String::from_utf8_lossy(&out.stderr)
+        };
+        (out.status.success(), text.trim().to_string())
+    }
+
+    /// Waits for a line containing `needle` in the supervisor's log.
+    pub fn wait_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let t = self.log_text();
+            if let Some(line) = t.lines().find(|l| l.contains(needle)) {
+                return line.to_string();
+            }
+            if Instant::now() > deadline {
+                panic!("no log line containing {needle:?}; log:\n{t}");
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// SIGTERM, then wait; returns the exit status and the log.
+    pub fn stop(mut self) -> (std::process::ExitStatus, String) {
+        let mut child = self.child.take().expect("child");
+        let pidfd = airlock_supervisor::sys::pidfd_open(child.id() as i32).expect("pidfd_open");
+        airlock_supervisor::sys::pidfd_send_signal(std::os::fd::AsFd::as_fd(&pidfd), libc::SIGTERM).expect("SIGTERM");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = child.try_wait().expect("wait") {
+                let log = self.log_text();
+                return (st, log);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("airlockd did not stop within 20 s of SIGTERM; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Fields of `/proc/PID/status` read from outside the worker.
+pub fn proc_status(pid: i32) -> String {
+    let mut s = String::new();
+    std::fs::File::open(format!("/proc/{pid}/status")).and_then(|mut f| f.read_to_string(&mut s)).expect("read status");
+    s
+}
+
+pub fn status_field<'a>(status: &'a str, key: &str) -> &'a str {
+    status.lines().find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(':'))).map(str::trim).unwrap_or("")
+}
+
+pub fn process_exists(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+pub fn signal_of(st: &std::process::ExitStatus) -> Option<i32> {
+    st.signal()
+}

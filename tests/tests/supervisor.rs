@@ -1,0 +1,189 @@
+//! `airlockd` end to end: real processes, real sockets, real seccomp filters.
+
+mod common;
+
+use airlock_supervisor::runtime::WorkerState;
+use common::*;
+
+/// The confinement report must tell the truth: every layer it calls applied is visible from
+/// outside in `/proc/PID/status`, and the ones it calls unavailable say why.
+#[test]
+fn confinement_report_matches_proc_status_from_outside() {
+    let d = Daemon::start(&echo_worker("echo", "echo", "uid = \"dynamic\""));
+    let w = d.wait_running("echo");
+    let pid = w.pid.expect("pid");
+    let st = proc_status(pid);
+    println!("lane: root={} report={:?}", is_root(), w.confinement);
+    for (layer, state) in &w.confinement {
+        assert!(
+            state == "applied"
+                || state == "off"
+                || state.starts_with("unavailable (")
+                || state.starts_with("degraded ("),
+            "{layer}: {state}"
+        );
+    }
+    assert_eq!(w.layer("seccomp"), Some("applied"), "the default requires seccomp");
+    assert_eq!(status_field(&st, "Seccomp"), "2");
+    assert_eq!(w.layer("no-new-privs"), Some("applied"));
+    assert_eq!(status_field(&st, "NoNewPrivs"), "1");
+    for cap in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+        assert_eq!(status_field(&st, cap), "0000000000000000", "{cap}");
+    }
+    if w.layer("capabilities") == Some("applied") {
+        assert_eq!(status_field(&st, "CapBnd"), "0000000000000000");
+    }
+    let my_uid = status_field(&proc_status(std::process::id() as i32), "Uid").to_string();
+    let worker_uid = status_field(&st, "Uid").to_string();
+    match w.layer("uid") {
+        Some("applied") => {
+            assert_ne!(worker_uid, my_uid, "uid layer applied but the worker runs as the supervisor's uid");
+            assert!(worker_uid.split_whitespace().all(|u| u == "61000"), "{worker_uid}");
+        }
+        Some(s) => {
+            assert!(s.starts_with("unavailable (supervisor runs unprivileged"), "{s}");
+            assert!(!is_root());
+        }
+        None => panic!("uid layer missing from the report"),
+    }
+    if w.layer("pid-namespace") == Some("applied") {
+        let nspid = status_field(&st, "NSpid");
+        assert_eq!(
+            nspid.split_whitespace().last(),
+            Some("1"),
+            "in its own pid namespace the worker is pid 1: NSpid {nspid}"
+        );
+    }
+    if w.layer("not-dumpable") == Some("applied") && !is_root() && w.layer("user-namespace") != Some("applied") {
+        // Not dumpable: /proc/PID is owned by root, so a same-uid reader sees less. (In its
+        // own user namespace the files belong to that namespace's root, which maps to us.)
+        assert!(std::fs::read_to_string(format!("/proc/{pid}/environ")).is_err());
+    }
+    assert_eq!(d.call("echo", "echo", "hello"), (true, "hello".to_string()));
+    let (st, log) = d.stop();
+    assert!(st.success(), "airlockd exit {st:?}\n{log}");
+    assert!(!process_exists(pid), "worker {pid} outlived the supervisor");
+    assert!(log.contains("airlockd stopped"), "{log}");
+}
+
+#[test]
+fn crashed_worker_is_restarted_with_its_exit_reason_logged() {
+    let d = Daemon::start(&echo_worker("echo", "echo", ""));
+    let first = d.wait_running("echo").pid.expect("pid");
+    // Method `exit` makes the worker exit with the code in the body.
+    let (ok, _) = d.call("echo", "exit", "7");
+    assert!(!ok, "the call must fail: its callee died");
+    let w =
+        d.wait_for("echo", "restart", |w| w.restarts == 1 && w.state == WorkerState::Running && w.pid != Some(first));
+    assert_eq!(w.last_exit.as_deref(), Some("exit code 7"));
+    assert_eq!(d.call("echo", "echo", "again"), (true, "again".to_string()));
+    assert!(d.log_text().contains("worker exited: exit code 7"));
+    let (st, log) = d.stop();
+    assert!(st.success(), "{log}");
+}
+
+#[test]
+fn forbidden_syscall_kills_the_worker_and_is_named() {
+    let d = Daemon::start(&echo_worker("echo", "echo", ""));
+    d.wait_running("echo");
+    let (ok, msg) = d.call("echo", "forbidden", "");
+    assert!(!ok, "{msg}");
+    let w = d.wait_for("echo", "restart after SIGSYS", |w| w.restarts == 1);
+    let exit = w.last_exit.unwrap_or_default();
+    assert!(exit.starts_with("killed by SIGSYS"), "{exit}");
+    assert!(exit.contains("ptrace") && exit.contains("policy echo"), "{exit}");
+    drop(d);
+}
+
+#[test]
+fn crash_loop_stops_restarting() {
+    let extra = "[worker.restart]\npolicy = \"always\"\ninitial-backoff-ms = 10\nmax-backoff-ms = 50\nmax-restarts = 2\nwindow-s = 60";
+    let d = Daemon::start(&echo_worker("echo", "echo", extra));
+    for round in 0..3 {
+        d.wait_running("echo");
+        let _ = d.call("echo", "exit", "3");
+        if round < 2 {
+            d.wait_for("echo", "restart", |w| w.restarts == round + 1);
+        }
+    }
+    let w = d.wait_for("echo", "crash loop", |w| matches!(w.state, WorkerState::Failed(_)));
+    match w.state {
+        WorkerState::Failed(why) => assert!(why.starts_with("crash loop: 2 restarts within 60 s"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    // The supervisor itself is unaffected.
+    let (st, log) = d.stop();
+    assert!(st.success(), "{log}");
+}
+
+#[test]
+fn required_layer_the_host_cannot_apply_stops_only_that_worker() {
+    // Unprivileged, the uid layer cannot be applied; as root, seccomp under a policy name
+    // that cannot compile is impossible to configure, so use uid there too only when it fails.
+    if is_root() {
+        println!("skipped: as root every layer this test can require is available (covered by spawn::decide unit tests and the unprivileged lanes)");
+        return;
+    }
+    let workers = format!(
+        "{}{}",
+        echo_worker("strict", "strict", "[worker.confinement]\nuid = \"required\""),
+        echo_worker("echo", "echo", "")
+    );
+    let d = Daemon::start(&workers);
+    let w = d.wait_for("strict", "failed", |w| matches!(w.state, WorkerState::Failed(_)));
+    match &w.state {
+        WorkerState::Failed(why) => {
+            assert!(why.contains("required confinement layer uid is unavailable"), "{why}");
+            assert!(why.contains("unprivileged"), "{why}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(w.pid, None);
+    d.wait_running("echo");
+    assert_eq!(d.call("echo", "echo", "x"), (true, "x".to_string()));
+    let (st, log) = d.stop();
+    assert!(st.success(), "{log}");
+}
+
+#[test]
+fn check_config_lists_every_error_with_its_line() {
+    let dir = std::env::temp_dir().join(format!("airlock-checkcfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[[worker]]\nname = \"a\"\nexecutable = \"x\"\npolicy = \"no-such-policy\"\n\n[[worker]]\nname = \"a\"\nexecutable = \"x\"\npolicy = \"echo\"\n").expect("write");
+    let out = std::process::Command::new(bin("airlockd")).arg("--check-config").arg(&bad).output().expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("bad.toml:4: worker a: unknown policy \"no-such-policy\""), "{err}");
+    assert!(err.contains("bad.toml:7: worker a: duplicate worker name (first defined on line 2)"), "{err}");
+    let good = dir.join("good.toml");
+    let out = std::process::Command::new(bin("airlockd")).arg("--print-default-config").output().expect("run");
+    std::fs::write(&good, &out.stdout).expect("write");
+    let out = std::process::Command::new(bin("airlockd")).arg("--check-config").arg(&good).output().expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn control_socket_refuses_other_users() {
+    if !is_root() {
+        println!("skipped: needs root to connect as another uid");
+        return;
+    }
+    let d = Daemon::start(&echo_worker("echo", "echo", ""));
+    d.wait_running("echo");
+    // Let uid 65534 traverse to the socket, then connect as that uid.
+    let _ = std::process::Command::new("chmod").arg("-R").arg("a+rwX").arg(&d.dir).status();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(bin("airlock"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("status")
+        .output()
+        .expect("setpriv");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("permission denied: uid 65534"), "{err}");
+    assert!(d.log_text().contains("control connection refused"));
+}

@@ -1,0 +1,139 @@
+//! The escape probe: a worker that enters the real sandbox and then tries exactly one thing
+//! it must not be able to do, named by its first argument. It reports the outcome as an
+//! `Event("outcome ATTEMPT RESULT")` to the supervisor, or dies trying (seccomp kills it).
+//!
+//! Attempts: read-shadow, read-outside, execve, ptrace-supervisor PID, kill-other PID,
+//! list-proc, tcp-connect PORT, unshare, raise-cap, fork-bomb, exhaust-fds, exhaust-memory.
+
+use airlock_worker::sandbox::errno_name;
+use airlock_worker::sys::raw_syscall6;
+use airlock_worker::Worker;
+
+fn errno(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(n) => format!("errno {}", errno_name(n)),
+        None => format!("error {e}"),
+    }
+}
+
+fn sys_result(r: Result<libc::c_long, i32>) -> String {
+    match r {
+        Ok(v) => format!("ok {v}"),
+        Err(n) => format!("errno {}", errno_name(n)),
+    }
+}
+
+fn attempt(what: &str, arg: Option<&str>) -> String {
+    let arg_num = || arg.and_then(|a| a.parse::<i64>().ok()).unwrap_or(0);
+    match what {
+        "read-shadow" => match std::fs::read("/etc/shadow") {
+            Ok(b) => format!("ok read {} bytes", b.len()),
+            Err(e) => errno(&e),
+        },
+        "read-outside" => match std::fs::read("/etc/passwd") {
+            Ok(b) => format!("ok read {} bytes", b.len()),
+            Err(e) => errno(&e),
+        },
+        "execve" => {
+            let path = c"/bin/true";
+            let argv = [path.as_ptr(), std::ptr::null()];
+            let envp = [std::ptr::null::<libc::c_char>()];
+            sys_result(raw_syscall6(
+                libc::SYS_execve,
+                [path.as_ptr() as libc::c_long, argv.as_ptr() as libc::c_long, envp.as_ptr() as libc::c_long, 0, 0, 0],
+            ))
+        }
+        "ptrace-supervisor" => {
+            sys_result(raw_syscall6(libc::SYS_ptrace, [libc::PTRACE_ATTACH as libc::c_long, arg_num(), 0, 0, 0, 0]))
+        }
+        "kill-other" => {
+            sys_result(raw_syscall6(libc::SYS_kill, [arg_num(), libc::SIGKILL as libc::c_long, 0, 0, 0, 0]))
+        }
+        "list-proc" => match std::fs::read_dir("/proc") {
+            Ok(d) => {
+                let pids =
+                    d.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok()).count();
+                format!("ok {pids} processes visible")
+            }
+            Err(e) => errno(&e),
+        },
+        "tcp-connect" => match std::net::TcpStream::connect(("127.0.0.1", arg_num() as u16)) {
+            Ok(_) => "ok connected".into(),
+            Err(e) => errno(&e),
+        },
+        "unshare" => sys_result(raw_syscall6(libc::SYS_unshare, [libc::CLONE_NEWUSER as libc::c_long, 0, 0, 0, 0, 0])),
+        "raise-cap" => {
+            // capset(v3, all caps): header {version, pid=0}, two data structs.
+            let header: [u32; 2] = [0x2008_0522, 0];
+            let data: [u32; 6] = [u32::MAX; 6];
+            sys_result(raw_syscall6(
+                libc::SYS_capset,
+                [header.as_ptr() as libc::c_long, data.as_ptr() as libc::c_long, 0, 0, 0, 0],
+            ))
+        }
+        "fork-bomb" => {
+            let mut made = 0;
+            loop {
+                match airlock_worker::sys::fork() {
+                    Ok(0) => airlock_worker::sys::exit_now(0),
+                    Ok(_) => {
+                        made += 1;
+                        if made >= 10_000 {
+                            return format!("ok forked {made}");
+                        }
+                    }
+                    Err(n) => return format!("errno {} after {made} forks", errno_name(n)),
+                }
+            }
+        }
+        "exhaust-fds" => {
+            let mut held = Vec::new();
+            loop {
+                match airlock_protocol::sys::memfd_create(c"probe", false) {
+                    Ok(fd) => {
+                        held.push(fd);
+                        if held.len() >= 1_000_000 {
+                            return format!("ok opened {}", held.len());
+                        }
+                    }
+                    Err(e) => return format!("{} after {} descriptors", errno(&e), held.len()),
+                }
+            }
+        }
+        "exhaust-memory" => {
+            let mut held: Vec<Vec<u8>> = Vec::new();
+            let mut total = 0usize;
+            loop {
+                let mut v: Vec<u8> = Vec::new();
+                if v.try_reserve_exact(64 << 20).is_err() {
+                    return format!("errno ENOMEM after {} MiB", total >> 20);
+                }
+                v.resize(64 << 20, 1);
+                total += v.len();
+                held.push(v);
+                if total >= 64 << 30 {
+                    return format!("ok allocated {} MiB", total >> 20);
+                }
+            }
+        }
+        other => format!("unknown attempt {other}"),
+    }
+}
+
+fn main() {
+    airlock_worker::init_logging();
+    let args: Vec<String> = std::env::args().collect();
+    let what = args.get(1).cloned().unwrap_or_default();
+    let mut w = match Worker::start("probe", &[]) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("airlock-worker-probe: {e}");
+            std::process::exit(2);
+        }
+    };
+    let outcome = attempt(&what, args.get(2).map(String::as_str));
+    if w.event(&format!("outcome {what} {outcome}")).is_err() {
+        std::process::exit(3);
+    }
+    let _ = w.serve(|_, _| Err("the probe serves nothing".into()));
+}
