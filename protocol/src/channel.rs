@@ -497,12 +497,17 @@ impl Channel {
 
     fn fill(&mut self, nonblocking: bool) -> Result<(), ChannelError> {
         let batch = self.limits.recv_batch.max(1);
-        if self.slots.len() != batch {
-            self.slots =
-                (0..batch).map(|_| sys::RecvSlot::new(self.limits.max_frame, self.limits.max_attachments)).collect();
+        // Receive slots are allocated as needed: one for request/reply traffic, a full batch
+        // only once the peer streams. An idle channel holds one frame's worth of buffer.
+        let slot = || sys::RecvSlot::new(self.limits.max_frame, self.limits.max_attachments);
+        if self.slots.is_empty() {
+            self.slots.push(slot());
         }
         let streaming = !std::mem::replace(&mut self.sent_since_read, false);
         if batch > 1 && streaming {
+            while self.slots.len() < batch {
+                self.slots.push(slot());
+            }
             let got = sys::recv_datagrams(self.sock.as_fd(), &mut self.slots, nonblocking)
                 .map_err(|e| ChannelError::io("recvmmsg", e))?;
             self.pending.extend(got.into_iter().enumerate().map(|(slot, info)| Pending { slot, info }));

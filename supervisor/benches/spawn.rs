@@ -36,11 +36,13 @@ fn target_dir() -> PathBuf {
     exe.parent().and_then(|p| p.parent()).expect("target dir").to_path_buf()
 }
 
+/// Builds the worker binaries this bench spawns (a no-op when they are fresh): `cargo bench
+/// -p airlock-supervisor` alone does not build another package's binaries.
 fn ensure_worker_binary(dir: &std::path::Path) {
-    if dir.join("airlock-worker-echo").exists() {
+    let Ok(cargo) = std::env::var("CARGO") else {
+        assert!(dir.join("airlock-worker-echo").exists(), "run `cargo build --release -p airlock-worker` first");
         return;
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    };
     let st = Command::new(cargo)
         .args(["build", "--release", "-p", "airlock-worker", "--bins"])
         .status()
@@ -133,6 +135,8 @@ fn main() {
         );
     }
 
+    // Warm up once (policy compilation, first allocations), then measure 16 more.
+    stop(spawn::spawn(&cfg, 0, &host).expect("spawn"));
     let before = rss_kib();
     let mut live = Vec::new();
     for i in 0..16 {
@@ -145,7 +149,10 @@ fn main() {
         after,
         before,
         "KiB",
-        "supervisor (this process) RSS with 16 verified idle workers vs before spawning them",
+        &format!(
+            "supervisor (this process) RSS with 16 verified idle workers vs after one warm-up spawn: {:.0} KiB per worker",
+            (after - before) / 16.0
+        ),
     );
     for st in live {
         stop(st);

@@ -188,6 +188,7 @@ pub fn decide(cfg: &Config, index: usize, host: &HostAbilities, self_ids: (u32, 
             core: 0,
         },
         from_supervisor: from_sup,
+        seccomp_program: Vec::new(),
     };
     Ok(Decision { clone_flags: flags, use_userns, host_uid, host_gid, plan })
 }
@@ -274,7 +275,14 @@ fn recv_within(
 pub fn spawn(cfg: &Config, index: usize, host: &HostAbilities) -> Result<Started, SpawnError> {
     let w = &cfg.workers[index];
     let self_ids = (sys::euid(), sys::egid());
-    let d = decide(cfg, index, host, self_ids)?;
+    let mut d = decide(cfg, index, host, self_ids)?;
+    if d.plan.requirement(Layer::Seccomp) != Requirement::Off {
+        let prog = verify::compiled(w.policy.get_ref()).map_err(|e| SpawnError::LayerUnavailable {
+            layer: Layer::Seccomp,
+            reason: format!("policy {}: {e}", w.policy.get_ref()),
+        })?;
+        d.plan.seccomp_program = airlock_worker::sandbox::pack_program(&prog);
+    }
     let brokered = open_resources(w)?;
     let exe_path = cfg.resolve_executable(w);
     let exe = CString::new(exe_path.as_os_str().as_bytes()).map_err(|_| SpawnError::Exec {

@@ -90,6 +90,22 @@ impl Expectations {
     }
 }
 
+/// The compiled program of `policy` for this machine, compiled once per process.
+pub fn compiled(policy: &str) -> Result<std::sync::Arc<airlock_policies::BpfProgram>, airlock_policies::PolicyError> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<String, Arc<airlock_policies::BpfProgram>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(p) = cache.lock().ok().and_then(|c| c.get(policy).cloned()) {
+        return Ok(p);
+    }
+    let prog = Arc::new(airlock_policies::embedded().compile(policy, airlock_policies::Arch::native())?);
+    if let Ok(mut c) = cache.lock() {
+        c.insert(policy.to_string(), Arc::clone(&prog));
+    }
+    Ok(prog)
+}
+
 /// Checks a parsed status against the expectations; returns every mismatch.
 pub fn check(s: &ProcStatus, e: &Expectations) -> Vec<String> {
     let mut bad = Vec::new();
@@ -128,7 +144,27 @@ pub fn verify(pid: i32, e: &Expectations) -> Result<Vec<String>, String> {
     let mut notes = Vec::new();
     if e.seccomp {
         if e.read_filter {
-            match airlock_policies::verify_pid(pid, &e.policy) {
+            let expected = compiled(&e.policy).map_err(|err| format!("compiling policy {}: {err}", e.policy))?;
+            match airlock_policies::read_installed_filters(pid).and_then(|fs| {
+                if fs.iter().any(|f| f[..] == expected[..]) {
+                    Ok(())
+                } else {
+                    // Name what is installed instead, for the security event.
+                    let set = airlock_policies::embedded();
+                    let named = fs.iter().find_map(|f| {
+                        airlock_policies::matching_policy(set, airlock_policies::Arch::native(), f).ok().flatten()
+                    });
+                    Err(airlock_policies::PolicyError::MatchFilter {
+                        pid,
+                        policy: e.policy.clone(),
+                        arch: airlock_policies::Arch::native(),
+                        found: match named {
+                            Some(n) => format!("policy {n}"),
+                            None => format!("{} filter(s) matching no shipped policy", fs.len()),
+                        },
+                    })
+                }
+            }) {
                 Ok(()) => notes.push(format!("installed seccomp filter is exactly policy {}", e.policy)),
                 // Missing privilege (no CAP_SYS_ADMIN in the initial namespace, or the
                 // supervisor itself runs under a seccomp filter, as in a container) is not a

@@ -187,3 +187,39 @@ fn control_socket_refuses_other_users() {
     assert!(err.contains("permission denied: uid 65534"), "{err}");
     assert!(d.log_text().contains("control connection refused"));
 }
+
+#[test]
+fn sd_notify_reports_ready_watchdog_and_stopping() {
+    let dir = std::env::temp_dir().join(format!("airlock-notify-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("notify.sock");
+    let _ = std::fs::remove_file(&path);
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).expect("bind notify socket");
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(20))).expect("timeout");
+    let p = path.display().to_string();
+    let d =
+        Daemon::start_with_env(&echo_worker("echo", "echo", ""), &[("NOTIFY_SOCKET", &p), ("WATCHDOG_USEC", "200000")]);
+    let mut buf = [0u8; 512];
+    let mut recv = || {
+        let n = sock.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let first = recv();
+    assert!(first.starts_with("READY=1"), "{first}");
+    // Only after READY are the workers up.
+    assert_eq!(d.worker("echo").state, WorkerState::Running);
+    let mut pings = 0;
+    while pings < 3 {
+        let m = recv();
+        assert_eq!(m, "WATCHDOG=1");
+        pings += 1;
+    }
+    let (st, log) = d.stop();
+    assert!(st.success(), "{log}");
+    let mut last = recv();
+    while last == "WATCHDOG=1" {
+        last = recv();
+    }
+    assert_eq!(last, "STOPPING=1");
+    let _ = std::fs::remove_dir_all(&dir);
+}

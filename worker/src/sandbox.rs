@@ -163,6 +163,30 @@ pub struct ConfinementPlan {
     pub rlimits: Rlimits,
     /// States of the layers the supervisor applied (namespaces, uid mapping).
     pub from_supervisor: Vec<(Layer, LayerState)>,
+    /// The policy compiled by the supervisor for this architecture, one instruction per
+    /// element (`code | jt << 16 | jf << 24 | k << 32`): the exact program it will verify.
+    /// Empty: compile the embedded policy here.
+    pub seccomp_program: Vec<u64>,
+}
+
+/// Packs a BPF program for the plan.
+pub fn pack_program(prog: &[airlock_policies::sock_filter]) -> Vec<u64> {
+    prog.iter()
+        .map(|i| u64::from(i.code) | u64::from(i.jt) << 16 | u64::from(i.jf) << 24 | u64::from(i.k) << 32)
+        .collect()
+}
+
+/// Unpacks a program packed by [`pack_program`].
+pub fn unpack_program(packed: &[u64]) -> airlock_policies::BpfProgram {
+    packed
+        .iter()
+        .map(|&w| airlock_policies::sock_filter {
+            code: w as u16,
+            jt: (w >> 16) as u8,
+            jf: (w >> 24) as u8,
+            k: (w >> 32) as u32,
+        })
+        .collect()
 }
 
 impl ConfinementPlan {
@@ -414,8 +438,13 @@ pub fn apply_seccomp(plan: &ConfinementPlan, report: &mut ConfinementReport) -> 
         return Ok(());
     }
     let result = (|| -> Result<(), String> {
-        let set = airlock_policies::embedded();
-        let prog = set.compile(&plan.policy, airlock_policies::Arch::native()).map_err(|e| e.to_string())?;
+        let prog = if plan.seccomp_program.is_empty() {
+            airlock_policies::embedded()
+                .compile(&plan.policy, airlock_policies::Arch::native())
+                .map_err(|e| e.to_string())?
+        } else {
+            unpack_program(&plan.seccomp_program)
+        };
         sys::install_sigsys_reporter(&plan.policy).map_err(|e| format!("SIGSYS handler: {e}"))?;
         airlock_policies::install(&prog).map_err(|e| e.to_string())
     })();

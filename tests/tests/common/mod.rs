@@ -40,7 +40,7 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A running `airlockd`.
 pub struct Daemon {
-    pub child: Option<Child>,
+    pub child: std::cell::RefCell<Option<Child>>,
     pub dir: PathBuf,
     pub socket: PathBuf,
     pub log: PathBuf,
@@ -76,6 +76,11 @@ impl Daemon {
     /// Starts `airlockd` with `workers` (TOML `[[worker]]` tables) and waits until every
     /// worker is running, failed or restarting (or `wait_running` is false).
     pub fn start(workers: &str) -> Daemon {
+        Daemon::start_with_env(workers, &[])
+    }
+
+    /// As `start`, with extra environment variables for `airlockd`.
+    pub fn start_with_env(workers: &str, env: &[(&str, &str)]) -> Daemon {
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let dir = std::env::temp_dir().join(format!("airlock-test-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -88,19 +93,25 @@ impl Daemon {
         let cfg_path = dir.join("airlock.toml");
         std::fs::write(&cfg_path, cfg).expect("write config");
         let log = dir.join("airlockd.log");
-        let child = Command::new(bin("airlockd"))
-            .arg("--config")
+        let mut cmd = Command::new(bin("airlockd"));
+        cmd.arg("--config")
             .arg(&cfg_path)
             .env("AIRLOCK_LOG", "info")
             .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
             .env_remove("RUNTIME_DIRECTORY")
-            .env_remove("STATE_DIRECTORY")
+            .env_remove("STATE_DIRECTORY");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("spawn airlockd");
-        let d = Daemon { child: Some(child), socket: dir.join("run/control.sock"), dir, log };
+        let d = Daemon { child: std::cell::RefCell::new(Some(child)), socket: dir.join("run/control.sock"), dir, log };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !d.socket.exists() {
             if Instant::now() > deadline {
@@ -121,12 +132,14 @@ impl Daemon {
 
     pub fn status(&self) -> Status {
         let out = self.airlock(&["status", "--json"]);
-        assert!(
-            out.status.success(),
-            "airlock status failed: {}\nlog:\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.log_text()
-        );
+        if !out.status.success() {
+            let exited = self.child.borrow_mut().as_mut().map(|c| c.try_wait());
+            panic!(
+                "airlock status failed: {}\nairlockd: {exited:?}\nlog:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                self.log_text()
+            );
+        }
         serde_json::from_slice(&out.stdout).expect("status json")
     }
 
@@ -179,8 +192,8 @@ impl Daemon {
     }
 
     /// SIGTERM, then wait; returns the exit status and the log.
-    pub fn stop(mut self) -> (std::process::ExitStatus, String) {
-        let mut child = self.child.take().expect("child");
+    pub fn stop(self) -> (std::process::ExitStatus, String) {
+        let mut child = self.child.borrow_mut().take().expect("child");
         let pidfd = airlock_supervisor::sys::pidfd_open(child.id() as i32).expect("pidfd_open");
         airlock_supervisor::sys::pidfd_send_signal(std::os::fd::AsFd::as_fd(&pidfd), libc::SIGTERM).expect("SIGTERM");
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -201,7 +214,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        if let Some(mut c) = self.child.borrow_mut().take() {
             let _ = c.kill();
             let _ = c.wait();
         }
