@@ -32,7 +32,7 @@ pub enum BulkMode {
 
 /// Default payload size below which bulk bytes travel inline in the frame. Measured by the
 /// `bulk_crossover` benchmark scenario on the reference machine (see the bench's output).
-pub const DEFAULT_INLINE_THRESHOLD: usize = 32 * 1024;
+pub const DEFAULT_INLINE_THRESHOLD: usize = 16 * 1024;
 
 const MEMFD_NAME: &CStr = c"airlock-bulk";
 

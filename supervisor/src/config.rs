@@ -22,6 +22,74 @@ pub struct Config {
     pub defaults: Defaults,
     #[serde(default, rename = "worker")]
     pub workers: Vec<WorkerConfig>,
+    #[serde(default)]
+    pub broker: BrokerSection,
+    #[serde(default, rename = "permit")]
+    pub permits: Vec<Spanned<crate::permits::Permit>>,
+}
+
+/// How the broker treats requests between workers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BrokerSection {
+    /// A worker refused this many times is killed (a security event); 0: never.
+    #[serde(default = "d_violations")]
+    pub max_violations: u32,
+    /// The deadline of a call that names none.
+    #[serde(default = "d_deadline")]
+    pub call_deadline_ms: u64,
+    /// Asynchronous messages delivered to one worker and not yet acknowledged.
+    #[serde(default = "d_delivery_window")]
+    pub delivery_window: usize,
+}
+fn d_violations() -> u32 {
+    3
+}
+fn d_deadline() -> u64 {
+    5000
+}
+fn d_delivery_window() -> usize {
+    64
+}
+
+impl Default for BrokerSection {
+    fn default() -> Self {
+        BrokerSection {
+            max_violations: d_violations(),
+            call_deadline_ms: d_deadline(),
+            delivery_window: d_delivery_window(),
+        }
+    }
+}
+
+/// Per-worker limits on what it can make the supervisor hold for it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Quota {
+    /// Calls this worker has waiting for replies.
+    #[serde(default = "q_calls")]
+    pub in_flight_calls: usize,
+    /// Bytes of this worker's asynchronous messages in the journal, not yet handled.
+    #[serde(default = "q_journal")]
+    pub journal_bytes: usize,
+    /// Largest single message or call body.
+    #[serde(default = "q_body")]
+    pub max_body_bytes: usize,
+}
+fn q_calls() -> usize {
+    16
+}
+fn q_journal() -> usize {
+    16 << 20
+}
+fn q_body() -> usize {
+    60 * 1024
+}
+
+impl Default for Quota {
+    fn default() -> Self {
+        Quota { in_flight_calls: q_calls(), journal_bytes: q_journal(), max_body_bytes: q_body() }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -147,6 +215,8 @@ pub struct WorkerConfig {
     pub restart: RestartConfig,
     #[serde(default, rename = "resource")]
     pub resources: Vec<Spanned<Resource>>,
+    #[serde(default)]
+    pub quota: Quota,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -377,6 +447,12 @@ pub fn parse(text: &str, source_name: &str, known_policies: &[String]) -> Result
             bad(line, "rlimits.nofile below 16 cannot run a worker".into());
         }
     }
+    let names: Vec<String> = cfg.workers.iter().map(|w| w.name.get_ref().clone()).collect();
+    for p in &cfg.permits {
+        for m in crate::permits::validate(std::slice::from_ref(p.get_ref()), &names) {
+            problems.push(ConfigProblem { line: line_of(text, p.span().start), message: m });
+        }
+    }
     if problems.is_empty() {
         Ok(cfg)
     } else {
@@ -388,6 +464,11 @@ impl Config {
     /// The requirement for `layer` of `w`: the worker's own, else the defaults, else required.
     pub fn requirement(&self, w: &WorkerConfig, layer: Layer) -> Requirement {
         w.confinement.get(layer).or(self.defaults.confinement.get(layer)).unwrap_or(Requirement::Required)
+    }
+
+    /// The permit table, without spans.
+    pub fn permit_table(&self) -> Vec<crate::permits::Permit> {
+        self.permits.iter().map(|p| p.get_ref().clone()).collect()
     }
 
     pub fn rlimits<'a>(&'a self, w: &'a WorkerConfig) -> &'a RlimitConfig {

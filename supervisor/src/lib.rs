@@ -9,7 +9,9 @@
 #![deny(unsafe_code)]
 
 pub mod config;
+pub mod journal;
 pub mod notify;
+pub mod permits;
 pub mod runtime;
 pub mod spawn;
 pub mod sys;

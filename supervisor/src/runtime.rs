@@ -14,16 +14,15 @@ use std::time::{Duration, Instant};
 
 use airlock_protocol::{Channel, ChannelError};
 use airlock_worker::sandbox::{ConfinementReport, LayerState};
-use airlock_worker::wire::{ByteBody, FromWorker, Reply, Request, ToWorker};
+use airlock_worker::wire::{ByteBody, Delivery, FromWorker, Message, Refusal, Reply, Request, ToWorker};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, RestartPolicy};
+use crate::journal::{Entry, Journal};
 use crate::notify::Notifier;
+use crate::permits::{self, Decision, Kind, Permit};
 use crate::spawn::{self, HostAbilities, SpawnError};
 use crate::sys::{self, ExitStatus};
-
-/// Default call deadline for routed requests.
-const CALL_DEADLINE: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 struct Running {
@@ -34,6 +33,8 @@ struct Running {
     stderr_buf: Vec<u8>,
     sigsys: Option<String>,
     started: Instant,
+    /// The channel failed or closed: stop reading it; the pidfd tells when the worker is gone.
+    channel_down: bool,
 }
 
 /// The externally visible state of one worker.
@@ -57,6 +58,19 @@ struct Slot {
     report: Option<ConfinementReport>,
     notes: Vec<String>,
     services: Vec<String>,
+    /// Broker state for the permit table; `initial` after every start.
+    broker_state: String,
+    violations: u32,
+    /// Calls this worker made that wait for a reply.
+    calls_in_flight: usize,
+    /// Bytes of this worker's journaled messages not yet handled.
+    journal_bytes: usize,
+    /// Messages for this worker, not yet delivered (journal order).
+    outbox: VecDeque<Entry>,
+    /// Delivered, not yet acknowledged.
+    delivered: BTreeMap<u64, Entry>,
+    /// Counts this incarnation, so a reply to a dead incarnation is not misrouted.
+    incarnation: u64,
 }
 
 #[derive(Debug)]
@@ -70,6 +84,8 @@ struct PendingCall {
     caller: Caller,
     target: usize,
     deadline: Instant,
+    /// The state the caller moves to when this call succeeds (permit `grant`).
+    grant: Option<String>,
 }
 
 /// A control-socket request (one JSON line).
@@ -77,7 +93,13 @@ struct PendingCall {
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum ControlRequest {
     Status,
-    Call { service: String, method: String, body: String },
+    Call {
+        service: String,
+        method: String,
+        body: String,
+        #[serde(default)]
+        deadline_ms: u32,
+    },
 }
 
 /// One worker in `airlock status`.
@@ -91,6 +113,12 @@ pub struct WorkerStatus {
     pub last_exit: Option<String>,
     pub confinement: Vec<(String, String)>,
     pub notes: Vec<String>,
+    /// Broker state (permit table).
+    pub broker_state: String,
+    pub violations: u32,
+    /// Asynchronous messages waiting for this worker, and delivered but unacknowledged.
+    pub queued: usize,
+    pub unacknowledged: usize,
 }
 
 /// The answer to `status`.
@@ -99,6 +127,8 @@ pub struct Status {
     pub pid: u32,
     pub uid: u32,
     pub workers: Vec<WorkerStatus>,
+    /// Journaled messages not yet handled by their receiver.
+    pub journal_pending: usize,
 }
 
 /// The answer to `call`.
@@ -133,6 +163,12 @@ pub struct Supervisor {
     pending: BTreeMap<u64, PendingCall>,
     next_id: u64,
     last_watchdog: Instant,
+    permits: Vec<Permit>,
+    journal: Journal,
+    /// Durable messages journaled this turn: `Accepted` goes out after the group fsync.
+    accept_after_sync: Vec<(usize, u64, u64)>,
+    /// Which slot provides each service (from the configuration).
+    providers: BTreeMap<String, usize>,
 }
 
 fn io_err(step: impl Into<String>) -> impl FnOnce(std::io::Error) -> RuntimeError {
@@ -157,7 +193,17 @@ impl Supervisor {
         std::fs::set_permissions(&control_path, std::fs::Permissions::from_mode(0o660))
             .map_err(io_err("chmod control socket"))?;
         control.set_nonblocking(true).map_err(io_err("control socket"))?;
-        let slots = cfg
+        let (journal, pending) = Journal::open(&state_dir.join("broker")).map_err(|e| RuntimeError::Io {
+            step: "opening the message journal".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let mut providers = BTreeMap::new();
+        for (i, w) in cfg.workers.iter().enumerate() {
+            for svc in &w.services {
+                providers.insert(svc.clone(), i);
+            }
+        }
+        let mut slots: Vec<Slot> = cfg
             .workers
             .iter()
             .map(|w| Slot {
@@ -171,8 +217,34 @@ impl Supervisor {
                 report: None,
                 notes: Vec::new(),
                 services: Vec::new(),
+                broker_state: permits::INITIAL_STATE.into(),
+                violations: 0,
+                calls_in_flight: 0,
+                journal_bytes: 0,
+                outbox: VecDeque::new(),
+                delivered: BTreeMap::new(),
+                incarnation: 0,
             })
             .collect();
+        let recovered = pending.len();
+        for e in pending {
+            let from = cfg.workers.iter().position(|w| *w.name.get_ref() == e.from);
+            match providers.get(&e.service) {
+                Some(&t) => {
+                    if let Some(f) = from {
+                        slots[f].journal_bytes += e.body.len();
+                    }
+                    slots[t].outbox.push_back(e);
+                }
+                None => {
+                    tracing::error!(id = e.id, service = %e.service, "journaled message for a service no worker provides now; kept in the journal")
+                }
+            }
+        }
+        if recovered > 0 {
+            tracing::info!(messages = recovered, "recovered journaled messages; redelivering in order");
+        }
+        let permits = cfg.permit_table();
         let mut s = Supervisor {
             cfg,
             host,
@@ -184,6 +256,10 @@ impl Supervisor {
             pending: BTreeMap::new(),
             next_id: 1,
             last_watchdog: Instant::now(),
+            permits,
+            journal,
+            accept_after_sync: Vec::new(),
+            providers,
         };
         for i in 0..s.slots.len() {
             s.launch(i);
@@ -217,6 +293,10 @@ impl Supervisor {
                 slot.services = st.services;
                 slot.state = WorkerState::Running;
                 slot.backoff_until = None;
+                slot.broker_state = permits::INITIAL_STATE.into();
+                slot.violations = 0;
+                slot.calls_in_flight = 0;
+                slot.incarnation += 1;
                 slot.run = Some(Running {
                     pid: st.pid,
                     pidfd: st.pidfd,
@@ -225,6 +305,7 @@ impl Supervisor {
                     stderr_buf: Vec::new(),
                     sigsys: None,
                     started: Instant::now(),
+                    channel_down: false,
                 });
                 tracing::info!(pid = slot.run.as_ref().map_or(0, |r| r.pid), services = ?slot.services, "worker ready");
             }
@@ -319,8 +400,10 @@ impl Supervisor {
                 if let Some(r) = &s.run {
                     fds.push(r.pidfd.as_fd());
                     owners.push((i, 0));
-                    fds.push(r.channel.as_fd());
-                    owners.push((i, 1));
+                    if !r.channel_down {
+                        fds.push(r.channel.as_fd());
+                        owners.push((i, 1));
+                    }
                     fds.push(r.stderr.as_fd());
                     owners.push((i, 2));
                 }
@@ -359,6 +442,10 @@ impl Supervisor {
         if revents[1] != 0 {
             self.accept_control();
         }
+        self.flush_accepted();
+        for i in 0..self.slots.len() {
+            self.deliver(i);
+        }
         let now = Instant::now();
         for i in 0..self.slots.len() {
             if self.slots[i].backoff_until.is_some_and(|t| t <= now) {
@@ -370,6 +457,9 @@ impl Supervisor {
         for id in expired {
             if let Some(p) = self.pending.remove(&id) {
                 let target = self.slots[p.target].name.clone();
+                if let Caller::Worker { slot, .. } = &p.caller {
+                    self.slots[*slot].calls_in_flight = self.slots[*slot].calls_in_flight.saturating_sub(1);
+                }
                 tracing::warn!(id, worker = %target, "call timed out");
                 self.answer(p.caller, Err(format!("call to worker {target} timed out")), None);
             }
@@ -413,6 +503,9 @@ impl Supervisor {
     fn drain_channel(&mut self, i: usize) {
         loop {
             let Some(r) = self.slots[i].run.as_mut() else { return };
+            if r.channel_down {
+                return;
+            }
             let got = match r.channel.try_recv::<FromWorker>() {
                 Ok(Some(g)) => g,
                 Ok(None) => return,
@@ -423,8 +516,10 @@ impl Supervisor {
             };
             match got.msg {
                 FromWorker::Event(line) => tracing::info!(worker = %self.slots[i].name, "event: {line}"),
-                FromWorker::Request(req) => self.route(Caller::Worker { slot: i, id: req.id }, req, got.bulk),
+                FromWorker::Request(req) => self.call_from_worker(i, req, got.bulk),
                 FromWorker::Reply(rep) => self.route_reply(i, rep, got.bulk),
+                FromWorker::Send(msg) => self.send_from_worker(i, msg),
+                FromWorker::Ack { id } => self.acknowledged(i, id),
                 other => {
                     tracing::error!(target: "airlock::security", worker = %self.slots[i].name, msg = ?std::mem::discriminant(&other), "security event: unexpected message from a running worker; killing it");
                     self.kill(i);
@@ -436,6 +531,9 @@ impl Supervisor {
 
     fn channel_failed(&mut self, i: usize, e: ChannelError) {
         let name = self.slots[i].name.clone();
+        if let Some(r) = self.slots[i].run.as_mut() {
+            r.channel_down = true;
+        }
         match e {
             ChannelError::Closed => tracing::info!(worker = %name, "channel closed"),
             other => {
@@ -451,22 +549,77 @@ impl Supervisor {
         }
     }
 
-    fn route(&mut self, caller: Caller, req: Request, bulk: Option<airlock_protocol::Bulk>) {
-        let target = self.slots.iter().position(|s| s.run.is_some() && s.services.contains(&req.service));
-        let Some(t) = target else {
-            let known = self.slots.iter().any(|s| s.services.contains(&req.service));
-            let why = if known {
+    /// A worker's call: permit table, quota, then routing.
+    fn call_from_worker(&mut self, i: usize, req: Request, bulk: Option<airlock_protocol::Bulk>) {
+        let caller = Caller::Worker { slot: i, id: req.id };
+        let name = self.slots[i].name.clone();
+        let _span =
+            tracing::debug_span!("call", from = %name, service = %req.service, method = %req.method, id = req.id)
+                .entered();
+        let grant = match permits::decide(
+            &self.permits,
+            &name,
+            &self.slots[i].broker_state,
+            &req.service,
+            &req.method,
+            Kind::Call,
+        ) {
+            Decision::Allow { grant } => grant,
+            Decision::Refuse(why) => {
+                self.violation(i, &why);
+                self.answer(caller, Err(Refusal::NotPermitted(why).to_string()), None);
+                return;
+            }
+        };
+        let q = self.cfg.workers[i].quota.clone();
+        if self.slots[i].calls_in_flight >= q.in_flight_calls {
+            let why =
+                format!("{name} has {} calls in flight (quota {})", self.slots[i].calls_in_flight, q.in_flight_calls);
+            self.answer(caller, Err(Refusal::Busy(why).to_string()), None);
+            return;
+        }
+        if req.body.len() > q.max_body_bytes {
+            let why = format!("call body of {} bytes exceeds {name}'s quota of {}", req.body.len(), q.max_body_bytes);
+            self.answer(caller, Err(Refusal::Busy(why).to_string()), None);
+            return;
+        }
+        self.route(caller, req, bulk, grant);
+    }
+
+    fn violation(&mut self, i: usize, why: &str) {
+        let slot = &mut self.slots[i];
+        slot.violations += 1;
+        let pid = slot.run.as_ref().map_or(0, |r| r.pid);
+        tracing::error!(target: "airlock::security", worker = %slot.name, pid, violations = slot.violations, "security event: refused by the permit table: {why}");
+        let max = self.cfg.broker.max_violations;
+        if max > 0 && slot.violations >= max {
+            tracing::error!(target: "airlock::security", worker = %slot.name, pid, "security event: {} permit violations; killing the worker", slot.violations);
+            self.kill(i);
+        }
+    }
+
+    fn route(&mut self, caller: Caller, req: Request, bulk: Option<airlock_protocol::Bulk>, grant: Option<String>) {
+        let target = self.providers.get(&req.service).copied();
+        let Some(t) = target.filter(|&t| self.slots[t].run.is_some()) else {
+            let why = if target.is_some() {
                 format!("service {} is not running", req.service)
             } else {
-                format!("no such service {}", req.service)
+                Refusal::NoSuchService(req.service.clone()).to_string()
             };
             self.answer(caller, Err(why), None);
             return;
         };
         let id = self.next_id;
         self.next_id += 1;
-        let fwd =
-            ToWorker::Request(Request { id, service: req.service.clone(), method: req.method.clone(), body: req.body });
+        let deadline_ms =
+            if req.deadline_ms == 0 { self.cfg.broker.call_deadline_ms } else { u64::from(req.deadline_ms) };
+        let fwd = ToWorker::Request(Request {
+            id,
+            service: req.service.clone(),
+            method: req.method.clone(),
+            body: req.body,
+            deadline_ms: deadline_ms.min(u64::from(u32::MAX)) as u32,
+        });
         let sent = match self.slots[t].run.as_mut() {
             Some(r) => match bulk.as_ref().and_then(|b| b.sealed_fd()) {
                 Some(fd) => match fd.try_clone_to_owned() {
@@ -481,7 +634,144 @@ impl Supervisor {
             self.answer(caller, Err(format!("forwarding to {}: {e}", self.slots[t].name)), None);
             return;
         }
-        self.pending.insert(id, PendingCall { caller, target: t, deadline: Instant::now() + CALL_DEADLINE });
+        if let Caller::Worker { slot, .. } = &caller {
+            self.slots[*slot].calls_in_flight += 1;
+        }
+        self.pending.insert(
+            id,
+            PendingCall { caller, target: t, deadline: Instant::now() + Duration::from_millis(deadline_ms), grant },
+        );
+    }
+
+    /// A worker's asynchronous message: permit table, quota, journal, then `Accepted`
+    /// (after the turn's group fsync when durable).
+    fn send_from_worker(&mut self, i: usize, msg: Message) {
+        let name = self.slots[i].name.clone();
+        let _span =
+            tracing::debug_span!("send", from = %name, service = %msg.service, method = %msg.method, seq = msg.seq)
+                .entered();
+        let refuse = |s: &mut Self, r: Refusal| {
+            if let Some(run) = s.slots[i].run.as_mut() {
+                let _ = run.channel.send(&ToWorker::Refused { seq: msg.seq, refusal: r });
+            }
+        };
+        if let Decision::Refuse(why) =
+            permits::decide(&self.permits, &name, &self.slots[i].broker_state, &msg.service, &msg.method, Kind::Send)
+        {
+            self.violation(i, &why);
+            refuse(self, Refusal::NotPermitted(why));
+            return;
+        }
+        let Some(&t) = self.providers.get(&msg.service) else {
+            refuse(self, Refusal::NoSuchService(msg.service.clone()));
+            return;
+        };
+        let q = self.cfg.workers[i].quota.clone();
+        if msg.body.len() > q.max_body_bytes {
+            refuse(
+                self,
+                Refusal::Busy(format!(
+                    "message of {} bytes exceeds {name}'s quota of {}",
+                    msg.body.len(),
+                    q.max_body_bytes
+                )),
+            );
+            return;
+        }
+        if self.slots[i].journal_bytes + msg.body.len() > q.journal_bytes {
+            refuse(
+                self,
+                Refusal::Busy(format!(
+                    "{name} has {} bytes of messages waiting (quota {})",
+                    self.slots[i].journal_bytes, q.journal_bytes
+                )),
+            );
+            return;
+        }
+        let len = msg.body.len();
+        let entry = match self.journal.enqueue(&name, &msg.service, &msg.method, msg.body) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(error = %e, "journal write failed; refusing the message");
+                refuse(self, Refusal::Busy(format!("journal: {e}")));
+                return;
+            }
+        };
+        self.slots[i].journal_bytes += len;
+        let id = entry.id;
+        self.slots[t].outbox.push_back(entry);
+        if msg.durable {
+            self.accept_after_sync.push((i, self.slots[i].incarnation, msg.seq));
+        } else if let Some(run) = self.slots[i].run.as_mut() {
+            let _ = run.channel.send(&ToWorker::Accepted { seq: msg.seq });
+        }
+        tracing::trace!(id, "journaled");
+    }
+
+    /// One fsync for every durable message journaled this turn, then their `Accepted`.
+    fn flush_accepted(&mut self) {
+        if self.accept_after_sync.is_empty() {
+            return;
+        }
+        if let Err(e) = self.journal.sync() {
+            tracing::error!(error = %e, "journal fsync failed; durable senders get Busy");
+            for (i, inc, seq) in std::mem::take(&mut self.accept_after_sync) {
+                if self.slots[i].incarnation == inc {
+                    if let Some(run) = self.slots[i].run.as_mut() {
+                        let _ = run
+                            .channel
+                            .send(&ToWorker::Refused { seq, refusal: Refusal::Busy(format!("journal fsync: {e}")) });
+                    }
+                }
+            }
+            return;
+        }
+        for (i, inc, seq) in std::mem::take(&mut self.accept_after_sync) {
+            if self.slots[i].incarnation == inc {
+                if let Some(run) = self.slots[i].run.as_mut() {
+                    let _ = run.channel.send(&ToWorker::Accepted { seq });
+                }
+            }
+        }
+    }
+
+    /// Delivers queued messages to worker `i` up to the delivery window.
+    fn deliver(&mut self, i: usize) {
+        let window = self.cfg.broker.delivery_window.max(1);
+        let slot = &mut self.slots[i];
+        if slot.state != WorkerState::Running {
+            return;
+        }
+        let Some(run) = slot.run.as_mut() else { return };
+        while slot.delivered.len() < window {
+            let Some(e) = slot.outbox.pop_front() else { break };
+            let d = ToWorker::Deliver(Delivery {
+                id: e.id,
+                from: e.from.clone(),
+                service: e.service.clone(),
+                method: e.method.clone(),
+                body: e.body.clone(),
+            });
+            if let Err(err) = run.channel.send(&d) {
+                tracing::warn!(worker = %slot.name, error = %err, "delivery failed; will redeliver after restart");
+                slot.outbox.push_front(e);
+                break;
+            }
+            slot.delivered.insert(e.id, e);
+        }
+    }
+
+    fn acknowledged(&mut self, i: usize, id: u64) {
+        let Some(e) = self.slots[i].delivered.remove(&id) else {
+            tracing::warn!(worker = %self.slots[i].name, id, "acknowledgement for a message not delivered to it; ignored");
+            return;
+        };
+        if let Err(err) = self.journal.done(id) {
+            tracing::error!(error = %err, id, "journal: recording a handled message failed; it may be redelivered");
+        }
+        if let Some(f) = self.cfg.workers.iter().position(|w| *w.name.get_ref() == e.from) {
+            self.slots[f].journal_bytes = self.slots[f].journal_bytes.saturating_sub(e.body.len());
+        }
     }
 
     fn route_reply(&mut self, from: usize, rep: Reply, bulk: Option<airlock_protocol::Bulk>) {
@@ -493,6 +783,14 @@ impl Supervisor {
             }
         }
         if let Some(p) = self.pending.remove(&rep.id) {
+            if let Caller::Worker { slot, .. } = &p.caller {
+                let slot = *slot;
+                self.slots[slot].calls_in_flight = self.slots[slot].calls_in_flight.saturating_sub(1);
+                if let (Some(g), Ok(_)) = (&p.grant, &rep.result) {
+                    tracing::info!(worker = %self.slots[slot].name, from = %self.slots[slot].broker_state, to = %g, "permit grant: state change");
+                    self.slots[slot].broker_state = g.clone();
+                }
+            }
             self.answer(p.caller, rep.result.map(|b| b.0), bulk);
         }
     }
@@ -551,11 +849,20 @@ impl Supervisor {
         for id in failed {
             if let Some(p) = self.pending.remove(&id) {
                 let name = self.slots[i].name.clone();
+                if let Caller::Worker { slot, .. } = &p.caller {
+                    self.slots[*slot].calls_in_flight = self.slots[*slot].calls_in_flight.saturating_sub(1);
+                }
                 self.answer(p.caller, Err(format!("worker {name} died during the call")), None);
             }
         }
         // Calls this worker was waiting for are answered into the void: drop them.
         self.pending.retain(|_, p| !matches!(p.caller, Caller::Worker { slot, .. } if slot == i));
+        self.slots[i].calls_in_flight = 0;
+        // Delivered but unacknowledged messages go back to the front, in order.
+        let slot = &mut self.slots[i];
+        let mut back: Vec<Entry> = std::mem::take(&mut slot.delivered).into_values().collect();
+        back.extend(slot.outbox.drain(..));
+        slot.outbox = back.into();
         self.schedule_restart(i, status == ExitStatus::Code(0));
     }
 
@@ -598,9 +905,11 @@ impl Supervisor {
                     let st = self.status();
                     let _ = writeln!(stream, "{}", serde_json::to_string(&st).unwrap_or_default());
                 }
-                Ok(ControlRequest::Call { service, method, body }) => {
-                    let req = Request { id: 0, service, method, body: body.into_bytes() };
-                    self.route(Caller::Control(stream), req, None);
+                Ok(ControlRequest::Call { service, method, body, deadline_ms }) => {
+                    // The administrator (root or the service uid) is not bound by the permit
+                    // table, which governs workers.
+                    let req = Request { id: 0, service, method, body: body.into_bytes(), deadline_ms };
+                    self.route(Caller::Control(stream), req, None, None);
                 }
                 Err(e) => {
                     let _ = writeln!(
@@ -640,13 +949,22 @@ impl Supervisor {
                         .map(|r| r.layers.iter().map(|(l, st)| (l.to_string(), st.to_string())).collect())
                         .unwrap_or_default(),
                     notes: s.notes.clone(),
+                    broker_state: s.broker_state.clone(),
+                    violations: s.violations,
+                    queued: s.outbox.len(),
+                    unacknowledged: s.delivered.len(),
                 })
                 .collect(),
+            journal_pending: self.journal.live(),
         }
     }
 
     fn shutdown(&mut self) {
         self.notifier.send("STOPPING=1");
+        self.flush_accepted();
+        if let Err(e) = self.journal.sync() {
+            tracing::error!(error = %e, "journal fsync at shutdown failed");
+        }
         for s in &mut self.slots {
             if let Some(r) = s.run.as_mut() {
                 let _ = r.channel.send(&ToWorker::Shutdown);

@@ -4,7 +4,7 @@
 //! A worker is short:
 //! ```no_run
 //! let mut w = airlock_worker::Worker::start("echo", &["echo"])?;
-//! w.serve(|req, _bulk| Ok(airlock_worker::Response::bytes(req.body.clone())))?;
+//! w.serve(|_w, req, _bulk| Ok(airlock_worker::Response::bytes(req.body.clone())))?;
 //! # Ok::<(), airlock_worker::WorkerError>(())
 //! ```
 //! This crate never decides policy: the plan comes from the supervisor over the authenticated
@@ -18,7 +18,9 @@ pub mod wire;
 use airlock_protocol::{handoff, Bulk, BulkMode, BulkWriter, Channel, ChannelError, Hello, Limits, Role};
 
 pub use sandbox::{ConfinementPlan, ConfinementReport, Layer, LayerState, Requirement};
-use wire::{ByteBody, FromWorker, Reply, Request, ToWorker};
+use std::collections::VecDeque;
+
+use wire::{ByteBody, Delivery, FromWorker, Message, Refusal, Reply, Request, ToWorker};
 
 /// Why a worker stopped.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +34,8 @@ pub enum WorkerError {
     Unexpected { expected: &'static str, got: String },
     #[error("call {service}.{method} failed: {reason}")]
     Call { service: String, method: String, reason: String },
+    #[error("send to {service}.{method} refused: {refusal}")]
+    Refused { service: String, method: String, refusal: Refusal },
     #[error("bulk: {0}")]
     Bulk(#[from] airlock_protocol::BulkError),
 }
@@ -56,6 +60,12 @@ pub struct Worker {
     name: String,
     report: ConfinementReport,
     next_id: u64,
+    next_seq: u64,
+    /// Messages that arrived while waiting for a reply or an acceptance.
+    backlog: VecDeque<airlock_protocol::Received<ToWorker>>,
+    /// Highest delivery id handled: redeliveries at or below it are acknowledged without
+    /// running the handler again (ids increase per receiver, deliveries come in order).
+    handled_up_to: u64,
 }
 
 impl Worker {
@@ -92,7 +102,15 @@ impl Worker {
             other => return Err(WorkerError::Unexpected { expected: "Start", got: format!("{other:?}") }),
         }
         ch.send(&FromWorker::Ready { services: services.iter().map(|s| s.to_string()).collect() })?;
-        Ok(Worker { ch, name: name.to_string(), report, next_id: 1 })
+        Ok(Worker {
+            ch,
+            name: name.to_string(),
+            report,
+            next_id: 1,
+            next_seq: 1,
+            backlog: VecDeque::new(),
+            handled_up_to: 0,
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -114,23 +132,48 @@ impl Worker {
         Ok(self.ch.send(&FromWorker::Event(line.to_string()))?)
     }
 
+    /// Tells the library which deliveries the application has already handled durably (its
+    /// own record survives a restart): redeliveries up to `id` are acknowledged, not handled.
+    pub fn resume_after(&mut self, id: u64) {
+        self.handled_up_to = self.handled_up_to.max(id);
+    }
+
     /// Serves requests until the supervisor says `Shutdown` or closes the channel.
-    pub fn serve<F>(&mut self, mut handler: F) -> Result<(), WorkerError>
+    /// Asynchronous deliveries are acknowledged unhandled: use [`Worker::serve_all`].
+    pub fn serve<F>(&mut self, handler: F) -> Result<(), WorkerError>
     where
-        F: FnMut(&Request, Option<&Bulk>) -> Result<Response, String>,
+        F: FnMut(&mut Worker, &Request, Option<&Bulk>) -> Result<Response, String>,
+    {
+        self.serve_all(
+            handler,
+            |_, d, _| tracing::warn!(id = d.id, service = %d.service, "message for a worker without a message handler"),
+        )
+    }
+
+    /// Serves requests with `on_request` and asynchronous messages with `on_message`, until
+    /// `Shutdown` or the channel closes. Each message is acknowledged after `on_message`
+    /// returns, and never handed to it twice (see [`Worker::resume_after`]). Handlers get the
+    /// worker back, so they can call and send themselves.
+    pub fn serve_all<F, G>(&mut self, mut on_request: F, mut on_message: G) -> Result<(), WorkerError>
+    where
+        F: FnMut(&mut Worker, &Request, Option<&Bulk>) -> Result<Response, String>,
+        G: FnMut(&mut Worker, &Delivery, Option<&Bulk>),
     {
         loop {
-            let got = match self.ch.recv::<ToWorker>() {
-                Ok(g) => g,
-                Err(ChannelError::Closed) => return Ok(()),
-                Err(e) => return Err(e.into()),
+            let got = match self.backlog.pop_front() {
+                Some(g) => g,
+                None => match self.ch.recv::<ToWorker>() {
+                    Ok(g) => g,
+                    Err(ChannelError::Closed) => return Ok(()),
+                    Err(e) => return Err(e.into()),
+                },
             };
             match got.msg {
                 ToWorker::Request(req) => {
                     let _span =
                         tracing::debug_span!("request", service = %req.service, method = %req.method, id = req.id)
                             .entered();
-                    match handler(&req, got.bulk.as_ref()) {
+                    match on_request(self, &req, got.bulk.as_ref()) {
                         Ok(resp) => {
                             let reply = FromWorker::Reply(Reply { id: req.id, result: Ok(ByteBody(resp.body)) });
                             match resp.bulk {
@@ -141,34 +184,121 @@ impl Worker {
                         Err(e) => self.ch.send(&FromWorker::Reply(Reply { id: req.id, result: Err(e) }))?,
                     }
                 }
+                ToWorker::Deliver(d) => {
+                    let _span =
+                        tracing::debug_span!("message", service = %d.service, method = %d.method, id = d.id).entered();
+                    if d.id > self.handled_up_to {
+                        on_message(self, &d, got.bulk.as_ref());
+                        self.handled_up_to = d.id;
+                    } else {
+                        tracing::debug!(id = d.id, "redelivery of a handled message: acknowledged, not handled again");
+                    }
+                    self.ch.send(&FromWorker::Ack { id: d.id })?;
+                }
                 ToWorker::Shutdown => return Ok(()),
+                ToWorker::Reply(r) => tracing::warn!(id = r.id, "dropping a reply nobody waits for"),
                 other => {
-                    return Err(WorkerError::Unexpected { expected: "Request or Shutdown", got: format!("{other:?}") })
+                    return Err(WorkerError::Unexpected {
+                        expected: "Request, Deliver or Shutdown",
+                        got: format!("{other:?}"),
+                    })
                 }
             }
         }
     }
 
-    /// Calls `service.method` through the supervisor and waits for the reply.
-    pub fn call(&mut self, service: &str, method: &str, body: Vec<u8>) -> Result<(Vec<u8>, Option<Bulk>), WorkerError> {
-        let id = self.next_id;
-        self.next_id += 1;
-        let req = Request { id, service: service.into(), method: method.into(), body };
-        self.ch.send(&FromWorker::Request(req))?;
+    /// Waits for a message matching `pick`, keeping everything else for `serve_all`.
+    fn wait_for<T>(
+        &mut self,
+        mut pick: impl FnMut(&ToWorker) -> bool,
+        take: impl FnOnce(airlock_protocol::Received<ToWorker>) -> T,
+    ) -> Result<T, WorkerError> {
         loop {
             let got = self.ch.recv::<ToWorker>()?;
-            match got.msg {
-                ToWorker::Reply(r) if r.id == id => {
-                    return match r.result {
-                        Ok(b) => Ok((b.0, got.bulk)),
-                        Err(reason) => {
-                            Err(WorkerError::Call { service: service.into(), method: method.into(), reason })
-                        }
-                    }
+            if matches!(got.msg, ToWorker::Shutdown) {
+                sys::exit_now(0);
+            }
+            if pick(&got.msg) {
+                return Ok(take(got));
+            }
+            self.backlog.push_back(got);
+        }
+    }
+
+    /// Calls `service.method` through the supervisor and waits for the reply (the
+    /// supervisor's default deadline applies).
+    pub fn call(&mut self, service: &str, method: &str, body: Vec<u8>) -> Result<(Vec<u8>, Option<Bulk>), WorkerError> {
+        self.call_with_deadline(service, method, body, 0)
+    }
+
+    /// As [`Worker::call`], waiting at most `deadline_ms` for the reply.
+    pub fn call_with_deadline(
+        &mut self,
+        service: &str,
+        method: &str,
+        body: Vec<u8>,
+        deadline_ms: u32,
+    ) -> Result<(Vec<u8>, Option<Bulk>), WorkerError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let req = Request { id, service: service.into(), method: method.into(), body, deadline_ms };
+        self.ch.send(&FromWorker::Request(req))?;
+        let (reply, bulk) = self.wait_for(
+            |m| matches!(m, ToWorker::Reply(r) if r.id == id),
+            |g| match g.msg {
+                ToWorker::Reply(r) => (Some(r), g.bulk),
+                _ => (None, None),
+            },
+        )?;
+        match reply.map(|r| r.result) {
+            Some(Ok(b)) => Ok((b.0, bulk)),
+            Some(Err(reason)) => Err(WorkerError::Call { service: service.into(), method: method.into(), reason }),
+            None => Err(WorkerError::Unexpected { expected: "Reply", got: "nothing".into() }),
+        }
+    }
+
+    /// Sends an asynchronous message; returns once the supervisor has taken responsibility
+    /// for it (journaled, and fsynced first when `durable`). A sender over its quota gets
+    /// [`Refusal::Busy`]; see [`Worker::send_waiting`] to wait instead.
+    pub fn send(&mut self, service: &str, method: &str, body: Vec<u8>, durable: bool) -> Result<(), WorkerError> {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.ch.send(&FromWorker::Send(Message {
+            seq,
+            service: service.into(),
+            method: method.into(),
+            body,
+            durable,
+        }))?;
+        let answer = self.wait_for(
+            |m| matches!(m, ToWorker::Accepted { seq: s } | ToWorker::Refused { seq: s, .. } if *s == seq),
+            |g| g.msg,
+        )?;
+        match answer {
+            ToWorker::Refused { refusal, .. } => {
+                Err(WorkerError::Refused { service: service.into(), method: method.into(), refusal })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// As [`Worker::send`], but waits (with backoff up to 100 ms) while the supervisor
+    /// answers `Busy`, instead of failing.
+    pub fn send_waiting(
+        &mut self,
+        service: &str,
+        method: &str,
+        body: Vec<u8>,
+        durable: bool,
+    ) -> Result<(), WorkerError> {
+        let mut pause = std::time::Duration::from_millis(1);
+        loop {
+            match self.send(service, method, body.clone(), durable) {
+                Err(WorkerError::Refused { refusal: Refusal::Busy(_), .. }) => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(std::time::Duration::from_millis(100));
                 }
-                ToWorker::Reply(r) => tracing::warn!(id = r.id, "dropping a reply for an unknown call id"),
-                ToWorker::Shutdown => sys::exit_now(0),
-                other => return Err(WorkerError::Unexpected { expected: "Reply", got: format!("{other:?}") }),
+                other => return other,
             }
         }
     }

@@ -98,7 +98,13 @@ fn mount(
 /// (each bind-mounted at its own path; `true` = writable). Must run in a private mount
 /// namespace with `CAP_SYS_ADMIN` over it. `/proc`, `/dev` and everything else are gone.
 pub fn enter_minimal_root(binds: &[(&Path, bool)]) -> io::Result<()> {
-    let new_root = Path::new("/tmp");
+    // The new root is staged on an existing directory that holds none of the bound paths
+    // (a tmpfs mounted there would hide them).
+    let new_root = ["/tmp", "/mnt", "/media", "/srv", "/opt", "/var/tmp", "/run"]
+        .iter()
+        .map(Path::new)
+        .find(|c| c.is_dir() && !binds.iter().any(|(p, _)| p.starts_with(c) || c.starts_with(p)))
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no staging directory outside the bound paths"))?;
     mount(None, Path::new("/"), None, libc::MS_REC | libc::MS_PRIVATE, None)?;
     mount(
         Some(Path::new("airlock-root")),
@@ -107,6 +113,18 @@ pub fn enter_minimal_root(binds: &[(&Path, bool)]) -> io::Result<()> {
         libc::MS_NOSUID | libc::MS_NODEV,
         Some("mode=0755,size=64k"),
     )?;
+    let built = build_minimal_root(new_root, binds);
+    if built.is_err() {
+        // Leave the namespace as it was: do not keep a tmpfs over the staging directory.
+        if let Ok(c) = cstr(new_root) {
+            // SAFETY: a valid NUL-terminated path.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+    built
+}
+
+fn build_minimal_root(new_root: &Path, binds: &[(&Path, bool)]) -> io::Result<()> {
     for (path, writable) in binds {
         let rel = path.strip_prefix("/").unwrap_or(path);
         let target = new_root.join(rel);

@@ -13,6 +13,54 @@ pub struct Request {
     pub method: String,
     #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
+    /// How long the caller waits for the reply; 0: the supervisor's default.
+    pub deadline_ms: u32,
+}
+
+/// An asynchronous message to a service. `seq` is the sender's own counter, echoed in
+/// `Accepted`/`Refused`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub seq: u64,
+    pub service: String,
+    pub method: String,
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+    /// Journaled and fsynced before `Accepted` when true.
+    pub durable: bool,
+}
+
+/// An asynchronous message delivered to its service. `id` is the supervisor's journal id:
+/// increasing per destination, stable across restarts of either side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    pub id: u64,
+    pub from: String,
+    pub service: String,
+    pub method: String,
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+}
+
+/// Why the supervisor did not take a message or call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refusal {
+    /// Over a quota; try again later.
+    Busy(String),
+    /// The permit table does not allow it.
+    NotPermitted(String),
+    /// No worker provides the service.
+    NoSuchService(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Busy(w) => write!(f, "busy: {w}"),
+            Refusal::NotPermitted(w) => write!(f, "not permitted: {w}"),
+            Refusal::NoSuchService(w) => write!(f, "no such service: {w}"),
+        }
+    }
 }
 
 /// The answer to a `Request` with the same id.
@@ -35,6 +83,15 @@ pub enum ToWorker {
     Start,
     Request(Request),
     Reply(Reply),
+    /// The supervisor took responsibility for message `seq` (journaled; fsynced if durable).
+    Accepted {
+        seq: u64,
+    },
+    Refused {
+        seq: u64,
+        refusal: Refusal,
+    },
+    Deliver(Delivery),
     /// Finish the current request, then exit 0.
     Shutdown,
 }
@@ -56,6 +113,11 @@ pub enum FromWorker {
     },
     Request(Request),
     Reply(Reply),
+    Send(Message),
+    /// The handler of delivery `id` returned.
+    Ack {
+        id: u64,
+    },
     /// A short status line from the worker (probes report their outcome this way).
     Event(String),
 }

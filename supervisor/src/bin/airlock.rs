@@ -34,6 +34,15 @@ enum Cmd {
         method: String,
         #[arg(default_value = "")]
         body: String,
+        /// How long to wait for the reply (default: the supervisor's call deadline).
+        #[arg(long, default_value_t = 0)]
+        deadline_ms: u32,
+    },
+    /// Print the permit table (who may call or send what, in which state) for audit.
+    Permits {
+        /// Configuration file; without it, the embedded default configuration.
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
     },
     /// Audit, check, diff, export, disassemble and verify seccomp policies.
     Policy(airlock_policies::cli::PolicyArgs),
@@ -78,7 +87,8 @@ fn main() -> std::process::ExitCode {
     let r = match args.cmd {
         Cmd::Policy(p) => return std::process::ExitCode::from(airlock_policies::cli::run(p).clamp(0, 255) as u8),
         Cmd::Status { json } => status(&sock, json),
-        Cmd::Call { service, method, body } => call(&sock, service, method, body),
+        Cmd::Call { service, method, body, deadline_ms } => call(&sock, service, method, body, deadline_ms),
+        Cmd::Permits { config } => permits(config),
     };
     match r {
         Ok(code) => code,
@@ -95,7 +105,7 @@ fn status(sock: &PathBuf, json: bool) -> anyhow::Result<std::process::ExitCode> 
         println!("{}", serde_json::to_string_pretty(&st)?);
         return Ok(std::process::ExitCode::SUCCESS);
     }
-    println!("airlockd pid {} uid {}", st.pid, st.uid);
+    println!("airlockd pid {} uid {}, {} journaled messages pending", st.pid, st.uid, st.journal_pending);
     for w in &st.workers {
         let state = match &w.state {
             WorkerState::Running => "running".to_string(),
@@ -123,8 +133,28 @@ fn status(sock: &PathBuf, json: bool) -> anyhow::Result<std::process::ExitCode> 
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-fn call(sock: &PathBuf, service: String, method: String, body: String) -> anyhow::Result<std::process::ExitCode> {
-    let r: CallResult = request(sock, &ControlRequest::Call { service, method, body })?;
+fn permits(config: Option<PathBuf>) -> anyhow::Result<std::process::ExitCode> {
+    let (text, name) = match &config {
+        Some(p) => {
+            (std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?, p.display().to_string())
+        }
+        None => (airlock_supervisor::config::EMBEDDED_DEFAULT.to_string(), "embedded default configuration".into()),
+    };
+    let cfg = airlock_supervisor::config::parse(&text, &name, &airlock_supervisor::known_policies())
+        .map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+    println!("# permit table of {name}; every worker starts in state `initial`; anything not listed is refused");
+    print!("{}", airlock_supervisor::permits::render(&cfg.permit_table()));
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn call(
+    sock: &PathBuf,
+    service: String,
+    method: String,
+    body: String,
+    deadline_ms: u32,
+) -> anyhow::Result<std::process::ExitCode> {
+    let r: CallResult = request(sock, &ControlRequest::Call { service, method, body, deadline_ms })?;
     if r.ok {
         println!("{}", r.body);
         Ok(std::process::ExitCode::SUCCESS)

@@ -85,14 +85,27 @@ impl Daemon {
         let dir = std::env::temp_dir().join(format!("airlock-test-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("test dir");
+        // Workers run under their own uids: let them write where a test points them (@DIR@).
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod test dir");
+        let workers = workers.replace("@DIR@", &dir.display().to_string());
         let cfg = format!(
             "[supervisor]\nstate-directory = \"{d}/state\"\nruntime-directory = \"{d}/run\"\nworker-directory = \"{b}\"\nshutdown-timeout-ms = 2000\nready-timeout-ms = 10000\n{DEFAULTS}\n{workers}",
             d = dir.display(),
             b = bin_dir().display()
         );
+        std::fs::write(dir.join("airlock.toml"), cfg).expect("write config");
+        Daemon::launch(dir, "airlockd.log", env)
+    }
+
+    /// Starts `airlockd` again on the configuration and state a killed daemon left in `dir`.
+    pub fn restart(dir: PathBuf, log_name: &str) -> Daemon {
+        let _ = std::fs::remove_file(dir.join("run/control.sock"));
+        Daemon::launch(dir, log_name, &[])
+    }
+
+    fn launch(dir: PathBuf, log_name: &str, env: &[(&str, &str)]) -> Daemon {
         let cfg_path = dir.join("airlock.toml");
-        std::fs::write(&cfg_path, cfg).expect("write config");
-        let log = dir.join("airlockd.log");
+        let log = dir.join(log_name);
         let mut cmd = Command::new(bin("airlockd"));
         cmd.arg("--config")
             .arg(&cfg_path)
@@ -189,6 +202,23 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(25));
         }
+    }
+
+    /// `kill -9` the supervisor (its workers die with it through their parent-death signal)
+    /// and keep its directory for [`Daemon::restart`]. Returns the directory and the log.
+    pub fn kill9(self) -> (PathBuf, String) {
+        let mut child = self.child.borrow_mut().take().expect("child");
+        let _ = child.kill();
+        let _ = child.wait();
+        let log = self.log_text();
+        let dir = self.dir.clone();
+        std::mem::forget(self);
+        (dir, log)
+    }
+
+    /// The pid of a running worker.
+    pub fn pid_of(&self, name: &str) -> i32 {
+        self.wait_running(name).pid.expect("pid")
     }
 
     /// SIGTERM, then wait; returns the exit status and the log.

@@ -18,7 +18,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let r = w.serve(|req, bulk| match req.method.as_str() {
+    let r = w.serve(|w, req, bulk| match req.method.as_str() {
         "echo" => Ok(Response::bytes(req.body.clone())),
         "sum" => {
             let s = bulk.map(|b| b.iter().fold(0u64, |a, &x| a.wrapping_add(u64::from(x)))).unwrap_or(0);
@@ -49,6 +49,29 @@ fn main() {
                 [libc::PTRACE_TRACEME as libc::c_long, 0, 0, 0, 0, 0],
             );
             Err("ptrace was allowed: the policy is not in force".into())
+        }
+        "relay" => {
+            let text = String::from_utf8_lossy(&req.body).into_owned();
+            let mut parts = text.splitn(3, ' ');
+            let (service, method) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let body = parts.next().unwrap_or("").as_bytes().to_vec();
+            w.call(service, method, body).map(|(b, _)| Response::bytes(b)).map_err(|e| e.to_string())
+        }
+        "send_many" => {
+            let text = String::from_utf8_lossy(&req.body).into_owned();
+            let parts: Vec<&str> = text.split_whitespace().collect();
+            let [service, method, count, mode] = parts[..] else {
+                return Err("body must be: SERVICE METHOD COUNT durable|volatile".into());
+            };
+            let count: u64 = count.parse().map_err(|_| "COUNT must be a number")?;
+            let durable = mode == "durable";
+            for i in 0..count {
+                w.send_waiting(service, method, i.to_string().into_bytes(), durable).map_err(|e| e.to_string())?;
+                if (i + 1) % 100 == 0 || i + 1 == count {
+                    let _ = w.event(&format!("accepted {}", i + 1));
+                }
+            }
+            Ok(Response::bytes(format!("sent {count}").into_bytes()))
         }
         other => Err(format!("echo has no method {other}")),
     });

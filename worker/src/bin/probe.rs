@@ -135,5 +135,5 @@ fn main() {
     if w.event(&format!("outcome {what} {outcome}")).is_err() {
         std::process::exit(3);
     }
-    let _ = w.serve(|_, _| Err("the probe serves nothing".into()));
+    let _ = w.serve(|_, _, _| Err("the probe serves nothing".into()));
 }

@@ -1,0 +1,339 @@
+//! The message journal: asynchronous messages the supervisor has taken responsibility for,
+//! stored in its state directory until their receiver acknowledges them.
+//!
+//! An append-only file of records, each `u32 length | 12-byte nonce | ChaCha20-Poly1305
+//! ciphertext and tag` under a storage key that only the supervisor holds (`journal.key`,
+//! mode 0600, created on first use). A record is `Enqueue` (the message) or `Done` (its
+//! receiver's handler returned). Recovery replays the file: every `Enqueue` without its `Done`
+//! is pending, in id order. A torn last record (a crash mid-write) is cut off; a record that
+//! fails authentication anywhere else is corruption, reported, never silently skipped.
+//! Message bodies are never logged.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+use chacha20poly1305::{ChaCha20Poly1305, Nonce, Tag};
+use serde::{Deserialize, Serialize};
+
+const AAD: &[u8] = b"airlock-journal-v1";
+const MAX_RECORD: usize = 16 << 20;
+
+/// A journaled message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub id: u64,
+    pub from: String,
+    pub service: String,
+    pub method: String,
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Record {
+    Enqueue(Entry),
+    Done(u64),
+}
+
+/// Why the journal could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JournalError {
+    #[error("{step} {path}: {source}")]
+    Io {
+        step: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("journal {path} is corrupt at byte {offset}: {what}")]
+    Corrupt { path: PathBuf, offset: u64, what: String },
+}
+
+/// The open journal.
+pub struct Journal {
+    path: PathBuf,
+    file: File,
+    cipher: ChaCha20Poly1305,
+    next_id: u64,
+    live: usize,
+    dead: usize,
+    dirty: bool,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal").field("path", &self.path).field("live", &self.live).finish_non_exhaustive()
+    }
+}
+
+fn io<'a>(step: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> JournalError + 'a {
+    move |source| JournalError::Io { step, path: path.to_path_buf(), source }
+}
+
+fn load_or_create_key(dir: &Path) -> Result<[u8; 32], JournalError> {
+    let path = dir.join("journal.key");
+    match std::fs::read(&path) {
+        Ok(k) if k.len() == 32 => {
+            let mut key = [0u8; 32];
+            key.copy_from_slice(&k);
+            Ok(key)
+        }
+        Ok(k) => {
+            Err(JournalError::Corrupt { path, offset: 0, what: format!("storage key is {} bytes, not 32", k.len()) })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut key = [0u8; 32];
+            getrandom::getrandom(&mut key).map_err(|e| JournalError::Io {
+                step: "generating",
+                path: path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(io("creating", &path))?;
+            f.write_all(&key).map_err(io("writing", &path))?;
+            f.sync_all().map_err(io("syncing", &path))?;
+            Ok(key)
+        }
+        Err(e) => Err(JournalError::Io { step: "reading", path, source: e }),
+    }
+}
+
+impl Journal {
+    /// Opens (or creates) the journal in `dir` and returns it with the pending entries, in
+    /// id order. Rewrites the file with only the pending entries (compaction).
+    pub fn open(dir: &Path) -> Result<(Journal, Vec<Entry>), JournalError> {
+        std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
+        let key = load_or_create_key(dir)?;
+        let cipher = ChaCha20Poly1305::new((&key).into());
+        let path = dir.join("journal");
+        let mut pending: BTreeMap<u64, Entry> = BTreeMap::new();
+        let mut max_id = 0u64;
+        if let Ok(mut f) = File::open(&path) {
+            let mut data = Vec::new();
+            f.read_to_end(&mut data).map_err(io("reading", &path))?;
+            let mut at = 0usize;
+            while at < data.len() {
+                let torn = |what: &str| (at, what.to_string());
+                let rec = (|| -> Result<(Record, usize), (usize, String)> {
+                    let len_bytes = data.get(at..at + 4).ok_or_else(|| torn("length cut off"))?;
+                    let len = u32::from_le_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]) as usize;
+                    if !(12 + 16..=MAX_RECORD).contains(&len) {
+                        return Err(torn("implausible record length"));
+                    }
+                    let body = data.get(at + 4..at + 4 + len).ok_or_else(|| torn("record cut off"))?;
+                    let nonce = Nonce::from_slice(&body[..12]);
+                    let (ct, tag) = body[12..].split_at(len - 12 - 16);
+                    let mut buf = ct.to_vec();
+                    cipher
+                        .decrypt_in_place_detached(nonce, AAD, &mut buf, Tag::from_slice(tag))
+                        .map_err(|_| torn("record fails authentication"))?;
+                    let rec: Record =
+                        postcard::from_bytes(&buf).map_err(|e| torn(&format!("record does not decode: {e}")))?;
+                    Ok((rec, 4 + len))
+                })();
+                match rec {
+                    Ok((Record::Enqueue(e), n)) => {
+                        max_id = max_id.max(e.id);
+                        pending.insert(e.id, e);
+                        at += n;
+                    }
+                    Ok((Record::Done(id), n)) => {
+                        pending.remove(&id);
+                        max_id = max_id.max(id);
+                        at += n;
+                    }
+                    Err((off, what)) => {
+                        // A crash mid-append leaves only the last record incomplete: it was
+                        // never acknowledged, so dropping it loses nothing anyone was promised.
+                        let is_tail = what.contains("cut off") || off + 4 + 16 + 12 > data.len() || {
+                            let len = data
+                                .get(off..off + 4)
+                                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+                                .unwrap_or(0);
+                            off + 4 + len >= data.len()
+                        };
+                        if is_tail {
+                            tracing::warn!(journal = %path.display(), offset = off, "dropping a torn last record: {what}");
+                            break;
+                        }
+                        return Err(JournalError::Corrupt { path, offset: off as u64, what });
+                    }
+                }
+            }
+        }
+        // Compaction: rewrite with only the pending entries, atomically.
+        let tmp = dir.join("journal.tmp");
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io("creating", &tmp))?;
+        let mut j = Journal { path: path.clone(), file, cipher, next_id: max_id + 1, live: 0, dead: 0, dirty: false };
+        let entries: Vec<Entry> = pending.into_values().collect();
+        for e in &entries {
+            j.write(&Record::Enqueue(e.clone()))?;
+            j.live += 1;
+        }
+        j.file.sync_all().map_err(io("syncing", &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io("renaming", &tmp))?;
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+        j.dirty = false;
+        Ok((j, entries))
+    }
+
+    fn write(&mut self, rec: &Record) -> Result<(), JournalError> {
+        let mut buf = postcard::to_allocvec(rec).map_err(|e| JournalError::Corrupt {
+            path: self.path.clone(),
+            offset: 0,
+            what: format!("encoding: {e}"),
+        })?;
+        let mut nonce = [0u8; 12];
+        getrandom::getrandom(&mut nonce).map_err(|e| JournalError::Io {
+            step: "nonce for",
+            path: self.path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let tag = self
+            .cipher
+            .encrypt_in_place_detached(Nonce::from_slice(&nonce), AAD, &mut buf)
+            .map_err(|_| JournalError::Corrupt { path: self.path.clone(), offset: 0, what: "encrypting".into() })?;
+        let len = (12 + buf.len() + 16) as u32;
+        let mut out = Vec::with_capacity(4 + len as usize);
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&buf);
+        out.extend_from_slice(&tag);
+        self.file.write_all(&out).map_err(io("appending to", &self.path.clone()))?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Appends a message and returns its id (not yet durable: see [`Journal::sync`]).
+    pub fn enqueue(&mut self, from: &str, service: &str, method: &str, body: Vec<u8>) -> Result<Entry, JournalError> {
+        let e = Entry { id: self.next_id, from: from.into(), service: service.into(), method: method.into(), body };
+        self.write(&Record::Enqueue(e.clone()))?;
+        self.next_id += 1;
+        self.live += 1;
+        Ok(e)
+    }
+
+    /// Records that entry `id` was handled.
+    pub fn done(&mut self, id: u64) -> Result<(), JournalError> {
+        self.write(&Record::Done(id))?;
+        self.live = self.live.saturating_sub(1);
+        self.dead += 2;
+        Ok(())
+    }
+
+    /// Makes everything written so far durable (`fdatasync`).
+    pub fn sync(&mut self) -> Result<(), JournalError> {
+        if self.dirty {
+            self.file.sync_data().map_err(io("syncing", &self.path.clone()))?;
+            self.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Entries written and not yet done.
+    pub fn live(&self) -> usize {
+        self.live
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("airlock-journal-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn pending_entries_survive_reopen_in_order_and_done_ones_do_not() {
+        let d = dir("reopen");
+        let (mut j, p) = Journal::open(&d).expect("open");
+        assert!(p.is_empty());
+        let a = j.enqueue("w", "s", "m", b"one".to_vec()).expect("a");
+        let b = j.enqueue("w", "s", "m", b"two".to_vec()).expect("b");
+        let c = j.enqueue("w", "s", "m", b"three".to_vec()).expect("c");
+        j.done(b.id).expect("done");
+        j.sync().expect("sync");
+        drop(j);
+        let (mut j, p) = Journal::open(&d).expect("reopen");
+        assert_eq!(p.iter().map(|e| e.id).collect::<Vec<_>>(), vec![a.id, c.id]);
+        assert_eq!(p[1].body, b"three");
+        let e = j.enqueue("w", "s", "m", vec![]).expect("next");
+        assert!(e.id > c.id, "ids keep increasing across restarts");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn bodies_are_not_stored_in_clear() {
+        let d = dir("clear");
+        let (mut j, _) = Journal::open(&d).expect("open");
+        j.enqueue("w", "s", "m", b"SECRET-SETPOINT-4242".to_vec()).expect("e");
+        j.sync().expect("sync");
+        let raw = std::fs::read(d.join("journal")).expect("read");
+        assert!(!raw.windows(20).any(|w| w == b"SECRET-SETPOINT-4242"));
+        let key = std::fs::metadata(d.join("journal.key")).expect("key");
+        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&key.permissions()) & 0o777, 0o600);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn torn_last_record_is_dropped_but_corruption_elsewhere_is_an_error() {
+        let d = dir("torn");
+        let (mut j, _) = Journal::open(&d).expect("open");
+        j.enqueue("w", "s", "m", b"kept".to_vec()).expect("e");
+        j.enqueue("w", "s", "m", b"torn".to_vec()).expect("e");
+        j.sync().expect("sync");
+        drop(j);
+        let path = d.join("journal");
+        let raw = std::fs::read(&path).expect("read");
+        std::fs::write(&path, &raw[..raw.len() - 5]).expect("truncate");
+        let (_, p) = Journal::open(&d).expect("torn tail is recoverable");
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].body, b"kept");
+        // Now flip a byte in the middle of the first (complete) record, with another after it.
+        let (mut j, _) = Journal::open(&d).expect("open");
+        j.enqueue("w", "s", "m", b"after".to_vec()).expect("e");
+        j.sync().expect("sync");
+        drop(j);
+        let mut raw = std::fs::read(&path).expect("read");
+        raw[20] ^= 1;
+        std::fs::write(&path, &raw).expect("write");
+        match Journal::open(&d) {
+            Err(JournalError::Corrupt { offset: 0, .. }) => {}
+            other => panic!("expected corruption at 0, got {other:?}"),
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_journal_under_another_key_is_refused() {
+        let d = dir("key");
+        let (mut j, _) = Journal::open(&d).expect("open");
+        j.enqueue("w", "s", "m", b"x".to_vec()).expect("e");
+        j.enqueue("w", "s", "m", b"y".to_vec()).expect("e");
+        j.sync().expect("sync");
+        drop(j);
+        std::fs::write(d.join("journal.key"), [9u8; 32]).expect("swap key");
+        assert!(matches!(Journal::open(&d), Err(JournalError::Corrupt { .. })));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
