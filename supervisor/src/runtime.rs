@@ -500,8 +500,12 @@ impl Supervisor {
         }
     }
 
+    /// Handles what worker `i` sent, at most `PER_TURN` messages, so that a flooding worker
+    /// cannot starve the others: the rest waits in its socket (and the socket's bounded buffer
+    /// pushes back on the sender).
     fn drain_channel(&mut self, i: usize) {
-        loop {
+        const PER_TURN: usize = 64;
+        for _ in 0..PER_TURN {
             let Some(r) = self.slots[i].run.as_mut() else { return };
             if r.channel_down {
                 return;

@@ -8,6 +8,14 @@ use std::time::{Duration, Instant};
 use airlock_supervisor::runtime::WorkerState;
 use common::*;
 
+/// The broker tests run one at a time: the flood test measures latency, and the others start
+/// several workers each on a two-core machine.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn sink_worker() -> String {
     "\n[[worker]]\nname = \"sink\"\nexecutable = \"airlock-worker-sink\"\npolicy = \"sink\"\nargs = [\"@DIR@/sink.log\"]\nservices = [\"sink\"]\n[worker.landlock]\nwrite = [\"@DIR@\"]\n[worker.restart]\npolicy = \"always\"\ninitial-backoff-ms = 20\nmax-backoff-ms = 200\nmax-restarts = 50\nwindow-s = 60\n".to_string()
 }
@@ -57,6 +65,7 @@ fn wait_drained(d: &Daemon) {
 
 #[test]
 fn permit_table_allows_listed_requests_refuses_the_rest_and_kills_repeat_offenders() {
+    let _serial = serial();
     let workers = format!(
         "{}{}\n{}",
         echo_worker("front", "front", "[worker.restart]\npolicy = \"always\"\ninitial-backoff-ms = 20"),
@@ -99,6 +108,7 @@ fn permit_table_allows_listed_requests_refuses_the_rest_and_kills_repeat_offende
 
 #[test]
 fn permits_command_prints_the_table() {
+    let _serial = serial();
     let dir = std::env::temp_dir().join(format!("airlock-permits-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let cfg = dir.join("p.toml");
@@ -123,6 +133,7 @@ fn permits_command_prints_the_table() {
 
 #[test]
 fn ten_thousand_messages_reach_a_receiver_killed_repeatedly_exactly_once_in_order() {
+    let _serial = serial();
     let workers = format!(
         "{}{}\n[[permit]]\nfrom = \"front\"\nto = \"sink.*\"\nkind = \"send\"\n",
         echo_worker("front", "front", ""),
@@ -163,6 +174,7 @@ fn ten_thousand_messages_reach_a_receiver_killed_repeatedly_exactly_once_in_orde
 
 #[test]
 fn durable_messages_survive_a_supervisor_kill_and_none_arrive_twice() {
+    let _serial = serial();
     let workers = format!(
         "{}{}\n[[permit]]\nfrom = \"front\"\nto = \"sink.*\"\nkind = \"send\"\n",
         echo_worker("front", "front", ""),
@@ -204,6 +216,89 @@ fn durable_messages_survive_a_supervisor_kill_and_none_arrive_twice() {
     assert!(n >= accepted, "only {n} of {accepted} accepted messages arrived");
     assert_exactly_once_in_order(&log, n);
     assert!(d.log_text().contains("recovered journaled messages"), "{}", d.log_text());
+    let (st, log) = d.stop();
+    assert!(st.success(), "{log}");
+}
+
+#[test]
+fn bulk_replies_cross_the_broker_as_the_same_sealed_memfd() {
+    let _serial = serial();
+    let workers = format!(
+        "{}{}\n[[permit]]\nfrom = \"front\"\nto = \"back.make_bulk\"\nkind = \"call\"\n",
+        echo_worker("front", "front", ""),
+        echo_worker("back", "back", "")
+    );
+    let d = Daemon::start(&workers);
+    d.wait_running("front");
+    d.wait_running("back");
+    let len = 1usize << 20;
+    let want: u64 = (0..len).map(|i| (i % 251) as u64).sum();
+    let (ok, msg) = d.call("front", "relay", &format!("back make_bulk {len}"));
+    assert!(ok, "{msg}");
+    assert_eq!(msg, format!("bulk {len} bytes sum {want} via sealed memfd"));
+    let (st, log) = d.stop();
+    assert!(st.success(), "{log}");
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The supervisor's RSS bound while a worker floods it (stated in docs/configuration.md).
+const RSS_BOUND_KIB: u64 = 64 * 1024;
+
+#[test]
+fn a_flooding_worker_is_stopped_by_its_quota_without_hurting_the_others() {
+    let _serial = serial();
+    // The flood's receiver never comes up (its log path is unwritable), so every message
+    // stays in the journal until the flooder's quota says Busy.
+    let stuck = "\n[[worker]]\nname = \"stuck\"\nexecutable = \"airlock-worker-sink\"\npolicy = \"sink\"\nargs = [\"/proc/no-such-dir/log\"]\nservices = [\"stuck\"]\n[worker.restart]\npolicy = \"never\"\n";
+    let workers = format!(
+        "{}{}{}{stuck}\n[[permit]]\nfrom = \"flooder\"\nto = \"stuck.*\"\nkind = \"send\"\n[[permit]]\nfrom = \"pinger\"\nto = \"peer.echo\"\nkind = \"call\"\n",
+        echo_worker("flooder", "flooder", "[worker.quota]\njournal-bytes = 262144"),
+        echo_worker("pinger", "pinger", ""),
+        echo_worker("peer", "peer", ""),
+    );
+    let d = Daemon::start(&workers);
+    for w in ["flooder", "pinger", "peer"] {
+        d.wait_running(w);
+    }
+    let median = |d: &Daemon| -> u64 {
+        let (ok, m) = d.call("pinger", "ping_many", "peer 300");
+        assert!(ok, "{m}");
+        m.parse().expect("median")
+    };
+    let unloaded = median(&d);
+    let sock = d.socket.clone();
+    let flood = std::thread::spawn(move || {
+        std::process::Command::new(bin("airlock"))
+            .arg("--socket")
+            .arg(&sock)
+            .args(["call", "--deadline-ms", "60000", "flooder", "flood", "stuck deliver 4000"])
+            .output()
+            .expect("flood")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let loaded = median(&d);
+    let pid = d.child.borrow().as_ref().map(|c| c.id()).expect("airlockd pid");
+    let rss = rss_kib(pid);
+    let out = flood.join().expect("flood thread");
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let nums: Vec<u64> = text.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    let [sent, busy] = nums[..] else { panic!("{text}") };
+    println!("unloaded {unloaded} us, loaded {loaded} us, supervisor RSS {rss} KiB, flood: {text}");
+    // 256 KiB of 1 KiB messages fit; everything after is refused as Busy.
+    assert_eq!(sent, 256, "{text}");
+    assert!(busy > 0, "{text}");
+    assert!(loaded <= 2 * unloaded.max(50), "latency under flood {loaded} us vs {unloaded} us unloaded");
+    assert!(rss < RSS_BOUND_KIB, "supervisor RSS {rss} KiB above {RSS_BOUND_KIB} KiB");
+    assert_eq!(d.worker("peer").restarts, 0);
     let (st, log) = d.stop();
     assert!(st.success(), "{log}");
 }

@@ -2,7 +2,7 @@
 //! benchmarks as a real, confined workload.
 //!
 //! Methods: `echo` (returns the body), `sum` (wrapping sum of the bulk payload's bytes as
-//! 8 little-endian bytes), `make_bulk` (body: u64 LE length; returns a sealed bulk payload of
+//! 8 little-endian bytes), `make_bulk` (body: a decimal length; returns a sealed bulk payload of
 //! that many bytes), `exit` (body: a decimal exit code; exits with it), `forbidden` (issues `ptrace`,
 //! which every worker policy forbids).
 
@@ -25,12 +25,10 @@ fn main() {
             Ok(Response::bytes(s.to_le_bytes().to_vec()))
         }
         "make_bulk" => {
-            let len = req
-                .body
-                .get(..8)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_le_bytes)
-                .ok_or("body must be a u64 length")?;
+            let len = std::str::from_utf8(&req.body)
+                .ok()
+                .and_then(|t| t.trim().parse::<u64>().ok())
+                .ok_or("body must be a decimal length")?;
             let len = usize::try_from(len).map_err(|_| "length too large")?;
             let mut bw = airlock_protocol::BulkWriter::allocate(len, airlock_protocol::bulk::DEFAULT_INLINE_THRESHOLD)
                 .map_err(|e| e.to_string())?;
@@ -55,7 +53,19 @@ fn main() {
             let mut parts = text.splitn(3, ' ');
             let (service, method) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
             let body = parts.next().unwrap_or("").as_bytes().to_vec();
-            w.call(service, method, body).map(|(b, _)| Response::bytes(b)).map_err(|e| e.to_string())
+            match w.call(service, method, body) {
+                // A bulk reply arrives as a sealed memfd, mapped here without a copy.
+                Ok((b, Some(bulk))) => {
+                    let sum = bulk.iter().fold(0u64, |a, &x| a.wrapping_add(u64::from(x)));
+                    let how = if bulk.is_mapped() { "sealed memfd" } else { "inline" };
+                    Ok(Response::bytes(
+                        format!("{}bulk {} bytes sum {sum} via {how}", String::from_utf8_lossy(&b), bulk.len())
+                            .into_bytes(),
+                    ))
+                }
+                Ok((b, None)) => Ok(Response::bytes(b)),
+                Err(e) => Err(e.to_string()),
+            }
         }
         "send_many" => {
             let text = String::from_utf8_lossy(&req.body).into_owned();
@@ -72,6 +82,41 @@ fn main() {
                 }
             }
             Ok(Response::bytes(format!("sent {count}").into_bytes()))
+        }
+        "ping_many" => {
+            // Body `SERVICE COUNT`: COUNT calls to SERVICE.echo; returns the median in us.
+            let text = String::from_utf8_lossy(&req.body).into_owned();
+            let mut parts = text.split_whitespace();
+            let service = parts.next().unwrap_or("").to_string();
+            let count: usize = parts.next().and_then(|c| c.parse().ok()).unwrap_or(100);
+            let mut times = Vec::with_capacity(count);
+            for _ in 0..count {
+                let t = std::time::Instant::now();
+                w.call(&service, "echo", vec![0u8; 64]).map_err(|e| e.to_string())?;
+                times.push(t.elapsed().as_micros() as u64);
+            }
+            times.sort_unstable();
+            Ok(Response::bytes(times.get(count / 2).copied().unwrap_or(0).to_string().into_bytes()))
+        }
+        "flood" => {
+            // Body `SERVICE METHOD MILLIS`: sends as fast as it can without waiting on Busy,
+            // and makes calls past its in-flight quota; returns what got through.
+            let text = String::from_utf8_lossy(&req.body).into_owned();
+            let parts: Vec<&str> = text.split_whitespace().collect();
+            let [service, method, millis] = parts[..] else { return Err("body must be: SERVICE METHOD MILLIS".into()) };
+            let until = std::time::Instant::now() + std::time::Duration::from_millis(millis.parse().unwrap_or(1000));
+            let (mut sent, mut busy) = (0u64, 0u64);
+            while std::time::Instant::now() < until {
+                match w.send(service, method, vec![7u8; 1024], false) {
+                    Ok(()) => sent += 1,
+                    Err(airlock_worker::WorkerError::Refused {
+                        refusal: airlock_worker::wire::Refusal::Busy(_),
+                        ..
+                    }) => busy += 1,
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+            Ok(Response::bytes(format!("sent {sent} busy {busy}").into_bytes()))
         }
         other => Err(format!("echo has no method {other}")),
     });
