@@ -63,6 +63,9 @@ pub struct Journal {
     live: usize,
     dead: usize,
     dirty: bool,
+    /// Records encoded but not yet written: written together by `flush` (each loop turn) and
+    /// before every `sync`, so a group of messages costs one write and one fsync.
+    buf: Vec<u8>,
 }
 
 impl std::fmt::Debug for Journal {
@@ -179,12 +182,22 @@ impl Journal {
             .mode(0o600)
             .open(&tmp)
             .map_err(io("creating", &tmp))?;
-        let mut j = Journal { path: path.clone(), file, cipher, next_id: max_id + 1, live: 0, dead: 0, dirty: false };
+        let mut j = Journal {
+            path: path.clone(),
+            file,
+            cipher,
+            next_id: max_id + 1,
+            live: 0,
+            dead: 0,
+            dirty: false,
+            buf: Vec::new(),
+        };
         let entries: Vec<Entry> = pending.into_values().collect();
         for e in &entries {
             j.write(&Record::Enqueue(e.clone()))?;
             j.live += 1;
         }
+        j.flush()?;
         j.file.sync_all().map_err(io("syncing", &tmp))?;
         std::fs::rename(&tmp, &path).map_err(io("renaming", &tmp))?;
         if let Ok(d) = File::open(dir) {
@@ -211,13 +224,21 @@ impl Journal {
             .encrypt_in_place_detached(Nonce::from_slice(&nonce), AAD, &mut buf)
             .map_err(|_| JournalError::Corrupt { path: self.path.clone(), offset: 0, what: "encrypting".into() })?;
         let len = (12 + buf.len() + 16) as u32;
-        let mut out = Vec::with_capacity(4 + len as usize);
-        out.extend_from_slice(&len.to_le_bytes());
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&buf);
-        out.extend_from_slice(&tag);
-        self.file.write_all(&out).map_err(io("appending to", &self.path.clone()))?;
+        self.buf.extend_from_slice(&len.to_le_bytes());
+        self.buf.extend_from_slice(&nonce);
+        self.buf.extend_from_slice(&buf);
+        self.buf.extend_from_slice(&tag);
         self.dirty = true;
+        Ok(())
+    }
+
+    /// Writes the records encoded so far (one `write`), without waiting for the disk.
+    pub fn flush(&mut self) -> Result<(), JournalError> {
+        if !self.buf.is_empty() {
+            let path = self.path.clone();
+            self.file.write_all(&self.buf).map_err(io("appending to", &path))?;
+            self.buf.clear();
+        }
         Ok(())
     }
 
@@ -240,6 +261,7 @@ impl Journal {
 
     /// Makes everything written so far durable (`fdatasync`).
     pub fn sync(&mut self) -> Result<(), JournalError> {
+        self.flush()?;
         if self.dirty {
             self.file.sync_data().map_err(io("syncing", &self.path.clone()))?;
             self.dirty = false;

@@ -446,6 +446,9 @@ impl Supervisor {
         for i in 0..self.slots.len() {
             self.deliver(i);
         }
+        if let Err(e) = self.journal.flush() {
+            tracing::error!(error = %e, "journal write failed");
+        }
         let now = Instant::now();
         for i in 0..self.slots.len() {
             if self.slots[i].backoff_until.is_some_and(|t| t <= now) {
@@ -730,11 +733,16 @@ impl Supervisor {
             }
             return;
         }
+        // One batch per sender: coalesced into as few frames as fit.
+        let mut per_slot: BTreeMap<usize, Vec<ToWorker>> = BTreeMap::new();
         for (i, inc, seq) in std::mem::take(&mut self.accept_after_sync) {
             if self.slots[i].incarnation == inc {
-                if let Some(run) = self.slots[i].run.as_mut() {
-                    let _ = run.channel.send(&ToWorker::Accepted { seq });
-                }
+                per_slot.entry(i).or_default().push(ToWorker::Accepted { seq });
+            }
+        }
+        for (i, msgs) in per_slot {
+            if let Some(run) = self.slots[i].run.as_mut() {
+                let _ = run.channel.send_batch(&msgs);
             }
         }
     }
@@ -747,21 +755,34 @@ impl Supervisor {
             return;
         }
         let Some(run) = slot.run.as_mut() else { return };
-        while slot.delivered.len() < window {
+        let mut batch = Vec::new();
+        let mut ids = Vec::new();
+        while slot.delivered.len() + batch.len() < window {
             let Some(e) = slot.outbox.pop_front() else { break };
-            let d = ToWorker::Deliver(Delivery {
+            batch.push(ToWorker::Deliver(Delivery {
                 id: e.id,
                 from: e.from.clone(),
                 service: e.service.clone(),
                 method: e.method.clone(),
                 body: e.body.clone(),
-            });
-            if let Err(err) = run.channel.send(&d) {
-                tracing::warn!(worker = %slot.name, error = %err, "delivery failed; will redeliver after restart");
-                slot.outbox.push_front(e);
-                break;
+            }));
+            ids.push(e);
+        }
+        if batch.is_empty() {
+            return;
+        }
+        match run.channel.send_batch(&batch) {
+            Ok(()) => {
+                for e in ids {
+                    slot.delivered.insert(e.id, e);
+                }
             }
-            slot.delivered.insert(e.id, e);
+            Err(err) => {
+                tracing::warn!(worker = %slot.name, error = %err, "delivery failed; will redeliver after restart");
+                for e in ids.into_iter().rev() {
+                    slot.outbox.push_front(e);
+                }
+            }
         }
     }
 

@@ -159,7 +159,14 @@ impl Worker {
         F: FnMut(&mut Worker, &Request, Option<&Bulk>) -> Result<Response, String>,
         G: FnMut(&mut Worker, &Delivery, Option<&Bulk>),
     {
+        // Acknowledgements of a burst of deliveries go out together, once nothing more is
+        // already waiting (each is still sent only after its handler returned).
+        let mut acks: Vec<FromWorker> = Vec::new();
         loop {
+            if !acks.is_empty() && self.backlog.is_empty() && !self.ch.has_buffered() {
+                self.ch.send_batch(&acks)?;
+                acks.clear();
+            }
             let got = match self.backlog.pop_front() {
                 Some(g) => g,
                 None => match self.ch.recv::<ToWorker>() {
@@ -193,9 +200,14 @@ impl Worker {
                     } else {
                         tracing::debug!(id = d.id, "redelivery of a handled message: acknowledged, not handled again");
                     }
-                    self.ch.send(&FromWorker::Ack { id: d.id })?;
+                    acks.push(FromWorker::Ack { id: d.id });
                 }
-                ToWorker::Shutdown => return Ok(()),
+                ToWorker::Shutdown => {
+                    if !acks.is_empty() {
+                        self.ch.send_batch(&acks)?;
+                    }
+                    return Ok(());
+                }
                 ToWorker::Reply(r) => tracing::warn!(id = r.id, "dropping a reply nobody waits for"),
                 other => {
                     return Err(WorkerError::Unexpected {
@@ -279,6 +291,47 @@ impl Worker {
                 Err(WorkerError::Refused { service: service.into(), method: method.into(), refusal })
             }
             _ => Ok(()),
+        }
+    }
+
+    /// Sends several messages at once (one `sendmmsg`, so the supervisor journals them with one
+    /// fsync when durable) and waits until each is accepted or refused. Returns how many
+    /// were accepted; the first refusal, if any, is returned after all answers are in.
+    pub fn send_many(
+        &mut self,
+        service: &str,
+        method: &str,
+        bodies: Vec<Vec<u8>>,
+        durable: bool,
+    ) -> Result<usize, WorkerError> {
+        let first = self.next_seq;
+        let msgs: Vec<FromWorker> = bodies
+            .into_iter()
+            .map(|body| {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                FromWorker::Send(Message { seq, service: service.into(), method: method.into(), body, durable })
+            })
+            .collect();
+        let n = msgs.len() as u64;
+        self.ch.send_batch(&msgs)?;
+        let mut accepted = 0;
+        let mut refused = None;
+        for _ in 0..n {
+            let answer = self.wait_for(
+                |m| matches!(m, ToWorker::Accepted { seq } | ToWorker::Refused { seq, .. } if *seq >= first && *seq < first + n),
+                |g| g.msg,
+            )?;
+            match answer {
+                ToWorker::Refused { refusal, .. } => {
+                    refused.get_or_insert(refusal);
+                }
+                _ => accepted += 1,
+            }
+        }
+        match refused {
+            Some(refusal) => Err(WorkerError::Refused { service: service.into(), method: method.into(), refusal }),
+            None => Ok(accepted),
         }
     }
 

@@ -18,108 +18,139 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let r = w.serve(|w, req, bulk| match req.method.as_str() {
-        "echo" => Ok(Response::bytes(req.body.clone())),
-        "sum" => {
-            let s = bulk.map(|b| b.iter().fold(0u64, |a, &x| a.wrapping_add(u64::from(x)))).unwrap_or(0);
-            Ok(Response::bytes(s.to_le_bytes().to_vec()))
-        }
-        "make_bulk" => {
-            let len = std::str::from_utf8(&req.body)
-                .ok()
-                .and_then(|t| t.trim().parse::<u64>().ok())
-                .ok_or("body must be a decimal length")?;
-            let len = usize::try_from(len).map_err(|_| "length too large")?;
-            let mut bw = airlock_protocol::BulkWriter::allocate(len, airlock_protocol::bulk::DEFAULT_INLINE_THRESHOLD)
-                .map_err(|e| e.to_string())?;
-            for (i, b) in bw.as_mut_slice().iter_mut().enumerate() {
-                *b = (i % 251) as u8;
+    let received = std::cell::Cell::new(0u64);
+    let r = w.serve_all(
+        |w, req, bulk| match req.method.as_str() {
+            "received" => Ok(Response::bytes(received.get().to_string().into_bytes())),
+            "echo" => Ok(Response::bytes(req.body.clone())),
+            "sum" => {
+                let s = bulk.map(|b| b.iter().fold(0u64, |a, &x| a.wrapping_add(u64::from(x)))).unwrap_or(0);
+                Ok(Response::bytes(s.to_le_bytes().to_vec()))
             }
-            Ok(Response { body: Vec::new(), bulk: Some((bw, BulkMode::Sealed)) })
-        }
-        "exit" => {
-            let code = std::str::from_utf8(&req.body).ok().and_then(|t| t.trim().parse::<i32>().ok()).unwrap_or(1);
-            std::process::exit(code)
-        }
-        "forbidden" => {
-            let _ = airlock_worker::sys::raw_syscall6(
-                libc::SYS_ptrace,
-                [libc::PTRACE_TRACEME as libc::c_long, 0, 0, 0, 0, 0],
-            );
-            Err("ptrace was allowed: the policy is not in force".into())
-        }
-        "relay" => {
-            let text = String::from_utf8_lossy(&req.body).into_owned();
-            let mut parts = text.splitn(3, ' ');
-            let (service, method) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let body = parts.next().unwrap_or("").as_bytes().to_vec();
-            match w.call(service, method, body) {
-                // A bulk reply arrives as a sealed memfd, mapped here without a copy.
-                Ok((b, Some(bulk))) => {
-                    let sum = bulk.iter().fold(0u64, |a, &x| a.wrapping_add(u64::from(x)));
-                    let how = if bulk.is_mapped() { "sealed memfd" } else { "inline" };
-                    Ok(Response::bytes(
-                        format!("{}bulk {} bytes sum {sum} via {how}", String::from_utf8_lossy(&b), bulk.len())
-                            .into_bytes(),
-                    ))
+            "make_bulk" => {
+                let len = std::str::from_utf8(&req.body)
+                    .ok()
+                    .and_then(|t| t.trim().parse::<u64>().ok())
+                    .ok_or("body must be a decimal length")?;
+                let len = usize::try_from(len).map_err(|_| "length too large")?;
+                let mut bw =
+                    airlock_protocol::BulkWriter::allocate(len, airlock_protocol::bulk::DEFAULT_INLINE_THRESHOLD)
+                        .map_err(|e| e.to_string())?;
+                for (i, b) in bw.as_mut_slice().iter_mut().enumerate() {
+                    *b = (i % 251) as u8;
                 }
-                Ok((b, None)) => Ok(Response::bytes(b)),
-                Err(e) => Err(e.to_string()),
+                Ok(Response { body: Vec::new(), bulk: Some((bw, BulkMode::Sealed)) })
             }
-        }
-        "send_many" => {
-            let text = String::from_utf8_lossy(&req.body).into_owned();
-            let parts: Vec<&str> = text.split_whitespace().collect();
-            let [service, method, count, mode] = parts[..] else {
-                return Err("body must be: SERVICE METHOD COUNT durable|volatile".into());
-            };
-            let count: u64 = count.parse().map_err(|_| "COUNT must be a number")?;
-            let durable = mode == "durable";
-            for i in 0..count {
-                w.send_waiting(service, method, i.to_string().into_bytes(), durable).map_err(|e| e.to_string())?;
-                if (i + 1) % 100 == 0 || i + 1 == count {
-                    let _ = w.event(&format!("accepted {}", i + 1));
+            "exit" => {
+                let code = std::str::from_utf8(&req.body).ok().and_then(|t| t.trim().parse::<i32>().ok()).unwrap_or(1);
+                std::process::exit(code)
+            }
+            "forbidden" => {
+                let _ = airlock_worker::sys::raw_syscall6(
+                    libc::SYS_ptrace,
+                    [libc::PTRACE_TRACEME as libc::c_long, 0, 0, 0, 0, 0],
+                );
+                Err("ptrace was allowed: the policy is not in force".into())
+            }
+            "relay" => {
+                let text = String::from_utf8_lossy(&req.body).into_owned();
+                let mut parts = text.splitn(3, ' ');
+                let (service, method) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                let body = parts.next().unwrap_or("").as_bytes().to_vec();
+                match w.call(service, method, body) {
+                    // A bulk reply arrives as a sealed memfd, mapped here without a copy.
+                    Ok((b, Some(bulk))) => {
+                        let sum = bulk.iter().fold(0u64, |a, &x| a.wrapping_add(u64::from(x)));
+                        let how = if bulk.is_mapped() { "sealed memfd" } else { "inline" };
+                        Ok(Response::bytes(
+                            format!("{}bulk {} bytes sum {sum} via {how}", String::from_utf8_lossy(&b), bulk.len())
+                                .into_bytes(),
+                        ))
+                    }
+                    Ok((b, None)) => Ok(Response::bytes(b)),
+                    Err(e) => Err(e.to_string()),
                 }
             }
-            Ok(Response::bytes(format!("sent {count}").into_bytes()))
-        }
-        "ping_many" => {
-            // Body `SERVICE COUNT`: COUNT calls to SERVICE.echo; returns the median in us.
-            let text = String::from_utf8_lossy(&req.body).into_owned();
-            let mut parts = text.split_whitespace();
-            let service = parts.next().unwrap_or("").to_string();
-            let count: usize = parts.next().and_then(|c| c.parse().ok()).unwrap_or(100);
-            let mut times = Vec::with_capacity(count);
-            for _ in 0..count {
+            "send_many" => {
+                let text = String::from_utf8_lossy(&req.body).into_owned();
+                let parts: Vec<&str> = text.split_whitespace().collect();
+                let [service, method, count, mode] = parts[..] else {
+                    return Err("body must be: SERVICE METHOD COUNT durable|volatile".into());
+                };
+                let count: u64 = count.parse().map_err(|_| "COUNT must be a number")?;
+                let durable = mode == "durable";
+                for i in 0..count {
+                    w.send_waiting(service, method, i.to_string().into_bytes(), durable).map_err(|e| e.to_string())?;
+                    if (i + 1) % 100 == 0 || i + 1 == count {
+                        let _ = w.event(&format!("accepted {}", i + 1));
+                    }
+                }
+                Ok(Response::bytes(format!("sent {count}").into_bytes()))
+            }
+            "ping_many" => {
+                // Body `SERVICE COUNT`: COUNT calls to SERVICE.echo; returns the median in microseconds.
+                let text = String::from_utf8_lossy(&req.body).into_owned();
+                let mut parts = text.split_whitespace();
+                let service = parts.next().unwrap_or("").to_string();
+                let count: usize = parts.next().and_then(|c| c.parse().ok()).unwrap_or(100);
+                let mut times = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let t = std::time::Instant::now();
+                    w.call(&service, "echo", vec![0u8; 64]).map_err(|e| e.to_string())?;
+                    times.push(t.elapsed().as_nanos() as u64);
+                }
+                times.sort_unstable();
+                let median_us = times.get(count / 2).copied().unwrap_or(0) as f64 / 1000.0;
+                Ok(Response::bytes(format!("{median_us:.2}").into_bytes()))
+            }
+            "flood" => {
+                // Body `SERVICE METHOD MILLIS`: sends as fast as it can without waiting on Busy,
+                // and makes calls past its in-flight quota; returns what got through.
+                let text = String::from_utf8_lossy(&req.body).into_owned();
+                let parts: Vec<&str> = text.split_whitespace().collect();
+                let [service, method, millis] = parts[..] else {
+                    return Err("body must be: SERVICE METHOD MILLIS".into());
+                };
+                let until =
+                    std::time::Instant::now() + std::time::Duration::from_millis(millis.parse().unwrap_or(1000));
+                let (mut sent, mut busy) = (0u64, 0u64);
+                while std::time::Instant::now() < until {
+                    match w.send(service, method, vec![7u8; 1024], false) {
+                        Ok(()) => sent += 1,
+                        Err(airlock_worker::WorkerError::Refused {
+                            refusal: airlock_worker::wire::Refusal::Busy(_),
+                            ..
+                        }) => busy += 1,
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+                Ok(Response::bytes(format!("sent {sent} busy {busy}").into_bytes()))
+            }
+            "durable_rate" => {
+                // Body `SERVICE METHOD COUNT SIZE BATCH`: COUNT durable messages of SIZE bytes,
+                // BATCH at a time; returns accepted messages per second.
+                let text = String::from_utf8_lossy(&req.body).into_owned();
+                let p: Vec<usize> = text.split_whitespace().skip(2).filter_map(|x| x.parse().ok()).collect();
+                let mut words = text.split_whitespace();
+                let (service, method) =
+                    (words.next().unwrap_or("").to_string(), words.next().unwrap_or("").to_string());
+                let [count, size, batch] = p[..] else {
+                    return Err("body must be: SERVICE METHOD COUNT SIZE BATCH".into());
+                };
                 let t = std::time::Instant::now();
-                w.call(&service, "echo", vec![0u8; 64]).map_err(|e| e.to_string())?;
-                times.push(t.elapsed().as_micros() as u64);
-            }
-            times.sort_unstable();
-            Ok(Response::bytes(times.get(count / 2).copied().unwrap_or(0).to_string().into_bytes()))
-        }
-        "flood" => {
-            // Body `SERVICE METHOD MILLIS`: sends as fast as it can without waiting on Busy,
-            // and makes calls past its in-flight quota; returns what got through.
-            let text = String::from_utf8_lossy(&req.body).into_owned();
-            let parts: Vec<&str> = text.split_whitespace().collect();
-            let [service, method, millis] = parts[..] else { return Err("body must be: SERVICE METHOD MILLIS".into()) };
-            let until = std::time::Instant::now() + std::time::Duration::from_millis(millis.parse().unwrap_or(1000));
-            let (mut sent, mut busy) = (0u64, 0u64);
-            while std::time::Instant::now() < until {
-                match w.send(service, method, vec![7u8; 1024], false) {
-                    Ok(()) => sent += 1,
-                    Err(airlock_worker::WorkerError::Refused {
-                        refusal: airlock_worker::wire::Refusal::Busy(_),
-                        ..
-                    }) => busy += 1,
-                    Err(e) => return Err(e.to_string()),
+                let mut done = 0;
+                while done < count {
+                    let k = batch.min(count - done);
+                    done +=
+                        w.send_many(&service, &method, vec![vec![0x5au8; size]; k], true).map_err(|e| e.to_string())?;
                 }
+                Ok(Response::bytes(format!("{:.0}", done as f64 / t.elapsed().as_secs_f64()).into_bytes()))
             }
-            Ok(Response::bytes(format!("sent {sent} busy {busy}").into_bytes()))
-        }
-        other => Err(format!("echo has no method {other}")),
-    });
+            other => Err(format!("echo has no method {other}")),
+        },
+        // Asynchronous messages are counted (method `received`), nothing more.
+        |_, _, _| received.set(received.get() + 1),
+    );
     if let Err(e) = r {
         eprintln!("airlock-worker-echo: {e}");
         std::process::exit(2);

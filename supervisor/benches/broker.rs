@@ -1,0 +1,258 @@
+//! `cargo bench -p airlock-supervisor --bench broker`: the broker against baselines measured in
+//! the same run, every process pinned to CPU 0. One JSON object per line, as the protocol
+//! benchmark prints.
+//!
+//! - `call_via_broker_64`: median round trip of a 64-byte call from one confined worker to
+//!   another through `airlockd` (two encrypted hops each way, permit check, routing), versus a
+//!   raw `SOCK_SEQPACKET` ping-pong through a relay process doing the same hops, no crypto.
+//! - `async_durable_1k`: durable 1 KiB messages per second (journaled, encrypted, fsynced in
+//!   groups of 64), versus writing the same bytes to a file in the same directory and
+//!   `fdatasync`ing every 64.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use airlock_protocol::sys;
+use airlock_supervisor::runtime::{CallResult, ControlRequest};
+
+const CALLS: usize = 20_000;
+const MESSAGES: usize = 20_000;
+const BATCH: usize = 64;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn emit(scenario: &str, airlock: f64, baseline: f64, unit: &str, lower_is_better: bool, note: &str) {
+    let ratio = if lower_is_better { airlock / baseline } else { baseline / airlock };
+    println!(
+        "{}",
+        serde_json::json!({
+            "scenario": scenario,
+            "airlock": (airlock * 100.0).round() / 100.0,
+            "baseline": (baseline * 100.0).round() / 100.0,
+            "unit": unit,
+            "ratio": (ratio * 1000.0).round() / 1000.0,
+            "note": note,
+        })
+    );
+}
+
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+}
+
+fn build_binaries() {
+    let Ok(cargo) = std::env::var("CARGO") else { return };
+    let st = Command::new(cargo)
+        .args(["build", "--release", "-p", "airlock-worker", "-p", "airlock-supervisor", "--bins"])
+        .status()
+        .expect("cargo build");
+    assert!(st.success(), "building the binaries failed");
+}
+
+fn control(sock: &Path, req: &ControlRequest) -> CallResult {
+    let mut s = UnixStream::connect(sock).expect("connect control socket");
+    writeln!(s, "{}", serde_json::to_string(req).expect("json")).expect("write");
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).expect("read");
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad answer {line:?}: {e}"))
+}
+
+fn call(sock: &Path, service: &str, method: &str, body: &str) -> String {
+    let r = control(
+        sock,
+        &ControlRequest::Call {
+            service: service.into(),
+            method: method.into(),
+            body: body.into(),
+            deadline_ms: 600_000,
+        },
+    );
+    assert!(r.ok, "{service}.{method}: {}", r.body);
+    r.body
+}
+
+fn start_airlockd(dir: &Path, bins: &Path) -> Child {
+    let worker = |name: &str, extra: &str| {
+        format!("[[worker]]\nname = \"{name}\"\nexecutable = \"airlock-worker-echo\"\npolicy = \"echo\"\nuid = \"dynamic\"\nservices = [\"{name}\"]\n{extra}\n")
+    };
+    let cfg = format!(
+        "[supervisor]\nstate-directory = \"{d}/state\"\nruntime-directory = \"{d}/run\"\nworker-directory = \"{b}\"\n\n[defaults.confinement]\nuser-namespace = \"best-effort\"\npid-namespace = \"best-effort\"\nnet-namespace = \"best-effort\"\nmount-namespace = \"best-effort\"\nipc-namespace = \"best-effort\"\nuts-namespace = \"best-effort\"\ncgroup-namespace = \"best-effort\"\nuid = \"best-effort\"\nlandlock = \"best-effort\"\n\n{}{}{}{}\n[[permit]]\nfrom = \"pinger\"\nto = \"peer.echo\"\nkind = \"call\"\n[[permit]]\nfrom = \"writer\"\nto = \"receiver.*\"\nkind = \"send\"\n",
+        worker("pinger", ""),
+        worker("peer", ""),
+        worker("writer", "[worker.quota]\njournal-bytes = 268435456"),
+        worker("receiver", ""),
+        d = dir.display(),
+        b = bins.display()
+    );
+    std::fs::write(dir.join("airlock.toml"), cfg).expect("config");
+    let child = Command::new(bins.join("airlockd"))
+        .arg("--config")
+        .arg(dir.join("airlock.toml"))
+        .env("AIRLOCK_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("airlockd.log")).expect("log"))
+        .spawn()
+        .expect("airlockd");
+    let sock = dir.join("run/control.sock");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sock.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "airlockd did not start: {}",
+            std::fs::read_to_string(dir.join("airlockd.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Wait until the workers answer.
+    while control(
+        &sock,
+        &ControlRequest::Call { service: "peer".into(), method: "echo".into(), body: "x".into(), deadline_ms: 0 },
+    )
+    .body
+        != "x"
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+fn spawn_peer(mode: &str, fds: Vec<(OwnedFd, i32)>) -> Child {
+    let mut cmd = Command::new(std::env::current_exe().expect("exe"));
+    cmd.args(["--peer", mode]).stdin(Stdio::null());
+    let guard = sys::install_child_fds(&mut cmd, fds).expect("fds");
+    let c = cmd.spawn().expect("spawn peer");
+    drop(guard);
+    c
+}
+
+fn relay_baseline() -> f64 {
+    let (a, relay_a) = sys::seqpacket_pair().expect("pair");
+    let (relay_b, b) = sys::seqpacket_pair().expect("pair");
+    let mut relay = spawn_peer("relay", vec![(relay_a, 3), (relay_b, 4)]);
+    let mut echo = spawn_peer("echo", vec![(b, 3)]);
+    let payload = [0x5au8; 64];
+    let mut buf = [0u8; 256];
+    let mut times = Vec::with_capacity(CALLS);
+    for i in 0..CALLS + CALLS / 10 {
+        let t = Instant::now();
+        sys::send_bytes(a.as_fd(), &payload).expect("send");
+        let n = sys::recv_bytes(a.as_fd(), &mut buf).expect("recv");
+        assert_eq!(n, 64);
+        if i >= CALLS / 10 {
+            times.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    drop(a);
+    let _ = relay.wait();
+    let _ = echo.wait();
+    median(times)
+}
+
+fn fsync_baseline(dir: &Path) -> f64 {
+    let path = dir.join("baseline.dat");
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).expect("open");
+    let record = vec![0x5au8; 1024];
+    let t = Instant::now();
+    let mut done = 0;
+    while done < MESSAGES {
+        let k = BATCH.min(MESSAGES - done);
+        for _ in 0..k {
+            f.write_all(&record).expect("write");
+        }
+        f.sync_data().expect("fdatasync");
+        done += k;
+    }
+    let rate = MESSAGES as f64 / t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&path);
+    rate
+}
+
+fn peer(mode: &str) {
+    match mode {
+        "relay" => {
+            let a = sys::claim_inherited_fd(3).expect("fd 3");
+            let b = sys::claim_inherited_fd(4).expect("fd 4");
+            let mut buf = [0u8; 256];
+            loop {
+                let n = sys::recv_bytes(a.as_fd(), &mut buf).unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                sys::send_bytes(b.as_fd(), &buf[..n]).expect("to echo");
+                let n = sys::recv_bytes(b.as_fd(), &mut buf).expect("from echo");
+                sys::send_bytes(a.as_fd(), &buf[..n]).expect("back");
+            }
+        }
+        "echo" => {
+            let s = sys::claim_inherited_fd(3).expect("fd 3");
+            let mut buf = [0u8; 256];
+            loop {
+                let n = sys::recv_bytes(s.as_fd(), &mut buf).unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                sys::send_bytes(s.as_fd(), &buf[..n]).expect("echo");
+            }
+        }
+        other => panic!("unknown peer {other}"),
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--peer") {
+        peer(args.get(i + 1).map(String::as_str).unwrap_or(""));
+        return;
+    }
+    if args.iter().any(|a| a == "--list") {
+        return;
+    }
+    build_binaries();
+    let bins = target_dir();
+    // On the target's file system (not /tmp, which may be tmpfs where fsync is free).
+    let dir = bins.join(format!("airlock-bench-broker-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
+    sys::pin_to_cpu(0).expect("pin");
+    let mut d = start_airlockd(&dir, &bins);
+    let sock = dir.join("run/control.sock");
+
+    let airlock_us: f64 = call(&sock, "pinger", "ping_many", &format!("peer {CALLS}")).parse().expect("median");
+    let base_us = relay_baseline();
+    emit(
+        "call_via_broker_64",
+        airlock_us,
+        base_us,
+        "us",
+        true,
+        "worker -> airlockd -> worker and back, median measured inside the calling worker",
+    );
+
+    let airlock_rate: f64 = call(&sock, "writer", "durable_rate", &format!("receiver deliver {MESSAGES} 1024 {BATCH}"))
+        .parse()
+        .expect("rate");
+    let base_rate = fsync_baseline(&dir.join("state"));
+    emit(
+        "async_durable_1k",
+        airlock_rate,
+        base_rate,
+        "msgs/s",
+        false,
+        "durable sends accepted per second, groups of 64",
+    );
+
+    let pidfd = airlock_supervisor::sys::pidfd_open(d.id() as i32).expect("pidfd");
+    let _ = airlock_supervisor::sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGTERM);
+    let _ = d.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
