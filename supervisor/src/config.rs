@@ -327,6 +327,10 @@ pub enum Resource {
     Device {
         path: PathBuf,
     },
+    /// A socket systemd opened and passed by socket activation (`FileDescriptorName=`).
+    SystemdSocket {
+        name: String,
+    },
 }
 
 /// One problem in a configuration file.
@@ -433,6 +437,11 @@ pub fn parse(text: &str, source_name: &str, known_policies: &[String]) -> Result
                 Resource::TcpListen { address } => {
                     if address.parse::<SocketAddr>().is_err() {
                         bad(rline, format!("tcp-listen address {address:?} is not IP:PORT"));
+                    }
+                }
+                Resource::SystemdSocket { name } => {
+                    if name.is_empty() || name.contains(':') {
+                        bad(rline, format!("systemd-socket name {name:?} must be a non-empty FileDescriptorName"));
                     }
                 }
                 Resource::UnixListen { path } | Resource::File { path, .. } | Resource::Device { path } => {

@@ -187,11 +187,14 @@ impl Supervisor {
         let state_dir = cfg.state_directory();
         std::fs::create_dir_all(&state_dir).map_err(io_err(format!("creating {}", state_dir.display())))?;
         let control_path = run_dir.join("control.sock");
-        let _ = std::fs::remove_file(&control_path);
-        let control =
-            UnixListener::bind(&control_path).map_err(io_err(format!("binding {}", control_path.display())))?;
-        std::fs::set_permissions(&control_path, std::fs::Permissions::from_mode(0o660))
+        // Bind and listen under a temporary name, then rename: a client never finds a socket
+        // file that is not listening yet (which would refuse it).
+        let staging = run_dir.join(format!("control.sock.{}", std::process::id()));
+        let _ = std::fs::remove_file(&staging);
+        let control = UnixListener::bind(&staging).map_err(io_err(format!("binding {}", staging.display())))?;
+        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o660))
             .map_err(io_err("chmod control socket"))?;
+        std::fs::rename(&staging, &control_path).map_err(io_err(format!("renaming to {}", control_path.display())))?;
         control.set_nonblocking(true).map_err(io_err("control socket"))?;
         let (journal, pending) = Journal::open(&state_dir.join("broker")).map_err(|e| RuntimeError::Io {
             step: "opening the message journal".into(),

@@ -205,6 +205,39 @@ pub struct Started {
     pub notes: Vec<String>,
 }
 
+static ACTIVATED: std::sync::OnceLock<BTreeMap<String, OwnedFd>> = std::sync::OnceLock::new();
+
+/// Takes the sockets systemd passed by socket activation (`LISTEN_PID`, `LISTEN_FDS`,
+/// `LISTEN_FDNAMES`), once, at start. Returns their names. The variables are removed so that
+/// nothing downstream mistakes them for its own.
+pub fn take_activated_sockets() -> Vec<String> {
+    let mine = std::env::var("LISTEN_PID").ok().and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
+    let n: i32 = std::env::var("LISTEN_FDS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let names: Vec<String> =
+        std::env::var("LISTEN_FDNAMES").unwrap_or_default().split(':').map(str::to_string).collect();
+    let mut map = BTreeMap::new();
+    if mine {
+        for k in 0..n.max(0) {
+            let fd = 3 + k;
+            let name = names.get(k as usize).cloned().unwrap_or_else(|| format!("fd{fd}"));
+            match airlock_protocol::sys::claim_inherited_fd(fd) {
+                Ok(owned) => {
+                    map.insert(name, owned);
+                }
+                Err(e) => tracing::error!(fd, error = %e, "socket activation: cannot take descriptor"),
+            }
+        }
+    }
+    for v in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        // SAFETY-free: std::env::remove_var is only unsafe in multi-threaded programs; airlockd
+        // is single-threaded when it calls this, first thing in main.
+        std::env::remove_var(v);
+    }
+    let names = map.keys().cloned().collect();
+    let _ = ACTIVATED.set(map);
+    names
+}
+
 /// Opens the brokered resources of `w`, in order.
 pub fn open_resources(w: &WorkerConfig) -> Result<Vec<OwnedFd>, SpawnError> {
     let mut out = Vec::new();
@@ -230,6 +263,18 @@ pub fn open_resources(w: &WorkerConfig) -> Result<Vec<OwnedFd>, SpawnError> {
                     .open(path)
                     .map_err(|e| SpawnError::Resource { what: format!("file {}", path.display()), source: e })?;
                 f.into()
+            }
+            Resource::SystemdSocket { name } => {
+                let fd = ACTIVATED.get().and_then(|m| m.get(name)).ok_or_else(|| SpawnError::Resource {
+                    what: format!("systemd-socket {name}"),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "systemd passed no socket by that name (LISTEN_FDNAMES)",
+                    ),
+                })?;
+                // A duplicate for each spawn: the worker may restart and needs it again.
+                fd.try_clone()
+                    .map_err(|e| SpawnError::Resource { what: format!("systemd-socket {name}"), source: e })?
             }
             Resource::Device { path } => {
                 let f = std::fs::OpenOptions::new()

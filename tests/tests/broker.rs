@@ -17,7 +17,11 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn sink_worker() -> String {
-    "\n[[worker]]\nname = \"sink\"\nexecutable = \"airlock-worker-sink\"\npolicy = \"sink\"\nargs = [\"@DIR@/sink.log\"]\nservices = [\"sink\"]\n[worker.landlock]\nwrite = [\"@DIR@\"]\n[worker.restart]\npolicy = \"always\"\ninitial-backoff-ms = 20\nmax-backoff-ms = 200\nmax-restarts = 50\nwindow-s = 60\n".to_string()
+    sink_worker_with_backoff(20)
+}
+
+fn sink_worker_with_backoff(initial_ms: u64) -> String {
+    format!("\n[[worker]]\nname = \"sink\"\nexecutable = \"airlock-worker-sink\"\npolicy = \"sink\"\nargs = [\"@DIR@/sink.log\"]\nservices = [\"sink\"]\n[worker.landlock]\nwrite = [\"@DIR@\"]\n[worker.restart]\npolicy = \"always\"\ninitial-backoff-ms = {initial_ms}\nmax-backoff-ms = {max}\nmax-restarts = 50\nwindow-s = 60\n", max = initial_ms.max(200))
 }
 
 /// The sink's log as (journal id, body) pairs.
@@ -175,10 +179,12 @@ fn ten_thousand_messages_reach_a_receiver_killed_repeatedly_exactly_once_in_orde
 #[test]
 fn durable_messages_survive_a_supervisor_kill_and_none_arrive_twice() {
     let _serial = serial();
+    // A receiver that comes back slowly, so that the journal holds a backlog when airlockd
+    // is killed.
     let workers = format!(
         "{}{}\n[[permit]]\nfrom = \"front\"\nto = \"sink.*\"\nkind = \"send\"\n",
         echo_worker("front", "front", ""),
-        sink_worker()
+        sink_worker_with_backoff(60_000)
     );
     let d = Daemon::start(&workers);
     d.wait_running("front");
@@ -188,13 +194,20 @@ fn durable_messages_survive_a_supervisor_kill_and_none_arrive_twice() {
         std::process::Command::new(bin("airlock"))
             .arg("--socket")
             .arg(&sock)
-            .args(["call", "--deadline-ms", "600000", "front", "send_many", "sink record 5000 durable"])
+            .args(["call", "--deadline-ms", "600000", "front", "send_many", "sink record 5000 durable 32"])
             .output()
             .expect("airlock call")
     });
+    // Once the sink has recorded some, take it down (it restarts only after a minute) and let
+    // the journal fill; then kill airlockd.
     let deadline = Instant::now() + Duration::from_secs(120);
     while sink_log(&d).len() < 500 {
-        assert!(Instant::now() < deadline, "stalled: {}", d.log_text());
+        assert!(Instant::now() < deadline, "stalled: {:?}\n{}", d.status(), d.log_text());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    kill9_pid(d.pid_of("sink"));
+    while d.status().journal_pending < 300 {
+        assert!(Instant::now() < deadline, "journal did not fill: {:?}\n{}", d.status(), d.log_text());
         std::thread::sleep(Duration::from_millis(5));
     }
     let (dir, first_log) = d.kill9();

@@ -33,6 +33,10 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> anyhow::Result<std::process::ExitCode> {
     let args = Args::parse();
+    let activated = airlock_supervisor::spawn::take_activated_sockets();
+    if !activated.is_empty() {
+        tracing::info!(sockets = ?activated, "sockets passed by systemd");
+    }
     let known = airlock_supervisor::known_policies();
     if args.print_default_config {
         print!("{}", airlock_supervisor::config::EMBEDDED_DEFAULT);

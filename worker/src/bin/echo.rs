@@ -72,17 +72,32 @@ fn main() {
                 }
             }
             "send_many" => {
+                // Body `SERVICE METHOD COUNT durable|volatile [BATCH]`: bodies 0..COUNT-1, BATCH
+                // at a time (default 1), waiting while the broker says busy.
                 let text = String::from_utf8_lossy(&req.body).into_owned();
                 let parts: Vec<&str> = text.split_whitespace().collect();
-                let [service, method, count, mode] = parts[..] else {
-                    return Err("body must be: SERVICE METHOD COUNT durable|volatile".into());
+                let (service, method, count, mode, batch) = match parts[..] {
+                    [s, m, c, d] => (s, m, c, d, "1"),
+                    [s, m, c, d, b] => (s, m, c, d, b),
+                    _ => return Err("body must be: SERVICE METHOD COUNT durable|volatile [BATCH]".into()),
                 };
                 let count: u64 = count.parse().map_err(|_| "COUNT must be a number")?;
+                let batch: u64 = batch.parse::<u64>().map_err(|_| "BATCH must be a number")?.max(1);
                 let durable = mode == "durable";
-                for i in 0..count {
-                    w.send_waiting(service, method, i.to_string().into_bytes(), durable).map_err(|e| e.to_string())?;
-                    if (i + 1) % 100 == 0 || i + 1 == count {
-                        let _ = w.event(&format!("accepted {}", i + 1));
+                let mut i = 0;
+                while i < count {
+                    let k = batch.min(count - i);
+                    if k == 1 {
+                        w.send_waiting(service, method, i.to_string().into_bytes(), durable)
+                            .map_err(|e| e.to_string())?;
+                    } else {
+                        let bodies = (i..i + k).map(|x| x.to_string().into_bytes()).collect();
+                        w.send_many(service, method, bodies, durable).map_err(|e| e.to_string())?;
+                    }
+                    let before = i;
+                    i += k;
+                    if i / 100 != before / 100 || i == count {
+                        let _ = w.event(&format!("accepted {i}"));
                     }
                 }
                 Ok(Response::bytes(format!("sent {count}").into_bytes()))
