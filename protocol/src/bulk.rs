@@ -156,8 +156,16 @@ pub struct Bulk {
 #[derive(Debug)]
 enum BulkInner {
     Inline(Vec<u8>),
-    Mapped { map: Mapping, fd: OwnedFd },
+    Mapped {
+        map: Mapping,
+        fd: OwnedFd,
+    },
     Decrypted(Vec<u8>),
+    /// Verified (memfd, exact seals, size) but not mapped: received with `map_bulk` off.
+    Sealed {
+        fd: OwnedFd,
+        len: u64,
+    },
 }
 
 impl Bulk {
@@ -170,22 +178,56 @@ impl Bulk {
         matches!(self.inner, BulkInner::Mapped { .. })
     }
 
-    /// The verified sealed memfd behind a mapped payload, for passing on unchanged.
+    /// The payload's length (also for a payload received unmapped).
+    pub fn len(&self) -> usize {
+        match &self.inner {
+            BulkInner::Sealed { len, .. } => *len as usize,
+            _ => self.bytes().len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes; empty for a payload received unmapped (`Limits::map_bulk` off).
+    pub fn bytes(&self) -> &[u8] {
+        match &self.inner {
+            BulkInner::Inline(v) | BulkInner::Decrypted(v) => v,
+            BulkInner::Mapped { map, .. } => map.as_slice(),
+            BulkInner::Sealed { .. } => &[],
+        }
+    }
+
+    /// The verified sealed memfd behind a memfd payload, for passing on unchanged.
     pub fn sealed_fd(&self) -> Option<BorrowedFd<'_>> {
         match &self.inner {
-            BulkInner::Mapped { fd, .. } => Some(fd.as_fd()),
+            BulkInner::Mapped { fd, .. } | BulkInner::Sealed { fd, .. } => Some(fd.as_fd()),
+            _ => None,
+        }
+    }
+
+    /// True for a payload that arrived encrypted (now decrypted in private memory): a broker
+    /// passes it on re-encrypted under the next channel's key.
+    pub fn was_encrypted(&self) -> bool {
+        matches!(self.inner, BulkInner::Decrypted(_))
+    }
+
+    /// An inline payload's bytes, for passing on (a broker re-sends them inline).
+    pub fn inline_bytes(&self) -> Option<&[u8]> {
+        match &self.inner {
+            BulkInner::Inline(v) => Some(v),
             _ => None,
         }
     }
 }
 
+/// The payload's bytes. A payload received with `Limits::map_bulk` off has none here (an
+/// empty slice): such a receiver only passes payloads on (`sealed_fd`) and reads `len()`.
 impl Deref for Bulk {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        match &self.inner {
-            BulkInner::Inline(v) | BulkInner::Decrypted(v) => v,
-            BulkInner::Mapped { map, .. } => map.as_slice(),
-        }
+        self.bytes()
     }
 }
 
@@ -221,6 +263,12 @@ pub fn verify_sealed_memfd(fd: BorrowedFd<'_>, expected_len: u64, max_len: u64) 
         return Err(BulkError::Size { expected: expected_len, actual: size });
     }
     Ok(())
+}
+
+/// Verifies a received memfd without mapping it.
+pub(crate) fn accept_memfd_unmapped(fd: OwnedFd, len: u64, max_len: u64) -> Result<Bulk, BulkError> {
+    verify_sealed_memfd(fd.as_fd(), len, max_len)?;
+    Ok(Bulk { inner: BulkInner::Sealed { fd, len } })
 }
 
 /// Verifies and maps a received memfd; decrypts it when the frame says it is encrypted.

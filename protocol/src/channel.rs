@@ -39,6 +39,10 @@ pub struct Limits {
     pub inline_threshold: usize,
     /// Frames pulled from the socket per `recvmmsg`.
     pub recv_batch: usize,
+    /// Map received sealed memfds (zero-copy reads). A broker that only passes payloads on
+    /// turns this off: payloads are still verified (seals, size) but never mapped, so a
+    /// flood of large payloads costs it no memory.
+    pub map_bulk: bool,
 }
 
 impl Default for Limits {
@@ -49,6 +53,7 @@ impl Default for Limits {
             max_bulk: 1 << 30,
             inline_threshold: bulk::DEFAULT_INLINE_THRESHOLD,
             recv_batch: 16,
+            map_bulk: true,
         }
     }
 }
@@ -611,7 +616,11 @@ impl Channel {
             } else {
                 let fd = fds.pop().ok_or(crate::BulkError::MissingFd)?;
                 let decrypt = (header.flags & FLAG_BULK_ENCRYPTED != 0).then_some((&self.rx, header.seq, &d.tag));
-                bulk_out = Some(bulk::accept_memfd(fd, d.len, self.limits.max_bulk, decrypt)?);
+                bulk_out = Some(if self.limits.map_bulk || decrypt.is_some() {
+                    bulk::accept_memfd(fd, d.len, self.limits.max_bulk, decrypt)?
+                } else {
+                    bulk::accept_memfd_unmapped(fd, d.len, self.limits.max_bulk)?
+                });
             }
         }
         let (msg, trailing) = postcard::take_from_bytes::<T>(plain).map_err(ChannelError::Decode)?;

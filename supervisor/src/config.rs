@@ -75,6 +75,13 @@ pub struct Quota {
     /// Largest single message or call body.
     #[serde(default = "q_body")]
     pub max_body_bytes: usize,
+    /// Largest bulk payload this worker may pass through the broker (a sealed memfd the
+    /// broker passes on without mapping it).
+    #[serde(default = "q_bulk")]
+    pub bulk_bytes: u64,
+}
+fn q_bulk() -> u64 {
+    64 << 20
 }
 fn q_calls() -> usize {
     16
@@ -88,7 +95,7 @@ fn q_body() -> usize {
 
 impl Default for Quota {
     fn default() -> Self {
-        Quota { in_flight_calls: q_calls(), journal_bytes: q_journal(), max_body_bytes: q_body() }
+        Quota { in_flight_calls: q_calls(), journal_bytes: q_journal(), max_body_bytes: q_body(), bulk_bytes: q_bulk() }
     }
 }
 

@@ -273,6 +273,45 @@ impl Journal {
     pub fn live(&self) -> usize {
         self.live
     }
+
+    /// True when most of the file is records of handled messages: time to rewrite it.
+    pub fn wants_compaction(&self) -> bool {
+        self.dead > 20_000 && self.dead > 4 * self.live
+    }
+
+    /// Rewrites the journal with only `live` (every entry not yet handled, in any order),
+    /// atomically: a crash leaves either the old file or the new one.
+    pub fn compact(&mut self, mut live: Vec<&Entry>) -> Result<(), JournalError> {
+        self.sync()?;
+        live.sort_by_key(|e| e.id);
+        let dir = self.path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let tmp = dir.join("journal.tmp");
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io("creating", &tmp))?;
+        let old = std::mem::replace(&mut self.file, file);
+        for e in &live {
+            if let Err(err) = self.write(&Record::Enqueue((*e).clone())) {
+                self.file = old;
+                self.buf.clear();
+                return Err(err);
+            }
+        }
+        self.flush()?;
+        self.file.sync_all().map_err(io("syncing", &tmp))?;
+        std::fs::rename(&tmp, &self.path).map_err(io("renaming", &tmp))?;
+        if let Ok(d) = File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        self.live = live.len();
+        self.dead = 0;
+        self.dirty = false;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -343,6 +382,34 @@ mod tests {
             Err(JournalError::Corrupt { offset: 0, .. }) => {}
             other => panic!("expected corruption at 0, got {other:?}"),
         }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn compaction_keeps_exactly_the_live_entries() {
+        let d = dir("compact");
+        let (mut j, _) = Journal::open(&d).expect("open");
+        let mut live = Vec::new();
+        for k in 0..100u32 {
+            let e = j.enqueue("w", "s", "m", k.to_le_bytes().to_vec()).expect("e");
+            if k % 10 == 0 {
+                live.push(e);
+            } else {
+                j.done(e.id).expect("done");
+            }
+        }
+        j.sync().expect("sync");
+        let before = std::fs::metadata(d.join("journal")).map(|m| m.len()).unwrap_or(0);
+        j.compact(live.iter().collect()).expect("compact");
+        let after = std::fs::metadata(d.join("journal")).expect("meta").len();
+        assert!(after < before / 4, "{after} vs {before}");
+        let next = j.enqueue("w", "s", "m", b"after".to_vec()).expect("append after compaction");
+        j.sync().expect("sync");
+        drop(j);
+        let (_, p) = Journal::open(&d).expect("reopen");
+        let mut want: Vec<u64> = live.iter().map(|e| e.id).collect();
+        want.push(next.id);
+        assert_eq!(p.iter().map(|e| e.id).collect::<Vec<_>>(), want);
         let _ = std::fs::remove_dir_all(&d);
     }
 

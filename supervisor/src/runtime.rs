@@ -452,6 +452,14 @@ impl Supervisor {
         if let Err(e) = self.journal.flush() {
             tracing::error!(error = %e, "journal write failed");
         }
+        if self.journal.wants_compaction() {
+            let live: Vec<&Entry> =
+                self.slots.iter().flat_map(|s| s.delivered.values().chain(s.outbox.iter())).collect();
+            match self.journal.compact(live) {
+                Ok(()) => tracing::debug!(live = self.journal.live(), "journal compacted"),
+                Err(e) => tracing::error!(error = %e, "journal compaction failed; keeping the long file"),
+            }
+        }
         let now = Instant::now();
         for i in 0..self.slots.len() {
             if self.slots[i].backoff_until.is_some_and(|t| t <= now) {
@@ -526,8 +534,28 @@ impl Supervisor {
             };
             match got.msg {
                 FromWorker::Event(line) => tracing::info!(worker = %self.slots[i].name, "event: {line}"),
+                FromWorker::Request(req) if !got.fds.is_empty() => {
+                    let why = format!(
+                        "{} passed {} descriptors with a call: only bulk payloads cross the broker",
+                        self.slots[i].name,
+                        got.fds.len()
+                    );
+                    self.violation(i, &why);
+                    self.answer(
+                        Caller::Worker { slot: i, id: req.id },
+                        Err(Refusal::NotPermitted(why).to_string()),
+                        None,
+                    );
+                }
                 FromWorker::Request(req) => self.call_from_worker(i, req, got.bulk),
                 FromWorker::Reply(rep) => self.route_reply(i, rep, got.bulk),
+                FromWorker::Send(msg) if !got.fds.is_empty() || got.bulk.is_some() => {
+                    let why = "asynchronous messages carry no descriptors or bulk payloads: use a call".to_string();
+                    if let Some(run) = self.slots[i].run.as_mut() {
+                        let _ =
+                            run.channel.send(&ToWorker::Refused { seq: msg.seq, refusal: Refusal::NotPermitted(why) });
+                    }
+                }
                 FromWorker::Send(msg) => self.send_from_worker(i, msg),
                 FromWorker::Ack { id } => self.acknowledged(i, id),
                 other => {
@@ -593,6 +621,13 @@ impl Supervisor {
             self.answer(caller, Err(Refusal::Busy(why).to_string()), None);
             return;
         }
+        if let Some(b) = &bulk {
+            if b.len() as u64 > q.bulk_bytes {
+                let why = format!("bulk payload of {} bytes exceeds {name}'s quota of {}", b.len(), q.bulk_bytes);
+                self.answer(caller, Err(Refusal::Busy(why).to_string()), None);
+                return;
+            }
+        }
         self.route(caller, req, bulk, grant);
     }
 
@@ -631,13 +666,7 @@ impl Supervisor {
             deadline_ms: deadline_ms.min(u64::from(u32::MAX)) as u32,
         });
         let sent = match self.slots[t].run.as_mut() {
-            Some(r) => match bulk.as_ref().and_then(|b| b.sealed_fd()) {
-                Some(fd) => match fd.try_clone_to_owned() {
-                    Ok(fd) => r.channel.forward_sealed(&fwd, fd),
-                    Err(e) => Err(ChannelError::Io { op: "dup bulk fd", source: e }),
-                },
-                None => r.channel.send(&fwd),
-            },
+            Some(r) => forward(&mut r.channel, &fwd, bulk.as_ref()),
             None => return,
         };
         if let Err(e) = sent {
@@ -811,6 +840,16 @@ impl Supervisor {
             }
         }
         if let Some(p) = self.pending.remove(&rep.id) {
+            let quota = self.cfg.workers[from].quota.bulk_bytes;
+            if let Some(b) = bulk.as_ref().filter(|b| b.len() as u64 > quota) {
+                let why =
+                    format!("bulk reply of {} bytes exceeds {}'s quota of {quota}", b.len(), self.slots[from].name);
+                if let Caller::Worker { slot, .. } = &p.caller {
+                    self.slots[*slot].calls_in_flight = self.slots[*slot].calls_in_flight.saturating_sub(1);
+                }
+                self.answer(p.caller, Err(Refusal::Busy(why).to_string()), None);
+                return;
+            }
             if let Caller::Worker { slot, .. } = &p.caller {
                 let slot = *slot;
                 self.slots[slot].calls_in_flight = self.slots[slot].calls_in_flight.saturating_sub(1);
@@ -828,10 +867,7 @@ impl Supervisor {
             Caller::Worker { slot, id } => {
                 let Some(r) = self.slots[slot].run.as_mut() else { return };
                 let msg = ToWorker::Reply(Reply { id, result: result.map(ByteBody) });
-                let sent = match bulk.as_ref().and_then(|b| b.sealed_fd()).map(|fd| fd.try_clone_to_owned()) {
-                    Some(Ok(fd)) => r.channel.forward_sealed(&msg, fd),
-                    _ => r.channel.send(&msg),
-                };
+                let sent = forward(&mut r.channel, &msg, bulk.as_ref());
                 if let Err(e) = sent {
                     tracing::warn!(worker = %self.slots[slot].name, error = %e, "could not deliver a reply");
                 }
@@ -841,8 +877,7 @@ impl Supervisor {
                     Ok(b) => {
                         let mut text = String::from_utf8_lossy(&b).into_owned();
                         if let Some(bk) = &bulk {
-                            let sum = bk.iter().fold(0u64, |a, &x| a.wrapping_add(u64::from(x)));
-                            text = format!("{text}[bulk {} bytes, sum {sum}]", bk.len());
+                            text = format!("{text}[bulk payload of {} bytes]", bk.len());
                         }
                         (true, text)
                     }
@@ -1036,6 +1071,25 @@ impl Supervisor {
         let _ = std::fs::remove_file(&self.control_path);
         tracing::info!("airlockd stopped");
     }
+}
+
+/// Sends `msg` with `bulk` passed on as it came: a sealed memfd as the same descriptor (the
+/// channel re-verifies its seals and size), inline bytes inline.
+fn forward(ch: &mut Channel, msg: &ToWorker, bulk: Option<&airlock_protocol::Bulk>) -> Result<(), ChannelError> {
+    let Some(b) = bulk else { return ch.send(msg) };
+    if let Some(fd) = b.sealed_fd() {
+        let fd = fd.try_clone_to_owned().map_err(|e| ChannelError::Io { op: "dup bulk fd", source: e })?;
+        return ch.forward_sealed(msg, fd);
+    }
+    if let Some(bytes) = b.inline_bytes() {
+        let w = airlock_protocol::BulkWriter::copy_from(bytes, usize::MAX)?;
+        return ch.send_bulk(msg, &[], w, airlock_protocol::BulkMode::Sealed);
+    }
+    // Encrypted on the way in: re-encrypted under the receiver's channel key (the one copy
+    // encryption needs).
+    let threshold = ch.limits().inline_threshold;
+    let w = airlock_protocol::BulkWriter::copy_from(b.bytes(), threshold)?;
+    ch.send_bulk(msg, &[], w, airlock_protocol::BulkMode::SealedEncrypted)
 }
 
 /// Describes an exit: code, signal, and for SIGSYS the syscall and policy.

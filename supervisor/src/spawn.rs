@@ -348,7 +348,9 @@ pub fn spawn(cfg: &Config, index: usize, host: &HostAbilities) -> Result<Started
             envp.push(c);
         }
     }
-    let (mut ch, child_end) = handoff::prepare(Limits::default(), DEFAULT_REKEY_INTERVAL)
+    // The supervisor passes bulk payloads on without reading them: never map them.
+    let limits = Limits { map_bulk: false, ..Limits::default() };
+    let (mut ch, child_end) = handoff::prepare(limits, DEFAULT_REKEY_INTERVAL)
         .map_err(|e| SpawnError::Channel { step: "prepare", source: e })?;
     let (child_sock, child_keys) = child_end.into_parts();
     let (err_r, err_w) = std::io::pipe().map_err(|e| SpawnError::Io { step: "stderr pipe", source: e })?;

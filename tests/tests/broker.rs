@@ -239,7 +239,7 @@ fn bulk_replies_cross_the_broker_as_the_same_sealed_memfd() {
     let workers = format!(
         "{}{}\n[[permit]]\nfrom = \"front\"\nto = \"back.make_bulk\"\nkind = \"call\"\n",
         echo_worker("front", "front", ""),
-        echo_worker("back", "back", "")
+        echo_worker("back", "back", "[worker.quota]\nbulk-bytes = 3000000")
     );
     let d = Daemon::start(&workers);
     d.wait_running("front");
@@ -249,6 +249,16 @@ fn bulk_replies_cross_the_broker_as_the_same_sealed_memfd() {
     let (ok, msg) = d.call("front", "relay", &format!("back make_bulk {len}"));
     assert!(ok, "{msg}");
     assert_eq!(msg, format!("bulk {len} bytes sum {want} via sealed memfd"));
+    // Small payloads travel inline, and the broker passes them on inline.
+    let (ok, msg) = d.call("front", "relay", "back make_bulk 100");
+    assert!(ok, "{msg}");
+    let small: u64 = (0..100u64).map(|i| i % 251).sum();
+    assert_eq!(msg, format!("bulk 100 bytes sum {small} via inline"));
+    // Over the callee's bulk quota: refused as Busy, the caller is told why.
+    let (ok, msg) = d.call("front", "relay", &format!("back make_bulk {}", 2 * len));
+    assert!(ok, "{msg}");
+    let (ok, msg) = d.call("front", "relay", &format!("back make_bulk {}", 4 * len));
+    assert!(!ok && msg.contains("busy: bulk reply of 4194304 bytes exceeds back's quota of 3000000"), "{msg}");
     let (st, log) = d.stop();
     assert!(st.success(), "{log}");
 }
