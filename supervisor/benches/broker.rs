@@ -12,7 +12,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -23,39 +23,8 @@ const CALLS: usize = 20_000;
 const MESSAGES: usize = 20_000;
 const BATCH: usize = 64;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn emit(scenario: &str, airlock: f64, baseline: f64, unit: &str, lower_is_better: bool, note: &str) {
-    let ratio = if lower_is_better { airlock / baseline } else { baseline / airlock };
-    println!(
-        "{}",
-        serde_json::json!({
-            "scenario": scenario,
-            "airlock": (airlock * 100.0).round() / 100.0,
-            "baseline": (baseline * 100.0).round() / 100.0,
-            "unit": unit,
-            "ratio": (ratio * 1000.0).round() / 1000.0,
-            "note": note,
-        })
-    );
-}
-
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
-}
-
-fn build_binaries() {
-    let Ok(cargo) = std::env::var("CARGO") else { return };
-    let st = Command::new(cargo)
-        .args(["build", "--release", "-p", "airlock-worker", "-p", "airlock-supervisor", "--bins"])
-        .status()
-        .expect("cargo build");
-    assert!(st.success(), "building the binaries failed");
-}
+mod common;
+use common::{build_binaries, emit, median, target_dir};
 
 fn control(sock: &Path, req: &ControlRequest) -> CallResult {
     let mut s = UnixStream::connect(sock).expect("connect control socket");
@@ -216,7 +185,7 @@ fn main() {
     if args.iter().any(|a| a == "--list") {
         return;
     }
-    build_binaries();
+    build_binaries(&["airlock-worker", "airlock-supervisor"]);
     let bins = target_dir();
     // On the target's file system (not /tmp, which may be tmpfs where fsync is free).
     let dir = bins.join(format!("airlock-bench-broker-{}", std::process::id()));

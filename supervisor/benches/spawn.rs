@@ -3,7 +3,6 @@
 //! --die-with-parent --ro-bind / / true` measured in the same run; and the supervisor's RSS
 //! with 16 idle workers. One JSON object per line, as the protocol benchmark prints.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
@@ -11,44 +10,8 @@ use airlock_supervisor::config;
 use airlock_supervisor::spawn::{self, HostAbilities};
 use airlock_worker::wire::ToWorker;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn emit(scenario: &str, airlock: f64, baseline: f64, unit: &str, note: &str) {
-    let ratio = airlock / baseline;
-    println!(
-        "{}",
-        serde_json::json!({
-            "scenario": scenario,
-            "airlock": (airlock * 100.0).round() / 100.0,
-            "baseline": (baseline * 100.0).round() / 100.0,
-            "unit": unit,
-            "ratio": (ratio * 1000.0).round() / 1000.0,
-            "note": note,
-        })
-    );
-}
-
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    exe.parent().and_then(|p| p.parent()).expect("target dir").to_path_buf()
-}
-
-/// Builds the worker binaries this bench spawns (a no-op when they are fresh): `cargo bench
-/// -p airlock-supervisor` alone does not build another package's binaries.
-fn ensure_worker_binary(dir: &std::path::Path) {
-    let Ok(cargo) = std::env::var("CARGO") else {
-        assert!(dir.join("airlock-worker-echo").exists(), "run `cargo build --release -p airlock-worker` first");
-        return;
-    };
-    let st = Command::new(cargo)
-        .args(["build", "--release", "-p", "airlock-worker", "--bins"])
-        .status()
-        .expect("cargo build");
-    assert!(st.success(), "building the worker binaries failed");
-}
+mod common;
+use common::{build_binaries, emit, median, target_dir};
 
 fn rss_kib() -> f64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -77,7 +40,7 @@ fn main() {
     let quick = std::env::var("AIRLOCK_BENCH_QUICK").is_ok();
     let iters = if quick { 10 } else { 40 };
     let dir = target_dir();
-    ensure_worker_binary(&dir);
+    build_binaries(&["airlock-worker"]);
     let mut workers = String::new();
     for i in 0..16 {
         workers.push_str(&format!(
@@ -127,7 +90,7 @@ fn main() {
     if bwrap_ok {
         let note =
             if report.is_empty() { "all layers applied".to_string() } else { format!("not applied here: {report}") };
-        emit("spawn_verified", airlock, median(times[2..].to_vec()), "ms", &note);
+        emit("spawn_verified", airlock, median(times[2..].to_vec()), "ms", true, &note);
     } else {
         println!(
             "{}",
@@ -149,6 +112,7 @@ fn main() {
         after,
         before,
         "KiB",
+        true,
         &format!(
             "supervisor (this process) RSS with 16 verified idle workers vs after one warm-up spawn: {:.0} KiB per worker",
             (after - before) / 16.0

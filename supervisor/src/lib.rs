@@ -5,7 +5,7 @@
 //! Modules: [`config`] (schema and validation), [`spawn`] (namespaces, ids, hand-off,
 //! verification order), [`verify`] (`/proc/PID/status` and the installed filter),
 //! [`runtime`] (event loop, routing, lifecycle, control socket), [`notify`] (sd_notify),
-//! [`sys`] (the only unsafe code).
+//! [`sys`] (every raw syscall, and so every `// SAFETY:` block, lives there).
 #![deny(unsafe_code)]
 
 pub mod config;

@@ -229,8 +229,8 @@ pub fn take_activated_sockets() -> Vec<String> {
         }
     }
     for v in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
-        // SAFETY-free: std::env::remove_var is only unsafe in multi-threaded programs; airlockd
-        // is single-threaded when it calls this, first thing in main.
+        // Changing the environment races only with other threads; airlockd calls this first
+        // thing in main, while it has none.
         std::env::remove_var(v);
     }
     let names = map.keys().cloned().collect();

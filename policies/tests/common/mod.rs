@@ -2,11 +2,15 @@
 //! raw syscalls a probe issues after it confined itself.
 //!
 //! A probe is this same test binary, started with `AIRLOCK_POLICY_PROBE=<spec>` and told by
-//! libtest to run only `probe_entry`, which does nothing unless the variable is set. Raw
-//! syscalls need `unsafe`; it is confined to this module, each block with its `SAFETY` note.
-#![allow(unsafe_code, dead_code)]
+//! libtest to run only `probe_entry`, which does nothing unless the variable is set. The raw
+//! syscalls a probe issues live in `sys`, the one module of the tests allowed to use them.
+#![allow(dead_code)]
 
 pub mod semantics;
+pub mod sys;
+
+#[allow(unused_imports)]
+pub use sys::{exit, is_root, raw_syscall};
 
 use std::process::{Command, ExitStatus, Stdio};
 
@@ -58,37 +62,6 @@ pub fn confine(name: &str) {
     }
 }
 
-/// Ends the process at once with `code` (`exit_group`), running no destructors or atexit
-/// handlers, which might need syscalls the policy refuses.
-pub fn exit(code: i32) -> ! {
-    // SAFETY: _exit takes an integer and never returns.
-    unsafe { libc::_exit(code) }
-}
-
-/// Issues raw syscall `nr` with `args`; returns the result or the errno.
-pub fn raw_syscall(nr: u32, args: [u64; 6]) -> Result<i64, i32> {
-    // SAFETY: callers pass arguments that are invalid pointers (u64::MAX, rejected by the
-    // kernel with EFAULT before any access), small integers, or pointers to live local
-    // memory; the probe process exits right after, so no Rust invariant can be observed
-    // broken even if a call succeeded.
-    let rc = unsafe {
-        libc::syscall(
-            libc::c_long::from(nr as i32),
-            args[0] as libc::c_long,
-            args[1] as libc::c_long,
-            args[2] as libc::c_long,
-            args[3] as libc::c_long,
-            args[4] as libc::c_long,
-            args[5] as libc::c_long,
-        )
-    };
-    if rc == -1 {
-        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
-    } else {
-        Ok(rc)
-    }
-}
-
 /// Makes syscall `name` with `args` and exits: 0..=133 is the errno it returned,
 /// `RETURNED_OK` if it succeeded. A policy that kills never lets the probe get that far.
 pub fn call_and_exit(name: &str, args: [u64; 6]) -> ! {
@@ -107,10 +80,4 @@ pub fn call_and_exit(name: &str, args: [u64; 6]) -> ! {
 pub fn say(msg: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "{msg}");
-}
-
-/// True when this process runs with euid 0 and no seccomp filter of its own.
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
 }
