@@ -445,13 +445,16 @@ impl Supervisor {
         if revents[1] != 0 {
             self.accept_control();
         }
-        self.flush_accepted();
+        // Deliver first, then wait for the disk: receivers work while the group fsync runs.
+        // (A message may reach its receiver before it is durable; its sender is told
+        // `Accepted` only after the fsync, so a sender never loses one it was promised.)
         for i in 0..self.slots.len() {
             self.deliver(i);
         }
         if let Err(e) = self.journal.flush() {
             tracing::error!(error = %e, "journal write failed");
         }
+        self.flush_accepted();
         if self.journal.wants_compaction() {
             let live: Vec<&Entry> =
                 self.slots.iter().flat_map(|s| s.delivered.values().chain(s.outbox.iter())).collect();
