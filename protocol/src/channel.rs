@@ -43,6 +43,9 @@ pub struct Limits {
     /// turns this off: payloads are still verified (seals, size) but never mapped, so a
     /// flood of large payloads costs it no memory.
     pub map_bulk: bool,
+    /// Largest bulk payload this end maps or decrypts (all of them with `map_bulk`, only
+    /// encrypted ones without): what a received payload can cost this process in memory.
+    pub max_mapped_bulk: u64,
 }
 
 impl Default for Limits {
@@ -54,6 +57,7 @@ impl Default for Limits {
             inline_threshold: bulk::DEFAULT_INLINE_THRESHOLD,
             recv_batch: 16,
             map_bulk: true,
+            max_mapped_bulk: 1 << 30,
         }
     }
 }
@@ -137,6 +141,11 @@ pub struct Channel {
     /// Decrypted plaintext of the last `Batch` frame and the entries not yet returned.
     batch_buf: Vec<u8>,
     batch: VecDeque<(usize, usize)>,
+    /// With non-blocking sends: sealed frames the socket had no room for yet, in order, with
+    /// the descriptors they carry.
+    nonblocking_sends: bool,
+    out_queue: VecDeque<(Vec<u8>, Vec<OwnedFd>)>,
+    out_queued_bytes: usize,
 }
 
 impl Channel {
@@ -157,6 +166,9 @@ impl Channel {
             sent_since_read: true,
             batch_buf: Vec::new(),
             batch: VecDeque::new(),
+            nonblocking_sends: false,
+            out_queue: VecDeque::new(),
+            out_queued_bytes: 0,
         }
     }
 
@@ -181,6 +193,65 @@ impl Channel {
     /// must complete, such as a spawn's handshake.
     pub fn set_recv_timeout(&mut self, timeout: Option<Duration>) -> Result<(), ChannelError> {
         sys::set_recv_timeout(self.sock.as_fd(), timeout).map_err(|e| ChannelError::io("setsockopt SO_RCVTIMEO", e))
+    }
+
+    /// Makes sends never block: a frame the socket has no room for is queued (already sealed,
+    /// in order) and goes out with [`Channel::flush_queued`] once the socket is writable. For a
+    /// supervisor whose event loop must not wait on any one peer; watch
+    /// [`Channel::queued_bytes`] to bound what a peer that stops reading can cost.
+    pub fn set_nonblocking_sends(&mut self, on: bool) {
+        self.nonblocking_sends = on;
+    }
+
+    /// Bytes of sealed frames waiting for room in the socket.
+    pub fn queued_bytes(&self) -> usize {
+        self.out_queued_bytes
+    }
+
+    /// True when queued frames wait for the socket to become writable.
+    pub fn wants_write(&self) -> bool {
+        !self.out_queue.is_empty()
+    }
+
+    /// Sends queued frames until the socket is full again (non-blocking).
+    pub fn flush_queued(&mut self) -> Result<(), ChannelError> {
+        self.check_poison()?;
+        while let Some((bytes, fds)) = self.out_queue.front() {
+            let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+            match sys::send_datagram_nonblocking(self.sock.as_fd(), bytes, &raw) {
+                Ok(()) => {
+                    self.out_queued_bytes -= bytes.len();
+                    self.out_queue.pop_front();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return self.poison(Err(ChannelError::io("sendmsg", e))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one sealed frame now, or queues it (non-blocking mode) with duplicates of its
+    /// descriptors (the caller's may close as soon as we return).
+    fn transmit(&mut self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), ChannelError> {
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        if !self.nonblocking_sends {
+            return sys::send_datagram(self.sock.as_fd(), bytes, &raw).map_err(|e| ChannelError::io("sendmsg", e));
+        }
+        if self.out_queue.is_empty() {
+            match sys::send_datagram_nonblocking(self.sock.as_fd(), bytes, &raw) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(ChannelError::io("sendmsg", e)),
+            }
+        }
+        let owned = fds
+            .iter()
+            .map(|f| f.try_clone_to_owned())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ChannelError::io("dup queued descriptor", e))?;
+        self.out_queued_bytes += bytes.len();
+        self.out_queue.push_back((bytes.to_vec(), owned));
+        Ok(())
     }
 
     /// Whether an earlier failure has poisoned the channel, and why.
@@ -305,10 +376,20 @@ impl Channel {
         for buf in frames[..n].iter_mut() {
             self.seal_into(buf, Kind::Batch, 0, 0);
         }
-        let out: Vec<sys::OutDatagram<'_>> =
-            frames[..n].iter().map(|b| sys::OutDatagram { parts: [b.as_slice(), &[]], fds: &[] }).collect();
-        let r = sys::send_datagrams(self.sock.as_fd(), &out).map_err(|e| ChannelError::io("sendmmsg", e));
-        drop(out);
+        let r = if self.nonblocking_sends {
+            let mut r = Ok(());
+            for b in &frames[..n] {
+                if let Err(e) = self.transmit(b, &[]) {
+                    r = Err(e);
+                    break;
+                }
+            }
+            r
+        } else {
+            let out: Vec<sys::OutDatagram<'_>> =
+                frames[..n].iter().map(|b| sys::OutDatagram { parts: [b.as_slice(), &[]], fds: &[] }).collect();
+            sys::send_datagrams(self.sock.as_fd(), &out).map_err(|e| ChannelError::io("sendmmsg", e))
+        };
         self.out_bufs = frames;
         self.poison(r)
     }
@@ -444,18 +525,16 @@ impl Channel {
         fds: &[BorrowedFd<'_>],
         bulk: Option<(Outgoing, BulkMode)>,
     ) -> Result<(), ChannelError> {
-        let mut raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let mut all: Vec<BorrowedFd<'_>> = fds.to_vec();
         if let Some((Outgoing::Memfd { fd, .. }, _)) = &bulk {
-            raw.push(fd.as_raw_fd());
+            all.push(fd.as_fd());
         }
-        if raw.len() > self.limits.max_attachments {
-            return Err(ChannelError::TooManyAttachments { count: raw.len(), limit: self.limits.max_attachments });
+        if all.len() > self.limits.max_attachments {
+            return Err(ChannelError::TooManyAttachments { count: all.len(), limit: self.limits.max_attachments });
         }
         let mut buf = self.out_bufs.pop().unwrap_or_default();
-        let r = self.build_frame(&mut buf, kind, msg, raw.len(), bulk.as_ref().map(|(o, m)| (o, *m)));
-        let r = r.and_then(|()| {
-            sys::send_datagram(self.sock.as_fd(), &buf, &raw).map_err(|e| ChannelError::io("sendmsg", e))
-        });
+        let r = self.build_frame(&mut buf, kind, msg, all.len(), bulk.as_ref().map(|(o, m)| (o, *m)));
+        let r = r.and_then(|()| self.transmit(&buf, &all));
         self.out_bufs.push(buf);
         r
     }
@@ -617,7 +696,8 @@ impl Channel {
                 let fd = fds.pop().ok_or(crate::BulkError::MissingFd)?;
                 let decrypt = (header.flags & FLAG_BULK_ENCRYPTED != 0).then_some((&self.rx, header.seq, &d.tag));
                 bulk_out = Some(if self.limits.map_bulk || decrypt.is_some() {
-                    bulk::accept_memfd(fd, d.len, self.limits.max_bulk, decrypt)?
+                    let limit = self.limits.max_bulk.min(self.limits.max_mapped_bulk);
+                    bulk::accept_memfd(fd, d.len, limit, decrypt)?
                 } else {
                     bulk::accept_memfd_unmapped(fd, d.len, self.limits.max_bulk)?
                 });

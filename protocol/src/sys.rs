@@ -165,6 +165,15 @@ pub fn send_datagrams(sock: BorrowedFd<'_>, out: &[OutDatagram<'_>]) -> io::Resu
 
 /// Sends one datagram with `sendmsg` (one iovec, no allocation for up to 8 descriptors).
 pub fn send_datagram(sock: BorrowedFd<'_>, buf: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    send_datagram_flags(sock, buf, fds, 0)
+}
+
+/// As [`send_datagram`]; with `nonblocking`, fails with `WouldBlock` instead of waiting.
+pub fn send_datagram_nonblocking(sock: BorrowedFd<'_>, buf: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    send_datagram_flags(sock, buf, fds, libc::MSG_DONTWAIT)
+}
+
+fn send_datagram_flags(sock: BorrowedFd<'_>, buf: &[u8], fds: &[RawFd], extra: libc::c_int) -> io::Result<()> {
     let mut iov = libc::iovec { iov_base: buf.as_ptr() as *mut _, iov_len: buf.len() };
     let mut small = [0u64; 8];
     let mut big = Vec::new();
@@ -195,7 +204,7 @@ pub fn send_datagram(sock: BorrowedFd<'_>, buf: &[u8], fds: &[RawFd]) -> io::Res
     loop {
         // SAFETY: `h` points at `iov`, `buf` and `control`, all live for the call; the kernel
         // only reads them.
-        let rc = unsafe { libc::sendmsg(sock.as_raw_fd(), &h, libc::MSG_NOSIGNAL) };
+        let rc = unsafe { libc::sendmsg(sock.as_raw_fd(), &h, libc::MSG_NOSIGNAL | extra) };
         if rc >= 0 {
             return Ok(());
         }

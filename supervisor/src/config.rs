@@ -491,16 +491,26 @@ impl Config {
         w.rlimits.as_ref().unwrap_or(&self.defaults.rlimits)
     }
 
+    /// `$STATE_DIRECTORY`, else the configured one, else `/var/lib/airlock` for root and
+    /// `$XDG_STATE_HOME/airlock` (or `$TMPDIR/airlock-state-UID`) for others. Whatever it is,
+    /// [`secure_dir`] refuses it unless this user owns it and no one else can write it.
     pub fn state_directory(&self) -> PathBuf {
-        env_dir("STATE_DIRECTORY")
-            .or_else(|| self.supervisor.state_directory.clone())
-            .unwrap_or_else(|| std::env::temp_dir().join(format!("airlock-state-{}", crate::sys::euid())))
+        env_dir("STATE_DIRECTORY").or_else(|| self.supervisor.state_directory.clone()).unwrap_or_else(|| {
+            default_dir(
+                "/var/lib/airlock",
+                "XDG_STATE_HOME",
+                "airlock",
+                &format!("airlock-state-{}", crate::sys::euid()),
+            )
+        })
     }
 
+    /// `$RUNTIME_DIRECTORY`, else the configured one, else `/run/airlock` for root and
+    /// `$XDG_RUNTIME_DIR/airlock` (or `$TMPDIR/airlock-run-UID`) for others; checked likewise.
     pub fn runtime_directory(&self) -> PathBuf {
-        env_dir("RUNTIME_DIRECTORY")
-            .or_else(|| self.supervisor.runtime_directory.clone())
-            .unwrap_or_else(|| std::env::temp_dir().join(format!("airlock-run-{}", crate::sys::euid())))
+        env_dir("RUNTIME_DIRECTORY").or_else(|| self.supervisor.runtime_directory.clone()).unwrap_or_else(|| {
+            default_dir("/run/airlock", "XDG_RUNTIME_DIR", "airlock", &format!("airlock-run-{}", crate::sys::euid()))
+        })
     }
 
     /// Resolves a worker's executable: absolute as given, else in `worker-directory`, else
@@ -517,6 +527,46 @@ impl Config {
             .or_else(|| std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)));
         dir.map_or_else(|| exe.to_path_buf(), |d| d.join(exe))
     }
+}
+
+fn default_dir(root: &str, xdg: &str, leaf: &str, tmp_leaf: &str) -> PathBuf {
+    if crate::sys::euid() == 0 {
+        return PathBuf::from(root);
+    }
+    match std::env::var_os(xdg).filter(|v| !v.is_empty()) {
+        Some(base) => PathBuf::from(base).join(leaf),
+        None => std::env::temp_dir().join(tmp_leaf),
+    }
+}
+
+/// Creates `dir` (mode 0700) if missing, then refuses it unless it is a real directory (not a
+/// symlink) owned by this user and writable by no one else: the journal key, the journal and
+/// the control socket live there.
+pub fn secure_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if std::fs::symlink_metadata(dir).is_err() {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    }
+    let m = std::fs::symlink_metadata(dir)?;
+    let me = crate::sys::euid();
+    if !m.file_type().is_dir() {
+        return Err(std::io::Error::other(format!("{} is not a directory (a symlink?)", dir.display())));
+    }
+    if m.uid() != me {
+        return Err(std::io::Error::other(format!(
+            "{} belongs to uid {}, not to this user ({me})",
+            dir.display(),
+            m.uid()
+        )));
+    }
+    if m.mode() & 0o022 != 0 {
+        return Err(std::io::Error::other(format!(
+            "{} is writable by others (mode {:o})",
+            dir.display(),
+            m.mode() & 0o7777
+        )));
+    }
+    Ok(())
 }
 
 fn env_dir(var: &str) -> Option<PathBuf> {

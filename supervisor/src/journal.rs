@@ -37,6 +37,9 @@ pub struct Entry {
 enum Record {
     Enqueue(Entry),
     Done(u64),
+    /// Written first in every compacted file: ids never go back below it, even when every
+    /// message was handled and compaction dropped them all.
+    NextId(u64),
 }
 
 /// Why the journal could not be used.
@@ -80,7 +83,11 @@ fn io<'a>(step: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
 
 fn load_or_create_key(dir: &Path) -> Result<[u8; 32], JournalError> {
     let path = dir.join("journal.key");
-    match std::fs::read(&path) {
+    let read = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&path).and_then(|mut f| {
+        let mut v = Vec::new();
+        f.read_to_end(&mut v).map(|_| v)
+    });
+    match read {
         Ok(k) if k.len() == 32 => {
             let mut key = [0u8; 32];
             key.copy_from_slice(&k);
@@ -100,6 +107,7 @@ fn load_or_create_key(dir: &Path) -> Result<[u8; 32], JournalError> {
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(&path)
                 .map_err(io("creating", &path))?;
             f.write_all(&key).map_err(io("writing", &path))?;
@@ -120,7 +128,7 @@ impl Journal {
         let path = dir.join("journal");
         let mut pending: BTreeMap<u64, Entry> = BTreeMap::new();
         let mut max_id = 0u64;
-        if let Ok(mut f) = File::open(&path) {
+        if let Ok(mut f) = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&path) {
             let mut data = Vec::new();
             f.read_to_end(&mut data).map_err(io("reading", &path))?;
             let mut at = 0usize;
@@ -154,6 +162,10 @@ impl Journal {
                         max_id = max_id.max(id);
                         at += n;
                     }
+                    Ok((Record::NextId(next), n)) => {
+                        max_id = max_id.max(next.saturating_sub(1));
+                        at += n;
+                    }
                     Err((off, what)) => {
                         // A crash mid-append leaves only the last record incomplete: it was
                         // never acknowledged, so dropping it loses nothing anyone was promised.
@@ -180,6 +192,7 @@ impl Journal {
             .create(true)
             .truncate(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)
             .map_err(io("creating", &tmp))?;
         let mut j = Journal {
@@ -193,6 +206,7 @@ impl Journal {
             buf: Vec::new(),
         };
         let entries: Vec<Entry> = pending.into_values().collect();
+        j.write(&Record::NextId(j.next_id))?;
         for e in &entries {
             j.write(&Record::Enqueue(e.clone()))?;
             j.live += 1;
@@ -291,9 +305,16 @@ impl Journal {
             .create(true)
             .truncate(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)
             .map_err(io("creating", &tmp))?;
         let old = std::mem::replace(&mut self.file, file);
+        let next = self.next_id;
+        if let Err(err) = self.write(&Record::NextId(next)) {
+            self.file = old;
+            self.buf.clear();
+            return Err(err);
+        }
         for e in &live {
             if let Err(err) = self.write(&Record::Enqueue((*e).clone())) {
                 self.file = old;
@@ -301,9 +322,16 @@ impl Journal {
                 return Err(err);
             }
         }
-        self.flush()?;
-        self.file.sync_all().map_err(io("syncing", &tmp))?;
-        std::fs::rename(&tmp, &self.path).map_err(io("renaming", &tmp))?;
+        let done = self
+            .flush()
+            .and_then(|()| self.file.sync_all().map_err(io("syncing", &tmp)))
+            .and_then(|()| std::fs::rename(&tmp, &self.path).map_err(io("renaming", &tmp)));
+        if let Err(err) = done {
+            // Keep appending to the old, complete journal.
+            self.file = old;
+            self.buf.clear();
+            return Err(err);
+        }
         if let Ok(d) = File::open(&dir) {
             let _ = d.sync_all();
         }
@@ -340,6 +368,17 @@ mod tests {
         assert_eq!(p[1].body, b"three");
         let e = j.enqueue("w", "s", "m", vec![]).expect("next");
         assert!(e.id > c.id, "ids keep increasing across restarts");
+        // Even when everything was handled and compaction dropped every record.
+        for id in [a.id, c.id, e.id] {
+            j.done(id).expect("done");
+        }
+        j.sync().expect("sync");
+        drop(j);
+        let (_, p) = Journal::open(&d).expect("reopen");
+        assert!(p.is_empty());
+        let (mut j, _) = Journal::open(&d).expect("reopen twice");
+        let f = j.enqueue("w", "s", "m", vec![]).expect("after");
+        assert!(f.id > e.id, "ids went back to {} after {}", f.id, e.id);
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -169,6 +169,8 @@ pub struct Supervisor {
     accept_after_sync: Vec<(usize, u64, u64)>,
     /// Which slot provides each service (from the configuration).
     providers: BTreeMap<String, usize>,
+    /// Recovered messages for services no worker provides now: kept in the journal.
+    orphans: Vec<Entry>,
 }
 
 fn io_err(step: impl Into<String>) -> impl FnOnce(std::io::Error) -> RuntimeError {
@@ -183,9 +185,9 @@ impl Supervisor {
         let host = HostAbilities::probe();
         tracing::info!(root = host.root, namespaces = ?host.namespaces, "host abilities");
         let run_dir = cfg.runtime_directory();
-        std::fs::create_dir_all(&run_dir).map_err(io_err(format!("creating {}", run_dir.display())))?;
+        crate::config::secure_dir(&run_dir).map_err(io_err(format!("runtime directory {}", run_dir.display())))?;
         let state_dir = cfg.state_directory();
-        std::fs::create_dir_all(&state_dir).map_err(io_err(format!("creating {}", state_dir.display())))?;
+        crate::config::secure_dir(&state_dir).map_err(io_err(format!("state directory {}", state_dir.display())))?;
         let control_path = run_dir.join("control.sock");
         // Bind and listen under a temporary name, then rename: a client never finds a socket
         // file that is not listening yet (which would refuse it).
@@ -230,17 +232,19 @@ impl Supervisor {
             })
             .collect();
         let recovered = pending.len();
+        let mut orphans = Vec::new();
         for e in pending {
             let from = cfg.workers.iter().position(|w| *w.name.get_ref() == e.from);
             match providers.get(&e.service) {
                 Some(&t) => {
                     if let Some(f) = from {
-                        slots[f].journal_bytes += e.body.len();
+                        slots[f].journal_bytes += entry_charge(&e.service, &e.method, e.body.len());
                     }
                     slots[t].outbox.push_back(e);
                 }
                 None => {
-                    tracing::error!(id = e.id, service = %e.service, "journaled message for a service no worker provides now; kept in the journal")
+                    tracing::error!(id = e.id, service = %e.service, "journaled message for a service no worker provides now; kept in the journal");
+                    orphans.push(e);
                 }
             }
         }
@@ -263,6 +267,7 @@ impl Supervisor {
             journal,
             accept_after_sync: Vec::new(),
             providers,
+            orphans,
         };
         for i in 0..s.slots.len() {
             s.launch(i);
@@ -283,7 +288,10 @@ impl Supervisor {
             Ok(st) => {
                 let stderr = std::fs::File::from(st.stderr);
                 let _ = sys::set_nonblocking(stderr.as_fd());
-                let ch = st.channel;
+                let mut ch = st.channel;
+                // The event loop never waits on one worker: frames it has no room for are
+                // queued, and a worker that stops reading is killed once its queue is full.
+                ch.set_nonblocking_sends(true);
                 for (layer, state) in &st.report.layers {
                     tracing::info!(pid = st.pid, layer = %layer, state = %state, "confinement");
                 }
@@ -398,20 +406,22 @@ impl Supervisor {
         // Poll set: [signalfd, control, then per running worker: pidfd, channel, stderr].
         let mut owners: Vec<(usize, u8)> = Vec::new();
         let revents = {
-            let mut fds: Vec<BorrowedFd<'_>> = vec![self.sigfd.as_fd(), self.control.as_fd()];
+            let mut fds: Vec<(BorrowedFd<'_>, i16)> =
+                vec![(self.sigfd.as_fd(), libc::POLLIN), (self.control.as_fd(), libc::POLLIN)];
             for (i, s) in self.slots.iter().enumerate() {
                 if let Some(r) = &s.run {
-                    fds.push(r.pidfd.as_fd());
+                    fds.push((r.pidfd.as_fd(), libc::POLLIN));
                     owners.push((i, 0));
                     if !r.channel_down {
-                        fds.push(r.channel.as_fd());
+                        let ev = if r.channel.wants_write() { libc::POLLIN | libc::POLLOUT } else { libc::POLLIN };
+                        fds.push((r.channel.as_fd(), ev));
                         owners.push((i, 1));
                     }
-                    fds.push(r.stderr.as_fd());
+                    fds.push((r.stderr.as_fd(), libc::POLLIN));
                     owners.push((i, 2));
                 }
             }
-            sys::poll(&fds, i32::try_from(timeout.as_millis()).unwrap_or(500)).map_err(io_err("poll"))?
+            sys::poll_events(&fds, i32::try_from(timeout.as_millis()).unwrap_or(500)).map_err(io_err("poll"))?
         };
         if revents[0] != 0 {
             while let Some(sig) = sys::read_signal(self.sigfd.as_fd()).map_err(io_err("signalfd"))? {
@@ -435,7 +445,14 @@ impl Supervisor {
             }
             match what {
                 0 => exited.push(i),
-                1 => self.drain_channel(i),
+                1 => {
+                    if ev & libc::POLLOUT != 0 {
+                        self.flush_queued(i);
+                    }
+                    if ev & !libc::POLLOUT != 0 || has_buf {
+                        self.drain_channel(i);
+                    }
+                }
                 _ => self.drain_stderr(i),
             }
         }
@@ -445,6 +462,7 @@ impl Supervisor {
         if revents[1] != 0 {
             self.accept_control();
         }
+        self.enforce_send_queues();
         // Deliver first, then wait for the disk: receivers work while the group fsync runs.
         // (A message may reach its receiver before it is durable; its sender is told
         // `Accepted` only after the fsync, so a sender never loses one it was promised.)
@@ -456,8 +474,12 @@ impl Supervisor {
         }
         self.flush_accepted();
         if self.journal.wants_compaction() {
-            let live: Vec<&Entry> =
-                self.slots.iter().flat_map(|s| s.delivered.values().chain(s.outbox.iter())).collect();
+            let live: Vec<&Entry> = self
+                .slots
+                .iter()
+                .flat_map(|s| s.delivered.values().chain(s.outbox.iter()))
+                .chain(self.orphans.iter())
+                .collect();
             match self.journal.compact(live) {
                 Ok(()) => tracing::debug!(live = self.journal.live(), "journal compacted"),
                 Err(e) => tracing::error!(error = %e, "journal compaction failed; keeping the long file"),
@@ -488,6 +510,29 @@ impl Supervisor {
             }
         }
         Ok(false)
+    }
+
+    fn flush_queued(&mut self, i: usize) {
+        let Some(r) = self.slots[i].run.as_mut() else { return };
+        if let Err(e) = r.channel.flush_queued() {
+            self.channel_failed(i, e);
+        }
+    }
+
+    /// A worker whose unread frames exceed the bound has stopped reading its channel: kill it
+    /// (its queued frames go with it; journaled messages are redelivered after its restart).
+    fn enforce_send_queues(&mut self) {
+        const MAX_QUEUED: usize = 16 << 20;
+        for i in 0..self.slots.len() {
+            let queued = self.slots[i].run.as_ref().map_or(0, |r| r.channel.queued_bytes());
+            if queued > MAX_QUEUED {
+                tracing::error!(target: "airlock::security", worker = %self.slots[i].name, queued, "security event: worker does not read its channel; killing it");
+                if let Some(r) = self.slots[i].run.as_mut() {
+                    r.channel_down = true;
+                }
+                self.kill(i);
+            }
+        }
     }
 
     fn drain_stderr(&mut self, i: usize) {
@@ -720,7 +765,10 @@ impl Supervisor {
             );
             return;
         }
-        if self.slots[i].journal_bytes + msg.body.len() > q.journal_bytes {
+        // Charged by the whole entry (body, names and a fixed overhead), so that empty bodies
+        // cannot grow the journal without bound.
+        let charge = entry_charge(&msg.service, &msg.method, msg.body.len());
+        if self.slots[i].journal_bytes + charge > q.journal_bytes {
             refuse(
                 self,
                 Refusal::Busy(format!(
@@ -730,7 +778,7 @@ impl Supervisor {
             );
             return;
         }
-        let len = msg.body.len();
+        let len = charge;
         let entry = match self.journal.enqueue(&name, &msg.service, &msg.method, msg.body) {
             Ok(e) => e,
             Err(e) => {
@@ -830,7 +878,8 @@ impl Supervisor {
             tracing::error!(error = %err, id, "journal: recording a handled message failed; it may be redelivered");
         }
         if let Some(f) = self.cfg.workers.iter().position(|w| *w.name.get_ref() == e.from) {
-            self.slots[f].journal_bytes = self.slots[f].journal_bytes.saturating_sub(e.body.len());
+            let charge = entry_charge(&e.service, &e.method, e.body.len());
+            self.slots[f].journal_bytes = self.slots[f].journal_bytes.saturating_sub(charge);
         }
     }
 
@@ -941,6 +990,12 @@ impl Supervisor {
             let creds = sys::peer_credentials(stream.as_fd());
             let me = sys::euid();
             match creds {
+                Ok((pid, uid, _)) if self.slots.iter().any(|s| s.run.as_ref().is_some_and(|r| r.pid == pid)) => {
+                    tracing::error!(target: "airlock::security", peer_pid = pid, peer_uid = uid, "security event: a worker connected to the control socket; refused");
+                    let mut s = stream;
+                    let _ = writeln!(s, "{{\"error\":\"permission denied: workers may not use the control socket\"}}");
+                    continue;
+                }
                 Ok((pid, uid, _)) if uid == 0 || uid == me => {
                     tracing::debug!(peer_pid = pid, peer_uid = uid, "control connection");
                 }
@@ -1074,6 +1129,12 @@ impl Supervisor {
         let _ = std::fs::remove_file(&self.control_path);
         tracing::info!("airlockd stopped");
     }
+}
+
+/// What one journaled message costs its sender's `journal-bytes` quota.
+fn entry_charge(service: &str, method: &str, body: usize) -> usize {
+    const OVERHEAD: usize = 64;
+    OVERHEAD + service.len() + method.len() + body
 }
 
 /// Sends `msg` with `bulk` passed on as it came: a sealed memfd as the same descriptor (the

@@ -349,7 +349,9 @@ pub fn spawn(cfg: &Config, index: usize, host: &HostAbilities) -> Result<Started
         }
     }
     // The supervisor passes bulk payloads on without reading them: never map them.
-    let limits = Limits { map_bulk: false, ..Limits::default() };
+    // Unmapped sealed payloads cost nothing and meet the broker's quota check (Busy); an
+    // encrypted one must be decrypted here, so its size is bounded by the quota in the channel.
+    let limits = Limits { map_bulk: false, max_mapped_bulk: w.quota.bulk_bytes, ..Limits::default() };
     let (mut ch, child_end) = handoff::prepare(limits, DEFAULT_REKEY_INTERVAL)
         .map_err(|e| SpawnError::Channel { step: "prepare", source: e })?;
     let (child_sock, child_keys) = child_end.into_parts();
@@ -376,7 +378,7 @@ pub fn spawn(cfg: &Config, index: usize, host: &HostAbilities) -> Result<Started
     let pidfd = match sys::pidfd_open(pid) {
         Ok(p) => p,
         Err(e) => {
-            // SAFETY-free fallback: nothing else refers to this pid yet.
+            sys::kill_and_reap(pid);
             return Err(SpawnError::Io { step: "pidfd_open", source: e });
         }
     };
@@ -418,7 +420,7 @@ pub fn spawn(cfg: &Config, index: usize, host: &HostAbilities) -> Result<Started
             FromWorker::ConfineFailed { layer, reason, report } => {
                 return Err(SpawnError::WorkerLayerFailed { layer, reason, report })
             }
-            other => return Err(SpawnError::Protocol { step: "confine", got: format!("{other:?}") }),
+            other => return Err(SpawnError::Protocol { step: "confine", got: kind_of(&other).into() }),
         };
         let expect =
             verify::Expectations::from_report(&report, d.host_uid, host.root || d.use_userns, w.policy.get_ref());
@@ -426,7 +428,7 @@ pub fn spawn(cfg: &Config, index: usize, host: &HostAbilities) -> Result<Started
         ch.send(&ToWorker::Start).map_err(|e| SpawnError::Channel { step: "start", source: e })?;
         let services = match recv_within(&mut ch, "start", deadline, timeout_ms)?.msg {
             FromWorker::Ready { services } => services,
-            other => return Err(SpawnError::Protocol { step: "start", got: format!("{other:?}") }),
+            other => return Err(SpawnError::Protocol { step: "start", got: kind_of(&other).into() }),
         };
         Ok((report, services, notes))
     })();
@@ -447,6 +449,20 @@ pub fn spawn(cfg: &Config, index: usize, host: &HostAbilities) -> Result<Started
             }
             Err(e)
         }
+    }
+}
+
+/// The kind of a worker message, for errors and logs (never its contents).
+fn kind_of(m: &FromWorker) -> &'static str {
+    match m {
+        FromWorker::Confined(_) => "Confined",
+        FromWorker::ConfineFailed { .. } => "ConfineFailed",
+        FromWorker::Ready { .. } => "Ready",
+        FromWorker::Request(_) => "Request",
+        FromWorker::Reply(_) => "Reply",
+        FromWorker::Send(_) => "Send",
+        FromWorker::Ack { .. } => "Ack",
+        FromWorker::Event(_) => "Event",
     }
 }
 

@@ -77,6 +77,7 @@ pub fn spawn(plan: SpawnPlan) -> io::Result<Pending> {
     let mut envp: Vec<*const libc::c_char> = plan.envp.iter().map(|a| a.as_ptr()).collect();
     envp.push(ptr::null());
     let release_fd = release_r.as_raw_fd();
+    let release_w_fd = release_w.as_raw_fd();
     let exe = plan.exe.as_ptr();
     let become_root = plan.become_ns_root;
 
@@ -101,6 +102,9 @@ pub fn spawn(plan: SpawnPlan) -> io::Result<Pending> {
         // SAFETY: async-signal-safe syscalls only, on memory prepared before the clone.
         unsafe {
             let mut b = 0u8;
+            // Our copy of the write end goes first, so that the parent's exit (or its drop of
+            // the pending child) reads as EOF here instead of a wait forever.
+            libc::close(release_w_fd);
             // Wait for the parent (uid/gid maps); EOF also releases us (parent gone: exec
             // then fails the handshake, which is the safe outcome).
             while libc::read(release_fd, (&mut b as *mut u8).cast(), 1) == -1
@@ -293,8 +297,14 @@ pub fn read_signal(fd: BorrowedFd<'_>) -> io::Result<Option<i32>> {
 
 /// `poll` on several descriptors; returns the `revents` of each.
 pub fn poll(fds: &[BorrowedFd<'_>], timeout_ms: i32) -> io::Result<Vec<i16>> {
+    let with: Vec<(BorrowedFd<'_>, i16)> = fds.iter().map(|f| (*f, libc::POLLIN)).collect();
+    poll_events(&with, timeout_ms)
+}
+
+/// `poll` on several descriptors, each with its own events; returns the `revents` of each.
+pub fn poll_events(fds: &[(BorrowedFd<'_>, i16)], timeout_ms: i32) -> io::Result<Vec<i16>> {
     let mut p: Vec<libc::pollfd> =
-        fds.iter().map(|f| libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+        fds.iter().map(|(f, ev)| libc::pollfd { fd: f.as_raw_fd(), events: *ev, revents: 0 }).collect();
     loop {
         // SAFETY: `p` is a valid array of `p.len()` pollfds.
         let rc = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
@@ -362,4 +372,13 @@ pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
     let fl = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
     // SAFETY: integer arguments only.
     cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) }).map(drop)
+}
+
+/// Kills `pid` and reaps it (a child we cannot watch through a pidfd).
+pub fn kill_and_reap(pid: i32) {
+    // SAFETY: integer arguments only; `pid` is our own child, not yet reaped.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let mut status = 0;
+    // SAFETY: `status` is valid; reaps exactly that child.
+    unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
 }

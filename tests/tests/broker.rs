@@ -316,12 +316,61 @@ fn a_flooding_worker_is_stopped_by_its_quota_without_hurting_the_others() {
     let nums: Vec<u64> = text.split_whitespace().filter_map(|x| x.parse().ok()).collect();
     let [sent, busy] = nums[..] else { panic!("{text}") };
     println!("unloaded {unloaded} us, loaded {loaded} us, supervisor RSS {rss} KiB, flood: {text}");
-    // 256 KiB of 1 KiB messages fit; everything after is refused as Busy.
-    assert_eq!(sent, 256, "{text}");
+    // 256 KiB of journal quota, each message charged its 1 KiB body, its names and 64 bytes
+    // of overhead: 238 fit; everything after is refused as Busy.
+    assert_eq!(sent, 262_144 / (1024 + 64 + "stuck".len() as u64 + "deliver".len() as u64), "{text}");
     assert!(busy > 0, "{text}");
     assert!(loaded <= 2.0 * unloaded.max(50.0), "latency under flood {loaded} us vs {unloaded} us unloaded");
     assert!(rss < RSS_BOUND_KIB, "supervisor RSS {rss} KiB above {RSS_BOUND_KIB} KiB");
     assert_eq!(d.worker("peer").restarts, 0);
+    let (st, log) = d.stop();
+    assert!(st.success(), "{log}");
+}
+
+#[test]
+fn a_worker_that_stops_reading_cannot_stall_the_supervisor() {
+    let _serial = serial();
+    let workers = format!(
+        "{}{}{}\n[[permit]]\nfrom = \"front\"\nto = \"staller.*\"\nkind = \"send\"\n",
+        echo_worker("front", "front", ""),
+        echo_worker("staller", "staller", ""),
+        echo_worker("peer", "peer", ""),
+    );
+    let d = Daemon::start(&workers);
+    for w in ["front", "staller", "peer"] {
+        d.wait_running(w);
+    }
+    let sock = d.socket.clone();
+    // The staller stops reading for 4 s...
+    let stall = std::thread::spawn(move || {
+        std::process::Command::new(bin("airlock"))
+            .arg("--socket")
+            .arg(&sock)
+            .args(["call", "--deadline-ms", "30000", "staller", "stall", "4000"])
+            .output()
+            .expect("stall")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // ...while 3 MiB of messages are delivered to it: far more than its socket holds.
+    let (ok, msg) = d.call("front", "durable_rate", "staller deliver 200 16000 16");
+    assert!(ok, "{msg}");
+    // The supervisor still answers everyone else at once.
+    let t = Instant::now();
+    assert_eq!(d.call("peer", "echo", "still here"), (true, "still here".to_string()));
+    assert!(t.elapsed() < Duration::from_secs(2), "the supervisor stalled: {:?}", t.elapsed());
+    let out = stall.join().expect("stall thread");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Then every message reaches the staller.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ok, n) = d.call("staller", "received", "");
+        if ok && n == "200" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "staller received {n}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(d.worker("staller").restarts, 0);
     let (st, log) = d.stop();
     assert!(st.success(), "{log}");
 }

@@ -56,8 +56,13 @@ fn default_socket() -> PathBuf {
     if system.exists() {
         return system;
     }
-    // SAFETY-free: same fallback as airlockd's Config::runtime_directory.
-    std::env::temp_dir().join(format!("airlock-run-{}", airlock_supervisor::sys::euid())).join("control.sock")
+    // The same fallback as airlockd's Config::runtime_directory.
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        Some(base) => PathBuf::from(base).join("airlock/control.sock"),
+        None => {
+            std::env::temp_dir().join(format!("airlock-run-{}", airlock_supervisor::sys::euid())).join("control.sock")
+        }
+    }
 }
 
 fn request<T: serde::de::DeserializeOwned>(sock: &PathBuf, req: &ControlRequest) -> anyhow::Result<T> {

@@ -102,6 +102,12 @@ fn main() {
                 }
                 Ok(Response::bytes(format!("sent {count}").into_bytes()))
             }
+            "stall" => {
+                // Body `MILLIS`: stops reading the channel for that long (a busy or stuck worker).
+                let ms = std::str::from_utf8(&req.body).ok().and_then(|t| t.trim().parse::<u64>().ok()).unwrap_or(1000);
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                Ok(Response::bytes(b"awake".to_vec()))
+            }
             "ping_many" => {
                 // Body `SERVICE COUNT`: COUNT calls to SERVICE.echo; returns the median in microseconds.
                 let text = String::from_utf8_lossy(&req.body).into_owned();
