@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -250,7 +250,14 @@ impl Journal {
     pub fn flush(&mut self) -> Result<(), JournalError> {
         if !self.buf.is_empty() {
             let path = self.path.clone();
-            self.file.write_all(&self.buf).map_err(io("appending to", &path))?;
+            let pos = self.file.stream_position().map_err(io("positioning in", &path))?;
+            if let Err(e) = self.file.write_all(&self.buf) {
+                // A partial write (ENOSPC, EIO) must not leave half a record before the retry
+                // writes the whole buffer again: cut the file back to where it was.
+                let _ = self.file.set_len(pos);
+                let _ = self.file.seek(std::io::SeekFrom::Start(pos));
+                return Err(JournalError::Io { step: "appending to", path, source: e });
+            }
             self.buf.clear();
         }
         Ok(())

@@ -942,6 +942,19 @@ impl Supervisor {
 
     fn handle_exit(&mut self, i: usize) {
         self.drain_stderr(i);
+        // What the worker sent before it exited still counts (acknowledgements above all):
+        // read the channel to its end first, a bounded number of turns.
+        for _ in 0..256 {
+            let more = self.slots[i].run.as_ref().is_some_and(|r| !r.channel_down)
+                && self.slots[i].run.as_ref().is_some_and(|r| {
+                    r.channel.has_buffered()
+                        || airlock_protocol::sys::poll_readable(r.channel.as_fd(), 0).unwrap_or(false)
+                });
+            if !more {
+                break;
+            }
+            self.drain_channel(i);
+        }
         let Some(r) = self.slots[i].run.take() else { return };
         let status = match sys::reap(r.pidfd.as_fd()) {
             Ok(Some(s)) => s,
