@@ -249,6 +249,10 @@ fn bulk_replies_cross_the_broker_as_the_same_sealed_memfd() {
     let (ok, msg) = d.call("front", "relay", &format!("back make_bulk {len}"));
     assert!(ok, "{msg}");
     assert_eq!(msg, format!("bulk {len} bytes sum {want} via sealed memfd"));
+    // An encrypted payload is decrypted by the broker and re-encrypted for the caller.
+    let (ok, msg) = d.call("front", "relay", &format!("back make_bulk {len} encrypted"));
+    assert!(ok, "{msg}");
+    assert_eq!(msg, format!("bulk {len} bytes sum {want} via encrypted memfd"));
     // Small payloads travel inline, and the broker passes them on inline.
     let (ok, msg) = d.call("front", "relay", "back make_bulk 100");
     assert!(ok, "{msg}");

@@ -2,7 +2,7 @@
 //! benchmarks as a real, confined workload.
 //!
 //! Methods: `echo` (returns the body), `sum` (wrapping sum of the bulk payload's bytes as
-//! 8 little-endian bytes), `make_bulk` (body: a decimal length; returns a sealed bulk payload of
+//! 8 little-endian bytes), `make_bulk` (body: a decimal length, optionally followed by `encrypted`; returns a sealed bulk payload of
 //! that many bytes), `exit` (body: a decimal exit code; exits with it), `forbidden` (issues `ptrace`,
 //! which every worker policy forbids).
 
@@ -28,10 +28,10 @@ fn main() {
                 Ok(Response::bytes(s.to_le_bytes().to_vec()))
             }
             "make_bulk" => {
-                let len = std::str::from_utf8(&req.body)
-                    .ok()
-                    .and_then(|t| t.trim().parse::<u64>().ok())
-                    .ok_or("body must be a decimal length")?;
+                let text = std::str::from_utf8(&req.body).unwrap_or("");
+                let mut words = text.split_whitespace();
+                let len = words.next().and_then(|t| t.parse::<u64>().ok()).ok_or("body must be a decimal length")?;
+                let mode = if words.next() == Some("encrypted") { BulkMode::SealedEncrypted } else { BulkMode::Sealed };
                 let len = usize::try_from(len).map_err(|_| "length too large")?;
                 let mut bw =
                     airlock_protocol::BulkWriter::allocate(len, airlock_protocol::bulk::DEFAULT_INLINE_THRESHOLD)
@@ -39,7 +39,7 @@ fn main() {
                 for (i, b) in bw.as_mut_slice().iter_mut().enumerate() {
                     *b = (i % 251) as u8;
                 }
-                Ok(Response { body: Vec::new(), bulk: Some((bw, BulkMode::Sealed)) })
+                Ok(Response { body: Vec::new(), bulk: Some((bw, mode)) })
             }
             "exit" => {
                 let code = std::str::from_utf8(&req.body).ok().and_then(|t| t.trim().parse::<i32>().ok()).unwrap_or(1);
@@ -61,7 +61,13 @@ fn main() {
                     // A bulk reply arrives as a sealed memfd, mapped here without a copy.
                     Ok((b, Some(bulk))) => {
                         let sum = bulk.iter().fold(0u64, |a, &x| a.wrapping_add(u64::from(x)));
-                        let how = if bulk.is_mapped() { "sealed memfd" } else { "inline" };
+                        let how = if bulk.is_mapped() {
+                            "sealed memfd"
+                        } else if bulk.was_encrypted() {
+                            "encrypted memfd"
+                        } else {
+                            "inline"
+                        };
                         Ok(Response::bytes(
                             format!("{}bulk {} bytes sum {sum} via {how}", String::from_utf8_lossy(&b), bulk.len())
                                 .into_bytes(),
