@@ -223,3 +223,16 @@ fn sd_notify_reports_ready_watchdog_and_stopping() {
     assert_eq!(last, "STOPPING=1");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn sockets_passed_by_systemd_reach_their_worker() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    let extra = "[[worker.resource]]\nkind = \"systemd-socket\"\nname = \"hmi\"";
+    let d = Daemon::start_activated(&echo_worker("front", "front", extra), listener.into(), "hmi");
+    d.wait_running("front");
+    // The first brokered descriptor (fd 5) is the socket systemd passed.
+    assert_eq!(d.call("front", "fd_kind", "5"), (true, "socket".to_string()));
+    assert!(d.log_text().contains("sockets passed by systemd"), "{}", d.log_text());
+    let (st, log) = d.stop();
+    assert!(st.success(), "{log}");
+}

@@ -81,6 +81,12 @@ impl Daemon {
 
     /// As `start`, with extra environment variables for `airlockd`.
     pub fn start_with_env(workers: &str, env: &[(&str, &str)]) -> Daemon {
+        let dir = Daemon::prepare(workers);
+        Daemon::launch(dir, "airlockd.log", env)
+    }
+
+    /// A fresh test directory holding the configuration for `workers`.
+    fn prepare(workers: &str) -> PathBuf {
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let dir = std::env::temp_dir().join(format!("airlock-test-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -94,13 +100,43 @@ impl Daemon {
             b = bin_dir().display()
         );
         std::fs::write(dir.join("airlock.toml"), cfg).expect("write config");
-        Daemon::launch(dir, "airlockd.log", env)
+        dir
     }
 
     /// Starts `airlockd` again on the configuration and state a killed daemon left in `dir`.
     pub fn restart(dir: PathBuf, log_name: &str) -> Daemon {
         let _ = std::fs::remove_file(dir.join("run/control.sock"));
         Daemon::launch(dir, log_name, &[])
+    }
+
+    /// Starts `airlockd` as systemd would with socket activation: `listener` at fd 3,
+    /// `LISTEN_PID` (airlockd's own pid, set by a shell that then execs it), `LISTEN_FDS=1`,
+    /// `LISTEN_FDNAMES=name`.
+    pub fn start_activated(workers: &str, listener: std::os::fd::OwnedFd, name: &str) -> Daemon {
+        let dir = Daemon::prepare(workers);
+        let log = dir.join("airlockd.log");
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg(format!("LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES={name} exec \"$0\" --config \"$1\""))
+            .arg(bin("airlockd"))
+            .arg(dir.join("airlock.toml"))
+            .env("AIRLOCK_LOG", "info")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("RUNTIME_DIRECTORY")
+            .env_remove("STATE_DIRECTORY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"));
+        let guard = airlock_protocol::sys::install_child_fds(&mut cmd, vec![(listener, 3)]).expect("fd 3");
+        let child = cmd.spawn().expect("spawn airlockd");
+        drop(guard);
+        let d = Daemon { child: std::cell::RefCell::new(Some(child)), socket: dir.join("run/control.sock"), dir, log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !d.socket.exists() {
+            assert!(Instant::now() < deadline, "activated airlockd did not start:\n{}", d.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
     }
 
     fn launch(dir: PathBuf, log_name: &str, env: &[(&str, &str)]) -> Daemon {

@@ -19,6 +19,7 @@ fn main() {
         }
     };
     let received = std::cell::Cell::new(0u64);
+    let inherited: std::cell::RefCell<std::collections::BTreeMap<i32, std::os::fd::OwnedFd>> = Default::default();
     let r = w.serve_all(
         |w, req, bulk| match req.method.as_str() {
             "received" => Ok(Response::bytes(received.get().to_string().into_bytes())),
@@ -107,6 +108,32 @@ fn main() {
                     }
                 }
                 Ok(Response::bytes(format!("sent {count}").into_bytes()))
+            }
+            "fd_kind" => {
+                // Body `N`: what the brokered descriptor N is (fstat), e.g. `socket`.
+                let n: i32 = std::str::from_utf8(&req.body)
+                    .ok()
+                    .and_then(|t| t.trim().parse().ok())
+                    .ok_or("body must be a descriptor number")?;
+                if n < airlock_protocol::handoff::FIRST_BROKERED_FD {
+                    return Err("only brokered descriptors (5 and up)".into());
+                }
+                let mut held = inherited.borrow_mut();
+                let fd = match held.entry(n) {
+                    std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        e.insert(airlock_protocol::sys::claim_inherited_fd(n).map_err(|err| format!("fd {n}: {err}"))?)
+                    }
+                };
+                let (mode, _) = airlock_protocol::sys::file_mode_and_size(std::os::fd::AsFd::as_fd(fd))
+                    .map_err(|e| e.to_string())?;
+                let kind = match mode & libc::S_IFMT {
+                    libc::S_IFSOCK => "socket",
+                    libc::S_IFREG => "file",
+                    libc::S_IFCHR => "character device",
+                    _ => "other",
+                };
+                Ok(Response::bytes(kind.as_bytes().to_vec()))
             }
             "stall" => {
                 // Body `MILLIS`: stops reading the channel for that long (a busy or stuck worker).
