@@ -146,15 +146,7 @@ fn ten_thousand_messages_reach_a_receiver_killed_repeatedly_exactly_once_in_orde
     let d = Daemon::start(&workers);
     d.wait_running("front");
     d.wait_running("sink");
-    let sock = d.socket.clone();
-    let sender = std::thread::spawn(move || {
-        std::process::Command::new(bin("airlock"))
-            .arg("--socket")
-            .arg(&sock)
-            .args(["call", "--deadline-ms", "600000", "front", "send_many", "sink record 10000 volatile"])
-            .output()
-            .expect("airlock call")
-    });
+    let sender = d.call_in_background(600000, "front", "send_many", "sink record 10000 volatile");
     for (k, mark) in [1000, 3000, 5000, 7000].into_iter().enumerate() {
         let kills = k as u32 + 1;
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -189,15 +181,7 @@ fn durable_messages_survive_a_supervisor_kill_and_none_arrive_twice() {
     let d = Daemon::start(&workers);
     d.wait_running("front");
     d.wait_running("sink");
-    let sock = d.socket.clone();
-    let sender = std::thread::spawn(move || {
-        std::process::Command::new(bin("airlock"))
-            .arg("--socket")
-            .arg(&sock)
-            .args(["call", "--deadline-ms", "600000", "front", "send_many", "sink record 5000 durable 32"])
-            .output()
-            .expect("airlock call")
-    });
+    let sender = d.call_in_background(600000, "front", "send_many", "sink record 5000 durable 32");
     // Once the sink has recorded some, take it down (it restarts only after a minute) and let
     // the journal fill; then kill airlockd.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -301,15 +285,7 @@ fn a_flooding_worker_is_stopped_by_its_quota_without_hurting_the_others() {
         m.parse().expect("median")
     };
     let unloaded = median(&d);
-    let sock = d.socket.clone();
-    let flood = std::thread::spawn(move || {
-        std::process::Command::new(bin("airlock"))
-            .arg("--socket")
-            .arg(&sock)
-            .args(["call", "--deadline-ms", "60000", "flooder", "flood", "stuck deliver 4000"])
-            .output()
-            .expect("flood")
-    });
+    let flood = d.call_in_background(60000, "flooder", "flood", "stuck deliver 4000");
     std::thread::sleep(Duration::from_millis(500));
     let loaded = median(&d);
     let pid = d.child.borrow().as_ref().map(|c| c.id()).expect("airlockd pid");
@@ -344,16 +320,8 @@ fn a_worker_that_stops_reading_cannot_stall_the_supervisor() {
     for w in ["front", "staller", "peer"] {
         d.wait_running(w);
     }
-    let sock = d.socket.clone();
     // The staller stops reading for 4 s...
-    let stall = std::thread::spawn(move || {
-        std::process::Command::new(bin("airlock"))
-            .arg("--socket")
-            .arg(&sock)
-            .args(["call", "--deadline-ms", "30000", "staller", "stall", "4000"])
-            .output()
-            .expect("stall")
-    });
+    let stall = d.call_in_background(30000, "staller", "stall", "4000");
     std::thread::sleep(Duration::from_millis(300));
     // ...while 3 MiB of messages are delivered to it: far more than its socket holds.
     let (ok, msg) = d.call("front", "durable_rate", "staller deliver 200 16000 16");

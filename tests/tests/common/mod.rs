@@ -225,6 +225,23 @@ impl Daemon {
         (out.status.success(), text.trim().to_string())
     }
 
+    /// Runs `airlock call --deadline-ms DEADLINE SERVICE METHOD BODY` on a thread, for calls
+    /// that last while the test does something else; join it for the CLI's output.
+    pub fn call_in_background(
+        &self,
+        deadline_ms: u32,
+        service: &str,
+        method: &str,
+        body: &str,
+    ) -> std::thread::JoinHandle<std::process::Output> {
+        let sock = self.socket.clone();
+        let args: Vec<String> =
+            ["call", "--deadline-ms", &deadline_ms.to_string(), service, method, body].map(String::from).into();
+        std::thread::spawn(move || {
+            Command::new(bin("airlock")).arg("--socket").arg(&sock).args(&args).output().expect("run airlock call")
+        })
+    }
+
     /// Waits for a line containing `needle` in the supervisor's log.
     pub fn wait_log(&self, needle: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(30);
