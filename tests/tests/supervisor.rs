@@ -146,25 +146,6 @@ fn required_layer_the_host_cannot_apply_stops_only_that_worker() {
 }
 
 #[test]
-fn check_config_lists_every_error_with_its_line() {
-    let dir = std::env::temp_dir().join(format!("airlock-checkcfg-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let bad = dir.join("bad.toml");
-    std::fs::write(&bad, "[[worker]]\nname = \"a\"\nexecutable = \"x\"\npolicy = \"no-such-policy\"\n\n[[worker]]\nname = \"a\"\nexecutable = \"x\"\npolicy = \"echo\"\n").expect("write");
-    let out = std::process::Command::new(bin("airlockd")).arg("--check-config").arg(&bad).output().expect("run");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("bad.toml:4: worker a: unknown policy \"no-such-policy\""), "{err}");
-    assert!(err.contains("bad.toml:7: worker a: duplicate worker name (first defined on line 2)"), "{err}");
-    let good = dir.join("good.toml");
-    let out = std::process::Command::new(bin("airlockd")).arg("--print-default-config").output().expect("run");
-    std::fs::write(&good, &out.stdout).expect("write");
-    let out = std::process::Command::new(bin("airlockd")).arg("--check-config").arg(&good).output().expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
-#[test]
 fn control_socket_refuses_other_users() {
     if !is_root() {
         println!("skipped: needs root to connect as another uid");

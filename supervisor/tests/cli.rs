@@ -1,0 +1,54 @@
+//! The binaries' command lines, run as a user runs them. Being an integration test of this
+//! package, it also makes `cargo test --workspace` build `airlockd` and `airlock`, which the
+//! cross-crate tests in `tests/` run.
+
+use std::process::Command;
+
+fn airlockd() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_airlockd"))
+}
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("airlock-cli-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    dir
+}
+
+#[test]
+fn check_config_lists_every_error_with_its_line() {
+    let dir = scratch("checkcfg");
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[[worker]]\nname = \"a\"\nexecutable = \"x\"\npolicy = \"no-such-policy\"\n\n[[worker]]\nname = \"a\"\nexecutable = \"x\"\npolicy = \"echo\"\n").expect("write");
+    let out = airlockd().arg("--check-config").arg(&bad).output().expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("bad.toml:4: worker a: unknown policy \"no-such-policy\""), "{err}");
+    assert!(err.contains("bad.toml:7: worker a: duplicate worker name (first defined on line 2)"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_embedded_default_configuration_passes_its_own_check() {
+    let dir = scratch("default");
+    let good = dir.join("default.toml");
+    let out = airlockd().arg("--print-default-config").output().expect("run");
+    assert!(out.status.success());
+    std::fs::write(&good, &out.stdout).expect("write");
+    let out = airlockd().arg("--check-config").arg(&good).output().expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_admin_cli_says_clearly_when_no_supervisor_is_listening() {
+    let dir = scratch("nosock");
+    let out = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["status", "--socket"])
+        .arg(dir.join("control.sock"))
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("control.sock"), "the error names the socket: {err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
