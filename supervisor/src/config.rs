@@ -26,6 +26,10 @@ pub struct Config {
     pub broker: BrokerSection,
     #[serde(default, rename = "permit")]
     pub permits: Vec<Spanned<crate::permits::Permit>>,
+    /// Named tables of application settings (`[settings.NAME]`), given to the workers that
+    /// list them in `settings`, over the channel: workers read no configuration files.
+    #[serde(default)]
+    pub settings: BTreeMap<String, toml::Value>,
 }
 
 /// How the broker treats requests between workers.
@@ -224,6 +228,13 @@ pub struct WorkerConfig {
     pub resources: Vec<Spanned<Resource>>,
     #[serde(default)]
     pub quota: Quota,
+    /// The `[settings.NAME]` tables this worker receives.
+    #[serde(default)]
+    pub settings: Vec<Spanned<String>>,
+    /// Give the worker its own directory `<state directory>/workers/<name>`, owned by its
+    /// uid, mode 0700, writable through Landlock: the only place it may write.
+    #[serde(default)]
+    pub state_directory: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -338,6 +349,12 @@ pub enum Resource {
     SystemdSocket {
         name: String,
     },
+    /// A TCP connection to `address` (IP:PORT), started by the supervisor (non-blocking: the
+    /// worker waits for it to complete). The worker may ask for a new one after a failure
+    /// (`Worker::reopen`); the supervisor applies a backoff between reopens.
+    TcpConnect {
+        address: String,
+    },
 }
 
 /// One problem in a configuration file.
@@ -441,9 +458,9 @@ pub fn parse(text: &str, source_name: &str, known_policies: &[String]) -> Result
         for res in &w.resources {
             let rline = line_of(text, res.span().start);
             match res.get_ref() {
-                Resource::TcpListen { address } => {
+                Resource::TcpListen { address } | Resource::TcpConnect { address } => {
                     if address.parse::<SocketAddr>().is_err() {
-                        bad(rline, format!("tcp-listen address {address:?} is not IP:PORT"));
+                        bad(rline, format!("tcp address {address:?} is not IP:PORT"));
                     }
                 }
                 Resource::SystemdSocket { name } => {
@@ -456,6 +473,11 @@ pub fn parse(text: &str, source_name: &str, known_policies: &[String]) -> Result
                         bad(rline, format!("resource path {} must be absolute", path.display()));
                     }
                 }
+            }
+        }
+        for set in &w.settings {
+            if !cfg.settings.contains_key(set.get_ref()) {
+                bad(line_of(text, set.span().start), format!("no [settings.{}] table", set.get_ref()));
             }
         }
         let rl = w.rlimits.as_ref().unwrap_or(&cfg.defaults.rlimits);
@@ -485,6 +507,22 @@ impl Config {
     /// The permit table, without spans.
     pub fn permit_table(&self) -> Vec<crate::permits::Permit> {
         self.permits.iter().map(|p| p.get_ref().clone()).collect()
+    }
+
+    /// The settings tables `w` receives, as TOML text (each under its own name).
+    pub fn settings_for(&self, w: &WorkerConfig) -> String {
+        let mut t = toml::map::Map::new();
+        for name in &w.settings {
+            if let Some(v) = self.settings.get(name.get_ref()) {
+                t.insert(name.get_ref().clone(), v.clone());
+            }
+        }
+        toml::to_string(&toml::Value::Table(t)).unwrap_or_default()
+    }
+
+    /// The state directory of worker `w`, if it has one.
+    pub fn worker_state_directory(&self, w: &WorkerConfig) -> Option<PathBuf> {
+        w.state_directory.then(|| self.state_directory().join("workers").join(w.name.get_ref()))
     }
 
     pub fn rlimits<'a>(&'a self, w: &'a WorkerConfig) -> &'a RlimitConfig {

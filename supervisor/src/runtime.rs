@@ -71,6 +71,8 @@ struct Slot {
     delivered: BTreeMap<u64, Entry>,
     /// Counts this incarnation, so a reply to a dead incarnation is not misrouted.
     incarnation: u64,
+    /// Per reopenable resource: when it was last reopened and the backoff before the next.
+    reopens: BTreeMap<u32, (Instant, Duration)>,
 }
 
 #[derive(Debug)]
@@ -229,6 +231,7 @@ impl Supervisor {
                 outbox: VecDeque::new(),
                 delivered: BTreeMap::new(),
                 incarnation: 0,
+                reopens: BTreeMap::new(),
             })
             .collect();
         let recovered = pending.len();
@@ -606,6 +609,7 @@ impl Supervisor {
                 }
                 FromWorker::Send(msg) => self.send_from_worker(i, msg),
                 FromWorker::Ack { id } => self.acknowledged(i, id),
+                FromWorker::Reopen { index } => self.reopen(i, index),
                 other => {
                     tracing::error!(target: "airlock::security", worker = %self.slots[i].name, msg = ?std::mem::discriminant(&other), "security event: unexpected message from a running worker; killing it");
                     self.kill(i);
@@ -677,6 +681,64 @@ impl Supervisor {
             }
         }
         self.route(caller, req, bulk, grant);
+    }
+
+    /// A worker asks for a fresh descriptor for its brokered resource `index`. Only
+    /// `tcp-connect` resources can be reopened; reopens are spaced by the worker's restart
+    /// backoff (doubling, reset after a quiet restart window).
+    fn reopen(&mut self, i: usize, index: u32) {
+        use crate::config::Resource;
+        let w = &self.cfg.workers[i];
+        let resource = w.resources.get(index as usize).map(|r| r.get_ref().clone());
+        let (initial, max, window) = (
+            Duration::from_millis(w.restart.initial_backoff_ms),
+            Duration::from_millis(w.restart.max_backoff_ms),
+            Duration::from_secs(w.restart.window_s),
+        );
+        let address = match resource {
+            Some(Resource::TcpConnect { address }) => address,
+            other => {
+                let why = match other {
+                    None => format!("asked to reopen resource {index}, which it does not have"),
+                    Some(_) => format!("asked to reopen resource {index}, which cannot be reopened"),
+                };
+                self.violation(i, &why);
+                self.answer_reopen(i, index, Err(why));
+                return;
+            }
+        };
+        let now = Instant::now();
+        let slot = &mut self.slots[i];
+        let next = match slot.reopens.get(&index) {
+            Some(&(last, backoff)) if now < last + backoff => {
+                let left = (last + backoff - now).as_millis();
+                self.answer_reopen(i, index, Err(format!("backoff: retry in {left} ms")));
+                return;
+            }
+            Some(&(last, backoff)) if now < last + backoff + window => (backoff * 2).min(max),
+            _ => initial,
+        };
+        slot.reopens.insert(index, (now, next));
+        let result = match spawn::open_tcp_connect(&address) {
+            Ok((fd, None)) => Ok(fd),
+            Ok((_, Some(e))) | Err(e) => Err(format!("connecting to {address}: {e}")),
+        };
+        match &result {
+            Ok(_) => tracing::info!(worker = %slot.name, index, %address, "tcp-connect: reopened"),
+            Err(e) => tracing::warn!(worker = %slot.name, index, "tcp-connect: reopen failed: {e}"),
+        }
+        self.answer_reopen(i, index, result);
+    }
+
+    fn answer_reopen(&mut self, i: usize, index: u32, result: Result<OwnedFd, String>) {
+        let Some(run) = self.slots[i].run.as_mut() else { return };
+        let sent = match result {
+            Ok(fd) => run.channel.send_with(&ToWorker::Reopened { index, result: Ok(()) }, &[fd.as_fd()]),
+            Err(why) => run.channel.send(&ToWorker::Reopened { index, result: Err(why) }),
+        };
+        if let Err(e) = sent {
+            self.channel_failed(i, e);
+        }
     }
 
     fn violation(&mut self, i: usize, why: &str) {

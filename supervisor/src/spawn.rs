@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use airlock_protocol::{handoff, Channel, ChannelError, Hello, Limits, Role, DEFAULT_REKEY_INTERVAL};
@@ -189,7 +190,12 @@ pub fn decide(cfg: &Config, index: usize, host: &HostAbilities, self_ids: (u32, 
         },
         from_supervisor: from_sup,
         seccomp_program: Vec::new(),
+        state_directory: cfg.worker_state_directory(w),
     };
+    let mut plan = plan;
+    if let Some(dir) = &plan.state_directory {
+        plan.landlock_write.push(dir.clone());
+    }
     Ok(Decision { clone_flags: flags, use_userns, host_uid, host_gid, plan })
 }
 
@@ -276,6 +282,16 @@ pub fn open_resources(w: &WorkerConfig) -> Result<Vec<OwnedFd>, SpawnError> {
                 fd.try_clone()
                     .map_err(|e| SpawnError::Resource { what: format!("systemd-socket {name}"), source: e })?
             }
+            Resource::TcpConnect { address } => {
+                let (fd, failed) = open_tcp_connect(address)
+                    .map_err(|e| SpawnError::Resource { what: format!("tcp-connect {address}"), source: e })?;
+                if let Some(e) = failed {
+                    // A device that is down must not keep its worker from starting: the worker
+                    // gets the unconnected socket, fails its first I/O, and asks to reopen.
+                    tracing::warn!(worker = %w.name.get_ref(), %address, error = %e, "tcp-connect: connection failed");
+                }
+                fd
+            }
             Resource::Device { path } => {
                 let f = std::fs::OpenOptions::new()
                     .read(true)
@@ -288,6 +304,42 @@ pub fn open_resources(w: &WorkerConfig) -> Result<Vec<OwnedFd>, SpawnError> {
         out.push(fd);
     }
     Ok(out)
+}
+
+/// Starts the connection of a `tcp-connect` resource (see [`crate::sys::tcp_connect_started`]).
+pub fn open_tcp_connect(address: &str) -> std::io::Result<(OwnedFd, Option<std::io::Error>)> {
+    let addr: std::net::SocketAddr =
+        address.parse().map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "not IP:PORT"))?;
+    sys::tcp_connect_started(addr)
+}
+
+/// Creates worker `w`'s state directory, owned by its host uid, mode 0700. Its parents stay
+/// the supervisor's, but searchable (0711), so that the worker can reach its own directory.
+fn prepare_state_directory(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let parent = dir.parent().ok_or_else(|| std::io::Error::other("state directory has no parent"))?;
+    if std::fs::symlink_metadata(parent).is_err() {
+        std::fs::DirBuilder::new().recursive(true).mode(0o711).create(parent)?;
+    }
+    if std::fs::symlink_metadata(dir).is_err() {
+        std::fs::DirBuilder::new().mode(0o700).create(dir)?;
+    }
+    let m = std::fs::symlink_metadata(dir)?;
+    if !m.file_type().is_dir() {
+        return Err(std::io::Error::other(format!("{} is not a directory (a symlink?)", dir.display())));
+    }
+    if sys::euid() == 0 {
+        if let Some(top) = parent.parent() {
+            std::fs::set_permissions(top, std::fs::Permissions::from_mode(0o711))?;
+        }
+        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o711))?;
+        std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
+        // What an earlier uid left there (a uid range reconfigured) becomes the worker's.
+        for entry in std::fs::read_dir(dir)?.flatten() {
+            std::os::unix::fs::lchown(entry.path(), Some(uid), Some(gid))?;
+        }
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 fn write_maps(pid: i32, d: &Decision, self_ids: (u32, u32)) -> std::io::Result<()> {
@@ -327,6 +379,10 @@ pub fn spawn(cfg: &Config, index: usize, host: &HostAbilities) -> Result<Started
             reason: format!("policy {}: {e}", w.policy.get_ref()),
         })?;
         d.plan.seccomp_program = airlock_worker::sandbox::pack_program(&prog);
+    }
+    if let Some(dir) = &d.plan.state_directory {
+        prepare_state_directory(dir, d.host_uid, d.host_gid)
+            .map_err(|e| SpawnError::Io { step: "preparing the state directory", source: e })?;
     }
     let brokered = open_resources(w)?;
     let exe_path = cfg.resolve_executable(w);
@@ -425,7 +481,8 @@ pub fn spawn(cfg: &Config, index: usize, host: &HostAbilities) -> Result<Started
         let expect =
             verify::Expectations::from_report(&report, d.host_uid, host.root || d.use_userns, w.policy.get_ref());
         let notes = verify::verify(pid, &expect).map_err(SpawnError::Verification)?;
-        ch.send(&ToWorker::Start).map_err(|e| SpawnError::Channel { step: "start", source: e })?;
+        ch.send(&ToWorker::Start { settings: cfg.settings_for(w) })
+            .map_err(|e| SpawnError::Channel { step: "start", source: e })?;
         let services = match recv_within(&mut ch, "start", deadline, timeout_ms)?.msg {
             FromWorker::Ready { services } => services,
             other => return Err(SpawnError::Protocol { step: "start", got: kind_of(&other).into() }),
@@ -463,6 +520,7 @@ fn kind_of(m: &FromWorker) -> &'static str {
         FromWorker::Send(_) => "Send",
         FromWorker::Ack { .. } => "Ack",
         FromWorker::Event(_) => "Event",
+        FromWorker::Reopen { .. } => "Reopen",
     }
 }
 

@@ -11,6 +11,8 @@
 //! channel, and a required layer that fails ends the worker before it serves anything.
 #![deny(unsafe_code)]
 
+pub mod credentials;
+pub mod hmi;
 pub mod sandbox;
 pub mod sys;
 pub mod wire;
@@ -38,6 +40,10 @@ pub enum WorkerError {
     Refused { service: String, method: String, refusal: Refusal },
     #[error("bulk: {0}")]
     Bulk(#[from] airlock_protocol::BulkError),
+    #[error("settings: {0}")]
+    Settings(String),
+    #[error("reopening brokered resource {index}: {reason}")]
+    Reopen { index: u32, reason: String },
 }
 
 /// What a handler returns: a body and, optionally, a bulk payload.
@@ -66,6 +72,21 @@ pub struct Worker {
     /// Highest delivery id handled: redeliveries at or below it are acknowledged without
     /// running the handler again (ids increase per receiver, deliveries come in order).
     handled_up_to: u64,
+    /// The `[settings.*]` tables the supervisor gave this worker, as TOML text.
+    settings: String,
+    state_directory: Option<std::path::PathBuf>,
+    /// Acknowledgements not yet sent (see [`Worker::serve_all`]).
+    acks: Vec<FromWorker>,
+    shutdown: bool,
+}
+
+/// What [`Worker::pump`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pump {
+    /// Everything available was handled; call again when the channel is readable.
+    Idle,
+    /// The supervisor said `Shutdown` or closed the channel: finish and exit.
+    Stop,
 }
 
 impl Worker {
@@ -96,11 +117,11 @@ impl Worker {
             }
         };
         ch.send(&FromWorker::Confined(report.clone()))?;
-        match ch.recv::<ToWorker>()?.msg {
-            ToWorker::Start => {}
+        let settings = match ch.recv::<ToWorker>()?.msg {
+            ToWorker::Start { settings } => settings,
             ToWorker::Shutdown => sys::exit_now(0),
             other => return Err(WorkerError::Unexpected { expected: "Start", got: format!("{other:?}") }),
-        }
+        };
         ch.send(&FromWorker::Ready { services: services.iter().map(|s| s.to_string()).collect() })?;
         Ok(Worker {
             ch,
@@ -110,7 +131,83 @@ impl Worker {
             next_seq: 1,
             backlog: VecDeque::new(),
             handled_up_to: 0,
+            settings,
+            state_directory: plan.state_directory.clone(),
+            acks: Vec::new(),
+            shutdown: false,
         })
+    }
+
+    /// The `[settings.NAME]` tables of the configuration this worker was given, parsed.
+    pub fn settings<T: serde::de::DeserializeOwned>(&self) -> Result<T, WorkerError> {
+        toml::from_str(&self.settings).map_err(|e| WorkerError::Settings(e.message().to_string()))
+    }
+
+    /// The worker's own state directory (`state-directory = true` in its configuration):
+    /// the one place it may write, if any.
+    pub fn state_directory(&self) -> Option<&std::path::Path> {
+        self.state_directory.as_deref()
+    }
+
+    /// The channel's descriptor, for a worker that runs its own `poll` loop: when it is
+    /// readable, call [`Worker::pump`].
+    pub fn channel_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.ch.as_fd()
+    }
+
+    /// Asks the supervisor for a fresh descriptor for brokered resource `index` (0 is the
+    /// first, fd 5), after the one it had failed. The supervisor applies a backoff and may
+    /// refuse; the reason is in the error.
+    pub fn reopen(&mut self, index: u32) -> Result<std::os::fd::OwnedFd, WorkerError> {
+        self.ch.send(&FromWorker::Reopen { index })?;
+        let (result, mut fds) = self.wait_for(
+            |m| matches!(m, ToWorker::Reopened { index: i, .. } if *i == index),
+            |g| match g.msg {
+                ToWorker::Reopened { result, .. } => (result, g.fds),
+                _ => (Err("unexpected answer".into()), Vec::new()),
+            },
+        )?;
+        match result {
+            Ok(()) if fds.len() == 1 => Ok(fds.remove(0)),
+            Ok(()) => Err(WorkerError::Reopen { index, reason: format!("{} descriptors attached", fds.len()) }),
+            Err(reason) => Err(WorkerError::Reopen { index, reason }),
+        }
+    }
+
+    /// Handles every message already available on the channel without blocking: requests
+    /// with `on_request`, deliveries with `on_message` (acknowledged after it returns, as in
+    /// [`Worker::serve_all`]). For workers with their own event loop.
+    pub fn pump<F, G>(&mut self, mut on_request: F, mut on_message: G) -> Result<Pump, WorkerError>
+    where
+        F: FnMut(&mut Worker, &Request, Option<&Bulk>) -> Result<Response, String>,
+        G: FnMut(&mut Worker, &Delivery, Option<&Bulk>),
+    {
+        loop {
+            if self.shutdown {
+                return Ok(Pump::Stop);
+            }
+            let got = match self.backlog.pop_front() {
+                Some(g) => g,
+                None => match self.ch.try_recv::<ToWorker>() {
+                    Ok(Some(g)) => g,
+                    Ok(None) => {
+                        self.flush_acks()?;
+                        return Ok(Pump::Idle);
+                    }
+                    Err(ChannelError::Closed) => return Ok(Pump::Stop),
+                    Err(e) => return Err(e.into()),
+                },
+            };
+            self.handle(got, &mut on_request, &mut on_message)?;
+        }
+    }
+
+    fn flush_acks(&mut self) -> Result<(), WorkerError> {
+        if !self.acks.is_empty() {
+            let acks = std::mem::take(&mut self.acks);
+            self.ch.send_batch(&acks)?;
+        }
+        Ok(())
     }
 
     pub fn name(&self) -> &str {
@@ -161,11 +258,12 @@ impl Worker {
     {
         // Acknowledgements of a burst of deliveries go out together, once nothing more is
         // already waiting (each is still sent only after its handler returned).
-        let mut acks: Vec<FromWorker> = Vec::new();
         loop {
-            if !acks.is_empty() && self.backlog.is_empty() && !self.ch.has_buffered() {
-                self.ch.send_batch(&acks)?;
-                acks.clear();
+            if self.backlog.is_empty() && !self.ch.has_buffered() {
+                self.flush_acks()?;
+            }
+            if self.shutdown {
+                return Ok(());
             }
             let got = match self.backlog.pop_front() {
                 Some(g) => g,
@@ -175,48 +273,60 @@ impl Worker {
                     Err(e) => return Err(e.into()),
                 },
             };
-            match got.msg {
-                ToWorker::Request(req) => {
-                    let _span =
-                        tracing::debug_span!("request", service = %req.service, method = %req.method, id = req.id)
-                            .entered();
-                    match on_request(self, &req, got.bulk.as_ref()) {
-                        Ok(resp) => {
-                            let reply = FromWorker::Reply(Reply { id: req.id, result: Ok(ByteBody(resp.body)) });
-                            match resp.bulk {
-                                Some((w, mode)) => self.ch.send_bulk(&reply, &[], w, mode)?,
-                                None => self.ch.send(&reply)?,
-                            }
+            self.handle(got, &mut on_request, &mut on_message)?;
+        }
+    }
+
+    fn handle<F, G>(
+        &mut self,
+        got: airlock_protocol::Received<ToWorker>,
+        on_request: &mut F,
+        on_message: &mut G,
+    ) -> Result<(), WorkerError>
+    where
+        F: FnMut(&mut Worker, &Request, Option<&Bulk>) -> Result<Response, String>,
+        G: FnMut(&mut Worker, &Delivery, Option<&Bulk>),
+    {
+        match got.msg {
+            ToWorker::Request(req) => {
+                let _span = tracing::debug_span!("request", service = %req.service, method = %req.method, id = req.id)
+                    .entered();
+                match on_request(self, &req, got.bulk.as_ref()) {
+                    Ok(resp) => {
+                        let reply = FromWorker::Reply(Reply { id: req.id, result: Ok(ByteBody(resp.body)) });
+                        match resp.bulk {
+                            Some((w, mode)) => self.ch.send_bulk(&reply, &[], w, mode)?,
+                            None => self.ch.send(&reply)?,
                         }
-                        Err(e) => self.ch.send(&FromWorker::Reply(Reply { id: req.id, result: Err(e) }))?,
                     }
-                }
-                ToWorker::Deliver(d) => {
-                    let _span =
-                        tracing::debug_span!("message", service = %d.service, method = %d.method, id = d.id).entered();
-                    if d.id > self.handled_up_to {
-                        on_message(self, &d, got.bulk.as_ref());
-                        self.handled_up_to = d.id;
-                    } else {
-                        tracing::debug!(id = d.id, "redelivery of a handled message: acknowledged, not handled again");
-                    }
-                    acks.push(FromWorker::Ack { id: d.id });
-                }
-                ToWorker::Shutdown => {
-                    if !acks.is_empty() {
-                        self.ch.send_batch(&acks)?;
-                    }
-                    return Ok(());
-                }
-                ToWorker::Reply(r) => tracing::warn!(id = r.id, "dropping a reply nobody waits for"),
-                other => {
-                    return Err(WorkerError::Unexpected {
-                        expected: "Request, Deliver or Shutdown",
-                        got: format!("{other:?}"),
-                    })
+                    Err(e) => self.ch.send(&FromWorker::Reply(Reply { id: req.id, result: Err(e) }))?,
                 }
             }
+            ToWorker::Deliver(d) => {
+                let _span =
+                    tracing::debug_span!("message", service = %d.service, method = %d.method, id = d.id).entered();
+                if d.id > self.handled_up_to {
+                    on_message(self, &d, got.bulk.as_ref());
+                    self.handled_up_to = d.id;
+                } else {
+                    tracing::debug!(id = d.id, "redelivery of a handled message: acknowledged, not handled again");
+                }
+                self.acks.push(FromWorker::Ack { id: d.id });
+            }
+            ToWorker::Shutdown => {
+                self.flush_acks()?;
+                self.shutdown = true;
+            }
+            ToWorker::Reply(r) => tracing::warn!(id = r.id, "dropping a reply nobody waits for"),
+            ToWorker::Reopened { index, .. } => tracing::warn!(index, "dropping a reopened resource nobody waits for"),
+            other => {
+                return Err(WorkerError::Unexpected {
+                    expected: "Request, Deliver or Shutdown",
+                    got: format!("{other:?}"),
+                })
+            }
         }
+        Ok(())
     }
 
     /// Waits for a message matching `pick`, keeping everything else for `serve_all`.

@@ -167,6 +167,8 @@ pub struct ConfinementPlan {
     /// element (`code | jt << 16 | jf << 24 | k << 32`): the exact program it will verify.
     /// Empty: compile the embedded policy here.
     pub seccomp_program: Vec<u64>,
+    /// The worker's own state directory (also in `landlock_write`), if it has one.
+    pub state_directory: Option<PathBuf>,
 }
 
 /// Packs a BPF program for the plan.

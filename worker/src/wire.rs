@@ -79,8 +79,12 @@ pub struct ByteBody(#[serde(with = "serde_bytes")] pub Vec<u8>);
 pub enum ToWorker {
     /// First message after the handshake: what to apply before serving.
     Confine(Box<ConfinementPlan>),
-    /// The supervisor verified the confinement from outside: serve.
-    Start,
+    /// The supervisor verified the confinement from outside: serve. `settings` is the TOML
+    /// text of the configuration's `[settings.NAME]` tables this worker is given (each under
+    /// its name), so a worker needs no configuration file of its own.
+    Start {
+        settings: String,
+    },
     Request(Request),
     Reply(Reply),
     /// The supervisor took responsibility for message `seq` (journaled; fsynced if durable).
@@ -94,6 +98,11 @@ pub enum ToWorker {
     Deliver(Delivery),
     /// Finish the current request, then exit 0.
     Shutdown,
+    /// The answer to `Reopen`: on success the new descriptor is attached.
+    Reopened {
+        index: u32,
+        result: Result<(), String>,
+    },
 }
 
 /// Worker to supervisor.
@@ -120,4 +129,10 @@ pub enum FromWorker {
     },
     /// A short status line from the worker (probes report their outcome this way).
     Event(String),
+    /// Asks for a fresh descriptor for brokered resource `index` (0 is fd 5) after the old
+    /// one failed, for resources that can be reopened (`tcp-connect`). The supervisor applies
+    /// a backoff and answers `Reopened`.
+    Reopen {
+        index: u32,
+    },
 }

@@ -1,0 +1,219 @@
+//! `auth`: the HMI's authentication layer. The only layer that can read the operator
+//! credential file (its state directory is the only path its Landlock rules open). Checks
+//! logins against Argon2id hashes, and issues and validates session tokens with expiry.
+//!
+//! Services: `auth.login` ([`hmi::Login`] → [`hmi::SessionInfo`]), `auth.validate` and
+//! `auth.logout` ([`hmi::Token`]). On first start with no credential file it creates one
+//! operator, `operator`, with a random password printed once to the log.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use airlock_worker::credentials::{self, Operator};
+use airlock_worker::hmi::{self, Login, SessionInfo, Token};
+use airlock_worker::{Response, Worker};
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct AuthSettings {
+    #[serde(default = "d_ttl")]
+    session_ttl_s: u64,
+    #[serde(default = "d_max")]
+    max_sessions: usize,
+    /// Failed logins for one name before it is locked for `lockout-s`.
+    #[serde(default = "d_failures")]
+    max_failures: u32,
+    #[serde(default = "d_lockout")]
+    lockout_s: u64,
+}
+fn d_ttl() -> u64 {
+    3600
+}
+fn d_max() -> usize {
+    256
+}
+fn d_failures() -> u32 {
+    5
+}
+fn d_lockout() -> u64 {
+    60
+}
+
+#[derive(Debug, Deserialize)]
+struct Settings {
+    #[serde(default)]
+    auth: Option<AuthSettings>,
+}
+
+#[derive(Debug)]
+struct Session {
+    user: String,
+    expires: Instant,
+    expires_ms: i64,
+}
+
+#[derive(Debug)]
+struct Auth {
+    file: PathBuf,
+    settings: AuthSettings,
+    sessions: HashMap<String, Session>,
+    failures: HashMap<String, (u32, Instant)>,
+}
+
+fn main() -> ExitCode {
+    airlock_worker::init_logging();
+    let mut w = match Worker::start("auth", &["auth"]) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("airlock-worker-auth: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let settings = match w.settings::<Settings>() {
+        Ok(s) => s.auth.unwrap_or_else(|| AuthSettings {
+            session_ttl_s: d_ttl(),
+            max_sessions: d_max(),
+            max_failures: d_failures(),
+            lockout_s: d_lockout(),
+        }),
+        Err(e) => {
+            tracing::error!("bad [settings.auth]: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(dir) = w.state_directory().map(Path::to_path_buf) else {
+        tracing::error!("auth needs its state directory (state-directory = true) for the credential file");
+        return ExitCode::from(2);
+    };
+    let file = dir.join(credentials::FILE_NAME);
+    if let Err(e) = first_start(&file) {
+        tracing::error!(file = %file.display(), "cannot create the credential file: {e}");
+        return ExitCode::from(2);
+    }
+    let mut auth = Auth { file, settings, sessions: HashMap::new(), failures: HashMap::new() };
+    let served = w.serve(|_w, req, _bulk| {
+        let body = match req.method.as_str() {
+            "login" => hmi::encode(&auth.login(hmi::decode(&req.body)?)?),
+            "validate" => hmi::encode(&auth.validate(&hmi::decode::<Token>(&req.body)?)?),
+            "logout" => {
+                let t: Token = hmi::decode(&req.body)?;
+                if let Some(s) = auth.sessions.remove(&t.0) {
+                    tracing::info!(user = %s.user, "logout");
+                }
+                hmi::encode(&())
+            }
+            other => return Err(format!("auth has no method {other:?}")),
+        };
+        Ok(Response::bytes(body))
+    });
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Creates the credential file with one operator if there is none, and says the password
+/// once in the log. Never overwrites an existing file.
+fn first_start(file: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if file.exists() {
+        return Ok(());
+    }
+    let password = credentials::random_password()?;
+    let mut ops = Vec::new();
+    credentials::set(&mut ops, "operator", &password).map_err(std::io::Error::other)?;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(file)?;
+    f.write_all(credentials::render(&ops).as_bytes())?;
+    f.sync_all()?;
+    // The one time this password is ever shown: it goes to the supervisor's log.
+    tracing::warn!(
+        "first start: created operator \"operator\" with password {password} (shown once; change it with `airlock user add operator`)"
+    );
+    Ok(())
+}
+
+impl Auth {
+    /// Reads the file on every login, so `airlock user add` takes effect without a restart.
+    fn operators(&self) -> Result<Vec<Operator>, String> {
+        let text = std::fs::read_to_string(&self.file).map_err(|e| {
+            tracing::error!(file = %self.file.display(), "cannot read the credential file: {e}");
+            "credential store unavailable".to_string()
+        })?;
+        credentials::parse(&text).map_err(|e| {
+            tracing::error!(file = %self.file.display(), "credential file: {e}");
+            "credential store unavailable".to_string()
+        })
+    }
+
+    fn login(&mut self, l: Login) -> Result<SessionInfo, String> {
+        const REFUSED: &str = "wrong user name or password";
+        let now = Instant::now();
+        if let Some((n, since)) = self.failures.get(&l.user) {
+            if *n >= self.settings.max_failures && now < *since + Duration::from_secs(self.settings.lockout_s) {
+                tracing::warn!(target: "airlock::security", user = %l.user, "login refused: locked after repeated failures");
+                return Err(format!("too many failed logins: try again in {} s", self.settings.lockout_s));
+            }
+        }
+        let ops = self.operators()?;
+        // An unknown name costs a hash too, so timing does not tell which names exist.
+        let dummy = Operator { name: String::new(), hash: DUMMY.get_or_init(dummy_hash).clone() };
+        let (op, known) = match ops.iter().find(|o| o.name == l.user) {
+            Some(o) => (o, true),
+            None => (&dummy, false),
+        };
+        if !(credentials::verify(op, &l.password) && known) {
+            let e = self.failures.entry(l.user.clone()).or_insert((0, now));
+            if now >= e.1 + Duration::from_secs(self.settings.lockout_s) {
+                *e = (0, now);
+            }
+            e.0 += 1;
+            e.1 = now;
+            if self.failures.len() > 4096 {
+                self.failures.clear();
+            }
+            tracing::warn!(target: "airlock::security", user_known = known, "login failed");
+            return Err(REFUSED.into());
+        }
+        self.failures.remove(&l.user);
+        self.expire(now);
+        if self.sessions.len() >= self.settings.max_sessions {
+            // The session closest to expiry makes room.
+            if let Some(k) = self.sessions.iter().min_by_key(|(_, s)| s.expires).map(|(k, _)| k.clone()) {
+                self.sessions.remove(&k);
+            }
+        }
+        let mut raw = [0u8; 32];
+        getrandom::getrandom(&mut raw).map_err(|e| format!("no randomness: {e}"))?;
+        let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let ttl = Duration::from_secs(self.settings.session_ttl_s);
+        let expires_ms = hmi::now_ms() + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
+        self.sessions.insert(token.clone(), Session { user: l.user.clone(), expires: now + ttl, expires_ms });
+        tracing::info!(user = %l.user, "login");
+        Ok(SessionInfo { user: l.user, token, expires_ms })
+    }
+
+    fn validate(&mut self, t: &Token) -> Result<SessionInfo, String> {
+        self.expire(Instant::now());
+        match self.sessions.get(&t.0) {
+            Some(s) => Ok(SessionInfo { user: s.user.clone(), token: t.0.clone(), expires_ms: s.expires_ms }),
+            None => Err("no valid session: log in".into()),
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        self.sessions.retain(|_, s| s.expires > now);
+    }
+}
+
+static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn dummy_hash() -> String {
+    credentials::hash("not a password anyone has").unwrap_or_default()
+}

@@ -1,0 +1,252 @@
+//! `historian`: stores every sample, alarm and operator action in SQLite in its state
+//! directory (the only path its Landlock rules open), answers trend queries, and exports a
+//! time range as CSV in a sealed memfd for the UI to stream.
+//!
+//! Exactly once: the id of the last delivery handled is stored in the same transaction as
+//! its rows, and handed to [`Worker::resume_after`] at start, so a redelivery after a crash
+//! is acknowledged without being stored twice.
+
+use std::process::ExitCode;
+
+use airlock_protocol::BulkMode;
+use airlock_worker::hmi::{self, Event, PlantSettings, Range, Sample, TrendQuery};
+use airlock_worker::{Response, Worker};
+use rusqlite::{params, Connection};
+
+/// Largest CSV export (the UI streams it; beyond this, ask for a shorter range).
+const MAX_EXPORT_BYTES: usize = 256 << 20;
+
+fn main() -> ExitCode {
+    airlock_worker::init_logging();
+    let mut w = match Worker::start("historian", &["historian"]) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("airlock-worker-historian: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let plant = match w.settings::<PlantSettings>() {
+        Ok(s) => s.plant,
+        Err(e) => {
+            tracing::error!("bad [settings.plant]: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(dir) = w.state_directory().map(std::path::Path::to_path_buf) else {
+        tracing::error!("historian needs its state directory (state-directory = true) for its database");
+        return ExitCode::from(2);
+    };
+    let path = dir.join("history.sqlite3");
+    let db = match open(&path) {
+        Ok(db) => db,
+        Err(e) => {
+            tracing::error!(path = %path.display(), "cannot open the history database: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match db.query_row("SELECT v FROM meta WHERE k = 'last_delivery'", [], |r| r.get::<_, i64>(0)) {
+        Ok(id) => w.resume_after(u64::try_from(id).unwrap_or(0)),
+        Err(rusqlite::Error::QueryReturnedNoRows) => {}
+        Err(e) => {
+            tracing::error!("reading the last delivery: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    let h = std::cell::RefCell::new(Historian { db, plant });
+    let served = w.serve_all(
+        |w, req, _bulk| match req.method.as_str() {
+            "trend" => Ok(Response::bytes(hmi::encode(&h.borrow().trend(&hmi::decode(&req.body)?)?))),
+            "export" => {
+                let csv = h.borrow().export(&hmi::decode(&req.body)?)?;
+                let rows = csv.lines().count().saturating_sub(1) as u64;
+                let mut bulk = w.bulk_writer(csv.len().max(1)).map_err(|e| e.to_string())?;
+                bulk.as_mut_slice()[..csv.len()].copy_from_slice(csv.as_bytes());
+                if csv.is_empty() {
+                    return Ok(Response::bytes(hmi::encode(&0u64)));
+                }
+                Ok(Response { body: hmi::encode(&rows), bulk: Some((bulk, BulkMode::Sealed)) })
+            }
+            other => Err(format!("historian has no method {other:?}")),
+        },
+        |_w, d, _bulk| {
+            let stored = match d.method.as_str() {
+                "sample" => hmi::decode::<Sample>(&d.body).and_then(|s| h.borrow_mut().store_sample(d.id, &s)),
+                "event" => hmi::decode::<Event>(&d.body).and_then(|e| h.borrow_mut().store_event(d.id, &e)),
+                other => Err(format!("unexpected method {other:?}")),
+            };
+            if let Err(e) = stored {
+                tracing::error!(from = %d.from, method = %d.method, id = d.id, "not stored: {e}");
+            }
+        },
+    );
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn open(path: &std::path::Path) -> rusqlite::Result<Connection> {
+    let db = Connection::open(path)?;
+    // No -wal/-shm files (no shared mappings under seccomp); temporary data in memory, since
+    // the state directory is the only writable path.
+    db.pragma_update(None, "journal_mode", "TRUNCATE")?;
+    db.pragma_update(None, "synchronous", "FULL")?;
+    db.pragma_update(None, "temp_store", "MEMORY")?;
+    db.execute_batch(
+        "CREATE TABLE IF NOT EXISTS samples (ts INTEGER NOT NULL, tag TEXT NOT NULL, raw INTEGER NOT NULL, value REAL NOT NULL);
+         CREATE INDEX IF NOT EXISTS samples_tag_ts ON samples (tag, ts);
+         CREATE INDEX IF NOT EXISTS samples_ts ON samples (ts);
+         CREATE TABLE IF NOT EXISTS events (ts INTEGER NOT NULL, kind TEXT NOT NULL, tag TEXT NOT NULL, user TEXT, value REAL, text TEXT NOT NULL);
+         CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
+         CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);",
+    )?;
+    Ok(db)
+}
+
+#[derive(Debug)]
+struct Historian {
+    db: Connection,
+    plant: hmi::Plant,
+}
+
+impl Historian {
+    fn store_sample(&mut self, id: u64, s: &Sample) -> Result<(), String> {
+        let tx = self.db.transaction().map_err(|e| e.to_string())?;
+        {
+            let mut ins = tx
+                .prepare_cached("INSERT INTO samples (ts, tag, raw, value) VALUES (?1, ?2, ?3, ?4)")
+                .map_err(|e| e.to_string())?;
+            for (tag, raw) in &s.values {
+                let Some(def) = self.plant.tag(tag) else { continue };
+                ins.execute(params![s.ts_ms, tag, raw, def.to_eng(*raw)]).map_err(|e| e.to_string())?;
+            }
+        }
+        mark(&tx, id)?;
+        tx.commit().map_err(|e| e.to_string())
+    }
+
+    fn store_event(&mut self, id: u64, e: &Event) -> Result<(), String> {
+        let tx = self.db.transaction().map_err(|e| e.to_string())?;
+        tx.execute(
+            "INSERT INTO events (ts, kind, tag, user, value, text) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![e.ts_ms, e.kind, e.tag, e.user, e.value, e.text],
+        )
+        .map_err(|e| e.to_string())?;
+        mark(&tx, id)?;
+        tx.commit().map_err(|e| e.to_string())
+    }
+
+    fn trend(&self, q: &TrendQuery) -> Result<Vec<(i64, f64)>, String> {
+        if self.plant.tag(&q.tag).is_none() {
+            return Err(format!("no tag {:?}", q.tag));
+        }
+        if q.to_ms < q.from_ms {
+            return Err("the range ends before it starts".into());
+        }
+        let points = i64::from(q.max_points.clamp(1, 10_000));
+        let bucket = ((q.to_ms - q.from_ms) / points).max(1);
+        let mut st = self
+            .db
+            .prepare_cached(
+                "SELECT (ts / ?4) * ?4 AS b, AVG(value) FROM samples WHERE tag = ?1 AND ts >= ?2 AND ts <= ?3 GROUP BY b ORDER BY b",
+            )
+            .map_err(|e| e.to_string())?;
+        let rows = st
+            .query_map(params![q.tag, q.from_ms, q.to_ms, bucket], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, f64>(1)?)))
+            .map_err(|e| e.to_string())?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())
+    }
+
+    /// Samples and events of the range as CSV: `time_ms,time_utc,tag,value,unit,kind,user,text`.
+    fn export(&self, r: &Range) -> Result<String, String> {
+        if r.to_ms < r.from_ms {
+            return Err("the range ends before it starts".into());
+        }
+        let mut out = String::from("time_ms,time_utc,tag,value,unit,kind,user,text\n");
+        let mut st = self
+            .db
+            .prepare_cached(
+                "SELECT ts, tag, value, 'sample', NULL, '' FROM samples WHERE ts >= ?1 AND ts <= ?2
+                 UNION ALL
+                 SELECT ts, tag, value, kind, user, text FROM events WHERE ts >= ?1 AND ts <= ?2
+                 ORDER BY 1, 2",
+            )
+            .map_err(|e| e.to_string())?;
+        let mut rows = st.query(params![r.from_ms, r.to_ms]).map_err(|e| e.to_string())?;
+        while let Some(row) = rows.next().map_err(|e| e.to_string())? {
+            let ts: i64 = row.get(0).map_err(|e| e.to_string())?;
+            let tag: String = row.get(1).map_err(|e| e.to_string())?;
+            let value: Option<f64> = row.get(2).map_err(|e| e.to_string())?;
+            let kind: String = row.get(3).map_err(|e| e.to_string())?;
+            let user: Option<String> = row.get(4).map_err(|e| e.to_string())?;
+            let text: String = row.get(5).map_err(|e| e.to_string())?;
+            let unit = self.plant.tag(&tag).map_or("", |t| t.unit.as_str());
+            out.push_str(&format!(
+                "{ts},{},{},{},{},{},{},{}\n",
+                utc(ts),
+                csv_field(&tag),
+                value.map_or(String::new(), |v| format!("{v}")),
+                csv_field(unit),
+                csv_field(&kind),
+                csv_field(user.as_deref().unwrap_or("")),
+                csv_field(&text)
+            ));
+            if out.len() > MAX_EXPORT_BYTES {
+                return Err(format!("the export exceeds {} MiB: choose a shorter range", MAX_EXPORT_BYTES >> 20));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn mark(tx: &rusqlite::Transaction<'_>, id: u64) -> Result<(), String> {
+    tx.execute(
+        "INSERT INTO meta (k, v) VALUES ('last_delivery', ?1) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
+        params![i64::try_from(id).unwrap_or(i64::MAX)],
+    )
+    .map(drop)
+    .map_err(|e| e.to_string())
+}
+
+/// Quotes a CSV field when it needs it, and defuses spreadsheet formulas.
+fn csv_field(s: &str) -> String {
+    let s = if s.starts_with(['=', '+', '-', '@']) { format!("'{s}") } else { s.to_string() };
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` for a Unix time in milliseconds (civil-from-days, UTC).
+fn utc(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z", sod / 3600, sod % 3600 / 60, sod % 60, ms.rem_euclid(1000))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_and_csv_quoting() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(utc(1_796_000_000_123), "2026-11-29T00:53:20.123Z");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("=cmd()"), "'=cmd()");
+        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+    }
+}

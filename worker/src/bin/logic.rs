@@ -1,0 +1,341 @@
+//! `logic`: the HMI's control layer. Holds the tag table (engineering units, scaling),
+//! evaluates alarm limits with hysteresis and acknowledgement, and validates every setpoint
+//! write (range, rate of change, interlocks, device state) before it can reach `field`.
+//! It has no descriptors but its channel.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use airlock_worker::hmi::{
+    self, Ack, Alarm, AlarmKind, Event, PlantSettings, RawWrite, Sample, SessionInfo, Setpoint, TagValue, Token,
+    Verdict,
+};
+use airlock_worker::{Response, Worker};
+
+#[derive(Debug)]
+struct Logic {
+    plant: hmi::Plant,
+    /// Last raw value per tag and when it was read.
+    raw: BTreeMap<String, (u16, i64)>,
+    fault: Option<String>,
+    alarms: BTreeMap<(String, AlarmKind), Alarm>,
+    /// Last accepted write per tag: when, and the engineering value.
+    last_write: BTreeMap<String, (Instant, f64)>,
+}
+
+fn main() -> ExitCode {
+    airlock_worker::init_logging();
+    let mut w = match Worker::start("logic", &["logic"]) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("airlock-worker-logic: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let plant = match w.settings::<PlantSettings>() {
+        Ok(s) => s.plant,
+        Err(e) => {
+            tracing::error!("bad [settings.plant]: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let problems = plant.problems();
+    if !problems.is_empty() {
+        tracing::error!("bad [settings.plant]: {}", problems.join("; "));
+        return ExitCode::from(2);
+    }
+    let logic = std::cell::RefCell::new(Logic {
+        plant,
+        raw: BTreeMap::new(),
+        fault: Some("no sample from the device yet".into()),
+        alarms: BTreeMap::new(),
+        last_write: BTreeMap::new(),
+    });
+    let mut events: Vec<Event> = Vec::new();
+    let served = w.serve_all(
+        |w, req, _bulk| {
+            let mut logic = logic.borrow_mut();
+            let body = match req.method.as_str() {
+                "values" => hmi::encode(&logic.values()),
+                "alarms" => hmi::encode(&logic.alarms.values().cloned().collect::<Vec<_>>()),
+                "ack" => {
+                    let a: Ack = hmi::decode(&req.body)?;
+                    let who = session(w, &a.token)?;
+                    let ev = logic.ack(&a, &who.user)?;
+                    record(w, ev);
+                    hmi::encode(&())
+                }
+                "setpoint" => {
+                    let s: Setpoint = hmi::decode(&req.body)?;
+                    let who = session(w, &s.token)?;
+                    let verdict = logic.setpoint(w, &s, &who.user);
+                    record(
+                        w,
+                        Event {
+                            ts_ms: hmi::now_ms(),
+                            kind: if verdict.accepted { "setpoint" } else { "refused" }.into(),
+                            tag: s.tag.clone(),
+                            user: Some(who.user),
+                            value: Some(s.value),
+                            text: verdict.reason.clone(),
+                        },
+                    );
+                    hmi::encode(&verdict)
+                }
+                other => return Err(format!("logic has no method {other:?}")),
+            };
+            Ok(Response::bytes(body))
+        },
+        |w, d, _bulk| {
+            if d.method != "sample" {
+                tracing::warn!(from = %d.from, method = %d.method, "unexpected message");
+                return;
+            }
+            match hmi::decode::<Sample>(&d.body) {
+                Ok(s) => {
+                    logic.borrow_mut().sample(&s, &mut events);
+                    for ev in events.drain(..) {
+                        record(w, ev);
+                    }
+                }
+                Err(e) => tracing::warn!(from = %d.from, "dropping a sample: {e}"),
+            }
+        },
+    );
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The operator behind a token, as `auth` says (logic does not trust the ui's word).
+fn session(w: &mut Worker, token: &str) -> Result<SessionInfo, String> {
+    let (body, _) =
+        w.call_with_deadline("auth", "validate", hmi::encode(&Token(token.into())), 2000).map_err(|e| match e {
+            airlock_worker::WorkerError::Call { reason, .. } => reason,
+            other => other.to_string(),
+        })?;
+    hmi::decode(&body)
+}
+
+/// Journals an event with the historian (durable: operator actions and alarms are records).
+fn record(w: &mut Worker, ev: Event) {
+    if let Err(e) = w.send_waiting("historian", "event", hmi::encode(&ev), true) {
+        tracing::error!(kind = %ev.kind, tag = %ev.tag, "event not recorded: {e}");
+    }
+}
+
+impl Logic {
+    fn value(&self, tag: &str) -> Option<f64> {
+        let def = self.plant.tag(tag)?;
+        self.raw.get(tag).map(|(r, _)| def.to_eng(*r))
+    }
+
+    fn values(&self) -> Vec<TagValue> {
+        self.plant
+            .tags
+            .iter()
+            .map(|t| TagValue {
+                name: t.name.clone(),
+                description: t.description.clone(),
+                value: self.raw.get(&t.name).map(|(r, _)| t.to_eng(*r)),
+                unit: t.unit.clone(),
+                ts_ms: self.raw.get(&t.name).map_or(0, |(_, ts)| *ts),
+                writable: t.writable(),
+                min: t.min,
+                max: t.max,
+                fault: self.fault.clone(),
+            })
+            .collect()
+    }
+
+    fn sample(&mut self, s: &Sample, events: &mut Vec<Event>) {
+        if let Some(f) = &s.fault {
+            if self.fault.as_deref() != Some(f) {
+                events.push(Event {
+                    ts_ms: s.ts_ms,
+                    kind: "fault".into(),
+                    tag: String::new(),
+                    user: None,
+                    value: None,
+                    text: f.clone(),
+                });
+            }
+            self.fault = Some(f.clone());
+            return;
+        }
+        self.fault = None;
+        for (name, raw) in &s.values {
+            let Some(def) = self.plant.tag(name) else { continue };
+            self.raw.insert(name.clone(), (*raw, s.ts_ms));
+            let v = def.to_eng(*raw);
+            for (kind, limit) in [(AlarmKind::High, def.alarm_high), (AlarmKind::Low, def.alarm_low)] {
+                let Some(limit) = limit else { continue };
+                let key = (name.clone(), kind);
+                let beyond = match kind {
+                    AlarmKind::High => v > limit,
+                    AlarmKind::Low => v < limit,
+                };
+                let back_inside = match kind {
+                    AlarmKind::High => v <= limit - def.hysteresis,
+                    AlarmKind::Low => v >= limit + def.hysteresis,
+                };
+                match self.alarms.get_mut(&key) {
+                    Some(a) if a.active => {
+                        a.value = v;
+                        if back_inside {
+                            a.active = false;
+                            events.push(alarm_event(a, s.ts_ms, "cleared"));
+                            if a.acked_by.is_some() {
+                                self.alarms.remove(&key);
+                            }
+                        }
+                    }
+                    Some(a) if beyond => {
+                        // Raised again before it was acknowledged.
+                        a.active = true;
+                        a.value = v;
+                        a.since_ms = s.ts_ms;
+                        events.push(alarm_event(a, s.ts_ms, "raised"));
+                    }
+                    Some(_) => {}
+                    None if beyond => {
+                        let a = Alarm {
+                            tag: name.clone(),
+                            kind,
+                            limit,
+                            value: v,
+                            active: true,
+                            acked_by: None,
+                            since_ms: s.ts_ms,
+                        };
+                        events.push(alarm_event(&a, s.ts_ms, "raised"));
+                        self.alarms.insert(key, a);
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+
+    fn ack(&mut self, a: &Ack, user: &str) -> Result<Event, String> {
+        let key = (a.tag.clone(), a.kind);
+        let alarm = self.alarms.get_mut(&key).ok_or_else(|| format!("no {} alarm on {}", a.kind, a.tag))?;
+        if alarm.acked_by.is_some() {
+            return Err(format!("the {} alarm on {} is already acknowledged", a.kind, a.tag));
+        }
+        alarm.acked_by = Some(user.to_string());
+        let ev = Event {
+            ts_ms: hmi::now_ms(),
+            kind: "ack".into(),
+            tag: a.tag.clone(),
+            user: Some(user.into()),
+            value: Some(alarm.value),
+            text: format!("{} alarm acknowledged", a.kind),
+        };
+        if !alarm.active {
+            self.alarms.remove(&key);
+        }
+        tracing::info!(tag = %a.tag, kind = %a.kind, %user, "alarm acknowledged");
+        Ok(ev)
+    }
+
+    /// Every check a write must pass, in order; the first failure is the operator's answer.
+    fn check(&self, s: &Setpoint, now: Instant) -> Result<u16, String> {
+        let def = self.plant.tag(&s.tag).ok_or_else(|| format!("no tag {:?}", s.tag))?;
+        if !def.writable() {
+            return Err(format!("{} is a measurement, not a setpoint", def.name));
+        }
+        if !s.value.is_finite() {
+            return Err("the value is not a number".into());
+        }
+        if let Some(min) = def.min {
+            if s.value < min {
+                return Err(format!("{} {} is below the minimum {} {}", s.value, def.unit, min, def.unit));
+            }
+        }
+        if let Some(max) = def.max {
+            if s.value > max {
+                return Err(format!("{} {} is above the maximum {} {}", s.value, def.unit, max, def.unit));
+            }
+        }
+        if let Some(f) = &self.fault {
+            return Err(format!("the device is not answering ({f})"));
+        }
+        if let Some(rate) = def.max_rate {
+            // From the last accepted write, or from the device's value a second ago.
+            let (from, secs) = match self.last_write.get(&def.name) {
+                Some((t, v)) => (Some(*v), now.duration_since(*t).as_secs_f64().max(1.0)),
+                None => (self.value(&def.name), 1.0),
+            };
+            if let Some(from) = from {
+                let allowed = rate * secs;
+                if (s.value - from).abs() > allowed + 1e-9 {
+                    return Err(format!(
+                        "change of {:.1} {} exceeds the allowed rate of {} {}/s (at most {:.1} {} now)",
+                        (s.value - from).abs(),
+                        def.unit,
+                        rate,
+                        def.unit,
+                        allowed,
+                        def.unit
+                    ));
+                }
+            }
+        }
+        for i in self.plant.interlocks.iter().filter(|i| i.tag == def.name) {
+            let Some(v) = self.value(&i.when) else {
+                return Err(format!("interlock: {} has no value yet", i.when));
+            };
+            if i.below.is_some_and(|b| v < b) || i.above.is_some_and(|a| v > a) {
+                return Err(format!("interlock: {}", i.reason));
+            }
+        }
+        def.to_raw(s.value).ok_or_else(|| format!("{} cannot be represented in the device register", s.value))
+    }
+
+    fn setpoint(&mut self, w: &mut Worker, s: &Setpoint, user: &str) -> Verdict {
+        let now = Instant::now();
+        let raw = match self.check(s, now) {
+            Ok(r) => r,
+            Err(reason) => {
+                tracing::info!(tag = %s.tag, %user, "setpoint refused: {reason}");
+                return Verdict { accepted: false, reason };
+            }
+        };
+        let Some(register) = self.plant.tag(&s.tag).map(|t| t.register) else {
+            return Verdict { accepted: false, reason: format!("no tag {:?}", s.tag) };
+        };
+        let write = RawWrite { tag: s.tag.clone(), register, raw };
+        match w.call_with_deadline("field", "write", hmi::encode(&write), 3000) {
+            Ok(_) => {
+                self.last_write.insert(s.tag.clone(), (now, s.value));
+                self.raw.insert(s.tag.clone(), (raw, hmi::now_ms()));
+                tracing::info!(tag = %s.tag, %user, "setpoint written");
+                Verdict { accepted: true, reason: "accepted".into() }
+            }
+            Err(e) => {
+                let reason = match e {
+                    airlock_worker::WorkerError::Call { reason, .. } => format!("the field layer failed: {reason}"),
+                    other => format!("the field layer failed: {other}"),
+                };
+                Verdict { accepted: false, reason }
+            }
+        }
+    }
+}
+
+fn alarm_event(a: &Alarm, ts_ms: i64, what: &str) -> Event {
+    Event {
+        ts_ms,
+        kind: "alarm".into(),
+        tag: a.tag.clone(),
+        user: None,
+        value: Some(a.value),
+        text: format!("{} alarm {what} (limit {})", a.kind, a.limit),
+    }
+}
