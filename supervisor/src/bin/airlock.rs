@@ -46,6 +46,34 @@ enum Cmd {
     },
     /// Audit, check, diff, export, disassemble and verify seccomp policies.
     Policy(airlock_policies::cli::PolicyArgs),
+    /// Manage the HMI's operators (the auth layer's credential file).
+    #[command(subcommand)]
+    User(UserCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum UserCmd {
+    /// Add operator NAME, or set a new password for an existing one. Without
+    /// --password-stdin, a random password is generated and printed once.
+    Add {
+        name: String,
+        /// Read the password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+        /// The credential file (default: <state directory>/workers/auth/operators).
+        #[arg(long, value_name = "PATH")]
+        file: Option<PathBuf>,
+        /// The configuration whose state directory holds the file (default: embedded).
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
+    /// List the operators (names only).
+    List {
+        #[arg(long, value_name = "PATH")]
+        file: Option<PathBuf>,
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
 }
 
 fn default_socket() -> PathBuf {
@@ -94,6 +122,8 @@ fn main() -> std::process::ExitCode {
         Cmd::Status { json } => status(&sock, json),
         Cmd::Call { service, method, body, deadline_ms } => call(&sock, service, method, body, deadline_ms),
         Cmd::Permits { config } => permits(config),
+        Cmd::User(UserCmd::Add { name, password_stdin, file, config }) => user_add(&name, password_stdin, file, config),
+        Cmd::User(UserCmd::List { file, config }) => user_list(file, config),
     };
     match r {
         Ok(code) => code,
@@ -134,6 +164,93 @@ fn status(sock: &PathBuf, json: bool) -> anyhow::Result<std::process::ExitCode> 
         for n in &w.notes {
             println!("  note: {n}");
         }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The credential file: as given, else in the auth worker's state directory of `config`.
+fn credential_file(file: Option<PathBuf>, config: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(f) = file {
+        return Ok(f);
+    }
+    let cfg = load_config(config)?;
+    let auth = cfg
+        .workers
+        .iter()
+        .find(|w| w.policy.get_ref() == "auth")
+        .context("the configuration has no worker with policy `auth`: pass --file")?;
+    let dir = cfg.worker_state_directory(auth).context("the auth worker has no state directory: pass --file")?;
+    Ok(dir.join(airlock_worker::credentials::FILE_NAME))
+}
+
+fn load_config(config: Option<PathBuf>) -> anyhow::Result<airlock_supervisor::config::Config> {
+    let (text, name) = match &config {
+        Some(p) => {
+            (std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?, p.display().to_string())
+        }
+        None => (airlock_supervisor::config::EMBEDDED_DEFAULT.to_string(), "embedded default configuration".into()),
+    };
+    airlock_supervisor::config::parse(&text, &name, &airlock_supervisor::known_policies())
+        .map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))
+}
+
+fn user_add(
+    name: &str,
+    password_stdin: bool,
+    file: Option<PathBuf>,
+    config: Option<PathBuf>,
+) -> anyhow::Result<std::process::ExitCode> {
+    use airlock_worker::credentials;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let path = credential_file(file, config)?;
+    let mut ops = match std::fs::read_to_string(&path) {
+        Ok(text) => credentials::parse(&text).with_context(|| format!("{}", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let (password, generated) = if password_stdin {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).context("reading the password from stdin")?;
+        (line.trim_end_matches(['\n', '\r']).to_string(), false)
+    } else {
+        (credentials::random_password().context("generating a password")?, true)
+    };
+    credentials::set(&mut ops, name, &password)?;
+    let dir = path.parent().context("the credential file has no directory")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Written beside and renamed over, so auth never reads half a file; owned like the
+    // directory (the auth worker's uid), readable by no one else.
+    let tmp = dir.join(format!(".{}.tmp", credentials::FILE_NAME));
+    let _ = std::fs::remove_file(&tmp);
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(credentials::render(&ops).as_bytes())?;
+        f.sync_all()?;
+    }
+    let owner = std::fs::metadata(dir)?;
+    if airlock_supervisor::sys::euid() == 0 {
+        std::os::unix::fs::chown(&tmp, Some(owner.uid()), Some(owner.gid()))
+            .with_context(|| format!("chown {}", tmp.display()))?;
+    }
+    std::fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
+    if generated {
+        println!("operator {name}: password {password}");
+    } else {
+        println!("operator {name}: password set");
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn user_list(file: Option<PathBuf>, config: Option<PathBuf>) -> anyhow::Result<std::process::ExitCode> {
+    let path = credential_file(file, config)?;
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    for op in airlock_worker::credentials::parse(&text).with_context(|| format!("{}", path.display()))? {
+        println!("{}", op.name);
     }
     Ok(std::process::ExitCode::SUCCESS)
 }
