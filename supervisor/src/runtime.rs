@@ -73,6 +73,8 @@ struct Slot {
     incarnation: u64,
     /// Per reopenable resource: when it was last reopened and the backoff before the next.
     reopens: BTreeMap<u32, (Instant, Duration)>,
+    calls_served: u64,
+    calls_made: u64,
 }
 
 #[derive(Debug)]
@@ -121,6 +123,12 @@ pub struct WorkerStatus {
     /// Asynchronous messages waiting for this worker, and delivered but unacknowledged.
     pub queued: usize,
     pub unacknowledged: usize,
+    /// Calls routed to this worker (since airlockd started): what it was asked to serve.
+    #[serde(default)]
+    pub calls_served: u64,
+    /// Calls this worker made that the permit table allowed.
+    #[serde(default)]
+    pub calls_made: u64,
 }
 
 /// The answer to `status`.
@@ -232,6 +240,8 @@ impl Supervisor {
                 delivered: BTreeMap::new(),
                 incarnation: 0,
                 reopens: BTreeMap::new(),
+                calls_served: 0,
+                calls_made: 0,
             })
             .collect();
         let recovered = pending.len();
@@ -783,8 +793,10 @@ impl Supervisor {
             self.answer(caller, Err(format!("forwarding to {}: {e}", self.slots[t].name)), None);
             return;
         }
+        self.slots[t].calls_served += 1;
         if let Caller::Worker { slot, .. } = &caller {
             self.slots[*slot].calls_in_flight += 1;
+            self.slots[*slot].calls_made += 1;
         }
         self.pending.insert(
             id,
@@ -1149,6 +1161,8 @@ impl Supervisor {
                     violations: s.violations,
                     queued: s.outbox.len(),
                     unacknowledged: s.delivered.len(),
+                    calls_served: s.calls_served,
+                    calls_made: s.calls_made,
                 })
                 .collect(),
             journal_pending: self.journal.live(),

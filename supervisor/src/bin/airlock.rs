@@ -158,6 +158,10 @@ fn status(sock: &PathBuf, json: bool) -> anyhow::Result<std::process::ExitCode> 
         if let Some(e) = &w.last_exit {
             println!("  last exit: {e}");
         }
+        println!(
+            "  broker: state {}, calls served {}, calls made {}, violations {}, queued {}, unacknowledged {}",
+            w.broker_state, w.calls_served, w.calls_made, w.violations, w.queued, w.unacknowledged
+        );
         for (layer, state) in &w.confinement {
             println!("  {layer:<20} {state}");
         }
