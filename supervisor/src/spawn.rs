@@ -252,6 +252,7 @@ pub fn open_resources(w: &WorkerConfig) -> Result<Vec<OwnedFd>, SpawnError> {
             Resource::TcpListen { address } => {
                 let l = std::net::TcpListener::bind(address.as_str())
                     .map_err(|e| SpawnError::Resource { what: format!("tcp-listen {address}"), source: e })?;
+                tracing::info!(worker = %w.name.get_ref(), "listening on {address} for worker {}", w.name.get_ref());
                 l.into()
             }
             Resource::UnixListen { path } => {

@@ -5,76 +5,10 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
+use airlock_supervisor::cli::{AirlockArgs as Args, Cmd, UserCmd};
 use airlock_supervisor::runtime::{CallResult, ControlRequest, Status, WorkerState};
 use anyhow::Context;
-use clap::{Parser, Subcommand};
-
-#[derive(Debug, Parser)]
-#[command(name = "airlock", version, about = "Administer airlock: status, calls, policy audit")]
-struct Args {
-    /// The supervisor's control socket (default: $RUNTIME_DIRECTORY/control.sock, then
-    /// /run/airlock/control.sock, then the per-user fallback airlockd uses).
-    #[arg(long, global = true, value_name = "PATH")]
-    socket: Option<PathBuf>,
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Debug, Subcommand)]
-enum Cmd {
-    /// Every worker: state, pid, restarts, services, and each confinement layer.
-    Status {
-        /// Print the raw JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Call SERVICE.METHOD through the supervisor with BODY (UTF-8) and print the reply.
-    Call {
-        service: String,
-        method: String,
-        #[arg(default_value = "")]
-        body: String,
-        /// How long to wait for the reply (default: the supervisor's call deadline).
-        #[arg(long, default_value_t = 0)]
-        deadline_ms: u32,
-    },
-    /// Print the permit table (who may call or send what, in which state) for audit.
-    Permits {
-        /// Configuration file; without it, the embedded default configuration.
-        #[arg(long, value_name = "PATH")]
-        config: Option<PathBuf>,
-    },
-    /// Audit, check, diff, export, disassemble and verify seccomp policies.
-    Policy(airlock_policies::cli::PolicyArgs),
-    /// Manage the HMI's operators (the auth layer's credential file).
-    #[command(subcommand)]
-    User(UserCmd),
-}
-
-#[derive(Debug, Subcommand)]
-enum UserCmd {
-    /// Add operator NAME, or set a new password for an existing one. Without
-    /// --password-stdin, a random password is generated and printed once.
-    Add {
-        name: String,
-        /// Read the password from the first line of standard input.
-        #[arg(long)]
-        password_stdin: bool,
-        /// The credential file (default: <state directory>/workers/auth/operators).
-        #[arg(long, value_name = "PATH")]
-        file: Option<PathBuf>,
-        /// The configuration whose state directory holds the file (default: embedded).
-        #[arg(long, value_name = "PATH")]
-        config: Option<PathBuf>,
-    },
-    /// List the operators (names only).
-    List {
-        #[arg(long, value_name = "PATH")]
-        file: Option<PathBuf>,
-        #[arg(long, value_name = "PATH")]
-        config: Option<PathBuf>,
-    },
-}
+use clap::Parser;
 
 fn default_socket() -> PathBuf {
     if let Some(d) = std::env::var_os("RUNTIME_DIRECTORY") {
@@ -177,7 +111,7 @@ fn credential_file(file: Option<PathBuf>, config: Option<PathBuf>) -> anyhow::Re
     if let Some(f) = file {
         return Ok(f);
     }
-    let cfg = load_config(config)?;
+    let (cfg, _) = load_config(config)?;
     let auth = cfg
         .workers
         .iter()
@@ -187,15 +121,20 @@ fn credential_file(file: Option<PathBuf>, config: Option<PathBuf>) -> anyhow::Re
     Ok(dir.join(airlock_worker::credentials::FILE_NAME))
 }
 
-fn load_config(config: Option<PathBuf>) -> anyhow::Result<airlock_supervisor::config::Config> {
+/// The configuration as given, else the installed one (`/etc/airlock/airlock.toml`), else the
+/// embedded default.
+fn load_config(config: Option<PathBuf>) -> anyhow::Result<(airlock_supervisor::config::Config, String)> {
+    let installed = PathBuf::from("/etc/airlock/airlock.toml");
+    let config = config.or_else(|| installed.exists().then_some(installed));
     let (text, name) = match &config {
         Some(p) => {
             (std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?, p.display().to_string())
         }
         None => (airlock_supervisor::config::EMBEDDED_DEFAULT.to_string(), "embedded default configuration".into()),
     };
-    airlock_supervisor::config::parse(&text, &name, &airlock_supervisor::known_policies())
-        .map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))
+    let cfg = airlock_supervisor::config::parse(&text, &name, &airlock_supervisor::known_policies())
+        .map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+    Ok((cfg, name))
 }
 
 fn user_add(
@@ -260,14 +199,7 @@ fn user_list(file: Option<PathBuf>, config: Option<PathBuf>) -> anyhow::Result<s
 }
 
 fn permits(config: Option<PathBuf>) -> anyhow::Result<std::process::ExitCode> {
-    let (text, name) = match &config {
-        Some(p) => {
-            (std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?, p.display().to_string())
-        }
-        None => (airlock_supervisor::config::EMBEDDED_DEFAULT.to_string(), "embedded default configuration".into()),
-    };
-    let cfg = airlock_supervisor::config::parse(&text, &name, &airlock_supervisor::known_policies())
-        .map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+    let (cfg, name) = load_config(config)?;
     println!("# permit table of {name}; every worker starts in state `initial`; anything not listed is refused");
     print!("{}", airlock_supervisor::permits::render(&cfg.permit_table()));
     Ok(std::process::ExitCode::SUCCESS)

@@ -1,24 +1,8 @@
 //! `airlockd`: the airlock supervisor.
 
-use std::path::PathBuf;
-
+use airlock_supervisor::cli::AirlockdArgs as Args;
 use anyhow::Context;
 use clap::Parser;
-
-/// The airlock supervisor: spawns, confines, verifies and restarts sandboxed workers.
-#[derive(Debug, Parser)]
-#[command(name = "airlockd", version)]
-struct Args {
-    /// Configuration file (TOML). Without it, the embedded default configuration runs.
-    #[arg(long, value_name = "PATH")]
-    config: Option<PathBuf>,
-    /// Validate a configuration file, print every error with its line, and exit.
-    #[arg(long, value_name = "PATH", conflicts_with = "config")]
-    check_config: Option<PathBuf>,
-    /// Print the embedded default configuration and exit.
-    #[arg(long)]
-    print_default_config: bool,
-}
 
 fn main() -> std::process::ExitCode {
     airlock_supervisor::init_logging();

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Builds target/debian/airlock_VERSION_ARCH.deb from a release build of the workspace, with
+# dpkg-deb (no extra tooling: dpkg is on every Debian machine, and the maintainer scripts,
+# conffile and layout below are all there is to review). Prints the package's path.
+#
+#   packaging/debian/build-deb.sh [--no-build]     (--no-build: reuse target/release)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+here=packaging/debian
+version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
+arch=$(dpkg --print-architecture)
+[ -n "$version" ] || { echo "build-deb: no version in Cargo.toml" >&2; exit 1; }
+if [ "${1:-}" != --no-build ]; then
+  cargo build --release --locked --workspace --bins >&2
+fi
+rel=target/release
+workers=(plcsim field logic historian auth ui)
+root=target/debian/root
+rm -rf "$root"
+install -d "$root/DEBIAN" "$root/usr/bin" "$root/usr/libexec/airlock" "$root/usr/share/airlock/policies/common" \
+  "$root/etc/airlock" "$root/usr/lib/systemd/system" "$root/usr/lib/sysusers.d" "$root/usr/lib/tmpfiles.d" \
+  "$root/usr/share/man/man8" "$root/usr/share/doc/airlock"
+
+install -m 0755 "$rel/airlockd" "$rel/airlock" "$root/usr/bin/"
+for w in "${workers[@]}"; do install -m 0755 "$rel/airlock-worker-$w" "$root/usr/libexec/airlock/"; done
+# Symbols stay in the build tree; the package ships stripped binaries.
+strip --strip-unneeded "$root"/usr/bin/* "$root"/usr/libexec/airlock/*
+
+# The policies as auditors read them (`airlock policy audit --dir /usr/share/airlock/policies`).
+install -m 0644 policies/*.toml "$root/usr/share/airlock/policies/"
+install -m 0644 policies/common/*.toml "$root/usr/share/airlock/policies/common/"
+
+# The configuration (a conffile): the embedded default, with the workers in /usr/libexec and
+# the HMI's socket from airlockd.socket (the units run with no network of their own).
+"$rel/airlockd" --print-default-config | perl -0pe '
+  s/^\[supervisor\]\n/[supervisor]\nworker-directory = "\/usr\/libexec\/airlock"\n/m or die "no [supervisor]";
+  s/\[\[worker\.resource\]\]\nkind = "tcp-listen"\naddress = "127\.0\.0\.1:8080"\n/[[worker.resource]]\n# passed by airlockd.socket (FileDescriptorName=hmi)\nkind = "systemd-socket"\nname = "hmi"\n/ or die "no ui listener";
+  s/^# airlockd.s embedded default configuration.*?\n/# \/etc\/airlock\/airlock.toml: airlockd configuration (see airlockd(8), \/usr\/share\/doc\/airlock).\n/m;
+' >"$root/etc/airlock/airlock.toml"
+chmod 0644 "$root/etc/airlock/airlock.toml"
+"$rel/airlockd" --check-config "$root/etc/airlock/airlock.toml" >&2
+
+install -m 0644 packaging/systemd/airlockd.service packaging/systemd/airlockd-privileged.service \
+  packaging/systemd/airlockd.socket "$root/usr/lib/systemd/system/"
+install -m 0644 "$here/sysusers.conf" "$root/usr/lib/sysusers.d/airlock.conf"
+install -m 0644 "$here/tmpfiles.conf" "$root/usr/lib/tmpfiles.d/airlock.conf"
+
+# Man pages from the binaries' own command-line definitions.
+"$rel/airlock-mangen" "$root/usr/share/man/man8" >/dev/null
+gzip -9n "$root"/usr/share/man/man8/*.8
+
+install -m 0644 "$here/copyright" "$root/usr/share/doc/airlock/copyright"
+install -m 0644 README.md "$root/usr/share/doc/airlock/README.md"
+for d in configuration deployment hmi policies; do
+  [ -f "docs/$d.md" ] && install -m 0644 "docs/$d.md" "$root/usr/share/doc/airlock/$d.md"
+done
+printf 'airlock (%s) unstable; urgency=medium\n\n  * Built from the airlock workspace.\n\n -- airlock maintainers <maintainers@airlock.invalid>  %s\n' \
+  "$version" "$(date -R -d @"${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}")" |
+  gzip -9n >"$root/usr/share/doc/airlock/changelog.Debian.gz"
+
+size=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
+sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" -e "s/@SIZE@/$size/" "$here/control.in" >"$root/DEBIAN/control"
+install -m 0644 "$here/conffiles" "$root/DEBIAN/conffiles"
+install -m 0755 "$here/postinst" "$here/prerm" "$here/postrm" "$root/DEBIAN/"
+(cd "$root" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | sort -z | xargs -0 md5sum) >"$root/DEBIAN/md5sums"
+
+out=target/debian/airlock_${version}_${arch}.deb
+dpkg-deb --root-owner-group -Zxz --build "$root" "$out" >&2
+echo "$out"

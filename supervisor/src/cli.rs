@@ -1,0 +1,112 @@
+//! The command lines of `airlockd` and `airlock`, as data: the binaries parse them, and
+//! `airlock-mangen` renders them as man pages, so the two never disagree.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// The airlock supervisor: spawns, confines, verifies and restarts sandboxed workers.
+#[derive(Debug, Parser)]
+#[command(name = "airlockd", version)]
+pub struct AirlockdArgs {
+    /// Configuration file (TOML). Without it, the embedded default configuration runs.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Validate a configuration file, print every error with its line, and exit.
+    #[arg(long, value_name = "PATH", conflicts_with = "config")]
+    pub check_config: Option<PathBuf>,
+    /// Print the embedded default configuration and exit.
+    #[arg(long)]
+    pub print_default_config: bool,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "airlock", version, about = "Administer airlock: status, calls, policy audit")]
+pub struct AirlockArgs {
+    /// The supervisor's control socket (default: $RUNTIME_DIRECTORY/control.sock, then
+    /// /run/airlock/control.sock, then the per-user fallback airlockd uses).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Every worker: state, pid, restarts, services, and each confinement layer.
+    Status {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Call SERVICE.METHOD through the supervisor with BODY (UTF-8) and print the reply.
+    Call {
+        service: String,
+        method: String,
+        #[arg(default_value = "")]
+        body: String,
+        /// How long to wait for the reply (default: the supervisor's call deadline).
+        #[arg(long, default_value_t = 0)]
+        deadline_ms: u32,
+    },
+    /// Print the permit table (who may call or send what, in which state) for audit.
+    Permits {
+        /// Configuration file; without it, the embedded default configuration.
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
+    /// Audit, check, diff, export, disassemble and verify seccomp policies.
+    Policy(airlock_policies::cli::PolicyArgs),
+    /// Manage the HMI's operators (the auth layer's credential file).
+    #[command(subcommand)]
+    User(UserCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCmd {
+    /// Add operator NAME, or set a new password for an existing one. Without
+    /// --password-stdin, a random password is generated and printed once.
+    Add {
+        name: String,
+        /// Read the password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+        /// The credential file (default: <state directory>/workers/auth/operators).
+        #[arg(long, value_name = "PATH")]
+        file: Option<PathBuf>,
+        /// The configuration whose state directory holds the file (default: embedded).
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
+    /// List the operators (names only).
+    List {
+        #[arg(long, value_name = "PATH")]
+        file: Option<PathBuf>,
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
+}
+
+/// Renders the man pages of both binaries (and of `airlock`'s subcommands) into `dir`:
+/// `airlockd.8`, `airlock.8`, `airlock-status.8`, ...
+pub fn write_man_pages(dir: &std::path::Path) -> std::io::Result<Vec<PathBuf>> {
+    use clap::CommandFactory;
+    let mut written = Vec::new();
+    let mut page = |cmd: clap::Command, name: String| -> std::io::Result<()> {
+        let path = dir.join(format!("{name}.8"));
+        let mut out = Vec::new();
+        // A one-off tool: the few page names live until it exits.
+        let title: &'static str = Box::leak(name.clone().into_boxed_str());
+        clap_mangen::Man::new(cmd.name(title)).section("8").render(&mut out)?;
+        std::fs::write(&path, out)?;
+        written.push(path);
+        Ok(())
+    };
+    page(AirlockdArgs::command(), "airlockd".into())?;
+    let airlock = AirlockArgs::command();
+    page(airlock.clone(), "airlock".into())?;
+    for sub in airlock.get_subcommands() {
+        page(sub.clone(), format!("airlock-{}", sub.get_name()))?;
+    }
+    Ok(written)
+}

@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""Installs the Debian package on this machine, runs airlockd the way airlockd.service and
+airlockd.socket would (user airlock, systemd's environment, the HMI socket passed by
+socket activation, NOTIFY_SOCKET read here), checks READY=1 and the HMI, then purges the
+package and checks that nothing is left but what Debian policy keeps (the system user).
+
+Usage (as root): tests/packaging/test_deb.py PATH/TO/airlock_VERSION_ARCH.deb
+"""
+import json
+import os
+import pwd
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+FAILED = []
+
+
+def check(ok, what):
+    print(("ok   " if ok else "FAIL ") + what, flush=True)
+    if not ok:
+        FAILED.append(what)
+    return ok
+
+
+def run(*cmd, **kw):
+    return subprocess.run(cmd, capture_output=True, text=True, **kw)
+
+
+def main():
+    if os.geteuid() != 0:
+        sys.exit("test_deb.py must run as root (it installs a package)")
+    deb = os.path.abspath(sys.argv[1])
+    run("dpkg", "--purge", "airlock")
+    r = run("apt-get", "install", "-y", "-q", "--no-install-recommends", deb, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    if not check(r.returncode == 0, "the package installs"):
+        print(r.stdout[-3000:], r.stderr[-3000:])
+        return
+    files = [l for l in run("dpkg", "-L", "airlock").stdout.splitlines() if l.strip()]
+    for path in ["/usr/bin/airlockd", "/usr/bin/airlock", "/usr/libexec/airlock/airlock-worker-ui",
+                 "/usr/share/airlock/policies/ui.toml", "/etc/airlock/airlock.toml",
+                 "/usr/lib/systemd/system/airlockd.service", "/usr/lib/sysusers.d/airlock.conf",
+                 "/usr/lib/tmpfiles.d/airlock.conf", "/usr/share/man/man8/airlockd.8.gz",
+                 "/usr/share/man/man8/airlock-user.8.gz", "/usr/share/doc/airlock/copyright"]:
+        check(path in files and os.path.exists(path), f"installed {path}")
+    conff = run("dpkg-query", "-W", "-f=${Conffiles}", "airlock").stdout
+    check("/etc/airlock/airlock.toml" in conff, "/etc/airlock/airlock.toml is a conffile")
+    try:
+        pw = pwd.getpwnam("airlock")
+    except KeyError:
+        check(False, "the airlock system user exists")
+        return
+    check(pw.pw_uid < 1000, f"airlock is a system user (uid {pw.pw_uid})")
+    st = os.stat("/var/lib/airlock")
+    check(st.st_uid == pw.pw_uid and (st.st_mode & 0o777) == 0o700, "/var/lib/airlock is airlock's, mode 0700 (tmpfiles.d)")
+    r = run("airlockd", "--check-config", "/etc/airlock/airlock.toml")
+    check(r.returncode == 0, f"airlockd --check-config /etc/airlock/airlock.toml: {r.stdout.strip()} {r.stderr.strip()}")
+    r = run("man", "-l", "/usr/share/man/man8/airlockd.8.gz", env=dict(os.environ, MANPAGER="cat", MANWIDTH="80"))
+    if r.returncode == 0:
+        check("--check-config" in r.stdout, "man airlockd documents --check-config")
+
+    start_like_the_unit(pw)
+
+    r = run("dpkg", "--purge", "airlock")
+    check(r.returncode == 0, "the package purges")
+    left = [f for f in files if f not in ("/.",) and os.path.lexists(f) and not os.path.isdir(f)]
+    check(not left, f"no installed file is left after purge: {left[:5]}")
+    for d in ["/etc/airlock", "/var/lib/airlock", "/run/airlock", "/usr/libexec/airlock", "/usr/share/airlock",
+              "/usr/share/doc/airlock"]:
+        check(not os.path.exists(d), f"{d} is gone after purge")
+    check(run("getent", "passwd", "airlock").returncode == 0,
+          "the airlock system user stays after purge (Debian policy: users are not removed)")
+
+
+def start_like_the_unit(pw):
+    tmp = tempfile.mkdtemp(prefix="airlock-deb-")
+    os.chmod(tmp, 0o755)
+    notify_path = os.path.join(tmp, "notify.sock")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    os.chmod(notify_path, 0o777)
+    notify.settimeout(1.0)
+    # RuntimeDirectory= as systemd makes it.
+    os.makedirs("/run/airlock", exist_ok=True)
+    os.chown("/run/airlock", pw.pw_uid, pw.pw_gid)
+    os.chmod("/run/airlock", 0o750)
+    # airlockd.socket: ListenStream=127.0.0.1:8080, FileDescriptorName=hmi.
+    hmi = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    hmi.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    hmi.bind(("127.0.0.1", 8080))
+    hmi.listen(128)
+    log_path = os.path.join(tmp, "airlockd.log")
+    log = open(log_path, "wb")
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            os.dup2(hmi.fileno(), 3)
+            os.set_inheritable(3, True)
+            os.closerange(4, 1024)
+            os.setgroups([])
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+            os.umask(0o077)
+            env = {
+                "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/var/lib/airlock", "USER": "airlock",
+                "STATE_DIRECTORY": "/var/lib/airlock", "RUNTIME_DIRECTORY": "/run/airlock",
+                "CONFIGURATION_DIRECTORY": "/etc/airlock", "NOTIFY_SOCKET": notify_path,
+                "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid()),
+                "LISTEN_FDS": "1", "LISTEN_FDNAMES": "hmi", "LISTEN_PID": str(os.getpid()),
+            }
+            os.execve("/usr/bin/airlockd", ["/usr/bin/airlockd", "--config", "/etc/airlock/airlock.toml"], env)
+        finally:
+            os._exit(127)
+    hmi.close()
+    got = []
+    deadline = time.time() + 60
+    while time.time() < deadline and not any("READY=1" in m for m in got):
+        try:
+            got.append(notify.recv(4096).decode(errors="replace"))
+        except socket.timeout:
+            if os.waitpid(pid, os.WNOHANG) != (0, 0):
+                break
+    if not check(any("READY=1" in m for m in got), "READY=1 arrives on NOTIFY_SOCKET"):
+        print(open(log_path, errors="replace").read()[-4000:])
+    ok_page = False
+    for _ in range(50):
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:8080/", timeout=2) as r:
+                body = r.read().decode(errors="replace")
+                ok_page = r.status == 200 and "<html" in body.lower()
+                break
+        except Exception:
+            time.sleep(0.2)
+    check(ok_page, "the HMI answers on 127.0.0.1:8080")
+    r = run("airlock", "status", "--json", "--socket", "/run/airlock/control.sock")
+    if check(r.returncode == 0, "airlock status answers (root over SO_PEERCRED)"):
+        st = json.loads(r.stdout)
+        states = {w["name"]: w["state"] for w in st["workers"]}
+        check(all(s == "Running" or s == "running" or (isinstance(s, dict) and "Running" in s) for s in states.values()),
+              f"every worker runs: {states}")
+        check(st["uid"] == pw.pw_uid, "airlockd runs as airlock")
+    log_text = open(log_path, errors="replace").read()
+    check('created operator "operator" with password' in log_text, "the first operator's password is in the log once")
+    os.kill(pid, signal.SIGTERM)
+    status = None
+    for _ in range(100):
+        p, status = os.waitpid(pid, os.WNOHANG)
+        if p:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    check(status == 0, f"airlockd stops cleanly on SIGTERM (status {status})")
+    try:
+        while True:
+            got.append(notify.recv(4096).decode(errors="replace"))
+    except (socket.timeout, OSError):
+        pass
+    check(any("STOPPING=1" in m for m in got), "STOPPING=1 arrives")
+
+
+if __name__ == "__main__":
+    main()
+    print(f"packaging: {len(FAILED)} failed" if FAILED else "packaging: all checks passed")
+    sys.exit(1 if FAILED else 0)
