@@ -85,8 +85,19 @@ impl Daemon {
         Daemon::launch(dir, "airlockd.log", env)
     }
 
+    /// Starts `airlockd` on a whole configuration `body` (its own `[defaults]`, workers and
+    /// permits; no `[supervisor]` table, which the harness writes).
+    pub fn start_config(body: &str) -> Daemon {
+        let dir = Daemon::prepare_with(body, false);
+        Daemon::launch(dir, "airlockd.log", &[])
+    }
+
     /// A fresh test directory holding the configuration for `workers`.
     fn prepare(workers: &str) -> PathBuf {
+        Daemon::prepare_with(workers, true)
+    }
+
+    fn prepare_with(workers: &str, with_defaults: bool) -> PathBuf {
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let dir = std::env::temp_dir().join(format!("airlock-test-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -95,9 +106,10 @@ impl Daemon {
         std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod test dir");
         let workers = workers.replace("@DIR@", &dir.display().to_string());
         let cfg = format!(
-            "[supervisor]\nstate-directory = \"{d}/state\"\nruntime-directory = \"{d}/run\"\nworker-directory = \"{b}\"\nshutdown-timeout-ms = 2000\nready-timeout-ms = 10000\n{DEFAULTS}\n{workers}",
+            "[supervisor]\nstate-directory = \"{d}/state\"\nruntime-directory = \"{d}/run\"\nworker-directory = \"{b}\"\nshutdown-timeout-ms = 2000\nready-timeout-ms = 10000\n{defaults}\n{workers}",
             d = dir.display(),
-            b = bin_dir().display()
+            b = bin_dir().display(),
+            defaults = if with_defaults { DEFAULTS } else { "" }
         );
         std::fs::write(dir.join("airlock.toml"), cfg).expect("write config");
         dir
