@@ -27,7 +27,7 @@ for w in "${workers[@]}"; do install -m 0755 "$rel/airlock-worker-$w" "$root/usr
 strip --strip-unneeded "$root"/usr/bin/* "$root"/usr/libexec/airlock/*
 
 # The policies as auditors read them (`airlock policy audit --dir /usr/share/airlock/policies`).
-install -m 0644 policies/*.toml "$root/usr/share/airlock/policies/"
+find policies -maxdepth 1 -name "*.toml" ! -name Cargo.toml -exec install -m 0644 {} "$root/usr/share/airlock/policies/" \;
 install -m 0644 policies/common/*.toml "$root/usr/share/airlock/policies/common/"
 
 # The configuration (a conffile): the embedded default, with the workers in /usr/libexec and

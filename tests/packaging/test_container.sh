@@ -53,23 +53,40 @@ else
 fi
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+published=1
 if as_user podman run -d --name "$name" -p "127.0.0.1:$port:8080" localhost/airlock:test >/dev/null 2>"$ctx/run.log"; then
-  ok "podman run without --privileged or added capabilities"
+  ok "podman run -p 127.0.0.1:$port:8080, without --privileged or added capabilities"
+elif grep -q '/dev/net/tun' "$ctx/run.log"; then
+  # This host forbids the user-mode network stack (no /dev/net/tun for slirp4netns): run
+  # without a network and reach the HMI from inside the container's own namespace.
+  published=0
+  echo "note: publishing ports needs /dev/net/tun, which this host denies; checking the HMI from inside the container"
+  as_user podman rm -f "$name" >/dev/null 2>&1
+  if as_user podman run -d --name "$name" --network none localhost/airlock:test >/dev/null 2>"$ctx/run.log"; then
+    ok "podman run --network none, without --privileged or added capabilities"
+  else
+    bad "podman run"; cat "$ctx/run.log"; exit 1
+  fi
 else
   bad "podman run"; cat "$ctx/run.log"; exit 1
 fi
 
 answered=0
 for _ in $(seq 1 100); do
-  if python3 - "$port" <<'PY' 2>/dev/null; then answered=1; break; fi
+  if [ $published = 1 ]; then
+    if python3 - "$port" <<'PY' 2>/dev/null; then answered=1; break; fi
 import sys, urllib.request
 with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/", timeout=2) as r:
     body = r.read().decode(errors="replace")
     sys.exit(0 if r.status == 200 and "<html" in body.lower() else 1)
 PY
+  else
+    page=$(as_user podman exec "$name" bash -c 'exec 3<>/dev/tcp/127.0.0.1/8080 && printf "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" >&3 && timeout 5 cat <&3' 2>/dev/null)
+    if grep -q '^HTTP/1.1 200' <<<"$page" && grep -qi '<html' <<<"$page"; then answered=1; break; fi
+  fi
   sleep 0.3
 done
-[ $answered = 1 ] && ok "the HMI answers on the published port $port" || bad "the HMI does not answer on port $port"
+[ $answered = 1 ] && ok "the HMI answers on port 8080 of the container" || bad "the HMI does not answer"
 
 status=$(as_user podman exec "$name" airlock status --json 2>&1)
 if python3 - "$status" <<'PY'; then ok "every worker runs, as the non-root airlock user"; else bad "workers: $status"; fi
