@@ -980,7 +980,9 @@ impl Supervisor {
                 let slot = *slot;
                 self.slots[slot].calls_in_flight = self.slots[slot].calls_in_flight.saturating_sub(1);
                 if let (Some(g), Ok(_)) = (&p.grant, &rep.result) {
-                    tracing::info!(worker = %self.slots[slot].name, from = %self.slots[slot].broker_state, to = %g, "permit grant: state change");
+                    if self.slots[slot].broker_state != *g {
+                        tracing::info!(worker = %self.slots[slot].name, from = %self.slots[slot].broker_state, to = %g, "permit grant: state change");
+                    }
                     self.slots[slot].broker_state = g.clone();
                 }
             }

@@ -89,7 +89,7 @@ impl TagDef {
         }
         let r = ((eng - self.offset) / self.scale).round();
         if self.signed {
-            (f64::from(i16::MIN)..=f64::from(i16::MAX)).contains(&r).then(|| r as i16 as u16)
+            (f64::from(i16::MIN)..=f64::from(i16::MAX)).contains(&r).then_some(r as i16 as u16)
         } else {
             (0.0..=f64::from(u16::MAX)).contains(&r).then_some(r as u16)
         }

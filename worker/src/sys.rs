@@ -316,3 +316,47 @@ pub fn exit_now(code: i32) -> ! {
     // SAFETY: terminates the process; no Rust state is relied upon afterwards.
     unsafe { libc::_exit(code) }
 }
+
+/// `poll(2)` over `fds` for at most `timeout_ms` (`-1`: no limit). Returns how many entries
+/// have events in `revents`; an interrupted wait returns 0. Entries with a negative `fd` are
+/// ignored by the kernel.
+pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
+    // SAFETY: `fds` is a valid, writable slice of pollfd and we pass its exact length; the
+    // kernel writes only the `revents` of those entries. A descriptor that is not open comes
+    // back as POLLNVAL, never as memory access.
+    let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted { Ok(0) } else { Err(e) };
+    }
+    Ok(rc as usize)
+}
+
+/// Accepts one connection on a listening socket as a non-blocking, close-on-exec
+/// descriptor (`accept4(SOCK_NONBLOCK | SOCK_CLOEXEC)`), without asking for the peer's
+/// address. A non-blocking listener with nothing pending gives `WouldBlock`.
+pub fn accept_nonblocking(listener: std::os::fd::BorrowedFd<'_>) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: null address and length pointers are allowed: the kernel then writes no address.
+    let fd = unsafe {
+        libc::accept4(listener.as_raw_fd(), ptr::null_mut(), ptr::null_mut(), libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+    };
+    if fd == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: accept4 returned a fresh descriptor that nothing else in this process owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sets `O_NONBLOCK` on the open file description behind `fd` (shared with every duplicate
+/// of it, in this process or another).
+pub fn set_nonblocking(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: integer arguments only.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: integer arguments only.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) })
+}

@@ -157,7 +157,7 @@ fn serve(c: &mut Client, regs: &mut ModbusStorageSmall, unit: u8) -> bool {
     }
     while c.buf.len() >= 6 {
         let len = 6 + usize::from(u16::from_be_bytes([c.buf[4], c.buf[5]]));
-        if len > 256 || len < 8 {
+        if !(8..=256).contains(&len) {
             tracing::warn!("malformed Modbus frame: client dropped");
             return false;
         }
