@@ -460,7 +460,9 @@ pub fn parse(text: &str, source_name: &str, known_policies: &[String]) -> Result
             match res.get_ref() {
                 Resource::TcpListen { address } | Resource::TcpConnect { address } => {
                     if address.parse::<SocketAddr>().is_err() {
-                        bad(rline, format!("tcp address {address:?} is not IP:PORT"));
+                        let kind =
+                            if matches!(res.get_ref(), Resource::TcpListen { .. }) { "listen" } else { "connect" };
+                        bad(rline, format!("tcp-{kind} address {address:?} is not IP:PORT"));
                     }
                 }
                 Resource::SystemdSocket { name } => {

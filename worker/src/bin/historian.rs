@@ -244,7 +244,9 @@ mod tests {
     #[test]
     fn utc_and_csv_quoting() {
         assert_eq!(utc(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(utc(1_796_000_000_123), "2026-11-29T00:53:20.123Z");
+        assert_eq!(utc(1_796_000_000_123), "2026-11-30T00:53:20.123Z");
+        assert_eq!(utc(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(utc(-1), "1969-12-31T23:59:59.999Z");
         assert_eq!(csv_field("a,b"), "\"a,b\"");
         assert_eq!(csv_field("=cmd()"), "'=cmd()");
         assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
