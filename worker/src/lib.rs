@@ -150,9 +150,16 @@ impl Worker {
     }
 
     /// The channel's descriptor, for a worker that runs its own `poll` loop: when it is
-    /// readable, call [`Worker::pump`].
+    /// readable, or [`Worker::has_pending`] says so, call [`Worker::pump`].
     pub fn channel_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.ch.as_fd()
+    }
+
+    /// True when messages are already waiting in the worker (kept while it waited for a reply
+    /// or an acceptance, or read in the same batch): [`Worker::pump`] them before polling
+    /// [`Worker::channel_fd`], which would not wake for them.
+    pub fn has_pending(&self) -> bool {
+        !self.backlog.is_empty() || self.ch.has_buffered()
     }
 
     /// Asks the supervisor for a fresh descriptor for brokered resource `index` (0 is the

@@ -88,8 +88,9 @@ fn main() -> ExitCode {
     let mut next_poll = Instant::now();
     loop {
         let wait = next_poll.saturating_duration_since(Instant::now());
-        let readable = match airlock_protocol::sys::poll_readable(w.channel_fd(), wait.as_millis() as i32) {
-            Ok(r) => r,
+        let wait_ms = if w.has_pending() { 0 } else { wait.as_millis() as i32 };
+        let readable = match airlock_protocol::sys::poll_readable(w.channel_fd(), wait_ms) {
+            Ok(r) => r || w.has_pending(),
             Err(e) => {
                 tracing::error!("poll: {e}");
                 return ExitCode::from(1);

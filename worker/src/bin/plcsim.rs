@@ -104,7 +104,8 @@ fn main() -> ExitCode {
     let mut clients: Vec<Client> = Vec::new();
     loop {
         // A short wait on the channel; the sockets are non-blocking and served every pass.
-        match airlock_protocol::sys::poll_readable(w.channel_fd(), 10) {
+        let wait_ms = if w.has_pending() { 0 } else { 10 };
+        match airlock_protocol::sys::poll_readable(w.channel_fd(), wait_ms).map(|r| r || w.has_pending()) {
             Ok(true) => match w.pump(|_, _, _| Err("plcsim serves no requests".into()), |_, _, _| {}) {
                 Ok(Pump::Idle) => {}
                 Ok(Pump::Stop) => return ExitCode::SUCCESS,
