@@ -646,7 +646,9 @@ pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
 pub fn unpin() -> io::Result<()> {
     // SAFETY: all-zero is an empty cpu_set_t.
     let mut set: libc::cpu_set_t = unsafe { mem::zeroed() };
-    let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    // Not available_parallelism(): it counts the current (pinned) affinity mask.
+    // SAFETY: sysconf takes an integer and has no other effect.
+    let n = usize::try_from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }).unwrap_or(1).max(1);
     for cpu in 0..n.min(libc::CPU_SETSIZE as usize) {
         // SAFETY: `cpu` < CPU_SETSIZE.
         unsafe { libc::CPU_SET(cpu, &mut set) };

@@ -1,13 +1,14 @@
 //! `cargo bench -p airlock-supervisor --bench broker`: the broker against baselines measured in
-//! the same run, every process pinned to CPU 0. One JSON object per line, as the protocol
-//! benchmark prints.
+//! the same run. One JSON object per line, as the protocol benchmark prints. The call and the
+//! `_one_cpu` scenario pin every process (and the baseline) to CPU 0; `async_durable_1k` runs
+//! supervisor, workers and baseline on all CPUs, as deployed.
 //!
 //! - `call_via_broker_64`: median round trip of a 64-byte call from one confined worker to
 //!   another through `airlockd` (two encrypted hops each way, permit check, routing), versus a
 //!   raw `SOCK_SEQPACKET` ping-pong through a relay process doing the same hops, no crypto.
 //! - `async_durable_1k`: durable 1 KiB messages per second (journaled, encrypted, fsynced in
 //!   groups of 64), versus writing the same bytes to a file in the same directory and
-//!   `fdatasync`ing every 64.
+//!   `fdatasync`ing every 64 (`async_durable_1k_one_cpu`: the same, all on CPU 0).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -176,6 +177,12 @@ fn peer(mode: &str) {
     }
 }
 
+fn stop(mut d: Child) {
+    let pidfd = airlock_supervisor::sys::pidfd_open(d.id() as i32).expect("pidfd");
+    let _ = airlock_supervisor::sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGTERM);
+    let _ = d.wait();
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--peer") {
@@ -193,7 +200,7 @@ fn main() {
     std::fs::create_dir_all(&dir).expect("dir");
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
     sys::pin_to_cpu(0).expect("pin");
-    let mut d = start_airlockd(&dir, &bins);
+    let d = start_airlockd(&dir, &bins);
     let sock = dir.join("run/control.sock");
 
     let airlock_us: f64 = call(&sock, "pinger", "ping_many", &format!("peer {CALLS}")).parse().expect("median");
@@ -207,21 +214,44 @@ fn main() {
         "worker -> airlockd -> worker and back, median measured inside the calling worker",
     );
 
+    // Durable messages on one CPU (everything pinned with the caller, as above) ...
+    let one_cpu_rate: f64 = call(&sock, "writer", "durable_rate", &format!("receiver deliver {MESSAGES} 1024 {BATCH}"))
+        .parse()
+        .expect("rate");
+    let one_cpu_base = fsync_baseline(&dir.join("state"));
+    emit(
+        "async_durable_1k_one_cpu",
+        one_cpu_rate,
+        one_cpu_base,
+        "msgs/s",
+        false,
+        "durable sends accepted per second, groups of 64, supervisor and workers on one CPU",
+    );
+    stop(d);
+
+    // ... and as deployed: the supervisor, sender and receiver on the machine's CPUs, the
+    // baseline too. (A pipeline of three processes is what the broker is; pinning it to one
+    // CPU measures the scheduler's context switches as much as the broker.)
+    sys::unpin().expect("unpin");
+    let dir2 = bins.join(format!("airlock-bench-broker-{}-all", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir2);
+    std::fs::create_dir_all(&dir2).expect("dir");
+    std::fs::set_permissions(&dir2, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
+    let d = start_airlockd(&dir2, &bins);
+    let sock = dir2.join("run/control.sock");
     let airlock_rate: f64 = call(&sock, "writer", "durable_rate", &format!("receiver deliver {MESSAGES} 1024 {BATCH}"))
         .parse()
         .expect("rate");
-    let base_rate = fsync_baseline(&dir.join("state"));
+    let base_rate = fsync_baseline(&dir2.join("state"));
     emit(
         "async_durable_1k",
         airlock_rate,
         base_rate,
         "msgs/s",
         false,
-        "durable sends accepted per second, groups of 64",
+        "durable sends accepted per second, groups of 64, all CPUs",
     );
-
-    let pidfd = airlock_supervisor::sys::pidfd_open(d.id() as i32).expect("pidfd");
-    let _ = airlock_supervisor::sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGTERM);
-    let _ = d.wait();
+    stop(d);
+    let _ = std::fs::remove_dir_all(&dir2);
     let _ = std::fs::remove_dir_all(&dir);
 }
