@@ -332,6 +332,19 @@ fn prepare_state_directory(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()
     if sys::euid() == 0 {
         if let Some(top) = parent.parent() {
             std::fs::set_permissions(top, std::fs::Permissions::from_mode(0o711))?;
+            // The worker runs under its own uid: every directory above must let it pass.
+            use std::os::unix::fs::MetadataExt;
+            for up in top.ancestors().skip(1) {
+                let m = std::fs::metadata(up)?;
+                if m.mode() & 0o001 == 0 && m.uid() != uid {
+                    return Err(std::io::Error::other(format!(
+                        "uid {uid} cannot reach {}: {} is not searchable by others (mode {:o}); make it 0711 or use another state directory",
+                        dir.display(),
+                        up.display(),
+                        m.mode() & 0o7777
+                    )));
+                }
+            }
         }
         std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o711))?;
         std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
