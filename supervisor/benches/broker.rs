@@ -1,14 +1,16 @@
 //! `cargo bench -p airlock-supervisor --bench broker`: the broker against baselines measured in
-//! the same run. One JSON object per line, as the protocol benchmark prints. The call and the
-//! `_one_cpu` scenario pin every process (and the baseline) to CPU 0; `async_durable_1k` runs
-//! supervisor, workers and baseline on all CPUs, as deployed.
+//! the same run. One JSON object per line, as the protocol benchmark prints. Every process
+//! (and every baseline) is pinned to CPU 0, except in `async_durable_1k_all_cpus` and
+//! `call_under_flood_64`.
 //!
 //! - `call_via_broker_64`: median round trip of a 64-byte call from one confined worker to
 //!   another through `airlockd` (two encrypted hops each way, permit check, routing), versus a
 //!   raw `SOCK_SEQPACKET` ping-pong through a relay process doing the same hops, no crypto.
 //! - `async_durable_1k`: durable 1 KiB messages per second (journaled, encrypted, fsynced in
 //!   groups of 64), versus writing the same bytes to a file in the same directory and
-//!   `fdatasync`ing every 64 (`async_durable_1k_one_cpu`: the same, all on CPU 0).
+//!   `fdatasync`ing every 64; `async_durable_1k_all_cpus`: the same on all CPUs.
+//! - `call_under_flood_64`: `call_via_broker_64`'s median while another worker floods the
+//!   broker past its journal quota, versus unloaded (target: at most 2).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -54,11 +56,13 @@ fn start_airlockd(dir: &Path, bins: &Path) -> Child {
         format!("[[worker]]\nname = \"{name}\"\nexecutable = \"airlock-worker-echo\"\npolicy = \"echo\"\nuid = \"dynamic\"\nservices = [\"{name}\"]\n{extra}\n")
     };
     let cfg = format!(
-        "[supervisor]\nstate-directory = \"{d}/state\"\nruntime-directory = \"{d}/run\"\nworker-directory = \"{b}\"\n\n[defaults.confinement]\nuser-namespace = \"best-effort\"\npid-namespace = \"best-effort\"\nnet-namespace = \"best-effort\"\nmount-namespace = \"best-effort\"\nipc-namespace = \"best-effort\"\nuts-namespace = \"best-effort\"\ncgroup-namespace = \"best-effort\"\nuid = \"best-effort\"\nlandlock = \"best-effort\"\n\n{}{}{}{}\n[[permit]]\nfrom = \"pinger\"\nto = \"peer.echo\"\nkind = \"call\"\n[[permit]]\nfrom = \"writer\"\nto = \"receiver.*\"\nkind = \"send\"\n",
+        "[supervisor]\nstate-directory = \"{d}/state\"\nruntime-directory = \"{d}/run\"\nworker-directory = \"{b}\"\n\n[defaults.confinement]\nuser-namespace = \"best-effort\"\npid-namespace = \"best-effort\"\nnet-namespace = \"best-effort\"\nmount-namespace = \"best-effort\"\nipc-namespace = \"best-effort\"\nuts-namespace = \"best-effort\"\ncgroup-namespace = \"best-effort\"\nuid = \"best-effort\"\nlandlock = \"best-effort\"\n\n{}{}{}{}{}{}\n[[permit]]\nfrom = \"flooder\"\nto = \"stuck.*\"\nkind = \"send\"\n[[permit]]\nfrom = \"pinger\"\nto = \"peer.echo\"\nkind = \"call\"\n[[permit]]\nfrom = \"writer\"\nto = \"receiver.*\"\nkind = \"send\"\n",
         worker("pinger", ""),
         worker("peer", ""),
         worker("writer", "[worker.quota]\njournal-bytes = 268435456"),
         worker("receiver", ""),
+        worker("flooder", "[worker.quota]\njournal-bytes = 262144"),
+        "[[worker]]\nname = \"stuck\"\nexecutable = \"airlock-worker-sink\"\npolicy = \"sink\"\nargs = [\"/proc/no-such-dir/log\"]\nservices = [\"stuck\"]\n[worker.restart]\npolicy = \"never\"\n",
         d = dir.display(),
         b = bins.display()
     );
@@ -214,24 +218,23 @@ fn main() {
         "worker -> airlockd -> worker and back, median measured inside the calling worker",
     );
 
-    // Durable messages on one CPU (everything pinned with the caller, as above) ...
-    let one_cpu_rate: f64 = call(&sock, "writer", "durable_rate", &format!("receiver deliver {MESSAGES} 1024 {BATCH}"))
+    // Durable messages, everything on one CPU as the issue specifies ...
+    let airlock_rate: f64 = call(&sock, "writer", "durable_rate", &format!("receiver deliver {MESSAGES} 1024 {BATCH}"))
         .parse()
         .expect("rate");
-    let one_cpu_base = fsync_baseline(&dir.join("state"));
+    let base_rate = fsync_baseline(&dir.join("state"));
     emit(
-        "async_durable_1k_one_cpu",
-        one_cpu_rate,
-        one_cpu_base,
+        "async_durable_1k",
+        airlock_rate,
+        base_rate,
         "msgs/s",
         false,
-        "durable sends accepted per second, groups of 64, supervisor and workers on one CPU",
+        "durable sends accepted per second, groups of 64, supervisor, workers and baseline on CPU 0",
     );
     stop(d);
 
-    // ... and as deployed: the supervisor, sender and receiver on the machine's CPUs, the
-    // baseline too. (A pipeline of three processes is what the broker is; pinning it to one
-    // CPU measures the scheduler's context switches as much as the broker.)
+    // ... and as deployed: supervisor, sender and receiver on the machine's CPUs, the baseline
+    // too (the broker is a pipeline of three processes).
     sys::unpin().expect("unpin");
     let dir2 = bins.join(format!("airlock-bench-broker-{}-all", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir2);
@@ -239,19 +242,39 @@ fn main() {
     std::fs::set_permissions(&dir2, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
     let d = start_airlockd(&dir2, &bins);
     let sock = dir2.join("run/control.sock");
-    let airlock_rate: f64 = call(&sock, "writer", "durable_rate", &format!("receiver deliver {MESSAGES} 1024 {BATCH}"))
+    // A flooding worker against its quota: another pair's calls while it floods, versus the
+    // same calls unloaded (the issue's 2x bound is a benchmark figure, not a timed test). Unpinned,
+    // as in the test: pinned to one CPU, the flooder's own CPU time alone would double latency.
+    let unloaded: f64 = call(&sock, "pinger", "ping_many", "peer 2000").parse().expect("median");
+    let flood_sock = sock.clone();
+    let flood = std::thread::spawn(move || call(&flood_sock, "flooder", "flood", "stuck deliver 3000"));
+    std::thread::sleep(Duration::from_millis(300));
+    let loaded: f64 = call(&sock, "pinger", "ping_many", "peer 2000").parse().expect("median");
+    let flooded = flood.join().expect("flood");
+    emit(
+        "call_under_flood_64",
+        loaded,
+        unloaded,
+        "us",
+        true,
+        &format!(
+            "call median while another worker floods its quota ({flooded}), versus unloaded, all CPUs; target 2.0"
+        ),
+    );
+
+    let all_rate: f64 = call(&sock, "writer", "durable_rate", &format!("receiver deliver {MESSAGES} 1024 {BATCH}"))
         .parse()
         .expect("rate");
-    let base_rate = fsync_baseline(&dir2.join("state"));
+    let all_base = fsync_baseline(&dir2.join("state"));
     emit(
-        "async_durable_1k",
-        airlock_rate,
-        base_rate,
+        "async_durable_1k_all_cpus",
+        all_rate,
+        all_base,
         "msgs/s",
         false,
         "durable sends accepted per second, groups of 64, all CPUs",
     );
     stop(d);
-    let _ = std::fs::remove_dir_all(&dir2);
     let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&dir2);
 }
