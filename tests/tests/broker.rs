@@ -38,11 +38,6 @@ fn sink_log(d: &Daemon) -> Vec<(u64, String)> {
         .collect()
 }
 
-fn kill9_pid(pid: i32) {
-    let fd = airlock_supervisor::sys::pidfd_open(pid).expect("pidfd_open");
-    airlock_supervisor::sys::pidfd_send_signal(std::os::fd::AsFd::as_fd(&fd), libc::SIGKILL).expect("SIGKILL");
-}
-
 /// Every body 0..n exactly once, in order, with strictly increasing journal ids.
 fn assert_exactly_once_in_order(log: &[(u64, String)], n: usize) {
     assert_eq!(log.len(), n, "recorded {} messages, expected {n}", log.len());

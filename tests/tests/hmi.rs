@@ -334,3 +334,51 @@ fn hostile_clients_get_the_right_status_and_never_reach_the_other_layers() {
     assert!(st.success(), "{log}");
     assert!(!log.contains("SIGSYS"), "a worker hit its seccomp filter:\n{log}");
 }
+
+#[test]
+fn the_control_layer_keeps_answering_while_the_historian_is_down() {
+    let (ui, device) = (free_port(), free_port());
+    let cfg = hmi_config(ui, device)
+        .replacen(
+            "[[worker]]\nname = \"historian\"",
+            "[worker.quota]\njournal-bytes = 1024\n\n[[worker]]\nname = \"historian\"",
+            1,
+        )
+        .replacen(
+            "journal-bytes = 67108864\n",
+            "journal-bytes = 67108864\n\n[worker.restart]\npolicy = \"never\"\n",
+            1,
+        );
+    assert!(cfg.contains("journal-bytes = 1024") && cfg.contains("policy = \"never\""), "config edits missed");
+    let d = Daemon::start_config(&cfg);
+    for w in ["plcsim", "field", "logic", "historian", "auth", "ui"] {
+        d.wait_running(w);
+    }
+    let line = d.wait_log("created operator \"operator\" with password ");
+    let password = line.split("with password ").nth(1).and_then(|r| r.split_whitespace().next()).expect("password");
+    let h = Hmi { d, port: ui, password: password.to_string() };
+    let cookie = h.login();
+    h.wait_value(&cookie, "heater_sp", "a first reading", |_| true);
+    let pid = h.d.pid_of("historian");
+    common::kill9_pid(pid);
+    h.d.wait_for("historian", "down", |w| w.pid.is_none());
+    // Every setpoint is an event for the historian; logic's 1 KiB journal quota fills after
+    // a few. The writes must still be answered, promptly, with the logic layer's verdict.
+    for i in 0..30 {
+        let v = 45.0 + f64::from(i % 2);
+        let t = Instant::now();
+        let r = h.post_json("/api/setpoint", &cookie, &format!(r#"{{"tag":"heater_sp","value":{v}}}"#));
+        assert_eq!(r.status, 200, "setpoint {i}: {}", r.text());
+        let body: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+        assert_eq!(body["accepted"], true, "setpoint {i}: {body}");
+        assert!(t.elapsed() < Duration::from_secs(3), "setpoint {i} took {:?}", t.elapsed());
+    }
+    assert!(
+        h.d.log_text().contains("events wait for the historian"),
+        "the quota was never reached:\n{}",
+        h.d.log_text()
+    );
+    assert_eq!(h.d.worker("logic").restarts, 0);
+    let (st, log) = h.d.stop();
+    assert!(st.success(), "{log}");
+}

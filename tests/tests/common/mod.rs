@@ -328,6 +328,12 @@ pub fn status_field<'a>(status: &'a str, key: &str) -> &'a str {
     status.lines().find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(':'))).map(str::trim).unwrap_or("")
 }
 
+/// `kill -9` a process (a worker, by its host pid from `airlock status`).
+pub fn kill9_pid(pid: i32) {
+    let fd = airlock_supervisor::sys::pidfd_open(pid).expect("pidfd_open");
+    airlock_supervisor::sys::pidfd_send_signal(std::os::fd::AsFd::as_fd(&fd), libc::SIGKILL).expect("SIGKILL");
+}
+
 pub fn process_exists(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }

@@ -86,6 +86,7 @@ fn main() -> ExitCode {
     dev.attach(TcpStream::from(first));
     let poll_every = Duration::from_millis(fs.poll_ms.max(20));
     let mut next_poll = Instant::now();
+    let mut dropped = [0u64; 2];
     loop {
         let wait = next_poll.saturating_duration_since(Instant::now());
         let wait_ms = if w.has_pending() { 0 } else { wait.as_millis() as i32 };
@@ -147,10 +148,21 @@ fn main() -> ExitCode {
                 }
             };
             let body = hmi::encode(&sample);
-            for to in ["logic", "historian"] {
-                // Samples are periodic: one the broker cannot take now is dropped (and said).
-                if let Err(e) = w.send(to, "sample", body.clone(), false) {
-                    tracing::warn!(to, "sample not sent: {e}");
+            for (k, to) in ["logic", "historian"].into_iter().enumerate() {
+                // Samples are periodic: one the broker cannot take now is dropped, said once
+                // when dropping starts and once, with the count, when it stops.
+                match w.send(to, "sample", body.clone(), false) {
+                    Ok(()) if dropped[k] > 0 => {
+                        tracing::warn!(to, dropped = dropped[k], "samples flow again");
+                        dropped[k] = 0;
+                    }
+                    Ok(()) => {}
+                    Err(e) => {
+                        if dropped[k] == 0 {
+                            tracing::warn!(to, "samples are being dropped: {e}");
+                        }
+                        dropped[k] += 1;
+                    }
                 }
             }
         }

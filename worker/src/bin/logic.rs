@@ -53,6 +53,7 @@ fn main() -> ExitCode {
         last_write: BTreeMap::new(),
     });
     let mut events: Vec<Event> = Vec::new();
+    let pending = std::cell::RefCell::new(std::collections::VecDeque::new());
     let served = w.serve_all(
         |w, req, _bulk| {
             let mut logic = logic.borrow_mut();
@@ -63,7 +64,7 @@ fn main() -> ExitCode {
                     let a: Ack = hmi::decode(&req.body)?;
                     let who = session(w, &a.token)?;
                     let ev = logic.ack(&a, &who.user)?;
-                    record(w, ev);
+                    record(w, &pending, ev);
                     hmi::encode(&())
                 }
                 "setpoint" => {
@@ -72,6 +73,7 @@ fn main() -> ExitCode {
                     let verdict = logic.setpoint(w, &s, &who.user);
                     record(
                         w,
+                        &pending,
                         Event {
                             ts_ms: hmi::now_ms(),
                             kind: if verdict.accepted { "setpoint" } else { "refused" }.into(),
@@ -96,7 +98,7 @@ fn main() -> ExitCode {
                 Ok(s) => {
                     logic.borrow_mut().sample(&s, &mut events);
                     for ev in events.drain(..) {
-                        record(w, ev);
+                        record(w, &pending, ev);
                     }
                 }
                 Err(e) => tracing::warn!(from = %d.from, "dropping a sample: {e}"),
@@ -122,10 +124,37 @@ fn session(w: &mut Worker, token: &str) -> Result<SessionInfo, String> {
     hmi::decode(&body)
 }
 
+/// Events the broker could not take yet (the historian's backlog is over logic's quota).
+type Pending = std::cell::RefCell<std::collections::VecDeque<Event>>;
+
+/// At most this many events wait in logic's memory; beyond it the oldest is dropped (and said).
+const MAX_PENDING_EVENTS: usize = 10_000;
+
 /// Journals an event with the historian (durable: operator actions and alarms are records).
-fn record(w: &mut Worker, ev: Event) {
-    if let Err(e) = w.send_waiting("historian", "event", hmi::encode(&ev), true) {
-        tracing::error!(kind = %ev.kind, tag = %ev.tag, "event not recorded: {e}");
+/// Never blocks the control layer: when the broker answers Busy (the historian is down and
+/// logic's journal quota is full), the event waits here and goes out with the next one.
+fn record(w: &mut Worker, pending: &Pending, ev: Event) {
+    let mut q = pending.borrow_mut();
+    q.push_back(ev);
+    if q.len() > MAX_PENDING_EVENTS {
+        if let Some(lost) = q.pop_front() {
+            tracing::error!(kind = %lost.kind, tag = %lost.tag, "event dropped: the historian has been unreachable too long");
+        }
+    }
+    while let Some(ev) = q.front() {
+        match w.send("historian", "event", hmi::encode(ev), true) {
+            Ok(()) => {
+                q.pop_front();
+            }
+            Err(airlock_worker::WorkerError::Refused { refusal: airlock_worker::wire::Refusal::Busy(why), .. }) => {
+                tracing::warn!(waiting = q.len(), "events wait for the historian: {why}");
+                break;
+            }
+            Err(e) => {
+                tracing::error!(kind = %ev.kind, tag = %ev.tag, "event not recorded: {e}");
+                q.pop_front();
+            }
+        }
     }
 }
 
