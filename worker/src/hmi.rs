@@ -133,6 +133,16 @@ impl Plant {
         self.tags.iter().find(|t| t.name == name)
     }
 
+    /// The table if it has no problems, else all of them in one message.
+    pub fn validated(self) -> Result<Plant, String> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(self)
+        } else {
+            Err(format!("bad [settings.plant]: {}", problems.join("; ")))
+        }
+    }
+
     /// Problems with the table (each a message), for the workers to refuse to start on.
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();

@@ -58,21 +58,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let (plant, fs) = match w.settings::<Settings>() {
-        Ok(s) => {
-            let fs = s.field.unwrap_or(FieldSettings { poll_ms: d_poll(), timeout_ms: d_timeout() });
-            (s.plant, fs)
-        }
+    let settings = w.settings::<Settings>().map_err(|e| e.to_string()).and_then(|s| {
+        let fs = s.field.unwrap_or(FieldSettings { poll_ms: d_poll(), timeout_ms: d_timeout() });
+        Ok((s.plant.validated()?, fs))
+    });
+    let (plant, fs) = match settings {
+        Ok(s) => s,
         Err(e) => {
-            tracing::error!("bad settings: {e}");
+            tracing::error!("{e}");
             return ExitCode::from(2);
         }
     };
-    let problems = plant.problems();
-    if !problems.is_empty() {
-        tracing::error!("bad [settings.plant]: {}", problems.join("; "));
-        return ExitCode::from(2);
-    }
     let first = match airlock_protocol::sys::claim_inherited_fd(airlock_protocol::handoff::FIRST_BROKERED_FD) {
         Ok(fd) => fd,
         Err(e) => {

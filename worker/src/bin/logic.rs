@@ -33,18 +33,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let plant = match w.settings::<PlantSettings>() {
-        Ok(s) => s.plant,
+    let plant = match w.settings::<PlantSettings>().map_err(|e| e.to_string()).and_then(|s| s.plant.validated()) {
+        Ok(p) => p,
         Err(e) => {
-            tracing::error!("bad [settings.plant]: {e}");
+            tracing::error!("{e}");
             return ExitCode::from(2);
         }
     };
-    let problems = plant.problems();
-    if !problems.is_empty() {
-        tracing::error!("bad [settings.plant]: {}", problems.join("; "));
-        return ExitCode::from(2);
-    }
     let logic = std::cell::RefCell::new(Logic {
         plant,
         raw: BTreeMap::new(),
