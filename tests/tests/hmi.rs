@@ -382,3 +382,62 @@ fn the_control_layer_keeps_answering_while_the_historian_is_down() {
     let (st, log) = h.d.stop();
     assert!(st.success(), "{log}");
 }
+
+#[test]
+fn airlock_user_add_manages_the_operators_auth_checks_without_a_restart() {
+    let h = Hmi::start();
+    let cfg = h.d.dir.join("airlock.toml");
+    let user_add = |name: &str, password: Option<&str>| {
+        let mut cmd = std::process::Command::new(common::bin("airlock"));
+        cmd.args(["user", "add", name, "--config"]).arg(&cfg);
+        if password.is_some() {
+            cmd.arg("--password-stdin");
+        }
+        let mut child = cmd
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("airlock user add");
+        if let Some(p) = password {
+            child.stdin.take().expect("stdin").write_all(format!("{p}\n").as_bytes()).expect("password");
+        }
+        drop(child.stdin.take());
+        child.wait_with_output().expect("wait")
+    };
+    let login = |user: &str, password: &str| {
+        let body = format!(r#"{{"user":"{user}","password":"{password}"}}"#);
+        h.request("POST", "/api/login", &[("Content-Type", "application/json")], body.as_bytes()).status
+    };
+    assert_eq!(login("alice", "correct horse battery"), 401);
+    let out = user_add("alice", Some("correct horse battery"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(login("alice", "correct horse battery"), 200, "auth did not see the new operator");
+    assert_eq!(login("alice", "wrong horse battery"), 401);
+    // A generated password, printed once.
+    let out = user_add("bob", None);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let pw = text.trim().rsplit(' ').next().expect("password").to_string();
+    assert!(text.starts_with("operator bob: password ") && pw.len() == 20, "{text}");
+    assert_eq!(login("bob", &pw), 200);
+    // The first operator is still there; the file is the auth worker's alone.
+    assert_eq!(login("operator", &h.password), 200);
+    let file = h.d.dir.join("state/workers/auth/operators");
+    let meta = std::fs::metadata(&file).expect("credential file");
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777, 0o600);
+    let dir_owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(file.parent().expect("dir")).expect("dir"));
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), dir_owner, "the file must belong to auth's uid");
+    // Bad input is refused with a reason, and the file is left as it was.
+    let before = std::fs::read_to_string(&file).expect("read");
+    let out = user_add("eve:root", Some("long enough password"));
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("operator name"));
+    let out = user_add("eve", Some("short"));
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("8 to 256 bytes"));
+    assert_eq!(std::fs::read_to_string(&file).expect("read"), before);
+    let out = std::process::Command::new(common::bin("airlock"))
+        .args(["user", "list", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("list");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "operator\nalice\nbob\n");
+}
