@@ -9,12 +9,31 @@
 use std::process::ExitCode;
 
 use airlock_protocol::BulkMode;
-use airlock_worker::hmi::{self, Event, PlantSettings, Range, Sample, TrendQuery};
+use airlock_worker::hmi::{self, Event, Range, Sample, TrendQuery};
 use airlock_worker::{Response, Worker};
 use rusqlite::{params, Connection};
 
 /// Largest CSV export (the UI streams it; beyond this, ask for a shorter range).
 const MAX_EXPORT_BYTES: usize = 256 << 20;
+/// Samples stored between two passes of the retention clean-up.
+const PRUNE_EVERY: u64 = 1000;
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct HistorianSettings {
+    /// Samples and events older than this are deleted; 0 keeps everything.
+    #[serde(default = "d_retention")]
+    retention_days: u64,
+}
+fn d_retention() -> u64 {
+    90
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Settings {
+    plant: hmi::Plant,
+    historian: Option<HistorianSettings>,
+}
 
 fn main() -> ExitCode {
     airlock_worker::init_logging();
@@ -25,7 +44,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let plant = match w.settings::<PlantSettings>().map_err(|e| e.to_string()).and_then(|s| s.plant.validated()) {
+    let settings = w.settings::<Settings>().map_err(|e| e.to_string()).and_then(|s| {
+        let retention = s.historian.map_or(d_retention(), |h| h.retention_days);
+        Ok((s.plant.validated()?, retention))
+    });
+    let (plant, retention_days) = match settings {
         Ok(p) => p,
         Err(e) => {
             tracing::error!("{e}");
@@ -52,7 +75,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    let h = std::cell::RefCell::new(Historian { db, plant });
+    let h = std::cell::RefCell::new(Historian { db, plant, retention_days, stored: 0 });
     let served = w.serve_all(
         |w, req, _bulk| match req.method.as_str() {
             "trend" => Ok(Response::bytes(hmi::encode(&h.borrow().trend(&hmi::decode(&req.body)?)?))),
@@ -110,6 +133,9 @@ fn open(path: &std::path::Path) -> rusqlite::Result<Connection> {
 struct Historian {
     db: Connection,
     plant: hmi::Plant,
+    retention_days: u64,
+    /// Samples stored since the start, for the clean-up's pace.
+    stored: u64,
 }
 
 impl Historian {
@@ -125,7 +151,34 @@ impl Historian {
             }
         }
         mark(&tx, id)?;
-        tx.commit().map_err(|e| e.to_string())
+        tx.commit().map_err(|e| e.to_string())?;
+        self.stored += 1;
+        if self.stored % PRUNE_EVERY == 1 {
+            self.prune(hmi::now_ms());
+        }
+        Ok(())
+    }
+
+    /// Deletes what is older than the retention period (a failure is logged, not fatal).
+    fn prune(&mut self, now_ms: i64) {
+        if self.retention_days == 0 {
+            return;
+        }
+        let days = i64::try_from(self.retention_days).unwrap_or(i64::MAX / 86_400_000);
+        let cutoff = now_ms.saturating_sub(days.saturating_mul(86_400_000));
+        let deleted = self
+            .db
+            .execute("DELETE FROM samples WHERE ts < ?1", params![cutoff])
+            .and_then(|a| Ok(a + self.db.execute("DELETE FROM events WHERE ts < ?1", params![cutoff])?));
+        match deleted {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                rows = n,
+                retention_days = self.retention_days,
+                "history older than the retention period deleted"
+            ),
+            Err(e) => tracing::error!("retention clean-up failed: {e}"),
+        }
     }
 
     fn store_event(&mut self, id: u64, e: &Event) -> Result<(), String> {
@@ -240,6 +293,48 @@ fn utc(ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn plant() -> hmi::Plant {
+        toml::from_str::<Settings>(
+            "[plant]\n[[plant.tag]]\nname = \"level\"\ntable = \"input\"\nregister = 0\nscale = 0.1\nunit = \"%\"\n",
+        )
+        .expect("plant")
+        .plant
+    }
+
+    #[test]
+    fn history_older_than_the_retention_period_is_deleted_and_the_rest_exported() {
+        let dir = std::env::temp_dir().join(format!("airlock-historian-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let db = open(&dir.join("h.sqlite3")).expect("open");
+        let mut h = Historian { db, plant: plant(), retention_days: 1, stored: 0 };
+        let day = 86_400_000;
+        let now = 10 * day;
+        for (id, ts) in [(1, now - 3 * day), (2, now - 2 * day), (3, now - 1000), (4, now)] {
+            h.store_sample(id, &Sample { ts_ms: ts, values: vec![("level".into(), 421)], fault: None }).expect("store");
+        }
+        h.store_event(
+            5,
+            &Event {
+                ts_ms: now - 5 * day,
+                kind: "ack".into(),
+                tag: "level".into(),
+                user: None,
+                value: None,
+                text: "old".into(),
+            },
+        )
+        .expect("event");
+        h.prune(now);
+        let csv = h.export(&Range { from_ms: 0, to_ms: now }).expect("export");
+        let rows: Vec<&str> = csv.lines().skip(1).collect();
+        assert_eq!(rows.len(), 2, "{csv}");
+        assert!(rows[0].starts_with(&format!("{},", now - 1000)) && rows[0].contains(",level,42.1,%,sample,"), "{csv}");
+        let last: i64 = h.db.query_row("SELECT v FROM meta WHERE k = 'last_delivery'", [], |r| r.get(0)).expect("meta");
+        assert_eq!(last, 5, "the last delivery id is stored with its rows");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn utc_and_csv_quoting() {
