@@ -122,6 +122,13 @@ pub struct Plant {
     pub tags: Vec<TagDef>,
     #[serde(default, rename = "interlock")]
     pub interlocks: Vec<Interlock>,
+    /// Values older than this count as a device fault (no sample is fresh enough to act on).
+    #[serde(default = "d_stale")]
+    pub stale_ms: i64,
+}
+
+fn d_stale() -> i64 {
+    5000
 }
 
 fn d_unit() -> u8 {
@@ -157,6 +164,13 @@ impl Plant {
             if t.scale == 0.0 || !t.scale.is_finite() {
                 out.push(format!("tag {}: scale must be a non-zero number", t.name));
             }
+            let numbers = [Some(t.offset), Some(t.hysteresis), t.min, t.max, t.max_rate, t.alarm_high, t.alarm_low];
+            if numbers.iter().flatten().any(|v| !v.is_finite()) {
+                out.push(format!("tag {}: offset, hysteresis, limits and rates must be finite numbers", t.name));
+            }
+            if t.max_rate.is_some_and(|r| r <= 0.0) {
+                out.push(format!("tag {}: max-rate must be positive", t.name));
+            }
             if let (Some(lo), Some(hi)) = (t.min, t.max) {
                 if lo > hi {
                     out.push(format!("tag {}: min {lo} above max {hi}", t.name));
@@ -166,7 +180,13 @@ impl Plant {
                 out.push(format!("tag {}: negative hysteresis", t.name));
             }
         }
+        if !(100..=3_600_000).contains(&self.stale_ms) {
+            out.push(format!("stale-ms {} must be 100..=3600000", self.stale_ms));
+        }
         for i in &self.interlocks {
+            if i.below.iter().chain(&i.above).any(|v| !v.is_finite()) {
+                out.push(format!("interlock on {}: bounds must be finite numbers", i.tag));
+            }
             if self.tag(&i.tag).is_none_or(|t| !t.writable()) {
                 out.push(format!("interlock on {:?}: no such setpoint tag", i.tag));
             }

@@ -163,8 +163,9 @@ fn user_add(
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     // Written beside and renamed over, so auth never reads half a file; owned like the
     // directory (the auth worker's uid), readable by no one else.
-    let tmp = dir.join(format!(".{}.tmp", credentials::FILE_NAME));
-    let _ = std::fs::remove_file(&tmp);
+    // Our own name (pid), created exclusively: never a path someone else prepared.
+    let tmp = dir.join(format!(".{}.{}.tmp", credentials::FILE_NAME, std::process::id()));
+    let owner = std::fs::metadata(dir)?;
     {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -173,14 +174,17 @@ fn user_add(
             .open(&tmp)
             .with_context(|| format!("creating {}", tmp.display()))?;
         f.write_all(credentials::render(&ops).as_bytes())?;
+        if airlock_supervisor::sys::euid() == 0 {
+            // On the open file, not the path: a swapped-in symlink cannot redirect it.
+            std::os::unix::fs::fchown(&f, Some(owner.uid()), Some(owner.gid()))
+                .with_context(|| format!("chown {}", tmp.display()))?;
+        }
         f.sync_all()?;
     }
-    let owner = std::fs::metadata(dir)?;
-    if airlock_supervisor::sys::euid() == 0 {
-        std::os::unix::fs::chown(&tmp, Some(owner.uid()), Some(owner.gid()))
-            .with_context(|| format!("chown {}", tmp.display()))?;
+    if let Err(e) = std::fs::rename(&tmp, &path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("replacing {}", path.display()));
     }
-    std::fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
     if generated {
         println!("operator {name}: password {password}");
     } else {

@@ -61,7 +61,12 @@ struct Auth {
     settings: AuthSettings,
     sessions: HashMap<String, Session>,
     failures: HashMap<String, (u32, Instant)>,
+    /// This second's start and the hashes computed in it.
+    hash_window: (Instant, u32),
 }
+
+/// Login attempts hashed per second, at most (each costs an Argon2id hash, ~19 MiB).
+const MAX_HASHES_PER_SECOND: u32 = 10;
 
 fn main() -> ExitCode {
     airlock_worker::init_logging();
@@ -93,7 +98,8 @@ fn main() -> ExitCode {
         tracing::error!(file = %file.display(), "cannot create the credential file: {e}");
         return ExitCode::from(2);
     }
-    let mut auth = Auth { file, settings, sessions: HashMap::new(), failures: HashMap::new() };
+    let mut auth =
+        Auth { file, settings, sessions: HashMap::new(), failures: HashMap::new(), hash_window: (Instant::now(), 0) };
     let served = w.serve(|_w, req, _bulk| {
         let body = match req.method.as_str() {
             "login" => hmi::encode(&auth.login(hmi::decode(&req.body)?)?),
@@ -155,12 +161,26 @@ impl Auth {
     fn login(&mut self, l: Login) -> Result<SessionInfo, String> {
         const REFUSED: &str = "wrong user name or password";
         let now = Instant::now();
+        if !credentials::valid_name(&l.user) || l.password.len() > 256 {
+            // Never a hash, nor a log line, for what no operator can be called.
+            return Err(REFUSED.into());
+        }
         if let Some((n, since)) = self.failures.get(&l.user) {
             if *n >= self.settings.max_failures && now < *since + Duration::from_secs(self.settings.lockout_s) {
                 tracing::warn!(target: "airlock::security", user = %l.user, "login refused: locked after repeated failures");
                 return Err(format!("too many failed logins: try again in {} s", self.settings.lockout_s));
             }
         }
+        // Each attempt costs an Argon2 hash: a bounded number per second, whoever asks, so a
+        // flood of logins cannot keep auth from validating the sessions that exist.
+        if now >= self.hash_window.0 + Duration::from_secs(1) {
+            self.hash_window = (now, 0);
+        }
+        if self.hash_window.1 >= MAX_HASHES_PER_SECOND {
+            tracing::warn!(target: "airlock::security", "login refused: more than {MAX_HASHES_PER_SECOND} attempts in a second");
+            return Err("too many login attempts: try again in a second".into());
+        }
+        self.hash_window.1 += 1;
         let ops = self.operators()?;
         // An unknown name costs a hash too, so timing does not tell which names exist.
         let dummy = Operator { name: String::new(), hash: DUMMY.get_or_init(dummy_hash).clone() };
@@ -176,7 +196,15 @@ impl Auth {
             e.0 += 1;
             e.1 = now;
             if self.failures.len() > 4096 {
-                self.failures.clear();
+                // Forget what has served its lockout first; then the oldest.
+                let lockout = Duration::from_secs(self.settings.lockout_s);
+                self.failures.retain(|_, (_, since)| now < *since + lockout);
+                while self.failures.len() > 4096 {
+                    let Some(k) = self.failures.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| k.clone()) else {
+                        break;
+                    };
+                    self.failures.remove(&k);
+                }
             }
             tracing::warn!(target: "airlock::security", user_known = known, "login failed");
             return Err(REFUSED.into());

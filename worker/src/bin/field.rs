@@ -62,6 +62,12 @@ fn main() -> ExitCode {
         let fs = s.field.unwrap_or(FieldSettings { poll_ms: d_poll(), timeout_ms: d_timeout() });
         Ok((s.plant.validated()?, fs))
     });
+    let settings = settings.and_then(|(plant, fs)| {
+        if !(20..=3_600_000).contains(&fs.poll_ms) || !(10..=60_000).contains(&fs.timeout_ms) {
+            return Err("bad [settings.field]: poll-ms must be 20..=3600000 and timeout-ms 10..=60000".to_string());
+        }
+        Ok((plant, fs))
+    });
     let (plant, fs) = match settings {
         Ok(s) => s,
         Err(e) => {
@@ -135,11 +141,12 @@ fn main() -> ExitCode {
                     Sample { ts_ms: hmi::now_ms(), values, fault: None }
                 }
                 Err(why) => {
-                    if dev.fault.as_deref() == Some(why.as_str()) {
-                        continue;
+                    // Said once per episode in the log; published every poll, so that the
+                    // layers above never mistake silence for a healthy device.
+                    if dev.fault.as_deref() != Some(why.as_str()) {
+                        tracing::warn!("device fault: {why}");
+                        dev.fault = Some(why.clone());
                     }
-                    tracing::warn!("device fault: {why}");
-                    dev.fault = Some(why.clone());
                     Sample { ts_ms: hmi::now_ms(), values: Vec::new(), fault: Some(why) }
                 }
             };
@@ -163,6 +170,44 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Fills `buf` from the device by `deadline`, however the bytes trickle in.
+fn read_by(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> Result<(), String> {
+    let mut got = 0;
+    while got < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err("the device did not answer in time".into());
+        }
+        s.set_read_timeout(Some(left)).map_err(|e| format!("device connection: {e}"))?;
+        match s.read(&mut buf[got..]) {
+            Ok(0) => return Err("the device closed the connection".into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return Err("the device did not answer in time".into())
+            }
+            Err(e) => return Err(format!("reading from the device: {e}")),
+        }
+    }
+    Ok(())
+}
+
+/// The `count` registers of a read answer (function 3 or 4, already checked by `parse_ok`),
+/// refusing an answer whose byte count or length disagrees with what was asked.
+fn registers(frame: &[u8], count: u16) -> Result<Vec<u16>, String> {
+    let want = 2 * usize::from(count);
+    let Some(&bytes) = frame.get(8) else {
+        return Err("the device's answer has no byte count".into());
+    };
+    if usize::from(bytes) != want || frame.len() != 9 + want {
+        return Err(format!(
+            "the device answered {bytes} bytes of registers in a frame of {} bytes, asked {count} registers",
+            frame.len()
+        ));
+    }
+    Ok(frame[9..].chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect())
 }
 
 impl Device {
@@ -202,10 +247,14 @@ impl Device {
         let Some(s) = self.stream.as_mut() else {
             return Err(self.fault.clone().unwrap_or_else(|| "no connection to the device".into()));
         };
+        // One deadline for the whole exchange: a device that trickles bytes cannot hold the
+        // layer longer than its timeout (the socket timeout alone is per read).
+        let deadline = Instant::now() + self.timeout;
         let r = (|| -> Result<Vec<u8>, String> {
+            s.set_write_timeout(Some(self.timeout)).map_err(|e| format!("device connection: {e}"))?;
             s.write_all(req).map_err(|e| format!("writing to the device: {e}"))?;
             let mut head = [0u8; 6];
-            s.read_exact(&mut head).map_err(|e| format!("reading from the device: {e}"))?;
+            read_by(s, &mut head, deadline)?;
             let len = guess_response_frame_len(&head, ModbusProto::TcpUdp)
                 .map_err(|e| format!("device sent a malformed frame header: {e:?}"))?;
             let len = usize::from(len);
@@ -214,7 +263,7 @@ impl Device {
             }
             let mut frame = head.to_vec();
             frame.resize(len, 0);
-            s.read_exact(&mut frame[6..]).map_err(|e| format!("reading from the device: {e}"))?;
+            read_by(s, &mut frame[6..], deadline)?;
             mreq.parse_ok(&frame).map_err(|e| format!("device answered with an error or garbage: {e:?}"))?;
             Ok(frame)
         })();
@@ -235,10 +284,11 @@ impl Device {
             else {
                 continue;
             };
-            let count = hi - lo + 1;
-            if count > 125 {
+            let span = u32::from(hi) - u32::from(lo) + 1;
+            if span > 125 {
                 return Err(format!("{table:?} registers {lo}..={hi} span more than one Modbus read (125)"));
             }
+            let count = span as u16;
             let mut mreq = self.request();
             let mut req = Vec::new();
             match table {
@@ -247,15 +297,15 @@ impl Device {
             }
             .map_err(|e| format!("building a request: {e:?}"))?;
             let frame = self.exchange(&req, &mreq)?;
-            let mut regs: Vec<u16> = Vec::new();
-            if let Err(e) = mreq.parse_u16(&frame, &mut regs) {
-                return Err(self.fail(format!("device answered garbage: {e:?}")));
-            }
-            if regs.len() < usize::from(count) {
-                return Err(self.fail(format!("device returned {} registers, asked {count}", regs.len())));
-            }
+            let regs = match registers(&frame, count) {
+                Ok(r) => r,
+                Err(why) => return Err(self.fail(why)),
+            };
             for t in tags {
-                out.push((t.name.clone(), regs[usize::from(t.register - lo)]));
+                match regs.get(usize::from(t.register - lo)) {
+                    Some(v) => out.push((t.name.clone(), *v)),
+                    None => return Err(self.fail(format!("no register {} in the device's answer", t.register))),
+                }
             }
         }
         Ok(out)
@@ -266,5 +316,23 @@ impl Device {
         let mut req = Vec::new();
         mreq.generate_set_holding(register, raw, &mut req).map_err(|e| format!("building a request: {e:?}"))?;
         self.exchange(&req, &mreq).map(drop).map_err(|why| format!("device write failed: {why}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::registers;
+
+    #[test]
+    fn answers_that_disagree_with_the_request_are_refused_not_indexed() {
+        // MBAP (7 bytes), function 4, byte count, data.
+        let ok = [0, 1, 0, 0, 0, 7, 1, 4, 4, 0x01, 0x02, 0xff, 0xfe];
+        assert_eq!(registers(&ok, 2), Ok(vec![0x0102, 0xfffe]));
+        // Byte count 0 (a reply that made rmodbus index an empty slice).
+        assert!(registers(&[0, 1, 0, 0, 0, 3, 1, 4, 0], 2).is_err());
+        // Fewer registers than asked, or a byte count the frame does not hold.
+        assert!(registers(&ok, 3).is_err());
+        assert!(registers(&[0, 1, 0, 0, 0, 7, 1, 4, 4, 0x01], 2).is_err());
+        assert!(registers(&[0, 1, 0, 0, 0, 2, 1, 4], 1).is_err());
     }
 }

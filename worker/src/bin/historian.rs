@@ -17,6 +17,10 @@ use rusqlite::{params, Connection};
 const MAX_EXPORT_BYTES: usize = 256 << 20;
 /// Samples stored between two passes of the retention clean-up.
 const PRUNE_EVERY: u64 = 1000;
+/// Rows a trend may read, and an export may hold: beyond, ask for a shorter range (a
+/// single-threaded historian must stay responsive to the samples arriving).
+const MAX_TREND_ROWS: i64 = 2_000_000;
+const MAX_EXPORT_ROWS: i64 = 1_000_000;
 
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -92,13 +96,32 @@ fn main() -> ExitCode {
             other => Err(format!("historian has no method {other:?}")),
         },
         |_w, d, _bulk| {
+            // A body no one can store is acknowledged (and said), not retried forever.
             let stored = match d.method.as_str() {
-                "sample" => hmi::decode::<Sample>(&d.body).and_then(|s| h.borrow_mut().store_sample(d.id, &s)),
-                "event" => hmi::decode::<Event>(&d.body).and_then(|e| h.borrow_mut().store_event(d.id, &e)),
-                other => Err(format!("unexpected method {other:?}")),
+                "sample" => match hmi::decode::<Sample>(&d.body) {
+                    Ok(s) => h.borrow_mut().store_sample(d.id, &s),
+                    Err(e) => {
+                        tracing::error!(from = %d.from, id = d.id, "sample dropped: {e}");
+                        Ok(())
+                    }
+                },
+                "event" => match hmi::decode::<Event>(&d.body) {
+                    Ok(e) => h.borrow_mut().store_event(d.id, &e),
+                    Err(e) => {
+                        tracing::error!(from = %d.from, id = d.id, "event dropped: {e}");
+                        Ok(())
+                    }
+                },
+                other => {
+                    tracing::error!(from = %d.from, id = d.id, "dropped: unexpected method {other:?}");
+                    Ok(())
+                }
             };
             if let Err(e) = stored {
-                tracing::error!(from = %d.from, method = %d.method, id = d.id, "not stored: {e}");
+                // Storage failed (disk full, file size limit, I/O): exit without acknowledging,
+                // so the supervisor keeps the message and redelivers it after the restart.
+                tracing::error!(from = %d.from, method = %d.method, id = d.id, "not stored, exiting so it is redelivered: {e}");
+                std::process::exit(3);
             }
         },
     );
@@ -199,6 +222,17 @@ impl Historian {
         if q.to_ms < q.from_ms {
             return Err("the range ends before it starts".into());
         }
+        let rows: i64 = self
+            .db
+            .query_row(
+                "SELECT COUNT(*) FROM samples WHERE tag = ?1 AND ts >= ?2 AND ts <= ?3",
+                params![q.tag, q.from_ms, q.to_ms],
+                |r| r.get(0),
+            )
+            .map_err(|e| e.to_string())?;
+        if rows > MAX_TREND_ROWS {
+            return Err(format!("{rows} samples in that range (at most {MAX_TREND_ROWS}): choose a shorter range"));
+        }
         let points = i64::from(q.max_points.clamp(1, 10_000));
         let bucket = ((q.to_ms - q.from_ms) / points).max(1);
         let mut st = self
@@ -217,6 +251,17 @@ impl Historian {
     fn export(&self, r: &Range) -> Result<String, String> {
         if r.to_ms < r.from_ms {
             return Err("the range ends before it starts".into());
+        }
+        let rows: i64 = self
+            .db
+            .query_row(
+                "SELECT (SELECT COUNT(*) FROM samples WHERE ts >= ?1 AND ts <= ?2) + (SELECT COUNT(*) FROM events WHERE ts >= ?1 AND ts <= ?2)",
+                params![r.from_ms, r.to_ms],
+                |row| row.get(0),
+            )
+            .map_err(|e| e.to_string())?;
+        if rows > MAX_EXPORT_ROWS {
+            return Err(format!("{rows} rows in that range (at most {MAX_EXPORT_ROWS}): choose a shorter range"));
         }
         let mut out = String::from("time_ms,time_utc,tag,value,unit,kind,user,text\n");
         let mut st = self

@@ -5,6 +5,8 @@
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
+#[cfg(test)]
+use std::time::Duration;
 use std::time::Instant;
 
 use airlock_worker::hmi::{
@@ -20,8 +22,11 @@ struct Logic {
     raw: BTreeMap<String, (u16, i64)>,
     fault: Option<String>,
     alarms: BTreeMap<(String, AlarmKind), Alarm>,
-    /// Last accepted write per tag: when, and the engineering value.
-    last_write: BTreeMap<String, (Instant, f64)>,
+    /// Last accepted write per tag: when, the engineering value, and the change still
+    /// allowed then (a bucket of `max-rate` × 1 s, refilled at `max-rate` per second).
+    last_write: BTreeMap<String, (Instant, f64, f64)>,
+    /// When the newest sample was taken (ms since the epoch), to tell live values from stale.
+    last_sample_ms: i64,
 }
 
 fn main() -> ExitCode {
@@ -46,6 +51,7 @@ fn main() -> ExitCode {
         fault: Some("no sample from the device yet".into()),
         alarms: BTreeMap::new(),
         last_write: BTreeMap::new(),
+        last_sample_ms: 0,
     });
     let mut events: Vec<Event> = Vec::new();
     let pending = std::cell::RefCell::new(std::collections::VecDeque::new());
@@ -172,9 +178,26 @@ impl Logic {
                 writable: t.writable(),
                 min: t.min,
                 max: t.max,
-                fault: self.fault.clone(),
+                fault: self.fault_now(),
             })
             .collect()
+    }
+
+    /// The device's fault, or staleness: values older than `stale-ms` are not acted on.
+    fn fault_now(&self) -> Option<String> {
+        if let Some(f) = &self.fault {
+            return Some(f.clone());
+        }
+        let age = hmi::now_ms().saturating_sub(self.last_sample_ms);
+        (age > self.plant.stale_ms).then(|| format!("no fresh sample from the device for {} s", age / 1000))
+    }
+
+    /// The change a write to `tag` may make now, and the value it is measured from.
+    fn allowance(&self, def: &hmi::TagDef, rate: f64, now: Instant) -> (Option<f64>, f64) {
+        match self.last_write.get(&def.name) {
+            Some((t, v, left)) => (Some(*v), (left + rate * now.duration_since(*t).as_secs_f64()).min(rate)),
+            None => (self.value(&def.name), rate),
+        }
     }
 
     fn sample(&mut self, s: &Sample, events: &mut Vec<Event>) {
@@ -193,6 +216,7 @@ impl Logic {
             return;
         }
         self.fault = None;
+        self.last_sample_ms = self.last_sample_ms.max(s.ts_ms);
         for (name, raw) in &s.values {
             let Some(def) = self.plant.tag(name) else { continue };
             self.raw.insert(name.clone(), (*raw, s.ts_ms));
@@ -287,17 +311,14 @@ impl Logic {
                 return Err(format!("{} {} is above the maximum {} {}", s.value, def.unit, max, def.unit));
             }
         }
-        if let Some(f) = &self.fault {
+        if let Some(f) = self.fault_now() {
             return Err(format!("the device is not answering ({f})"));
         }
         if let Some(rate) = def.max_rate {
-            // From the last accepted write, or from the device's value a second ago.
-            let (from, secs) = match self.last_write.get(&def.name) {
-                Some((t, v)) => (Some(*v), now.duration_since(*t).as_secs_f64().max(1.0)),
-                None => (self.value(&def.name), 1.0),
-            };
+            // At most max-rate × 1 s at once, refilled at max-rate per second: quick
+            // successive writes share one second's allowance.
+            let (from, allowed) = self.allowance(def, rate, now);
             if let Some(from) = from {
-                let allowed = rate * secs;
                 if (s.value - from).abs() > allowed + 1e-9 {
                     return Err(format!(
                         "change of {:.1} {} exceeds the allowed rate of {} {}/s (at most {:.1} {} now)",
@@ -322,6 +343,19 @@ impl Logic {
         def.to_raw(s.value).ok_or_else(|| format!("{} cannot be represented in the device register", s.value))
     }
 
+    /// Books an accepted write: what it used of the rate allowance, and the new value.
+    fn written(&mut self, s: &Setpoint, raw: u16, now: Instant) {
+        let left = match self.plant.tag(&s.tag).and_then(|d| d.max_rate.map(|r| (d, r))) {
+            Some((def, rate)) => {
+                let (from, allowed) = self.allowance(def, rate, now);
+                (allowed - from.map_or(0.0, |f| (s.value - f).abs())).max(0.0)
+            }
+            None => 0.0,
+        };
+        self.last_write.insert(s.tag.clone(), (now, s.value, left));
+        self.raw.insert(s.tag.clone(), (raw, hmi::now_ms()));
+    }
+
     fn setpoint(&mut self, w: &mut Worker, s: &Setpoint, user: &str) -> Verdict {
         let now = Instant::now();
         let raw = match self.check(s, now) {
@@ -337,8 +371,7 @@ impl Logic {
         let write = RawWrite { tag: s.tag.clone(), register, raw };
         match w.call_with_deadline("field", "write", hmi::encode(&write), 3000) {
             Ok(_) => {
-                self.last_write.insert(s.tag.clone(), (now, s.value));
-                self.raw.insert(s.tag.clone(), (raw, hmi::now_ms()));
+                self.written(s, raw, now);
                 tracing::info!(tag = %s.tag, %user, "setpoint written");
                 Verdict { accepted: true, reason: "accepted".into() }
             }
@@ -361,5 +394,89 @@ fn alarm_event(a: &Alarm, ts_ms: i64, what: &str) -> Event {
         user: None,
         value: Some(a.value),
         text: format!("{} alarm {what} (limit {})", a.kind, a.limit),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logic() -> Logic {
+        let plant: hmi::Plant = toml::from_str(
+            r#"
+[[tag]]
+name = "level"
+table = "input"
+register = 0
+scale = 0.1
+[[tag]]
+name = "sp"
+table = "holding"
+register = 100
+scale = 0.1
+min = 0.0
+max = 100.0
+max-rate = 10.0
+[[interlock]]
+tag = "sp"
+when = "level"
+below = 20.0
+reason = "level too low"
+"#,
+        )
+        .expect("plant");
+        assert!(plant.problems().is_empty());
+        let mut l = Logic {
+            plant,
+            raw: BTreeMap::new(),
+            fault: None,
+            alarms: BTreeMap::new(),
+            last_write: BTreeMap::new(),
+            last_sample_ms: 0,
+        };
+        let mut ev = Vec::new();
+        l.sample(
+            &Sample { ts_ms: hmi::now_ms(), values: vec![("level".into(), 500), ("sp".into(), 400)], fault: None },
+            &mut ev,
+        );
+        l
+    }
+
+    fn sp(v: f64) -> Setpoint {
+        Setpoint { token: String::new(), tag: "sp".into(), value: v }
+    }
+
+    #[test]
+    fn quick_successive_writes_share_one_second_of_rate() {
+        let mut l = logic();
+        let t0 = Instant::now();
+        // 40 -> 50 uses the whole 10/s allowance; a further step at once is refused...
+        let raw = l.check(&sp(50.0), t0).expect("first step");
+        l.written(&sp(50.0), raw, t0);
+        let e = l.check(&sp(51.0), t0 + Duration::from_millis(10)).expect_err("no allowance left");
+        assert!(e.contains("exceeds the allowed rate"), "{e}");
+        // ... and half a second later, half of it is back.
+        assert!(l.check(&sp(54.9), t0 + Duration::from_millis(500)).is_ok());
+        assert!(l.check(&sp(55.2), t0 + Duration::from_millis(500)).is_err());
+        // Never more than one second's worth, however long the wait.
+        assert!(l.check(&sp(61.0), t0 + Duration::from_secs(60)).is_err());
+        assert!(l.check(&sp(60.0), t0 + Duration::from_secs(60)).is_ok());
+    }
+
+    #[test]
+    fn stale_values_and_interlocks_refuse_writes() {
+        let mut l = logic();
+        let now = Instant::now();
+        assert!(l.check(&sp(45.0), now).is_ok());
+        l.last_sample_ms -= 60_000;
+        let e = l.check(&sp(45.0), now).expect_err("stale");
+        assert!(e.contains("no fresh sample"), "{e}");
+        assert!(l.values().iter().all(|v| v.fault.is_some()), "stale values shown as live");
+        let mut ev = Vec::new();
+        l.sample(&Sample { ts_ms: hmi::now_ms(), values: vec![("level".into(), 100)], fault: None }, &mut ev);
+        let e = l.check(&sp(45.0), now).expect_err("interlock");
+        assert_eq!(e, "interlock: level too low");
+        assert!(l.check(&sp(f64::NAN), now).is_err());
+        assert!(l.check(&sp(150.0), now).expect_err("range").contains("above the maximum"));
     }
 }
