@@ -148,16 +148,17 @@ class GarbageDevice:
     """Accepts Modbus TCP clients and answers each request with one kind of garbage, the kinds
     in turn: bytes that are no Modbus response at all, a header announcing an impossible
     length, a well-framed answer of the wrong function, a read answer with too few registers,
-    and a header cut short by a hang-up."""
+    one with none at all, and a header cut short by a hang-up."""
 
-    KINDS = ("noise", "oversized", "wrong-function", "short-read", "truncated")
+    KINDS = ("noise", "oversized", "wrong-function", "short-read", "zero-count", "truncated")
     # What the field layer says about each (its fault texts; see worker/src/bin/field.rs).
     FAULTS = {
         "noise": "device sent a malformed frame header",
         "oversized": "device sent a malformed frame header",
         "wrong-function": "device answered with an error or garbage",
-        "short-read": "device returned 1 registers, asked 4",
-        "truncated": "reading from the device",
+        "short-read": "the device answered 2 bytes of registers in a frame of 11 bytes, asked 4 registers",
+        "zero-count": "the device answered 0 bytes of registers in a frame of 9 bytes, asked 4 registers",
+        "truncated": "the device closed the connection",
     }
 
     def __init__(self, port: int):
@@ -204,6 +205,9 @@ class GarbageDevice:
             return tid + b"\x00\x00\x00\x05" + unit + b"\x2b\x0e\x01\x01"
         if kind == "short-read":
             return tid + b"\x00\x00\x00\x05" + unit + fc + b"\x02\x01\xf4"
+        if kind == "zero-count":
+            # A well-framed read answer holding no registers at all (once an index panic).
+            return tid + b"\x00\x00\x00\x03" + unit + fc + b"\x00"
         if kind == "truncated":
             return tid + b"\x00\x00"
         raise ValueError(kind)
