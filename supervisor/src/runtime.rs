@@ -483,9 +483,14 @@ impl Supervisor {
             self.deliver(i);
         }
         if let Err(e) = self.journal.flush() {
-            tracing::error!(error = %e, "journal write failed");
+            // Records accepted this turn may not be in the file: the same as a failed fsync.
+            tracing::error!(error = %e, "journal write failed: durability can no longer be promised; stopping");
+            return Err(RuntimeError::Io {
+                step: "journal write".into(),
+                source: std::io::Error::other(e.to_string()),
+            });
         }
-        self.flush_accepted();
+        self.flush_accepted()?;
         if self.journal.wants_compaction() {
             let live: Vec<&Entry> = self
                 .slots
@@ -873,22 +878,23 @@ impl Supervisor {
     }
 
     /// One fsync for every durable message journaled this turn, then their `Accepted`.
-    fn flush_accepted(&mut self) {
+    ///
+    /// A failed fsync is fatal: the messages are in the journal file but perhaps not on disk,
+    /// and Linux may report a later fsync as successful without having written them. Refusing
+    /// them would make their senders send again while the journal may still deliver the first
+    /// copies; instead airlockd stops (systemd restarts it). Their senders were never told
+    /// `Accepted`, die with it, and do not send again; after the restart, whatever the journal
+    /// holds is delivered once.
+    fn flush_accepted(&mut self) -> Result<(), RuntimeError> {
         if self.accept_after_sync.is_empty() {
-            return;
+            return Ok(());
         }
         if let Err(e) = self.journal.sync() {
-            tracing::error!(error = %e, "journal fsync failed; durable senders get Busy");
-            for (i, inc, seq) in std::mem::take(&mut self.accept_after_sync) {
-                if self.slots[i].incarnation == inc {
-                    if let Some(run) = self.slots[i].run.as_mut() {
-                        let _ = run
-                            .channel
-                            .send(&ToWorker::Refused { seq, refusal: Refusal::Busy(format!("journal fsync: {e}")) });
-                    }
-                }
-            }
-            return;
+            tracing::error!(error = %e, pending = self.accept_after_sync.len(), "journal fsync failed: durability can no longer be promised; stopping");
+            return Err(RuntimeError::Io {
+                step: "journal fsync".into(),
+                source: std::io::Error::other(e.to_string()),
+            });
         }
         // One batch per sender: coalesced into as few frames as fit.
         let mut per_slot: BTreeMap<usize, Vec<ToWorker>> = BTreeMap::new();
@@ -902,6 +908,7 @@ impl Supervisor {
                 let _ = run.channel.send_batch(&msgs);
             }
         }
+        Ok(())
     }
 
     /// Delivers queued messages to worker `i` up to the delivery window.
@@ -1173,7 +1180,9 @@ impl Supervisor {
 
     fn shutdown(&mut self) {
         self.notifier.send("STOPPING=1");
-        self.flush_accepted();
+        if let Err(e) = self.flush_accepted() {
+            tracing::error!("at shutdown: {e}");
+        }
         if let Err(e) = self.journal.sync() {
             tracing::error!(error = %e, "journal fsync at shutdown failed");
         }
