@@ -606,7 +606,7 @@ impl Supervisor {
                         self.slots[i].name,
                         got.fds.len()
                     );
-                    self.violation(i, &why);
+                    self.refused(i, "refused descriptors", &why);
                     self.answer(
                         Caller::Worker { slot: i, id: req.id },
                         Err(Refusal::NotPermitted(why).to_string()),
@@ -717,7 +717,7 @@ impl Supervisor {
                     None => format!("asked to reopen resource {index}, which it does not have"),
                     Some(_) => format!("asked to reopen resource {index}, which cannot be reopened"),
                 };
-                self.violation(i, &why);
+                self.refused(i, "refused a resource", &why);
                 self.answer_reopen(i, index, Err(why));
                 return;
             }
@@ -756,11 +756,18 @@ impl Supervisor {
         }
     }
 
+    /// A request the permit table refuses: logged as a security event and counted.
     fn violation(&mut self, i: usize, why: &str) {
+        self.refused(i, "refused by the permit table", why);
+    }
+
+    /// A refused request (`what` says by which rule), counted towards the worker's
+    /// violations: enough of them kill it.
+    fn refused(&mut self, i: usize, what: &str, why: &str) {
         let slot = &mut self.slots[i];
         slot.violations += 1;
         let pid = slot.run.as_ref().map_or(0, |r| r.pid);
-        tracing::error!(target: "airlock::security", worker = %slot.name, pid, violations = slot.violations, "security event: refused by the permit table: {why}");
+        tracing::error!(target: "airlock::security", worker = %slot.name, pid, violations = slot.violations, "security event: {what}: {why}");
         let max = self.cfg.broker.max_violations;
         if max > 0 && slot.violations >= max {
             tracing::error!(target: "airlock::security", worker = %slot.name, pid, "security event: {} permit violations; killing the worker", slot.violations);

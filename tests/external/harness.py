@@ -348,3 +348,14 @@ def wait_http(port: int, timeout: float = 30):
             c.close()
 
     return wait_for(f"HTTP on 127.0.0.1:{port}", answers, timeout)
+
+# The default plant's engineering units, by tag (supervisor/default.toml, [settings.plant]).
+UNITS = {
+    "level": "%",
+    "temperature": "°C",
+    "inflow": "m³/h",
+    "pressure": "bar",
+    "inlet_valve": "%",
+    "heater_sp": "°C",
+    "outlet_valve": "%",
+}

@@ -17,20 +17,11 @@ import time
 import unittest
 import urllib.parse
 
-from harness import ROOT, Airlockd, AirlockTestCase, Api, free_port, hmi_config, wait_for, wait_http
+from harness import ROOT, UNITS, Airlockd, AirlockTestCase, Api, free_port, hmi_config, wait_for, wait_http
 from webdriver import ELEMENT, Browser, wait_download
 
 SCREENSHOT = os.path.join(ROOT, "docs", "screenshot.png")
 CSV_HEADER = ["time_ms", "time_utc", "tag", "value", "unit", "kind", "user", "text"]
-UNITS = {
-    "level": "%",
-    "temperature": "°C",
-    "inflow": "m³/h",
-    "pressure": "bar",
-    "inlet_valve": "%",
-    "heater_sp": "°C",
-    "outlet_valve": "%",
-}
 
 
 def utc(ms: int) -> str:

@@ -13,7 +13,7 @@ import unittest
 from pymodbus.constants import ExcCodes
 
 from device import GarbageDevice, PymodbusDevice, Registers
-from harness import Airlockd, AirlockTestCase, Api, Fatal, free_port, hmi_config, wait_for, wait_http
+from harness import UNITS, Airlockd, AirlockTestCase, Api, Fatal, free_port, hmi_config, wait_for, wait_http
 
 # The plant's registers (the default configuration's [settings.plant]): the test's oracle.
 LEVEL, TEMPERATURE, INFLOW, PRESSURE = 0, 1, 2, 3
@@ -119,18 +119,7 @@ class FieldAgainstPymodbus(AirlockTestCase):
         vals = self.wait_values(expected, "the new input registers in /api/values")
         self.assertEqual([t for t in TAGS if t in vals], TAGS, "every tag of the plant is listed")
         units = {n: vals[n]["unit"] for n in TAGS}
-        self.assertEqual(
-            units,
-            {
-                "level": "%",
-                "temperature": "°C",
-                "inflow": "m³/h",
-                "pressure": "bar",
-                "inlet_valve": "%",
-                "heater_sp": "°C",
-                "outlet_valve": "%",
-            },
-        )
+        self.assertEqual(units, UNITS)
         self.assertEqual({n: vals[n]["writable"] for n in TAGS if vals[n]["writable"]}, dict.fromkeys(
             ["inlet_valve", "heater_sp", "outlet_valve"], True))
         self.assertEqual((vals["heater_sp"]["min"], vals["heater_sp"]["max"]), (10.0, 90.0))

@@ -211,9 +211,8 @@ fn registers(frame: &[u8], count: u16) -> Result<Vec<u16>, String> {
 }
 
 impl Device {
+    /// Takes a connection; its timeouts are set per exchange (see `exchange`).
     fn attach(&mut self, s: TcpStream) {
-        let _ = s.set_read_timeout(Some(self.timeout));
-        let _ = s.set_write_timeout(Some(self.timeout));
         let _ = s.set_nodelay(true);
         self.stream = Some(s);
     }
