@@ -138,6 +138,9 @@ pub struct Channel {
     /// True when this end sent a frame since its last read: request/reply traffic, read one
     /// frame at a time. False while only reading: the peer streams, read in batches.
     sent_since_read: bool,
+    /// The last read from the socket found less than it could take (a short batch, or one
+    /// request/reply frame): the peer probably has nothing more queued.
+    read_short: bool,
     /// Decrypted plaintext of the last `Batch` frame and the entries not yet returned.
     batch_buf: Vec<u8>,
     batch: VecDeque<(usize, usize)>,
@@ -164,6 +167,7 @@ impl Channel {
             pending: VecDeque::new(),
             out_bufs: Vec::new(),
             sent_since_read: true,
+            read_short: false,
             batch_buf: Vec::new(),
             batch: VecDeque::new(),
             nonblocking_sends: false,
@@ -263,6 +267,14 @@ impl Channel {
     /// that polls the socket must call `try_recv` first.
     pub fn has_buffered(&self) -> bool {
         !self.pending.is_empty() || !self.batch.is_empty()
+    }
+
+    /// True when nothing is buffered and the last read from the socket took less than it could
+    /// (a short batch, or the one frame of a request/reply exchange), so the peer probably has
+    /// nothing more queued. An event loop with level-triggered readiness can then wait for the
+    /// socket instead of probing it with another `try_recv` that would find it empty.
+    pub fn drained(&self) -> bool {
+        self.read_short && !self.has_buffered()
     }
 
     fn check_poison(&self) -> Result<(), ChannelError> {
@@ -594,11 +606,13 @@ impl Channel {
             }
             let got = sys::recv_datagrams(self.sock.as_fd(), &mut self.slots, nonblocking)
                 .map_err(|e| ChannelError::io("recvmmsg", e))?;
+            self.read_short = got.len() < self.slots.len();
             self.pending.extend(got.into_iter().enumerate().map(|(slot, info)| Pending { slot, info }));
         } else {
             // One frame with plain recvmsg: cheaper for request/reply traffic.
             let got = sys::recv_datagram(self.sock.as_fd(), &mut self.slots[0], nonblocking)
                 .map_err(|e| ChannelError::io("recvmsg", e))?;
+            self.read_short = true;
             if let Some(info) = got {
                 self.pending.push_back(Pending { slot: 0, info });
             }

@@ -196,6 +196,9 @@ fn main() {
     if args.iter().any(|a| a == "--list") {
         return;
     }
+    // `cargo bench --bench broker -- NAME`: only the scenario NAME.
+    let filter = args.iter().skip(1).find(|a| !a.starts_with('-')).cloned().unwrap_or_default();
+    let wants = |name: &str| filter.is_empty() || name == filter;
     build_binaries(&["airlock-worker", "airlock-supervisor"]);
     let bins = target_dir();
     // On the target's file system (not /tmp, which may be tmpfs where fsync is free).
@@ -207,30 +210,35 @@ fn main() {
     let d = start_airlockd(&dir, &bins);
     let sock = dir.join("run/control.sock");
 
-    let airlock_us: f64 = call(&sock, "pinger", "ping_many", &format!("peer {CALLS}")).parse().expect("median");
-    let base_us = relay_baseline();
-    emit(
-        "call_via_broker_64",
-        airlock_us,
-        base_us,
-        "us",
-        true,
-        "worker -> airlockd -> worker and back, median measured inside the calling worker",
-    );
+    if wants("call_via_broker_64") {
+        let airlock_us: f64 = call(&sock, "pinger", "ping_many", &format!("peer {CALLS}")).parse().expect("median");
+        let base_us = relay_baseline();
+        emit(
+            "call_via_broker_64",
+            airlock_us,
+            base_us,
+            "us",
+            true,
+            "worker -> airlockd -> worker and back, median measured inside the calling worker",
+        );
+    }
 
     // Durable messages, everything on one CPU as the issue specifies ...
-    let airlock_rate: f64 = call(&sock, "writer", "durable_rate", &format!("receiver deliver {MESSAGES} 1024 {BATCH}"))
-        .parse()
-        .expect("rate");
-    let base_rate = fsync_baseline(&dir.join("state"));
-    emit(
-        "async_durable_1k",
-        airlock_rate,
-        base_rate,
-        "msgs/s",
-        false,
-        "durable sends accepted per second, groups of 64, supervisor, workers and baseline on CPU 0",
-    );
+    if wants("async_durable_1k") {
+        let airlock_rate: f64 =
+            call(&sock, "writer", "durable_rate", &format!("receiver deliver {MESSAGES} 1024 {BATCH}"))
+                .parse()
+                .expect("rate");
+        let base_rate = fsync_baseline(&dir.join("state"));
+        emit(
+            "async_durable_1k",
+            airlock_rate,
+            base_rate,
+            "msgs/s",
+            false,
+            "durable sends accepted per second, groups of 64, supervisor, workers and baseline on CPU 0",
+        );
+    }
     stop(d);
 
     // ... and as deployed: supervisor, sender and receiver on the machine's CPUs, the baseline
@@ -245,35 +253,39 @@ fn main() {
     // A flooding worker against its quota: another pair's calls while it floods, versus the
     // same calls unloaded (the issue's 2x bound is a benchmark figure, not a timed test). Unpinned,
     // as in the test: pinned to one CPU, the flooder's own CPU time alone would double latency.
-    let unloaded: f64 = call(&sock, "pinger", "ping_many", "peer 2000").parse().expect("median");
-    let flood_sock = sock.clone();
-    let flood = std::thread::spawn(move || call(&flood_sock, "flooder", "flood", "stuck deliver 3000"));
-    std::thread::sleep(Duration::from_millis(300));
-    let loaded: f64 = call(&sock, "pinger", "ping_many", "peer 2000").parse().expect("median");
-    let flooded = flood.join().expect("flood");
-    emit(
-        "call_under_flood_64",
-        loaded,
-        unloaded,
-        "us",
-        true,
-        &format!(
-            "call median while another worker floods its quota ({flooded}), versus unloaded, all CPUs; target 2.0"
-        ),
-    );
+    if wants("call_under_flood_64") {
+        let unloaded: f64 = call(&sock, "pinger", "ping_many", "peer 2000").parse().expect("median");
+        let flood_sock = sock.clone();
+        let flood = std::thread::spawn(move || call(&flood_sock, "flooder", "flood", "stuck deliver 3000"));
+        std::thread::sleep(Duration::from_millis(300));
+        let loaded: f64 = call(&sock, "pinger", "ping_many", "peer 2000").parse().expect("median");
+        let flooded = flood.join().expect("flood");
+        emit(
+            "call_under_flood_64",
+            loaded,
+            unloaded,
+            "us",
+            true,
+            &format!(
+                "call median while another worker floods its quota ({flooded}), versus unloaded, all CPUs; target 2.0"
+            ),
+        );
+    }
 
-    let all_rate: f64 = call(&sock, "writer", "durable_rate", &format!("receiver deliver {MESSAGES} 1024 {BATCH}"))
-        .parse()
-        .expect("rate");
-    let all_base = fsync_baseline(&dir2.join("state"));
-    emit(
-        "async_durable_1k_all_cpus",
-        all_rate,
-        all_base,
-        "msgs/s",
-        false,
-        "durable sends accepted per second, groups of 64, all CPUs",
-    );
+    if wants("async_durable_1k_all_cpus") {
+        let all_rate: f64 = call(&sock, "writer", "durable_rate", &format!("receiver deliver {MESSAGES} 1024 {BATCH}"))
+            .parse()
+            .expect("rate");
+        let all_base = fsync_baseline(&dir2.join("state"));
+        emit(
+            "async_durable_1k_all_cpus",
+            all_rate,
+            all_base,
+            "msgs/s",
+            false,
+            "durable sends accepted per second, groups of 64, all CPUs",
+        );
+    }
     stop(d);
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&dir2);

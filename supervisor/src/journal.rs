@@ -3,9 +3,11 @@
 //!
 //! An append-only file of records, each `u32 length | 12-byte nonce | ChaCha20-Poly1305
 //! ciphertext and tag` under a storage key that only the supervisor holds (`journal.key`,
-//! mode 0600, created on first use). A record is `Enqueue` (the message) or `Done` (its
-//! receiver's handler returned). Recovery replays the file: every `Enqueue` without its `Done`
-//! is pending, in id order. A torn last record (a crash mid-write) is cut off; a record that
+//! mode 0600, created on first use), with a random 96-bit nonce per record (drawn from the OS
+//! RNG in blocks). A record is `Enqueue` (the message) or `DoneMany` (the ids whose receivers'
+//! handlers returned during one loop turn; earlier versions wrote one `Done` per id, still
+//! read). Recovery replays the file: every `Enqueue` without its done id is pending, in id
+//! order. A torn last record (a crash mid-write) is cut off; a record that
 //! fails authentication anywhere else is corruption, reported, never silently skipped.
 //! Message bodies are never logged.
 
@@ -36,10 +38,52 @@ pub struct Entry {
 #[derive(Debug, Serialize, Deserialize)]
 enum Record {
     Enqueue(Entry),
+    /// Written by earlier versions, one per acknowledgement; still read.
     Done(u64),
     /// Written first in every compacted file: ids never go back below it, even when every
     /// message was handled and compaction dropped them all.
     NextId(u64),
+    /// The acknowledgements of one loop turn.
+    DoneMany(Vec<u64>),
+}
+
+/// What the journal writes, encoded exactly as [`Record`] but borrowing, so that appending a
+/// message does not copy its body first.
+#[derive(Serialize)]
+enum RecordRef<'a> {
+    Enqueue(&'a Entry),
+    /// Not written any more (tests write it as an earlier version would); here so that the
+    /// variants keep `Record`'s indexes.
+    #[cfg_attr(not(test), allow(dead_code))]
+    Done(u64),
+    NextId(u64),
+    DoneMany(&'a [u64]),
+}
+
+/// Record nonces: 96 bits each from the OS RNG, drawn in blocks (one `getrandom` per
+/// `NONCES_PER_DRAW` records rather than one per record). Each nonce is used once.
+const NONCES_PER_DRAW: usize = 128;
+
+struct Nonces {
+    pool: [u8; 12 * NONCES_PER_DRAW],
+    used: usize,
+}
+
+impl Nonces {
+    fn new() -> Nonces {
+        Nonces { pool: [0; 12 * NONCES_PER_DRAW], used: 12 * NONCES_PER_DRAW }
+    }
+
+    fn next(&mut self) -> Result<[u8; 12], getrandom::Error> {
+        if self.used == self.pool.len() {
+            getrandom::getrandom(&mut self.pool)?;
+            self.used = 0;
+        }
+        let mut n = [0u8; 12];
+        n.copy_from_slice(&self.pool[self.used..self.used + 12]);
+        self.used += 12;
+        Ok(n)
+    }
 }
 
 /// Why the journal could not be used.
@@ -69,6 +113,11 @@ pub struct Journal {
     /// Records encoded but not yet written: written together by `flush` (each loop turn) and
     /// before every `sync`, so a group of messages costs one write and one fsync.
     buf: Vec<u8>,
+    /// Acknowledged ids not yet recorded: one `DoneMany` record at the next `flush`.
+    done_ids: Vec<u64>,
+    nonces: Nonces,
+    /// A record's encoding before it is sealed into `buf` (kept for its allocation).
+    scratch: Vec<u8>,
 }
 
 impl std::fmt::Debug for Journal {
@@ -162,6 +211,13 @@ impl Journal {
                         max_id = max_id.max(id);
                         at += n;
                     }
+                    Ok((Record::DoneMany(ids), n)) => {
+                        for id in ids {
+                            pending.remove(&id);
+                            max_id = max_id.max(id);
+                        }
+                        at += n;
+                    }
                     Ok((Record::NextId(next), n)) => {
                         max_id = max_id.max(next.saturating_sub(1));
                         at += n;
@@ -204,11 +260,14 @@ impl Journal {
             dead: 0,
             dirty: false,
             buf: Vec::new(),
+            done_ids: Vec::new(),
+            nonces: Nonces::new(),
+            scratch: Vec::new(),
         };
         let entries: Vec<Entry> = pending.into_values().collect();
-        j.write(&Record::NextId(j.next_id))?;
+        j.write(&RecordRef::NextId(j.next_id))?;
         for e in &entries {
-            j.write(&Record::Enqueue(e.clone()))?;
+            j.write(&RecordRef::Enqueue(e))?;
             j.live += 1;
         }
         j.flush()?;
@@ -221,33 +280,55 @@ impl Journal {
         Ok((j, entries))
     }
 
-    fn write(&mut self, rec: &Record) -> Result<(), JournalError> {
-        let mut buf = postcard::to_allocvec(rec).map_err(|e| JournalError::Corrupt {
-            path: self.path.clone(),
-            offset: 0,
-            what: format!("encoding: {e}"),
-        })?;
-        let mut nonce = [0u8; 12];
-        getrandom::getrandom(&mut nonce).map_err(|e| JournalError::Io {
+    /// Encodes and seals one record at the end of `buf`: `u32 length | nonce | ciphertext |
+    /// tag`, the body encoded and encrypted in place.
+    fn write(&mut self, rec: &RecordRef<'_>) -> Result<(), JournalError> {
+        let start = self.buf.len();
+        let sealed = self.seal_at(rec, start);
+        if sealed.is_err() {
+            self.buf.truncate(start);
+        }
+        sealed
+    }
+
+    fn seal_at(&mut self, rec: &RecordRef<'_>, start: usize) -> Result<(), JournalError> {
+        let nonce = self.nonces.next().map_err(|e| JournalError::Io {
             step: "nonce for",
             path: self.path.clone(),
             source: std::io::Error::other(e.to_string()),
         })?;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        self.scratch = postcard::to_extend(rec, scratch).map_err(|e| JournalError::Corrupt {
+            path: self.path.clone(),
+            offset: 0,
+            what: format!("encoding: {e}"),
+        })?;
+        self.buf.extend_from_slice(&[0; 4]);
+        self.buf.extend_from_slice(&nonce);
+        let body = self.buf.len();
+        self.buf.extend_from_slice(&self.scratch);
         let tag = self
             .cipher
-            .encrypt_in_place_detached(Nonce::from_slice(&nonce), AAD, &mut buf)
+            .encrypt_in_place_detached(Nonce::from_slice(&nonce), AAD, &mut self.buf[body..])
             .map_err(|_| JournalError::Corrupt { path: self.path.clone(), offset: 0, what: "encrypting".into() })?;
-        let len = (12 + buf.len() + 16) as u32;
-        self.buf.extend_from_slice(&len.to_le_bytes());
-        self.buf.extend_from_slice(&nonce);
-        self.buf.extend_from_slice(&buf);
         self.buf.extend_from_slice(&tag);
+        let len = u32::try_from(self.buf.len() - start - 4).map_err(|_| JournalError::Corrupt {
+            path: self.path.clone(),
+            offset: 0,
+            what: "record too long".into(),
+        })?;
+        self.buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
         self.dirty = true;
         Ok(())
     }
 
     /// Writes the records encoded so far (one `write`), without waiting for the disk.
     pub fn flush(&mut self) -> Result<(), JournalError> {
+        if !self.done_ids.is_empty() {
+            let ids = std::mem::take(&mut self.done_ids);
+            self.write(&RecordRef::DoneMany(&ids))?;
+        }
         if !self.buf.is_empty() {
             let path = self.path.clone();
             let pos = self.file.stream_position().map_err(io("positioning in", &path))?;
@@ -266,15 +347,17 @@ impl Journal {
     /// Appends a message and returns its id (not yet durable: see [`Journal::sync`]).
     pub fn enqueue(&mut self, from: &str, service: &str, method: &str, body: Vec<u8>) -> Result<Entry, JournalError> {
         let e = Entry { id: self.next_id, from: from.into(), service: service.into(), method: method.into(), body };
-        self.write(&Record::Enqueue(e.clone()))?;
+        self.write(&RecordRef::Enqueue(&e))?;
         self.next_id += 1;
         self.live += 1;
         Ok(e)
     }
 
-    /// Records that entry `id` was handled.
+    /// Records that entry `id` was handled (in one record with the turn's others, at the
+    /// next [`Journal::flush`]; until then a crash means it is delivered again, which the
+    /// receiver's dedup window absorbs).
     pub fn done(&mut self, id: u64) -> Result<(), JournalError> {
-        self.write(&Record::Done(id))?;
+        self.done_ids.push(id);
         self.live = self.live.saturating_sub(1);
         self.dead += 2;
         Ok(())
@@ -317,13 +400,13 @@ impl Journal {
             .map_err(io("creating", &tmp))?;
         let old = std::mem::replace(&mut self.file, file);
         let next = self.next_id;
-        if let Err(err) = self.write(&Record::NextId(next)) {
+        if let Err(err) = self.write(&RecordRef::NextId(next)) {
             self.file = old;
             self.buf.clear();
             return Err(err);
         }
         for e in &live {
-            if let Err(err) = self.write(&Record::Enqueue((*e).clone())) {
+            if let Err(err) = self.write(&RecordRef::Enqueue(e)) {
                 self.file = old;
                 self.buf.clear();
                 return Err(err);
@@ -386,6 +469,31 @@ mod tests {
         let (mut j, _) = Journal::open(&d).expect("reopen twice");
         let f = j.enqueue("w", "s", "m", vec![]).expect("after");
         assert!(f.id > e.id, "ids went back to {} after {}", f.id, e.id);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn borrowed_records_encode_exactly_as_owned_ones() {
+        let e = Entry { id: 7, from: "a".into(), service: "b".into(), method: "c".into(), body: vec![1, 2, 3] };
+        let enc = |r: &RecordRef<'_>| postcard::to_allocvec(r).expect("encode");
+        let own = |r: &Record| postcard::to_allocvec(r).expect("encode");
+        assert_eq!(enc(&RecordRef::Enqueue(&e)), own(&Record::Enqueue(e.clone())));
+        assert_eq!(enc(&RecordRef::Done(9)), own(&Record::Done(9)));
+        assert_eq!(enc(&RecordRef::NextId(9)), own(&Record::NextId(9)));
+        assert_eq!(enc(&RecordRef::DoneMany(&[4, 5])), own(&Record::DoneMany(vec![4, 5])));
+    }
+
+    #[test]
+    fn one_done_record_per_acknowledgement_from_earlier_versions_is_still_read() {
+        let d = dir("legacy-done");
+        let (mut j, _) = Journal::open(&d).expect("open");
+        let a = j.enqueue("w", "s", "m", b"one".to_vec()).expect("a");
+        let b = j.enqueue("w", "s", "m", b"two".to_vec()).expect("b");
+        j.write(&RecordRef::Done(a.id)).expect("legacy done");
+        j.sync().expect("sync");
+        drop(j);
+        let (_, p) = Journal::open(&d).expect("reopen");
+        assert_eq!(p.iter().map(|e| e.id).collect::<Vec<_>>(), vec![b.id]);
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -35,6 +35,9 @@ struct Running {
     started: Instant,
     /// The channel failed or closed: stop reading it; the pidfd tells when the worker is gone.
     channel_down: bool,
+    /// What the event loop watches: `None` before the descriptors are registered, then the
+    /// events registered for the channel (0: not registered).
+    watching: Option<u32>,
 }
 
 /// The externally visible state of one worker.
@@ -181,6 +184,21 @@ pub struct Supervisor {
     providers: BTreeMap<String, usize>,
     /// Recovered messages for services no worker provides now: kept in the journal.
     orphans: Vec<Entry>,
+    /// The event loop's descriptors, registered once (see [`Supervisor::watch`]).
+    epoll: sys::Epoll,
+    /// Ready `(token, events)` of the last wait, kept to reuse its allocation.
+    events: Vec<(u64, u32)>,
+}
+
+/// Event tokens: the signalfd, the control socket, and per worker `slot << 2 | what`.
+const TOKEN_SIGNAL: u64 = u64::MAX;
+const TOKEN_CONTROL: u64 = u64::MAX - 1;
+const WHAT_EXIT: u8 = 0;
+const WHAT_CHANNEL: u8 = 1;
+const WHAT_STDERR: u8 = 2;
+
+fn token(slot: usize, what: u8) -> u64 {
+    (slot as u64) << 2 | u64::from(what)
 }
 
 fn io_err(step: impl Into<String>) -> impl FnOnce(std::io::Error) -> RuntimeError {
@@ -265,6 +283,9 @@ impl Supervisor {
             tracing::info!(messages = recovered, "recovered journaled messages; redelivering in order");
         }
         let permits = cfg.permit_table();
+        let epoll = sys::Epoll::new().map_err(io_err("epoll"))?;
+        epoll.add(sigfd.as_fd(), TOKEN_SIGNAL, libc::EPOLLIN as u32).map_err(io_err("epoll: signalfd"))?;
+        epoll.add(control.as_fd(), TOKEN_CONTROL, libc::EPOLLIN as u32).map_err(io_err("epoll: control socket"))?;
         let mut s = Supervisor {
             cfg,
             host,
@@ -281,6 +302,8 @@ impl Supervisor {
             accept_after_sync: Vec::new(),
             providers,
             orphans,
+            epoll,
+            events: Vec::with_capacity(64),
         };
         for i in 0..s.slots.len() {
             s.launch(i);
@@ -330,6 +353,7 @@ impl Supervisor {
                     sigsys: None,
                     started: Instant::now(),
                     channel_down: false,
+                    watching: None,
                 });
                 tracing::info!(pid = slot.run.as_ref().map_or(0, |r| r.pid), services = ?slot.services, "worker ready");
             }
@@ -416,27 +440,32 @@ impl Supervisor {
         if buffered {
             timeout = Duration::ZERO;
         }
-        // Poll set: [signalfd, control, then per running worker: pidfd, channel, stderr].
-        let mut owners: Vec<(usize, u8)> = Vec::new();
-        let revents = {
-            let mut fds: Vec<(BorrowedFd<'_>, i16)> =
-                vec![(self.sigfd.as_fd(), libc::POLLIN), (self.control.as_fd(), libc::POLLIN)];
-            for (i, s) in self.slots.iter().enumerate() {
-                if let Some(r) = &s.run {
-                    fds.push((r.pidfd.as_fd(), libc::POLLIN));
-                    owners.push((i, 0));
-                    if !r.channel_down {
-                        let ev = if r.channel.wants_write() { libc::POLLIN | libc::POLLOUT } else { libc::POLLIN };
-                        fds.push((r.channel.as_fd(), ev));
-                        owners.push((i, 1));
-                    }
-                    fds.push((r.stderr.as_fd(), libc::POLLIN));
-                    owners.push((i, 2));
-                }
+        self.watch()?;
+        let mut events = std::mem::take(&mut self.events);
+        self.epoll
+            .wait(&mut events, i32::try_from(timeout.as_millis()).unwrap_or(500))
+            .map_err(io_err("epoll_wait"))?;
+        let (mut signalled, mut control) = (false, false);
+        // Per worker, in slot order: exit, channel, stderr (as a poll set would report them).
+        let mut ready: Vec<(usize, u8, u32)> = Vec::with_capacity(events.len());
+        for &(tok, ev) in &events {
+            match tok {
+                TOKEN_SIGNAL => signalled = true,
+                TOKEN_CONTROL => control = true,
+                t => ready.push(((t >> 2) as usize, (t & 3) as u8, ev)),
             }
-            sys::poll_events(&fds, i32::try_from(timeout.as_millis()).unwrap_or(500)).map_err(io_err("poll"))?
-        };
-        if revents[0] != 0 {
+        }
+        self.events = events;
+        // Frames already read from a socket wait in its channel: as good as readable.
+        for (i, s) in self.slots.iter().enumerate() {
+            if s.run.as_ref().is_some_and(|r| r.channel.has_buffered())
+                && !ready.iter().any(|&(j, what, _)| j == i && what == WHAT_CHANNEL)
+            {
+                ready.push((i, WHAT_CHANNEL, 0));
+            }
+        }
+        ready.sort_unstable_by_key(|&(i, what, _)| (i, what));
+        if signalled {
             while let Some(sig) = sys::read_signal(self.sigfd.as_fd()).map_err(io_err("signalfd"))? {
                 match sig {
                     libc::SIGTERM | libc::SIGINT => {
@@ -450,19 +479,15 @@ impl Supervisor {
             }
         }
         let mut exited = Vec::new();
-        for (k, &(i, what)) in owners.iter().enumerate() {
-            let ev = revents[k + 2];
-            let has_buf = what == 1 && self.slots[i].run.as_ref().is_some_and(|r| r.channel.has_buffered());
-            if ev == 0 && !has_buf {
-                continue;
-            }
+        for (i, what, ev) in ready {
             match what {
-                0 => exited.push(i),
-                1 => {
-                    if ev & libc::POLLOUT != 0 {
+                WHAT_EXIT => exited.push(i),
+                WHAT_CHANNEL => {
+                    let has_buf = self.slots[i].run.as_ref().is_some_and(|r| r.channel.has_buffered());
+                    if ev & libc::EPOLLOUT as u32 != 0 {
                         self.flush_queued(i);
                     }
-                    if ev & !libc::POLLOUT != 0 || has_buf {
+                    if ev & !(libc::EPOLLOUT as u32) != 0 || has_buf {
                         self.drain_channel(i);
                     }
                 }
@@ -472,7 +497,7 @@ impl Supervisor {
         for i in exited {
             self.handle_exit(i);
         }
-        if revents[1] != 0 {
+        if control {
             self.accept_control();
         }
         self.enforce_send_queues();
@@ -553,6 +578,46 @@ impl Supervisor {
         }
     }
 
+    /// Brings the event loop's registrations up to date: a new worker's pidfd, channel and
+    /// stderr; a channel that now has frames queued for sending (`EPOLLOUT`) or none, or that
+    /// went down. Closing a descriptor unregisters it, so a worker that is gone needs nothing.
+    fn watch(&mut self) -> Result<(), RuntimeError> {
+        let epoll = &self.epoll;
+        for (i, s) in self.slots.iter_mut().enumerate() {
+            let Some(r) = s.run.as_mut() else { continue };
+            let want = match (r.channel_down, r.channel.wants_write()) {
+                (true, _) => 0,
+                (false, false) => libc::EPOLLIN as u32,
+                (false, true) => (libc::EPOLLIN | libc::EPOLLOUT) as u32,
+            };
+            let have = match r.watching {
+                Some(have) => have,
+                None => {
+                    epoll
+                        .add(r.pidfd.as_fd(), token(i, WHAT_EXIT), libc::EPOLLIN as u32)
+                        .map_err(io_err("epoll: pidfd"))?;
+                    epoll
+                        .add(r.stderr.as_fd(), token(i, WHAT_STDERR), libc::EPOLLIN as u32)
+                        .map_err(io_err("epoll: stderr"))?;
+                    r.watching = Some(0);
+                    0
+                }
+            };
+            if want == have {
+                continue;
+            }
+            let fd = r.channel.as_fd();
+            match (have, want) {
+                (0, w) => epoll.add(fd, token(i, WHAT_CHANNEL), w),
+                (_, 0) => epoll.delete(fd),
+                (_, w) => epoll.modify(fd, token(i, WHAT_CHANNEL), w),
+            }
+            .map_err(io_err("epoll: channel"))?;
+            r.watching = Some(want);
+        }
+        Ok(())
+    }
+
     fn drain_stderr(&mut self, i: usize) {
         let name = self.slots[i].name.clone();
         let Some(r) = self.slots[i].run.as_mut() else { return };
@@ -630,6 +695,12 @@ impl Supervisor {
                     self.kill(i);
                     return;
                 }
+            }
+            // Readiness is level-triggered: rather than a read that would find the socket empty,
+            // let the next wait report it when the worker has sent more. Unless durable messages
+            // wait for this turn's fsync: then one more read may grow the group it commits.
+            if self.accept_after_sync.is_empty() && self.slots[i].run.as_ref().is_some_and(|r| r.channel.drained()) {
+                return;
             }
         }
     }

@@ -319,6 +319,66 @@ pub fn poll_events(fds: &[(BorrowedFd<'_>, i16)], timeout_ms: i32) -> io::Result
     }
 }
 
+/// A level-triggered `epoll` instance: the supervisor's event loop registers each descriptor
+/// once instead of handing the kernel its whole poll set on every turn.
+#[derive(Debug)]
+pub struct Epoll(OwnedFd);
+
+impl Epoll {
+    /// `epoll_create1(EPOLL_CLOEXEC)`.
+    pub fn new() -> io::Result<Epoll> {
+        // SAFETY: integer argument only.
+        let fd = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+        // SAFETY: fresh descriptor owned by nobody else.
+        Ok(Epoll(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn ctl(&self, op: libc::c_int, fd: BorrowedFd<'_>, token: u64, events: u32) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events, u64: token };
+        // SAFETY: `ev` is a valid epoll_event for the duration of the call (ignored by DEL).
+        cvt(unsafe { libc::epoll_ctl(self.0.as_raw_fd(), op, fd.as_raw_fd(), &mut ev) }).map(drop)
+    }
+
+    /// Watches `fd` for `events` (`EPOLLIN`, `EPOLLOUT`), reported with `token`. A descriptor
+    /// number still registered (its file kept open elsewhere) is re-registered.
+    pub fn add(&self, fd: BorrowedFd<'_>, token: u64, events: u32) -> io::Result<()> {
+        match self.ctl(libc::EPOLL_CTL_ADD, fd, token, events) {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => self.modify(fd, token, events),
+            r => r,
+        }
+    }
+
+    /// Changes what `fd` is watched for.
+    pub fn modify(&self, fd: BorrowedFd<'_>, token: u64, events: u32) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_MOD, fd, token, events)
+    }
+
+    /// Stops watching `fd` (closing its last reference does the same).
+    pub fn delete(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0)
+    }
+
+    /// Waits up to `timeout_ms` and replaces `out` with the ready `(token, events)` pairs.
+    pub fn wait(&self, out: &mut Vec<(u64, u32)>, timeout_ms: i32) -> io::Result<()> {
+        const MAX: usize = 64;
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; MAX];
+        out.clear();
+        loop {
+            // SAFETY: `evs` is valid for writes of MAX epoll_events.
+            let rc = unsafe { libc::epoll_wait(self.0.as_raw_fd(), evs.as_mut_ptr(), MAX as libc::c_int, timeout_ms) };
+            if rc < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            out.extend(evs[..rc as usize].iter().map(|e| ({ e.u64 }, { e.events })));
+            return Ok(());
+        }
+    }
+}
+
 /// The peer's credentials on a connected Unix socket (`SO_PEERCRED`).
 pub fn peer_credentials(sock: BorrowedFd<'_>) -> io::Result<(i32, u32, u32)> {
     // SAFETY: all-zero is a valid ucred.
