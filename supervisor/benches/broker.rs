@@ -11,6 +11,8 @@
 //!   `fdatasync`ing every 64; `async_durable_1k_all_cpus`: the same on all CPUs.
 //! - `call_under_flood_64`: `call_via_broker_64`'s median while another worker floods the
 //!   broker past its journal quota, versus unloaded (target: at most 2).
+//! - `call_under_durable_64`: the same while another worker streams durable messages (the
+//!   journal's fsyncs must not hold up the event loop).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -268,6 +270,31 @@ fn main() {
             true,
             &format!(
                 "call median while another worker floods its quota ({flooded}), versus unloaded, all CPUs; target 2.0"
+            ),
+        );
+    }
+
+    if wants("call_under_durable_64") {
+        // Calls between two workers while a third streams durable messages: the journal's
+        // fsyncs run on their own thread, so the event loop keeps answering.
+        let unloaded: f64 = call(&sock, "pinger", "ping_many", "peer 2000").parse().expect("median");
+        let unloaded_p99: f64 = call(&sock, "pinger", "ping_many", "peer 2000 99").parse().expect("p99");
+        let stream_sock = sock.clone();
+        let stream = std::thread::spawn(move || {
+            call(&stream_sock, "writer", "durable_rate", &format!("receiver deliver {} 1024 {BATCH}", MESSAGES * 6))
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let loaded: f64 = call(&sock, "pinger", "ping_many", "peer 1000").parse().expect("median");
+        let loaded_p99: f64 = call(&sock, "pinger", "ping_many", "peer 1000 99").parse().expect("p99");
+        let rate = stream.join().expect("stream");
+        emit(
+            "call_under_durable_64",
+            loaded,
+            unloaded,
+            "us",
+            true,
+            &format!(
+                "call median while another worker streams durable 1 KiB messages ({rate} msgs/s), versus unloaded, all CPUs; 99th percentile {loaded_p99} us versus {unloaded_p99} us"
             ),
         );
     }

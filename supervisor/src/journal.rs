@@ -14,8 +14,10 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Nonce, Tag};
@@ -101,10 +103,94 @@ pub enum JournalError {
     Corrupt { path: PathBuf, offset: u64, what: String },
 }
 
+/// The journal's fsync thread. The event loop writes records and asks for a sync; the
+/// thread runs `fdatasync` while the loop goes on serving every worker, and counts each
+/// completed sync into an eventfd the loop waits on. Syncs asked for while one runs are
+/// served by the next one (group commit across loop turns).
+struct Syncer {
+    shared: Arc<SyncShared>,
+    done_fd: Arc<OwnedFd>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct SyncShared {
+    state: Mutex<SyncState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct SyncState {
+    /// The last generation asked for, and the file its records were written to.
+    requested: u64,
+    file: Option<Arc<File>>,
+    /// Every generation up to this one is on disk.
+    done: u64,
+    /// A failed `fdatasync`: fatal for the journal (see the runtime).
+    failed: Option<std::io::Error>,
+    stop: bool,
+}
+
+impl SyncShared {
+    fn lock(&self) -> MutexGuard<'_, SyncState> {
+        // The thread holds the lock only to copy a few fields and cannot panic while it does.
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Syncer {
+    fn start() -> std::io::Result<Syncer> {
+        let shared = Arc::new(SyncShared { state: Mutex::new(SyncState::default()), wake: Condvar::new() });
+        let done_fd = Arc::new(crate::sys::eventfd()?);
+        let (sh, fd) = (shared.clone(), done_fd.clone());
+        let thread = std::thread::Builder::new().name("journal-sync".into()).spawn(move || {
+            // Signals belong to the event loop's signalfd, never to this thread.
+            let _ = crate::sys::block_signals_in_this_thread();
+            let mut started = 0u64;
+            loop {
+                let (generation, file) = {
+                    let mut st = sh.lock();
+                    while st.requested == started && !st.stop {
+                        st = sh.wake.wait(st).unwrap_or_else(std::sync::PoisonError::into_inner);
+                    }
+                    if st.stop {
+                        return;
+                    }
+                    started = st.requested;
+                    (st.requested, st.file.clone())
+                };
+                let r = file.map_or(Ok(()), |f| f.sync_data());
+                {
+                    let mut st = sh.lock();
+                    match r {
+                        Ok(()) => st.done = st.done.max(generation),
+                        Err(e) => {
+                            st.failed.get_or_insert(e);
+                        }
+                    }
+                }
+                // The loop also learns of a failure from the state; a full counter cannot
+                // happen (it would take 2^64 syncs).
+                let _ = crate::sys::eventfd_add(fd.as_fd(), 1);
+            }
+        })?;
+        Ok(Syncer { shared, done_fd, thread: Some(thread) })
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        self.shared.lock().stop = true;
+        self.shared.wake.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// The open journal.
 pub struct Journal {
     path: PathBuf,
-    file: File,
+    file: Arc<File>,
     cipher: ChaCha20Poly1305,
     next_id: u64,
     live: usize,
@@ -118,6 +204,10 @@ pub struct Journal {
     nonces: Nonces,
     /// A record's encoding before it is sealed into `buf` (kept for its allocation).
     scratch: Vec<u8>,
+    syncer: Syncer,
+    /// The last sync generation asked of the thread, and the last one `sync` covered itself.
+    requested: u64,
+    synced_here: u64,
 }
 
 impl std::fmt::Debug for Journal {
@@ -251,9 +341,10 @@ impl Journal {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)
             .map_err(io("creating", &tmp))?;
+        let syncer = Syncer::start().map_err(io("starting the sync thread for", &path))?;
         let mut j = Journal {
             path: path.clone(),
-            file,
+            file: Arc::new(file),
             cipher,
             next_id: max_id + 1,
             live: 0,
@@ -263,6 +354,9 @@ impl Journal {
             done_ids: Vec::new(),
             nonces: Nonces::new(),
             scratch: Vec::new(),
+            syncer,
+            requested: 0,
+            synced_here: 0,
         };
         let entries: Vec<Entry> = pending.into_values().collect();
         j.write(&RecordRef::NextId(j.next_id))?;
@@ -331,12 +425,13 @@ impl Journal {
         }
         if !self.buf.is_empty() {
             let path = self.path.clone();
-            let pos = self.file.stream_position().map_err(io("positioning in", &path))?;
-            if let Err(e) = self.file.write_all(&self.buf) {
+            let mut file = &*self.file;
+            let pos = file.stream_position().map_err(io("positioning in", &path))?;
+            if let Err(e) = file.write_all(&self.buf) {
                 // A partial write (ENOSPC, EIO) must not leave half a record before the retry
                 // writes the whole buffer again: cut the file back to where it was.
-                let _ = self.file.set_len(pos);
-                let _ = self.file.seek(std::io::SeekFrom::Start(pos));
+                let _ = file.set_len(pos);
+                let _ = file.seek(std::io::SeekFrom::Start(pos));
                 return Err(JournalError::Io { step: "appending to", path, source: e });
             }
             self.buf.clear();
@@ -363,14 +458,52 @@ impl Journal {
         Ok(())
     }
 
-    /// Makes everything written so far durable (`fdatasync`).
+    /// Makes everything written so far durable (`fdatasync`), here and now.
     pub fn sync(&mut self) -> Result<(), JournalError> {
         self.flush()?;
-        if self.dirty {
+        if self.dirty || self.requested > self.synced_here {
             self.file.sync_data().map_err(io("syncing", &self.path.clone()))?;
             self.dirty = false;
+            self.synced_here = self.requested;
         }
         Ok(())
+    }
+
+    /// Writes what is encoded and asks the sync thread to make it durable; returns the
+    /// generation to wait for (see [`Journal::synced`]). Returns at once.
+    pub fn request_sync(&mut self) -> Result<u64, JournalError> {
+        self.flush()?;
+        if self.dirty {
+            self.requested += 1;
+            {
+                let mut st = self.syncer.shared.lock();
+                st.requested = self.requested;
+                st.file = Some(self.file.clone());
+            }
+            self.syncer.shared.wake.notify_one();
+            self.dirty = false;
+        }
+        Ok(self.requested)
+    }
+
+    /// Readable when the sync thread has finished a sync: the event loop waits for it.
+    pub fn sync_events(&self) -> BorrowedFd<'_> {
+        self.syncer.done_fd.as_fd()
+    }
+
+    /// The last generation known to be on disk; an error if a sync failed (the journal can
+    /// then promise nothing more: see the runtime).
+    pub fn synced(&mut self) -> Result<u64, JournalError> {
+        let _ = crate::sys::eventfd_take(self.syncer.done_fd.as_fd());
+        let st = self.syncer.shared.lock();
+        if let Some(e) = &st.failed {
+            // Sticky: after a failed fdatasync nothing written before it can be trusted.
+            let source = e
+                .raw_os_error()
+                .map_or_else(|| std::io::Error::new(e.kind(), e.to_string()), std::io::Error::from_raw_os_error);
+            return Err(JournalError::Io { step: "syncing", path: self.path.clone(), source });
+        }
+        Ok(st.done.max(self.synced_here))
     }
 
     /// Entries written and not yet done.
@@ -398,7 +531,7 @@ impl Journal {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)
             .map_err(io("creating", &tmp))?;
-        let old = std::mem::replace(&mut self.file, file);
+        let old = std::mem::replace(&mut self.file, Arc::new(file));
         let next = self.next_id;
         if let Err(err) = self.write(&RecordRef::NextId(next)) {
             self.file = old;
@@ -494,6 +627,35 @@ mod tests {
         drop(j);
         let (_, p) = Journal::open(&d).expect("reopen");
         assert_eq!(p.iter().map(|e| e.id).collect::<Vec<_>>(), vec![b.id]);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn the_sync_thread_reports_each_requested_generation() {
+        let d = dir("sync-thread");
+        let (mut j, _) = Journal::open(&d).expect("open");
+        let wait = |j: &mut Journal, g: u64| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            loop {
+                assert!(std::time::Instant::now() < deadline, "generation {g} never synced");
+                let _ = airlock_protocol::sys::poll_readable(j.sync_events(), 100);
+                if j.synced().expect("synced") >= g {
+                    return;
+                }
+            }
+        };
+        j.enqueue("w", "s", "m", b"one".to_vec()).expect("a");
+        let g1 = j.request_sync().expect("request");
+        assert_eq!(g1, 1);
+        assert_eq!(j.request_sync().expect("nothing new"), g1, "nothing written since: same generation");
+        wait(&mut j, g1);
+        j.enqueue("w", "s", "m", b"two".to_vec()).expect("b");
+        let g2 = j.request_sync().expect("request");
+        assert_eq!(g2, 2);
+        wait(&mut j, g2);
+        drop(j);
+        let (_, p) = Journal::open(&d).expect("reopen");
+        assert_eq!(p.len(), 2);
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -180,6 +180,8 @@ pub struct Supervisor {
     journal: Journal,
     /// Durable messages journaled this turn: `Accepted` goes out after the group fsync.
     accept_after_sync: Vec<(usize, u64, u64)>,
+    /// Durable messages waiting for the sync thread: `(generation, slot, incarnation, seq)`.
+    awaiting_sync: VecDeque<(u64, usize, u64, u64)>,
     /// Which slot provides each service (from the configuration).
     providers: BTreeMap<String, usize>,
     /// Recovered messages for services no worker provides now: kept in the journal.
@@ -193,6 +195,7 @@ pub struct Supervisor {
 /// Event tokens: the signalfd, the control socket, and per worker `slot << 2 | what`.
 const TOKEN_SIGNAL: u64 = u64::MAX;
 const TOKEN_CONTROL: u64 = u64::MAX - 1;
+const TOKEN_JOURNAL: u64 = u64::MAX - 2;
 const WHAT_EXIT: u8 = 0;
 const WHAT_CHANNEL: u8 = 1;
 const WHAT_STDERR: u8 = 2;
@@ -286,6 +289,9 @@ impl Supervisor {
         let epoll = sys::Epoll::new().map_err(io_err("epoll"))?;
         epoll.add(sigfd.as_fd(), TOKEN_SIGNAL, libc::EPOLLIN as u32).map_err(io_err("epoll: signalfd"))?;
         epoll.add(control.as_fd(), TOKEN_CONTROL, libc::EPOLLIN as u32).map_err(io_err("epoll: control socket"))?;
+        epoll
+            .add(journal.sync_events(), TOKEN_JOURNAL, libc::EPOLLIN as u32)
+            .map_err(io_err("epoll: journal sync events"))?;
         let mut s = Supervisor {
             cfg,
             host,
@@ -300,6 +306,7 @@ impl Supervisor {
             permits,
             journal,
             accept_after_sync: Vec::new(),
+            awaiting_sync: VecDeque::new(),
             providers,
             orphans,
             epoll,
@@ -445,13 +452,14 @@ impl Supervisor {
         self.epoll
             .wait(&mut events, i32::try_from(timeout.as_millis()).unwrap_or(500))
             .map_err(io_err("epoll_wait"))?;
-        let (mut signalled, mut control) = (false, false);
+        let (mut signalled, mut control, mut synced) = (false, false, false);
         // Per worker, in slot order: exit, channel, stderr (as a poll set would report them).
         let mut ready: Vec<(usize, u8, u32)> = Vec::with_capacity(events.len());
         for &(tok, ev) in &events {
             match tok {
                 TOKEN_SIGNAL => signalled = true,
                 TOKEN_CONTROL => control = true,
+                TOKEN_JOURNAL => synced = true,
                 t => ready.push(((t >> 2) as usize, (t & 3) as u8, ev)),
             }
         }
@@ -497,25 +505,20 @@ impl Supervisor {
         for i in exited {
             self.handle_exit(i);
         }
+        if synced {
+            self.accept_synced()?;
+        }
         if control {
             self.accept_control();
         }
         self.enforce_send_queues();
-        // Deliver first, then wait for the disk: receivers work while the group fsync runs.
-        // (A message may reach its receiver before it is durable; its sender is told
-        // `Accepted` only after the fsync, so a sender never loses one it was promised.)
+        // Write this turn's records and hand their fsync to the sync thread, then deliver while
+        // the disk works. (A message may reach its receiver before it is durable; its sender is
+        // told `Accepted` only after the fsync, so a sender never loses one it was promised.)
+        self.commit_journal()?;
         for i in 0..self.slots.len() {
             self.deliver(i);
         }
-        if let Err(e) = self.journal.flush() {
-            // Records accepted this turn may not be in the file: the same as a failed fsync.
-            tracing::error!(error = %e, "journal write failed: durability can no longer be promised; stopping");
-            return Err(RuntimeError::Io {
-                step: "journal write".into(),
-                source: std::io::Error::other(e.to_string()),
-            });
-        }
-        self.flush_accepted()?;
         if self.journal.wants_compaction() {
             let live: Vec<&Entry> = self
                 .slots
@@ -955,28 +958,48 @@ impl Supervisor {
         tracing::trace!(id, "journaled");
     }
 
-    /// One fsync for every durable message journaled this turn, then their `Accepted`.
+    /// Writes this turn's journal records; when durable messages are among them, asks the sync
+    /// thread for one fsync covering them all (and whatever else was written before it).
     ///
-    /// A failed fsync is fatal: the messages are in the journal file but perhaps not on disk,
-    /// and Linux may report a later fsync as successful without having written them. Refusing
-    /// them would make their senders send again while the journal may still deliver the first
-    /// copies; instead airlockd stops (systemd restarts it). Their senders were never told
-    /// `Accepted`, die with it, and do not send again; after the restart, whatever the journal
-    /// holds is delivered once.
-    fn flush_accepted(&mut self) -> Result<(), RuntimeError> {
+    /// A failed write or fsync is fatal: the messages are in the journal file but perhaps not
+    /// on disk, and Linux may report a later fsync as successful without having written them.
+    /// Refusing them would make their senders send again while the journal may still deliver
+    /// the first copies; instead airlockd stops (systemd restarts it). Their senders were never
+    /// told `Accepted`, die with it, and do not send again; after the restart, whatever the
+    /// journal holds is delivered once.
+    fn commit_journal(&mut self) -> Result<(), RuntimeError> {
+        let fatal = |step: &str, e: crate::journal::JournalError| {
+            tracing::error!(error = %e, "{step} failed: durability can no longer be promised; stopping");
+            RuntimeError::Io { step: step.into(), source: std::io::Error::other(e.to_string()) }
+        };
         if self.accept_after_sync.is_empty() {
-            return Ok(());
+            return self.journal.flush().map_err(|e| fatal("journal write", e));
         }
-        if let Err(e) = self.journal.sync() {
-            tracing::error!(error = %e, pending = self.accept_after_sync.len(), "journal fsync failed: durability can no longer be promised; stopping");
-            return Err(RuntimeError::Io {
-                step: "journal fsync".into(),
-                source: std::io::Error::other(e.to_string()),
-            });
+        let generation = self.journal.request_sync().map_err(|e| fatal("journal write", e))?;
+        for (i, inc, seq) in self.accept_after_sync.drain(..) {
+            self.awaiting_sync.push_back((generation, i, inc, seq));
         }
-        // One batch per sender: coalesced into as few frames as fit.
+        Ok(())
+    }
+
+    /// The sync thread finished a sync: `Accepted` for every message it covered, one batch
+    /// per sender. A failed fsync stops airlockd (see [`Supervisor::commit_journal`]).
+    fn accept_synced(&mut self) -> Result<(), RuntimeError> {
+        let done = self.journal.synced().map_err(|e| {
+            tracing::error!(error = %e, pending = self.awaiting_sync.len(), "journal fsync failed: durability can no longer be promised; stopping");
+            RuntimeError::Io { step: "journal fsync".into(), source: std::io::Error::other(e.to_string()) }
+        })?;
+        self.accept_up_to(done);
+        Ok(())
+    }
+
+    fn accept_up_to(&mut self, done: u64) {
         let mut per_slot: BTreeMap<usize, Vec<ToWorker>> = BTreeMap::new();
-        for (i, inc, seq) in std::mem::take(&mut self.accept_after_sync) {
+        while let Some(&(generation, i, inc, seq)) = self.awaiting_sync.front() {
+            if generation > done {
+                break;
+            }
+            self.awaiting_sync.pop_front();
             if self.slots[i].incarnation == inc {
                 per_slot.entry(i).or_default().push(ToWorker::Accepted { seq });
             }
@@ -986,7 +1009,6 @@ impl Supervisor {
                 let _ = run.channel.send_batch(&msgs);
             }
         }
-        Ok(())
     }
 
     /// Delivers queued messages to worker `i` up to the delivery window.
@@ -1258,11 +1280,15 @@ impl Supervisor {
 
     fn shutdown(&mut self) {
         self.notifier.send("STOPPING=1");
-        if let Err(e) = self.flush_accepted() {
+        let committed = self.commit_journal();
+        if let Err(e) = &committed {
             tracing::error!("at shutdown: {e}");
         }
         if let Err(e) = self.journal.sync() {
             tracing::error!(error = %e, "journal fsync at shutdown failed");
+        } else if committed.is_ok() {
+            // Synced here and now: every message waiting for the sync thread is durable.
+            self.accept_up_to(u64::MAX);
         }
         for s in &mut self.slots {
             if let Some(r) = s.run.as_mut() {

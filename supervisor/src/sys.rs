@@ -17,6 +17,14 @@ fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
+fn cvt_ssize(rc: libc::ssize_t) -> io::Result<usize> {
+    if rc == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc as usize)
+    }
+}
+
 /// Everything the child needs between clone and exec, prepared in advance so that the child
 /// allocates nothing (only async-signal-safe syscalls run there).
 #[derive(Debug)]
@@ -377,6 +385,44 @@ impl Epoll {
             return Ok(());
         }
     }
+}
+
+/// A non-blocking, close-on-exec eventfd: one thread counts completions into it, another
+/// waits for it to become readable.
+pub fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: integer arguments only.
+    let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
+    // SAFETY: fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adds `n` to an eventfd's counter.
+pub fn eventfd_add(fd: BorrowedFd<'_>, n: u64) -> io::Result<()> {
+    let b = n.to_ne_bytes();
+    // SAFETY: `b` is valid for reads of 8 bytes.
+    cvt_ssize(unsafe { libc::write(fd.as_raw_fd(), b.as_ptr().cast(), 8) }).map(drop)
+}
+
+/// Takes an eventfd's counter (0 when nothing was added since the last take).
+pub fn eventfd_take(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    // SAFETY: `b` is valid for writes of 8 bytes.
+    match cvt_ssize(unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), 8) }) {
+        Ok(_) => Ok(u64::from_ne_bytes(b)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+/// Blocks every blockable signal in the calling thread, so that a helper thread never takes
+/// a signal meant for the event loop's signalfd.
+pub fn block_signals_in_this_thread() -> io::Result<()> {
+    // SAFETY: all-zero sigset, then filled by sigfillset.
+    let mut set: libc::sigset_t = unsafe { mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t.
+    unsafe { libc::sigfillset(&mut set) };
+    // SAFETY: `set` is valid; the old mask is not requested.
+    cvt(unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, ptr::null_mut()) }).map(drop)
 }
 
 /// The peer's credentials on a connected Unix socket (`SO_PEERCRED`).

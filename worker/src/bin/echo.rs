@@ -142,11 +142,13 @@ fn main() {
                 Ok(Response::bytes(b"awake".to_vec()))
             }
             "ping_many" => {
-                // Body `SERVICE COUNT`: COUNT calls to SERVICE.echo; returns the median in microseconds.
+                // Body `SERVICE COUNT [PERCENTILE]`: COUNT calls to SERVICE.echo; returns the
+                // median (or the given percentile) in microseconds.
                 let text = String::from_utf8_lossy(&req.body).into_owned();
                 let mut parts = text.split_whitespace();
                 let service = parts.next().unwrap_or("").to_string();
-                let count: usize = parts.next().and_then(|c| c.parse().ok()).unwrap_or(100);
+                let count: usize = parts.next().and_then(|c| c.parse().ok()).unwrap_or(100).max(1);
+                let percentile: usize = parts.next().and_then(|c| c.parse().ok()).unwrap_or(50).min(100);
                 let mut times = Vec::with_capacity(count);
                 for _ in 0..count {
                     let t = std::time::Instant::now();
@@ -154,8 +156,9 @@ fn main() {
                     times.push(t.elapsed().as_nanos() as u64);
                 }
                 times.sort_unstable();
-                let median_us = times.get(count / 2).copied().unwrap_or(0) as f64 / 1000.0;
-                Ok(Response::bytes(format!("{median_us:.2}").into_bytes()))
+                let at = (count * percentile / 100).min(count - 1);
+                let us = times.get(at).copied().unwrap_or(0) as f64 / 1000.0;
+                Ok(Response::bytes(format!("{us:.2}").into_bytes()))
             }
             "flood" => {
                 // Body `SERVICE METHOD MILLIS`: sends as fast as it can without waiting on Busy,
