@@ -347,13 +347,38 @@ fn prepare_state_directory(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()
             }
         }
         std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o711))?;
-        std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
-        // What an earlier uid left there (a uid range reconfigured) becomes the worker's.
-        for entry in std::fs::read_dir(dir)?.flatten() {
-            std::os::unix::fs::lchown(entry.path(), Some(uid), Some(gid))?;
+        // Only what is not the worker's already is touched, so that a restart needs no
+        // privilege and a first start only CAP_CHOWN (airlockd-privileged.service keeps no
+        // CAP_FOWNER or CAP_DAC_READ_SEARCH).
+        use std::os::unix::fs::MetadataExt;
+        if (m.uid(), m.gid()) != (uid, gid) {
+            // What is in it (an earlier uid's files, or root's after systemd chowned the state
+            // directory for a service switched to this mode) becomes the worker's: read while
+            // the directory is still ours.
+            let entries = std::fs::read_dir(dir).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{} belongs to uid {}; reading it to give it to uid {uid}: {e} (chown -R it to {uid}:{gid}, or to root)",
+                        dir.display(),
+                        m.uid()
+                    ),
+                )
+            })?;
+            for entry in entries.flatten() {
+                std::os::unix::fs::lchown(entry.path(), Some(uid), Some(gid))?;
+            }
+            if m.mode() & 0o7777 != 0o700 {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+            }
+            std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
+            return Ok(());
         }
     }
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    if std::fs::symlink_metadata(dir)?.permissions().mode() & 0o7777 != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 fn write_maps(pid: i32, d: &Decision, self_ids: (u32, u32)) -> std::io::Result<()> {

@@ -1,11 +1,19 @@
 #!/usr/bin/env python3
 """Installs the Debian package on this machine, runs airlockd the way airlockd.service and
 airlockd.socket would (user airlock, systemd's environment, the HMI socket passed by
-socket activation, NOTIFY_SOCKET read here), checks READY=1 and the HMI, then purges the
+socket activation, NOTIFY_SOCKET read here, and the unit's SystemCallFilter= built the way
+systemd builds it), checks READY=1 and the HMI; then the same for
+airlockd-privileged.service (root, its capability bounding set, its filter); then purges the
 package and checks that nothing is left but what Debian policy keeps (the system user).
 
-Usage (as root): tests/packaging/test_deb.py PATH/TO/airlock_VERSION_ARCH.deb
+The filters are built with libseccomp (python3-seccomp) from `systemd-analyze
+syscall-filter`'s groups, so a unit whose filter refuses what confining the workers takes
+fails here, not on the first real host.
+
+Usage (as root): /usr/bin/python3 tests/packaging/test_deb.py PATH/TO/airlock_VERSION_ARCH.deb
 """
+import ctypes
+import errno
 import json
 import os
 import pwd
@@ -16,6 +24,11 @@ import sys
 import tempfile
 import time
 import urllib.request
+
+try:
+    import seccomp
+except ImportError:
+    sys.exit("test_deb.py needs python3-seccomp (apt-get install python3-seccomp) and Debian's python3")
 
 FAILED = []
 
@@ -29,6 +42,66 @@ def check(ok, what):
 
 def run(*cmd, **kw):
     return subprocess.run(cmd, capture_output=True, text=True, **kw)
+
+
+def syscall_group(name, cache={}):
+    """The syscalls of a systemd group (@name), expanded as systemd-analyze lists them."""
+    if name not in cache:
+        out = run("systemd-analyze", "syscall-filter", name).stdout
+        names = set()
+        for line in out.splitlines():
+            item = line.strip()
+            if not item or item.startswith("#") or item == name:
+                continue
+            names |= syscall_group(item) if item.startswith("@") else {item}
+        if not names:
+            sys.exit(f"systemd-analyze syscall-filter {name} listed nothing (is systemd installed?)")
+        cache[name] = names
+    return cache[name]
+
+
+def unit_syscall_filter(unit):
+    """The unit's SystemCallFilter= lines as systemd applies them: the first allow list, then
+    each ~list removed from it and each further list added; EPERM for everything else
+    (SystemCallErrorNumber=EPERM). systemd also always allows execve, exit, exit_group,
+    getrlimit, rt_sigreturn and sigreturn."""
+    allowed = None
+    for line in open(unit):
+        line = line.strip()
+        if not line.startswith("SystemCallFilter="):
+            continue
+        value = line.split("=", 1)[1]
+        names = set()
+        for item in value.lstrip("~").split():
+            names |= syscall_group(item) if item.startswith("@") else {item}
+        if allowed is None:
+            allowed = set()
+        allowed = allowed - names if value.startswith("~") else allowed | names
+    if allowed is None:
+        sys.exit(f"{unit} has no SystemCallFilter=")
+    allowed |= {"execve", "exit", "exit_group", "getrlimit", "rt_sigreturn", "sigreturn"}
+    f = seccomp.SyscallFilter(defaction=seccomp.ERRNO(errno.EPERM))
+    for name in sorted(allowed):
+        try:
+            f.add_rule(seccomp.ALLOW, name)
+        except (RuntimeError, ValueError):
+            pass  # not a syscall of this architecture
+    f.set_attr(seccomp.Attr.CTL_NNP, 1)
+    return f
+
+
+def unit_capabilities(unit):
+    """CapabilityBoundingSet= as capability numbers (capability.h order)."""
+    names = ["chown", "dac_override", "dac_read_search", "fowner", "fsetid", "kill", "setgid", "setuid",
+             "setpcap", "linux_immutable", "net_bind_service", "net_broadcast", "net_admin", "net_raw",
+             "ipc_lock", "ipc_owner", "sys_module", "sys_rawio", "sys_chroot", "sys_ptrace", "sys_pacct",
+             "sys_admin", "sys_boot", "sys_nice", "sys_resource", "sys_time", "sys_tty_config", "mknod", "lease",
+             "audit_write", "audit_control", "setfcap", "mac_override", "mac_admin", "syslog", "wake_alarm",
+             "block_suspend", "audit_read", "perfmon", "bpf", "checkpoint_restore"]
+    for line in open(unit):
+        if line.startswith("CapabilityBoundingSet="):
+            return {names.index(c.lower().removeprefix("cap_")) for c in line.split("=", 1)[1].split()}
+    return set(range(len(names)))
 
 
 def main():
@@ -77,7 +150,8 @@ def installed(deb):
     if r.returncode == 0:
         check("--check-config" in r.stdout, "man airlockd documents --check-config")
 
-    start_like_the_unit(pw)
+    start_like_the_unit(pw, "airlockd.service")
+    start_like_the_unit(pw, "airlockd-privileged.service")
 
     r = run("dpkg", "--purge", "airlock")
     check(r.returncode == 0, "the package purges")
@@ -90,7 +164,13 @@ def installed(deb):
           "the airlock system user stays after purge (Debian policy: users are not removed)")
 
 
-def start_like_the_unit(pw):
+def start_like_the_unit(pw, unit_name):
+    unit = f"/usr/lib/systemd/system/{unit_name}"
+    privileged = "User=airlock" not in open(unit).read()
+    print(f"--- {unit_name}: {'root with its bounding set' if privileged else 'user airlock'}, its syscall filter", flush=True)
+    syscalls = unit_syscall_filter(unit)
+    keep_caps = unit_capabilities(unit)
+    owner = (0, 0) if privileged else (pw.pw_uid, pw.pw_gid)
     tmp = tempfile.mkdtemp(prefix="airlock-deb-")
     os.chmod(tmp, 0o755)
     notify_path = os.path.join(tmp, "notify.sock")
@@ -98,10 +178,15 @@ def start_like_the_unit(pw):
     notify.bind(notify_path)
     os.chmod(notify_path, 0o777)
     notify.settimeout(1.0)
-    # RuntimeDirectory= as systemd makes it.
+    # RuntimeDirectory= as systemd makes it; StateDirectory= chowned (recursively) to the
+    # service's user, as systemd does when a service switches between the two modes.
     os.makedirs("/run/airlock", exist_ok=True)
-    os.chown("/run/airlock", pw.pw_uid, pw.pw_gid)
+    os.chown("/run/airlock", *owner)
     os.chmod("/run/airlock", 0o750)
+    for root, dirs, files in os.walk("/var/lib/airlock"):
+        for name in dirs + files:
+            os.lchown(os.path.join(root, name), *owner)
+    os.chown("/var/lib/airlock", *owner)
     # airlockd.socket: ListenStream=127.0.0.1:8080, FileDescriptorName=hmi.
     hmi = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     hmi.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -117,12 +202,20 @@ def start_like_the_unit(pw):
             os.dup2(hmi.fileno(), 3)
             os.set_inheritable(3, True)
             os.closerange(4, 1024)
-            os.setgroups([])
-            os.setgid(pw.pw_gid)
-            os.setuid(pw.pw_uid)
+            if privileged:
+                libc = ctypes.CDLL(None, use_errno=True)
+                for cap in range(64):
+                    if cap not in keep_caps:
+                        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP (EINVAL past the last one)
+            else:
+                os.setgroups([])
+                os.setgid(pw.pw_gid)
+                os.setuid(pw.pw_uid)
             os.umask(0o077)
+            syscalls.load()
             env = {
-                "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/var/lib/airlock", "USER": "airlock",
+                "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/var/lib/airlock",
+                "USER": "root" if privileged else "airlock",
                 "STATE_DIRECTORY": "/var/lib/airlock", "RUNTIME_DIRECTORY": "/run/airlock",
                 "CONFIGURATION_DIRECTORY": "/etc/airlock", "NOTIFY_SOCKET": notify_path,
                 "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid()),
@@ -156,9 +249,17 @@ def start_like_the_unit(pw):
     if check(r.returncode == 0, "airlock status answers (root over SO_PEERCRED)"):
         st = json.loads(r.stdout)
         states = {w["name"]: w["state"] for w in st["workers"]}
-        check(all(s == "Running" or s == "running" or (isinstance(s, dict) and "Running" in s) for s in states.values()),
-              f"every worker runs: {states}")
-        check(st["uid"] == pw.pw_uid, "airlockd runs as airlock")
+        if not check(all(s == "Running" or s == "running" or (isinstance(s, dict) and "Running" in s) for s in states.values()),
+                     f"every worker runs: {states}"):
+            print(open(log_path, errors="replace").read()[-4000:])
+        check(st["uid"] == owner[0], f"airlockd runs as uid {owner[0]}")
+        if privileged:
+            def host_uid(pid):
+                for line in open(f"/proc/{pid}/status"):
+                    if line.startswith("Uid:"):
+                        return int(line.split()[1])
+            uids = {w["name"]: host_uid(w["pid"]) for w in st["workers"]}
+            check(len(set(uids.values())) == len(uids), f"every worker has its own uid: {uids}")
     # auth creates the operator right after it starts serving: READY=1 may come first.
     deadline = time.time() + 15
     while True:
@@ -166,7 +267,10 @@ def start_like_the_unit(pw):
         if 'created operator "operator" with password' in log_text or time.time() > deadline:
             break
         time.sleep(0.2)
-    check(log_text.count('created operator "operator" with password') == 1, "the first operator's password is in the log once")
+    if not privileged:
+        check(log_text.count('created operator "operator" with password') == 1, "the first operator's password is in the log once")
+    else:
+        check('created operator' not in log_text, "the operator created in the other mode is kept (state directory handed over)")
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
