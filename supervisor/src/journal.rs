@@ -226,6 +226,11 @@ impl std::fmt::Debug for Journal {
     }
 }
 
+/// An `io::Error` again (they are not `Clone`): the same errno, or the same kind and text.
+fn copy_error(e: &std::io::Error) -> std::io::Error {
+    e.raw_os_error().map_or_else(|| std::io::Error::new(e.kind(), e.to_string()), std::io::Error::from_raw_os_error)
+}
+
 fn io<'a>(step: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> JournalError + 'a {
     move |source| JournalError::Io { step, path: path.to_path_buf(), source }
 }
@@ -504,14 +509,31 @@ impl Journal {
     }
 
     /// Makes everything written so far durable (`fdatasync`), here and now.
+    ///
+    /// A failure here, or an earlier one on the sync thread, is sticky: Linux reports a failed
+    /// writeback once, so a later fsync of the same file may succeed without the lost pages
+    /// ever reaching the disk. Nothing written before it may be reported durable again.
     pub fn sync(&mut self) -> Result<(), JournalError> {
+        self.failure()?;
         self.flush()?;
         if self.dirty || self.requested > self.synced_here {
-            self.file.sync_data().map_err(io("syncing", &self.path.clone()))?;
+            if let Err(e) = self.file.sync_data() {
+                let err = JournalError::Io { step: "syncing", path: self.path.clone(), source: copy_error(&e) };
+                self.syncer.shared.lock().failed.get_or_insert(e);
+                return Err(err);
+            }
             self.dirty = false;
             self.synced_here = self.requested;
         }
         Ok(())
+    }
+
+    /// The sticky sync failure, if any (see [`Journal::sync`]).
+    fn failure(&self) -> Result<(), JournalError> {
+        match &self.syncer.shared.lock().failed {
+            Some(e) => Err(JournalError::Io { step: "syncing", path: self.path.clone(), source: copy_error(e) }),
+            None => Ok(()),
+        }
     }
 
     /// Writes what is encoded and asks the sync thread to make it durable; returns the
@@ -540,15 +562,9 @@ impl Journal {
     /// then promise nothing more: see the runtime).
     pub fn synced(&mut self) -> Result<u64, JournalError> {
         let _ = crate::sys::eventfd_take(self.syncer.done_fd.as_fd());
-        let st = self.syncer.shared.lock();
-        if let Some(e) = &st.failed {
-            // Sticky: after a failed fdatasync nothing written before it can be trusted.
-            let source = e
-                .raw_os_error()
-                .map_or_else(|| std::io::Error::new(e.kind(), e.to_string()), std::io::Error::from_raw_os_error);
-            return Err(JournalError::Io { step: "syncing", path: self.path.clone(), source });
-        }
-        Ok(st.done.max(self.synced_here))
+        self.failure()?;
+        let done = self.syncer.shared.lock().done;
+        Ok(done.max(self.synced_here))
     }
 
     /// Entries written and not yet done.

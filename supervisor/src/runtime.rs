@@ -528,6 +528,7 @@ impl Supervisor {
                 .collect();
             match self.journal.compact(live) {
                 Ok(()) => tracing::debug!(live = self.journal.live(), "journal compacted"),
+                // A failed fsync is sticky in the journal: the next acceptance stops airlockd.
                 Err(e) => tracing::error!(error = %e, "journal compaction failed; keeping the long file"),
             }
         }
@@ -623,11 +624,17 @@ impl Supervisor {
 
     fn drain_stderr(&mut self, i: usize) {
         let name = self.slots[i].name.clone();
+        let epoll = &self.epoll;
         let Some(r) = self.slots[i].run.as_mut() else { return };
         let mut buf = [0u8; 4096];
         loop {
             match r.stderr.read(&mut buf) {
-                Ok(0) => break,
+                Ok(0) => {
+                    // The worker closed its stderr: a pipe at its end stays readable (EPOLLHUP)
+                    // and would wake every wait. The pidfd still tells when it exits.
+                    let _ = epoll.delete(r.stderr.as_fd());
+                    break;
+                }
                 Ok(n) => r.stderr_buf.extend_from_slice(&buf[..n]),
                 Err(_) => break,
             }
@@ -666,6 +673,8 @@ impl Supervisor {
                     return;
                 }
             };
+            // Calls go back and forth one frame at a time; sends and acknowledgements stream.
+            let exchange = matches!(got.msg, FromWorker::Request(_) | FromWorker::Reply(_));
             match got.msg {
                 FromWorker::Event(line) => tracing::info!(worker = %self.slots[i].name, "event: {line}"),
                 FromWorker::Request(req) if !got.fds.is_empty() => {
@@ -699,10 +708,14 @@ impl Supervisor {
                     return;
                 }
             }
-            // Readiness is level-triggered: rather than a read that would find the socket empty,
-            // let the next wait report it when the worker has sent more. Unless durable messages
-            // wait for this turn's fsync: then one more read may grow the group it commits.
-            if self.accept_after_sync.is_empty() && self.slots[i].run.as_ref().is_some_and(|r| r.channel.drained()) {
+            // After a call or reply the worker usually waits for its answer: rather than a read
+            // that would find the socket empty, let the next (level-triggered) wait report it
+            // when the worker has sent more. Streams of sends and acknowledgements, and durable
+            // messages waiting for this turn's fsync (one more read may grow its group), read on.
+            if exchange
+                && self.accept_after_sync.is_empty()
+                && self.slots[i].run.as_ref().is_some_and(|r| r.channel.drained())
+            {
                 return;
             }
         }

@@ -17,6 +17,15 @@ fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
+/// For the pthread functions, which return an errno instead of setting it.
+fn cvt_errno(rc: libc::c_int) -> io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
 fn cvt_ssize(rc: libc::ssize_t) -> io::Result<usize> {
     if rc == -1 {
         Err(io::Error::last_os_error())
@@ -274,7 +283,7 @@ pub fn signalfd(signals: &[i32]) -> io::Result<OwnedFd> {
         unsafe { libc::sigaddset(&mut set, s) };
     }
     // SAFETY: `set` is valid; the old mask is not requested.
-    cvt(unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, ptr::null_mut()) })?;
+    cvt_errno(unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, ptr::null_mut()) })?;
     // SAFETY: `set` is valid.
     let fd = cvt(unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) })?;
     // SAFETY: fresh descriptor, ours.
@@ -422,7 +431,7 @@ pub fn block_signals_in_this_thread() -> io::Result<()> {
     // SAFETY: `set` is a valid sigset_t.
     unsafe { libc::sigfillset(&mut set) };
     // SAFETY: `set` is valid; the old mask is not requested.
-    cvt(unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, ptr::null_mut()) }).map(drop)
+    cvt_errno(unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, ptr::null_mut()) })
 }
 
 /// The peer's credentials on a connected Unix socket (`SO_PEERCRED`).
