@@ -1,14 +1,18 @@
 //! The message journal: asynchronous messages the supervisor has taken responsibility for,
 //! stored in its state directory until their receiver acknowledges them.
 //!
-//! An append-only file of records, each `u32 length | 12-byte nonce | ChaCha20-Poly1305
-//! ciphertext and tag` under a storage key that only the supervisor holds (`journal.key`,
-//! mode 0600, created on first use), with a random 96-bit nonce per record (drawn from the OS
-//! RNG in blocks). A record is `Enqueue` (the message) or `DoneMany` (the ids whose receivers'
-//! handlers returned during one loop turn; earlier versions wrote one `Done` per id, still
-//! read). Recovery replays the file: every `Enqueue` without its done id is pending, in id
-//! order. A torn last record (a crash mid-write) is cut off; a record that
-//! fails authentication anywhere else is corruption, reported, never silently skipped.
+//! A log of records, each `u32 length | 12-byte nonce | ChaCha20-Poly1305 ciphertext and tag`
+//! under a storage key that only the supervisor holds (`journal.key`, mode 0600, created on
+//! first use), with a random 96-bit nonce per record (drawn from the OS RNG in blocks). A record
+//! is `Enqueue` (the message) or `DoneMany` (the ids whose receivers' handlers returned during
+//! one loop turn; earlier versions wrote one `Done` per id, still read).
+//!
+//! The file: a first page with the durable-end mark in two slots (see `HEADER`), then the
+//! records, written over zeros that the file is grown by ahead of them (see `CHUNK`); a
+//! length of zero ends the log. Recovery replays it: every `Enqueue` without its done id is
+//! pending, in id order. A record that fails before the durable end is corruption, reported,
+//! never skipped; what fails after it is what a crash left of writes no sync had covered, and
+//! is dropped with a warning. A file without marks is an earlier version's, read whole.
 //! Message bodies are never logged.
 
 use std::collections::BTreeMap;
@@ -32,6 +36,15 @@ const MAX_RECORD: usize = 16 << 20;
 /// system no journal commit (about 2.8x the appends+fsyncs per second of a growing file on
 /// ext4, measured). A length of zero where a record would start marks the end of the log.
 const CHUNK: u64 = 4 << 20;
+/// The first page holds the durable-end mark: a sealed `u64`, the log's end as of the last
+/// completed sync (written after that sync returns, so it never claims more than is on disk;
+/// it reaches the disk with the next sync), in two slots written in turn so that a torn
+/// write of one leaves the other. Records start after it. Recovery tells a crash's debris
+/// (after the mark: writes no sync had covered, possibly torn or reordered by the disk) from
+/// corruption (before it: records that were on disk).
+const HEADER: u64 = 4096;
+const END_AAD: &[u8] = b"airlock-journal-end-v1";
+const MARK_SLOTS: [u64; 2] = [0, 512];
 
 /// A journaled message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,9 +140,13 @@ struct SyncShared {
 
 #[derive(Default)]
 struct SyncState {
-    /// The last generation asked for, and the file its records were written to.
+    /// The last generation asked for, the file its records were written to, and the log's
+    /// end then.
     requested: u64,
     file: Option<Arc<File>>,
+    end: u64,
+    /// The durable-end slot written last.
+    mark_slot: usize,
     /// Every generation up to this one is on disk.
     done: u64,
     /// A failed `fdatasync`: fatal for the journal (see the runtime).
@@ -145,7 +162,7 @@ impl SyncShared {
 }
 
 impl Syncer {
-    fn start() -> std::io::Result<Syncer> {
+    fn start(cipher: ChaCha20Poly1305) -> std::io::Result<Syncer> {
         let shared = Arc::new(SyncShared { state: Mutex::new(SyncState::default()), wake: Condvar::new() });
         let done_fd = Arc::new(crate::sys::eventfd()?);
         let (sh, fd) = (shared.clone(), done_fd.clone());
@@ -154,7 +171,7 @@ impl Syncer {
             let _ = crate::sys::block_signals_in_this_thread();
             let mut started = 0u64;
             loop {
-                let (generation, file) = {
+                let (generation, file, end) = {
                     let mut st = sh.lock();
                     while st.requested == started && !st.stop {
                         st = sh.wake.wait(st).unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -163,9 +180,13 @@ impl Syncer {
                         return;
                     }
                     started = st.requested;
-                    (st.requested, st.file.clone())
+                    (st.requested, st.file.clone(), st.end)
                 };
-                let r = file.map_or(Ok(()), |f| f.sync_data());
+                let r = file.as_ref().map_or(Ok(()), |f| f.sync_data());
+                if let (Ok(()), Some(f)) = (&r, &file) {
+                    // A mark that does not get written only leaves recovery more cautious.
+                    let _ = write_end_mark(f, &cipher, end, next_mark_slot(&sh));
+                }
                 {
                     let mut st = sh.lock();
                     match r {
@@ -224,6 +245,58 @@ impl std::fmt::Debug for Journal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Journal").field("path", &self.path).field("live", &self.live).finish_non_exhaustive()
     }
+}
+
+/// Seals `plain` as `u32 length | nonce | ciphertext | tag`.
+fn seal(cipher: &ChaCha20Poly1305, aad: &[u8], nonce: [u8; 12], plain: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(4 + 12 + plain.len() + 16);
+    out.extend_from_slice(&(u32::try_from(12 + plain.len() + 16).ok()?).to_le_bytes());
+    out.extend_from_slice(&nonce);
+    let at = out.len();
+    out.extend_from_slice(plain);
+    let tag = cipher.encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, &mut out[at..]).ok()?;
+    out.extend_from_slice(&tag);
+    Some(out)
+}
+
+/// Opens the sealed record at `at`: its plaintext and its size on disk, or why not.
+fn open_sealed(cipher: &ChaCha20Poly1305, aad: &[u8], data: &[u8], at: usize) -> Result<(Vec<u8>, usize), String> {
+    let len_bytes = data.get(at..at + 4).ok_or("length cut off")?;
+    let len = u32::from_le_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]) as usize;
+    if !(12 + 16..=MAX_RECORD).contains(&len) {
+        return Err("implausible record length".into());
+    }
+    let body = data.get(at + 4..at + 4 + len).ok_or("record cut off")?;
+    let (ct, tag) = body[12..].split_at(len - 12 - 16);
+    let mut buf = ct.to_vec();
+    cipher
+        .decrypt_in_place_detached(Nonce::from_slice(&body[..12]), aad, &mut buf, Tag::from_slice(tag))
+        .map_err(|_| "record fails authentication".to_string())?;
+    Ok((buf, 4 + len))
+}
+
+/// Writes the durable-end mark in `slot` (see [`HEADER`]).
+fn write_end_mark(file: &File, cipher: &ChaCha20Poly1305, end: u64, slot: usize) -> std::io::Result<()> {
+    let mut nonce = [0u8; 12];
+    getrandom::getrandom(&mut nonce).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let mark = seal(cipher, END_AAD, nonce, &end.to_le_bytes()).ok_or_else(|| std::io::Error::other("sealing"))?;
+    file.write_all_at(&mark, MARK_SLOTS[slot % 2])
+}
+
+/// The slot for the next mark: the one not written last.
+fn next_mark_slot(shared: &SyncShared) -> usize {
+    let mut st = shared.lock();
+    st.mark_slot ^= 1;
+    st.mark_slot
+}
+
+/// The durable end the marks in `data` record: the larger of the slots that authenticate.
+fn read_end_mark(cipher: &ChaCha20Poly1305, data: &[u8]) -> Option<u64> {
+    MARK_SLOTS
+        .iter()
+        .filter_map(|&at| open_sealed(cipher, END_AAD, data, at as usize).ok())
+        .filter_map(|(plain, _)| <[u8; 8]>::try_from(plain.as_slice()).ok().map(u64::from_le_bytes))
+        .max()
 }
 
 /// An `io::Error` again (they are not `Clone`): the same errno, or the same kind and text.
@@ -285,77 +358,73 @@ impl Journal {
         if let Ok(mut f) = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&path) {
             let mut data = Vec::new();
             f.read_to_end(&mut data).map_err(io("reading", &path))?;
-            let mut at = 0usize;
             let zeros_from = |from: usize| data.get(from..).is_none_or(|rest| rest.iter().all(|&b| b == 0));
+            // Where the records start, and how far they were on disk (the durable-end mark).
+            let (mut at, durable) = match read_end_mark(&cipher, &data) {
+                Some(end) => (HEADER as usize, usize::try_from(end).unwrap_or(usize::MAX)),
+                None if open_sealed(&cipher, AAD, &data, 0).is_ok() => {
+                    tracing::info!(journal = %path.display(), "a journal from an earlier version (no durable-end mark): reading it whole");
+                    (0, 0)
+                }
+                None if data.is_empty() => (0, 0),
+                None => {
+                    return Err(JournalError::Corrupt {
+                        path,
+                        offset: 0,
+                        what: "neither durable-end mark authenticates: a journal under another key, or damaged".into(),
+                    })
+                }
+            };
             while at < data.len() {
-                if data.len() - at >= 4 && data[at..at + 4] == [0; 4] {
+                let stop = if data.len() - at >= 4 && data[at..at + 4] == [0; 4] {
                     // The end of the log, in the zero-filled space after it.
                     if zeros_from(at) {
                         break;
                     }
-                    return Err(JournalError::Corrupt {
-                        path,
-                        offset: at as u64,
-                        what: "a record of length zero with data after it".into(),
-                    });
-                }
-                let torn = |what: &str| (at, what.to_string());
-                let rec = (|| -> Result<(Record, usize), (usize, String)> {
-                    let len_bytes = data.get(at..at + 4).ok_or_else(|| torn("length cut off"))?;
-                    let len = u32::from_le_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]) as usize;
-                    if !(12 + 16..=MAX_RECORD).contains(&len) {
-                        return Err(torn("implausible record length"));
-                    }
-                    let body = data.get(at + 4..at + 4 + len).ok_or_else(|| torn("record cut off"))?;
-                    let nonce = Nonce::from_slice(&body[..12]);
-                    let (ct, tag) = body[12..].split_at(len - 12 - 16);
-                    let mut buf = ct.to_vec();
-                    cipher
-                        .decrypt_in_place_detached(nonce, AAD, &mut buf, Tag::from_slice(tag))
-                        .map_err(|_| torn("record fails authentication"))?;
-                    let rec: Record =
-                        postcard::from_bytes(&buf).map_err(|e| torn(&format!("record does not decode: {e}")))?;
-                    Ok((rec, 4 + len))
-                })();
-                match rec {
-                    Ok((Record::Enqueue(e), n)) => {
-                        max_id = max_id.max(e.id);
-                        pending.insert(e.id, e);
-                        at += n;
-                    }
-                    Ok((Record::Done(id), n)) => {
-                        pending.remove(&id);
-                        max_id = max_id.max(id);
-                        at += n;
-                    }
-                    Ok((Record::DoneMany(ids), n)) => {
-                        for id in ids {
+                    "a record of length zero with data after it".to_string()
+                } else {
+                    match open_sealed(&cipher, AAD, &data, at).and_then(|(plain, n)| {
+                        postcard::from_bytes::<Record>(&plain)
+                            .map(|r| (r, n))
+                            .map_err(|e| format!("record does not decode: {e}"))
+                    }) {
+                        Ok((Record::Enqueue(e), n)) => {
+                            max_id = max_id.max(e.id);
+                            pending.insert(e.id, e);
+                            at += n;
+                            continue;
+                        }
+                        Ok((Record::Done(id), n)) => {
                             pending.remove(&id);
                             max_id = max_id.max(id);
+                            at += n;
+                            continue;
                         }
-                        at += n;
-                    }
-                    Ok((Record::NextId(next), n)) => {
-                        max_id = max_id.max(next.saturating_sub(1));
-                        at += n;
-                    }
-                    Err((off, what)) => {
-                        // A crash mid-write leaves only the last record incomplete, with nothing
-                        // but the zero fill (or the end of the file) after it: it was never
-                        // acknowledged, so dropping it loses nothing anyone was promised.
-                        let len = data
-                            .get(off..off + 4)
-                            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-                            .filter(|&len| len <= MAX_RECORD)
-                            .unwrap_or(0);
-                        let is_tail = what.contains("cut off") || zeros_from(off + 4 + len);
-                        if is_tail {
-                            tracing::warn!(journal = %path.display(), offset = off, "dropping a torn last record: {what}");
-                            break;
+                        Ok((Record::DoneMany(ids), n)) => {
+                            for id in ids {
+                                pending.remove(&id);
+                                max_id = max_id.max(id);
+                            }
+                            at += n;
+                            continue;
                         }
-                        return Err(JournalError::Corrupt { path, offset: off as u64, what });
+                        Ok((Record::NextId(next), n)) => {
+                            max_id = max_id.max(next.saturating_sub(1));
+                            at += n;
+                            continue;
+                        }
+                        Err(what) => what,
                     }
+                };
+                if at < durable {
+                    // Inside what a completed sync had put on disk: damage, not a crash.
+                    return Err(JournalError::Corrupt { path, offset: at as u64, what: stop });
                 }
+                // After it: writes no sync had covered when the power went (a torn record,
+                // pages the disk wrote out of order). None was acknowledged as durable, so
+                // dropping them loses nothing anyone was promised.
+                tracing::warn!(journal = %path.display(), offset = at, durable, "dropping what follows the last complete record, never synced: {stop}");
+                break;
             }
         }
         // Compaction: rewrite with only the pending entries, atomically.
@@ -368,11 +437,11 @@ impl Journal {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)
             .map_err(io("creating", &tmp))?;
-        let syncer = Syncer::start().map_err(io("starting the sync thread for", &path))?;
+        let syncer = Syncer::start(cipher.clone()).map_err(io("starting the sync thread for", &path))?;
         let mut j = Journal {
             path: path.clone(),
             file: Arc::new(file),
-            end: 0,
+            end: HEADER,
             allocated: 0,
             cipher,
             next_id: max_id + 1,
@@ -394,6 +463,7 @@ impl Journal {
             j.live += 1;
         }
         j.flush()?;
+        write_end_mark(&j.file, &j.cipher, j.end, next_mark_slot(&j.syncer.shared)).map_err(io("marking", &tmp))?;
         j.file.sync_all().map_err(io("syncing", &tmp))?;
         std::fs::rename(&tmp, &path).map_err(io("renaming", &tmp))?;
         if let Ok(d) = File::open(dir) {
@@ -524,6 +594,8 @@ impl Journal {
             }
             self.dirty = false;
             self.synced_here = self.requested;
+            // On disk with the next sync; until then the older mark is the cautious one.
+            let _ = write_end_mark(&self.file, &self.cipher, self.end, next_mark_slot(&self.syncer.shared));
         }
         Ok(())
     }
@@ -546,6 +618,7 @@ impl Journal {
                 let mut st = self.syncer.shared.lock();
                 st.requested = self.requested;
                 st.file = Some(self.file.clone());
+                st.end = self.end;
             }
             self.syncer.shared.wake.notify_one();
             self.dirty = false;
@@ -593,7 +666,7 @@ impl Journal {
             .open(&tmp)
             .map_err(io("creating", &tmp))?;
         let old = (std::mem::replace(&mut self.file, Arc::new(file)), self.end, self.allocated);
-        (self.end, self.allocated) = (0, 0);
+        (self.end, self.allocated) = (HEADER, 0);
         let restore = |j: &mut Journal, old: (Arc<File>, u64, u64)| {
             (j.file, j.end, j.allocated) = old;
             j.buf.clear();
@@ -611,6 +684,10 @@ impl Journal {
         }
         let done = self
             .flush()
+            .and_then(|()| {
+                write_end_mark(&self.file, &self.cipher, self.end, next_mark_slot(&self.syncer.shared))
+                    .map_err(io("marking", &tmp))
+            })
             .and_then(|()| self.file.sync_all().map_err(io("syncing", &tmp)))
             .and_then(|()| std::fs::rename(&tmp, &self.path).map_err(io("renaming", &tmp)));
         if let Err(err) = done {
@@ -745,21 +822,50 @@ mod tests {
     }
 
     #[test]
-    fn data_after_the_end_of_the_log_is_corruption_not_a_torn_tail() {
-        let d = dir("after-end");
+    fn a_torn_durable_end_mark_leaves_the_other_slot() {
+        let d = dir("mark");
         let (mut j, _) = Journal::open(&d).expect("open");
-        j.enqueue("w", "s", "m", b"one".to_vec()).expect("e");
+        let a = j.enqueue("w", "s", "m", b"one".to_vec()).expect("a");
         j.sync().expect("sync");
-        let end = j.end as usize;
+        let b = j.enqueue("w", "s", "m", b"two".to_vec()).expect("b");
+        j.sync().expect("sync");
         drop(j);
         let path = d.join("journal");
-        let mut raw = std::fs::read(&path).expect("read");
-        raw[end + 4096] = 1;
-        std::fs::write(&path, &raw).expect("write");
-        match Journal::open(&d) {
-            Err(JournalError::Corrupt { offset, .. }) => assert_eq!(offset, end as u64),
-            other => panic!("expected corruption at {end}, got {other:?}"),
+        // (Each open rewrites the file: every case starts from the same bytes.)
+        let written = std::fs::read(&path).expect("read");
+        for slot in MARK_SLOTS {
+            let mut raw = written.clone();
+            raw[slot as usize + 20] ^= 0xff;
+            std::fs::write(&path, &raw).expect("tear one mark");
+            let (_, p) = Journal::open(&d).expect("the other mark stands");
+            assert_eq!(p.iter().map(|e| e.id).collect::<Vec<_>>(), vec![a.id, b.id]);
         }
+        // Both marks damaged (or a journal under another key): refused, never read as empty.
+        let mut raw = written;
+        for slot in MARK_SLOTS {
+            raw[slot as usize + 20] ^= 0xff;
+        }
+        std::fs::write(&path, &raw).expect("tear both");
+        assert!(matches!(Journal::open(&d), Err(JournalError::Corrupt { offset: 0, .. })));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_journal_of_the_earlier_format_is_read_whole() {
+        // Records from offset 0, no durable-end mark, as airlockd wrote them before.
+        let d = dir("earlier");
+        let (mut j, _) = Journal::open(&d).expect("open");
+        let a = j.enqueue("w", "s", "m", b"one".to_vec()).expect("a");
+        let b = j.enqueue("w", "s", "m", b"two".to_vec()).expect("b");
+        j.done(a.id).expect("done");
+        j.sync().expect("sync");
+        let (start, end) = (HEADER as usize, j.end as usize);
+        drop(j);
+        let path = d.join("journal");
+        let raw = std::fs::read(&path).expect("read");
+        std::fs::write(&path, &raw[start..end]).expect("rewrite as the earlier format");
+        let (_, p) = Journal::open(&d).expect("reopen");
+        assert_eq!(p.iter().map(|e| e.id).collect::<Vec<_>>(), vec![b.id]);
         let _ = std::fs::remove_dir_all(&d);
     }
 
@@ -781,29 +887,67 @@ mod tests {
         let d = dir("torn");
         let (mut j, _) = Journal::open(&d).expect("open");
         j.enqueue("w", "s", "m", b"kept".to_vec()).expect("e");
-        j.enqueue("w", "s", "m", b"torn".to_vec()).expect("e");
         j.sync().expect("sync");
+        // Written, never synced: the power went while its last sector was on its way.
+        j.enqueue("w", "s", "m", b"torn".to_vec()).expect("e");
+        j.flush().expect("flush");
         let end = j.end as usize;
         drop(j);
         let path = d.join("journal");
-        // The last record's last sector never reached the disk: zeros where its tag was.
         let mut raw = std::fs::read(&path).expect("read");
         raw[end - 5..end].fill(0);
         std::fs::write(&path, &raw).expect("tear");
         let (_, p) = Journal::open(&d).expect("torn tail is recoverable");
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].body, b"kept");
-        // Now flip a byte in the middle of the first (complete) record, with another after it.
+        // Now flip a byte in the first (synced) record, with another after it.
         let (mut j, _) = Journal::open(&d).expect("open");
         j.enqueue("w", "s", "m", b"after".to_vec()).expect("e");
         j.sync().expect("sync");
         drop(j);
         let mut raw = std::fs::read(&path).expect("read");
-        raw[20] ^= 1;
+        raw[HEADER as usize + 20] ^= 1;
         std::fs::write(&path, &raw).expect("write");
         match Journal::open(&d) {
-            Err(JournalError::Corrupt { offset: 0, .. }) => {}
-            other => panic!("expected corruption at 0, got {other:?}"),
+            Err(JournalError::Corrupt { offset, .. }) => assert_eq!(offset, HEADER),
+            other => panic!("expected corruption at {HEADER}, got {other:?}"),
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn unsynced_writes_the_disk_reordered_are_dropped_not_refused() {
+        // R1 synced; R2 and R3 written after it and never synced. The power went with R3's
+        // pages on disk and part of R2's not: what is past the durable-end mark is dropped,
+        // and airlockd starts.
+        let d = dir("reordered");
+        let (mut j, _) = Journal::open(&d).expect("open");
+        let r1 = j.enqueue("w", "s", "m", vec![1; 100]).expect("r1");
+        j.sync().expect("sync");
+        let r2_at = j.end as usize;
+        j.enqueue("w", "s", "m", vec![2; 9000]).expect("r2");
+        j.enqueue("w", "s", "m", vec![3; 100]).expect("r3");
+        j.flush().expect("flush");
+        drop(j);
+        let path = d.join("journal");
+        let mut raw = std::fs::read(&path).expect("read");
+        raw[r2_at + 4096..r2_at + 8192].fill(0);
+        std::fs::write(&path, &raw).expect("write");
+        let (_, p) = Journal::open(&d).expect("a crash's debris is not corruption");
+        assert_eq!(p.iter().map(|e| e.id).collect::<Vec<_>>(), vec![r1.id]);
+        // The same damage to a record a sync had covered is corruption.
+        let (mut j, _) = Journal::open(&d).expect("open");
+        let at = j.end as usize;
+        j.enqueue("w", "s", "m", vec![4; 9000]).expect("r4");
+        j.enqueue("w", "s", "m", vec![5; 100]).expect("r5");
+        j.sync().expect("sync");
+        drop(j);
+        let mut raw = std::fs::read(&path).expect("read");
+        raw[at + 4096..at + 8192].fill(0);
+        std::fs::write(&path, &raw).expect("write");
+        match Journal::open(&d) {
+            Err(JournalError::Corrupt { offset, .. }) => assert_eq!(offset, at as u64),
+            other => panic!("expected corruption at {at}, got {other:?}"),
         }
         let _ = std::fs::remove_dir_all(&d);
     }
@@ -822,9 +966,9 @@ mod tests {
             }
         }
         j.sync().expect("sync");
-        let before = j.end;
+        let before = j.end - HEADER;
         j.compact(live.iter().collect()).expect("compact");
-        let after = j.end;
+        let after = j.end - HEADER;
         assert!(after < before / 4, "{after} vs {before} bytes of records");
         let next = j.enqueue("w", "s", "m", b"after".to_vec()).expect("append after compaction");
         j.sync().expect("sync");
