@@ -213,6 +213,54 @@ fn durable_messages_survive_a_supervisor_kill_and_none_arrive_twice() {
 }
 
 #[test]
+fn a_failed_journal_fsync_stops_airlockd_and_nothing_accepted_is_lost() {
+    let _serial = serial();
+    // The real airlockd, its journal's 21st fdatasync failing with EIO (an LD_PRELOAD shim,
+    // tests/faultshim): airlockd must stop rather than tell a sender `Accepted` for what may
+    // not be on disk, and after a restart every message it did accept arrives exactly once.
+    let shim = bin_dir().join("libairlock_faultshim.so");
+    assert!(shim.exists(), "{} missing: cargo builds it with the workspace", shim.display());
+    let shim = shim.display().to_string();
+    let workers = format!(
+        "{}{}\n[[permit]]\nfrom = \"front\"\nto = \"sink.*\"\nkind = \"send\"\n",
+        echo_worker("front", "front", ""),
+        sink_worker()
+    );
+    let d = Daemon::start_with_env(
+        &workers,
+        &[
+            ("LD_PRELOAD", shim.as_str()),
+            ("AIRLOCK_FAULT_FDATASYNC_PATH", "/broker/journal"),
+            ("AIRLOCK_FAULT_FDATASYNC_AFTER", "20"),
+        ],
+    );
+    d.wait_running("front");
+    d.wait_running("sink");
+    let sender = d.call_in_background(600000, "front", "send_many", "sink record 3000 durable 16");
+    let (st, dir, first_log) = d.wait_exit(Duration::from_secs(120));
+    assert!(!st.success(), "airlockd must stop on a failed fsync: {st:?}\n{first_log}");
+    assert!(first_log.contains("journal fsync failed: durability can no longer be promised; stopping"), "{first_log}");
+    let out = sender.join().expect("sender");
+    assert!(!out.status.success(), "the stream cannot have completed: its supervisor stopped");
+    let accepted: usize = first_log
+        .lines()
+        .filter_map(|l| l.split("event: accepted ").nth(1))
+        .filter_map(|r| r.split_whitespace().next()?.parse().ok())
+        .max()
+        .unwrap_or(0);
+    assert!(accepted < 3000, "accepted {accepted}: the failure came too late to test anything");
+    let d = Daemon::restart(dir, "airlockd-2.log");
+    d.wait_running("sink");
+    wait_drained(&d);
+    let log = sink_log(&d);
+    let n = log.len();
+    assert!(n >= accepted, "only {n} of {accepted} accepted messages arrived");
+    assert_exactly_once_in_order(&log, n);
+    let (st, log) = d.stop();
+    assert!(st.success(), "{log}");
+}
+
+#[test]
 fn bulk_replies_cross_the_broker_as_the_same_sealed_memfd() {
     let _serial = serial();
     let workers = format!(

@@ -281,6 +281,28 @@ impl Daemon {
         (dir, log)
     }
 
+    /// Waits (up to `within`) for the supervisor to exit by itself and keeps its directory
+    /// for [`Daemon::restart`]. Returns its exit status, the directory and the log.
+    pub fn wait_exit(self, within: Duration) -> (std::process::ExitStatus, PathBuf, String) {
+        let mut child = self.child.borrow_mut().take().expect("child");
+        let deadline = Instant::now() + within;
+        let st = loop {
+            if let Some(st) = child.try_wait().expect("wait") {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("airlockd did not exit within {within:?}; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let log = self.log_text();
+        let dir = self.dir.clone();
+        std::mem::forget(self);
+        (st, dir, log)
+    }
+
     /// The pid of a running worker.
     pub fn pid_of(&self, name: &str) -> i32 {
         self.wait_running(name).pid.expect("pid")
