@@ -155,7 +155,8 @@ pub struct CallResult {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RuntimeError {
-    #[error("{step}: {source}")]
+    /// Displays the step; the cause is its `source()` (so that an error chain prints it once).
+    #[error("{step}")]
     Io {
         step: String,
         #[source]
@@ -1295,7 +1296,10 @@ impl Supervisor {
         self.notifier.send("STOPPING=1");
         let committed = self.commit_journal();
         if let Err(e) = &committed {
-            tracing::error!("at shutdown: {e}");
+            tracing::error!(
+                "at shutdown: {e}: {}",
+                std::error::Error::source(e).map(ToString::to_string).unwrap_or_default()
+            );
         }
         if let Err(e) = self.journal.sync() {
             tracing::error!(error = %e, "journal fsync at shutdown failed");
