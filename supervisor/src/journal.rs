@@ -247,16 +247,24 @@ impl std::fmt::Debug for Journal {
     }
 }
 
-/// Seals `plain` as `u32 length | nonce | ciphertext | tag`.
-fn seal(cipher: &ChaCha20Poly1305, aad: &[u8], nonce: [u8; 12], plain: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(4 + 12 + plain.len() + 16);
-    out.extend_from_slice(&(u32::try_from(12 + plain.len() + 16).ok()?).to_le_bytes());
+/// Appends `plain` sealed as `u32 length | nonce | ciphertext | tag` to `out` (encrypted in
+/// place there); on failure `out` is as it was.
+fn seal_into(out: &mut Vec<u8>, cipher: &ChaCha20Poly1305, aad: &[u8], nonce: [u8; 12], plain: &[u8]) -> Option<()> {
+    let len = u32::try_from(12 + plain.len() + 16).ok()?;
+    let start = out.len();
+    out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(&nonce);
-    let at = out.len();
     out.extend_from_slice(plain);
-    let tag = cipher.encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, &mut out[at..]).ok()?;
-    out.extend_from_slice(&tag);
-    Some(out)
+    match cipher.encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, &mut out[start + 16..]) {
+        Ok(tag) => {
+            out.extend_from_slice(&tag);
+            Some(())
+        }
+        Err(_) => {
+            out.truncate(start);
+            None
+        }
+    }
 }
 
 /// Opens the sealed record at `at`: its plaintext and its size on disk, or why not.
@@ -279,7 +287,8 @@ fn open_sealed(cipher: &ChaCha20Poly1305, aad: &[u8], data: &[u8], at: usize) ->
 fn write_end_mark(file: &File, cipher: &ChaCha20Poly1305, end: u64, slot: usize) -> std::io::Result<()> {
     let mut nonce = [0u8; 12];
     getrandom::getrandom(&mut nonce).map_err(|e| std::io::Error::other(e.to_string()))?;
-    let mark = seal(cipher, END_AAD, nonce, &end.to_le_bytes()).ok_or_else(|| std::io::Error::other("sealing"))?;
+    let mut mark = Vec::with_capacity(40);
+    seal_into(&mut mark, cipher, END_AAD, nonce, &end.to_le_bytes()).ok_or_else(|| std::io::Error::other("sealing"))?;
     file.write_all_at(&mark, MARK_SLOTS[slot % 2])
 }
 
@@ -428,15 +437,7 @@ impl Journal {
             }
         }
         // Compaction: rewrite with only the pending entries, atomically.
-        let tmp = dir.join("journal.tmp");
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)
-            .map_err(io("creating", &tmp))?;
+        let (tmp, file) = create_fresh(dir)?;
         let syncer = Syncer::start(cipher.clone()).map_err(io("starting the sync thread for", &path))?;
         let mut j = Journal {
             path: path.clone(),
@@ -457,34 +458,34 @@ impl Journal {
             synced_here: 0,
         };
         let entries: Vec<Entry> = pending.into_values().collect();
-        j.write(&RecordRef::NextId(j.next_id))?;
-        for e in &entries {
-            j.write(&RecordRef::Enqueue(e))?;
-            j.live += 1;
-        }
-        j.flush()?;
-        write_end_mark(&j.file, &j.cipher, j.end, next_mark_slot(&j.syncer.shared)).map_err(io("marking", &tmp))?;
-        j.file.sync_all().map_err(io("syncing", &tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io("renaming", &tmp))?;
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-        j.dirty = false;
+        j.install_fresh(&entries.iter().collect::<Vec<_>>(), &tmp)?;
         Ok((j, entries))
     }
 
-    /// Encodes and seals one record at the end of `buf`: `u32 length | nonce | ciphertext |
-    /// tag`, the body encoded and encrypted in place.
-    fn write(&mut self, rec: &RecordRef<'_>) -> Result<(), JournalError> {
-        let start = self.buf.len();
-        let sealed = self.seal_at(rec, start);
-        if sealed.is_err() {
-            self.buf.truncate(start);
+    /// Writes `live` (in id order) as the whole content of `self.file`, a fresh
+    /// `journal.tmp`, makes it durable and renames it over the journal: a crash leaves either
+    /// the old file or the new one.
+    fn install_fresh(&mut self, live: &[&Entry], tmp: &Path) -> Result<(), JournalError> {
+        self.write(&RecordRef::NextId(self.next_id))?;
+        for e in live {
+            self.write(&RecordRef::Enqueue(e))?;
         }
-        sealed
+        self.flush()?;
+        write_end_mark(&self.file, &self.cipher, self.end, next_mark_slot(&self.syncer.shared))
+            .map_err(io("marking", tmp))?;
+        self.file.sync_all().map_err(io("syncing", tmp))?;
+        std::fs::rename(tmp, &self.path).map_err(io("renaming", tmp))?;
+        if let Some(Ok(d)) = self.path.parent().map(File::open) {
+            let _ = d.sync_all();
+        }
+        self.live = live.len();
+        self.dead = 0;
+        self.dirty = false;
+        Ok(())
     }
 
-    fn seal_at(&mut self, rec: &RecordRef<'_>, start: usize) -> Result<(), JournalError> {
+    /// Encodes and seals one record at the end of `buf` (see [`seal_into`]).
+    fn write(&mut self, rec: &RecordRef<'_>) -> Result<(), JournalError> {
         let nonce = self.nonces.next().map_err(|e| JournalError::Io {
             step: "nonce for",
             path: self.path.clone(),
@@ -497,21 +498,11 @@ impl Journal {
             offset: 0,
             what: format!("encoding: {e}"),
         })?;
-        self.buf.extend_from_slice(&[0; 4]);
-        self.buf.extend_from_slice(&nonce);
-        let body = self.buf.len();
-        self.buf.extend_from_slice(&self.scratch);
-        let tag = self
-            .cipher
-            .encrypt_in_place_detached(Nonce::from_slice(&nonce), AAD, &mut self.buf[body..])
-            .map_err(|_| JournalError::Corrupt { path: self.path.clone(), offset: 0, what: "encrypting".into() })?;
-        self.buf.extend_from_slice(&tag);
-        let len = u32::try_from(self.buf.len() - start - 4).map_err(|_| JournalError::Corrupt {
+        seal_into(&mut self.buf, &self.cipher, AAD, nonce, &self.scratch).ok_or_else(|| JournalError::Corrupt {
             path: self.path.clone(),
             offset: 0,
-            what: "record too long".into(),
+            what: "sealing (a record over 4 GiB?)".into(),
         })?;
-        self.buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
         self.dirty = true;
         Ok(())
     }
@@ -656,53 +647,31 @@ impl Journal {
         self.sync()?;
         live.sort_by_key(|e| e.id);
         let dir = self.path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let tmp = dir.join("journal.tmp");
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)
-            .map_err(io("creating", &tmp))?;
+        let (tmp, file) = create_fresh(&dir)?;
         let old = (std::mem::replace(&mut self.file, Arc::new(file)), self.end, self.allocated);
         (self.end, self.allocated) = (HEADER, 0);
-        let restore = |j: &mut Journal, old: (Arc<File>, u64, u64)| {
-            (j.file, j.end, j.allocated) = old;
-            j.buf.clear();
-        };
-        let next = self.next_id;
-        if let Err(err) = self.write(&RecordRef::NextId(next)) {
-            restore(self, old);
-            return Err(err);
-        }
-        for e in &live {
-            if let Err(err) = self.write(&RecordRef::Enqueue(e)) {
-                restore(self, old);
-                return Err(err);
-            }
-        }
-        let done = self
-            .flush()
-            .and_then(|()| {
-                write_end_mark(&self.file, &self.cipher, self.end, next_mark_slot(&self.syncer.shared))
-                    .map_err(io("marking", &tmp))
-            })
-            .and_then(|()| self.file.sync_all().map_err(io("syncing", &tmp)))
-            .and_then(|()| std::fs::rename(&tmp, &self.path).map_err(io("renaming", &tmp)));
-        if let Err(err) = done {
+        if let Err(err) = self.install_fresh(&live, &tmp) {
             // Keep appending to the old, complete journal.
-            restore(self, old);
+            (self.file, self.end, self.allocated) = old;
+            self.buf.clear();
             return Err(err);
         }
-        if let Ok(d) = File::open(&dir) {
-            let _ = d.sync_all();
-        }
-        self.live = live.len();
-        self.dead = 0;
-        self.dirty = false;
         Ok(())
     }
+}
+
+/// `journal.tmp` in `dir`, created empty (mode 0600, never through a symlink).
+fn create_fresh(dir: &Path) -> Result<(PathBuf, File), JournalError> {
+    let tmp = dir.join("journal.tmp");
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .map_err(io("creating", &tmp))?;
+    Ok((tmp, file))
 }
 
 #[cfg(test)]

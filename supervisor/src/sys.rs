@@ -312,30 +312,6 @@ pub fn read_signal(fd: BorrowedFd<'_>) -> io::Result<Option<i32>> {
     Ok(Some(si.ssi_signo as i32))
 }
 
-/// `poll` on several descriptors; returns the `revents` of each.
-pub fn poll(fds: &[BorrowedFd<'_>], timeout_ms: i32) -> io::Result<Vec<i16>> {
-    let with: Vec<(BorrowedFd<'_>, i16)> = fds.iter().map(|f| (*f, libc::POLLIN)).collect();
-    poll_events(&with, timeout_ms)
-}
-
-/// `poll` on several descriptors, each with its own events; returns the `revents` of each.
-pub fn poll_events(fds: &[(BorrowedFd<'_>, i16)], timeout_ms: i32) -> io::Result<Vec<i16>> {
-    let mut p: Vec<libc::pollfd> =
-        fds.iter().map(|(f, ev)| libc::pollfd { fd: f.as_raw_fd(), events: *ev, revents: 0 }).collect();
-    loop {
-        // SAFETY: `p` is a valid array of `p.len()` pollfds.
-        let rc = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        return Ok(p.iter().map(|x| x.revents).collect());
-    }
-}
-
 /// A level-triggered `epoll` instance: the supervisor's event loop registers each descriptor
 /// once instead of handing the kernel its whole poll set on every turn.
 #[derive(Debug)]
