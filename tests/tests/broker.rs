@@ -218,8 +218,10 @@ fn a_failed_journal_fsync_stops_airlockd_and_nothing_accepted_is_lost() {
     // The real airlockd, its journal's 21st fdatasync failing with EIO (an LD_PRELOAD shim,
     // tests/faultshim): airlockd must stop rather than tell a sender `Accepted` for what may
     // not be on disk, and after a restart every message it did accept arrives exactly once.
-    let shim = bin_dir().join("libairlock_faultshim.so");
-    assert!(shim.exists(), "{} missing: cargo builds it with the workspace", shim.display());
+    // A dev-dependency of this package, so `cargo test` builds the library into deps/ (a
+    // cdylib built as a dependency is not copied up next to the binaries).
+    let shim = bin_dir().join("deps/libairlock_faultshim.so");
+    assert!(shim.exists(), "{} missing: it is a dev-dependency of airlock-tests", shim.display());
     let shim = shim.display().to_string();
     let workers = format!(
         "{}{}\n[[permit]]\nfrom = \"front\"\nto = \"sink.*\"\nkind = \"send\"\n",
