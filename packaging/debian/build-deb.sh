@@ -30,15 +30,23 @@ strip --strip-unneeded "$root"/usr/bin/* "$root"/usr/libexec/airlock/*
 find policies -maxdepth 1 -name "*.toml" ! -name Cargo.toml -exec install -m 0644 {} "$root/usr/share/airlock/policies/" \;
 install -m 0644 policies/common/*.toml "$root/usr/share/airlock/policies/common/"
 
-# The configuration (a conffile): the embedded default, with the workers in /usr/libexec and
-# the HMI's socket from airlockd.socket (the units run with no network of their own).
+# The configuration (a conffile): the embedded default, with the workers in /usr/libexec, the
+# HMI's socket from airlockd.socket (the units run with no network of their own), and every
+# confinement layer `required`: a layer the host cannot give stops that worker, unless the
+# operator downgrades it on the command line (as airlockd.service does for `uid` and
+# `mount-namespace`, which no unprivileged supervisor can give).
 "$rel/airlockd" --print-default-config | perl -0pe '
   s/^\[supervisor\]\n/[supervisor]\nworker-directory = "\/usr\/libexec\/airlock"\n/m or die "no [supervisor]";
+  s/(\[defaults\.confinement\]\n(?:[a-z-]+ = "[a-z-]+"\n)+)/$1 =~ s{"best-effort"}{"required"}gr/e or die "no [defaults.confinement]";
+  s/Layers that need privilege .*?itself are required\. (For a real device, see docs\/hmi\.md\.)/In this packaged file every\n# confinement layer is required: a layer the host cannot give stops that worker (see\n# \/usr\/share\/doc\/airlock\/deployment.md). $1/s or die "no header";
   s/\[\[worker\.resource\]\]\nkind = "tcp-listen"\naddress = "127\.0\.0\.1:8080"\n/[[worker.resource]]\n# passed by airlockd.socket (FileDescriptorName=hmi)\nkind = "systemd-socket"\nname = "hmi"\n/ or die "no ui listener";
   s/^# airlockd.s embedded default configuration.*?\n/# \/etc\/airlock\/airlock.toml: airlockd configuration (see airlockd(8), \/usr\/share\/doc\/airlock).\n/m;
 ' >"$root/etc/airlock/airlock.toml"
 chmod 0644 "$root/etc/airlock/airlock.toml"
 "$rel/airlockd" --check-config "$root/etc/airlock/airlock.toml" >&2
+if grep -n '= "best-effort"' "$root/etc/airlock/airlock.toml" >&2; then
+  echo "the packaged configuration must mark every layer required" >&2; exit 1
+fi
 
 install -m 0644 packaging/systemd/airlockd.service packaging/systemd/airlockd-privileged.service \
   packaging/systemd/airlockd.socket "$root/usr/lib/systemd/system/"

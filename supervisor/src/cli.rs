@@ -18,6 +18,19 @@ pub struct AirlockdArgs {
     /// Print the embedded default configuration and exit.
     #[arg(long)]
     pub print_default_config: bool,
+    /// Downgrade these confinement layers from `required` to `best-effort` for every worker
+    /// (comma-separated layer names as in the configuration, e.g. `uid,mount-namespace`). For a
+    /// host that cannot give them, such as the unprivileged unit; logged at start, and the
+    /// confinement report shows what was not applied.
+    #[arg(long, value_name = "LAYERS", value_delimiter = ',', value_parser = parse_layer)]
+    pub best_effort: Vec<airlock_worker::Layer>,
+}
+
+fn parse_layer(s: &str) -> Result<airlock_worker::Layer, String> {
+    airlock_worker::Layer::ALL.into_iter().find(|l| l.name() == s).ok_or_else(|| {
+        let names: Vec<_> = airlock_worker::Layer::ALL.iter().map(|l| l.name()).collect();
+        format!("unknown confinement layer {s:?} (layers: {})", names.join(", "))
+    })
 }
 
 #[derive(Debug, Parser)]

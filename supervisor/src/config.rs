@@ -30,6 +30,10 @@ pub struct Config {
     /// list them in `settings`, over the channel: workers read no configuration files.
     #[serde(default)]
     pub settings: BTreeMap<String, toml::Value>,
+    /// Layers the operator downgraded from `required` to `best-effort` on the command line
+    /// (`airlockd --best-effort LAYER,...`); never read from the file.
+    #[serde(skip)]
+    pub relaxed: Vec<Layer>,
 }
 
 /// How the broker treats requests between workers.
@@ -503,7 +507,21 @@ pub fn parse(text: &str, source_name: &str, known_policies: &[String]) -> Result
 impl Config {
     /// The requirement for `layer` of `w`: the worker's own, else the defaults, else required.
     pub fn requirement(&self, w: &WorkerConfig, layer: Layer) -> Requirement {
-        w.confinement.get(layer).or(self.defaults.confinement.get(layer)).unwrap_or(Requirement::Required)
+        match w.confinement.get(layer).or(self.defaults.confinement.get(layer)).unwrap_or(Requirement::Required) {
+            Requirement::Required if self.relaxed.contains(&layer) => Requirement::BestEffort,
+            r => r,
+        }
+    }
+
+    /// Downgrades `layers` from `required` to `best-effort` for every worker (`off` stays off):
+    /// the operator's explicit, logged choice for a host that cannot give them, such as the
+    /// unprivileged systemd unit, which cannot give workers their own uids.
+    pub fn relax(&mut self, layers: &[Layer]) {
+        for l in layers {
+            if !self.relaxed.contains(l) {
+                self.relaxed.push(*l);
+            }
+        }
     }
 
     /// The permit table, without spans.
@@ -683,5 +701,17 @@ address = "localhost"
         assert_eq!(c.requirement(w, Layer::Landlock), Requirement::BestEffort);
         assert_eq!(c.requirement(w, Layer::Seccomp), Requirement::Off);
         assert_eq!(c.requirement(w, Layer::NoNewPrivs), Requirement::Required);
+    }
+
+    #[test]
+    fn relaxing_downgrades_required_layers_only() {
+        let t = "[defaults.confinement]\nuid = \"required\"\n[[worker]]\nname = \"a\"\nexecutable = \"x\"\npolicy = \"echo\"\n[worker.confinement]\nseccomp = \"off\"\n";
+        let mut c = parse(t, "t", &policies()).expect("valid");
+        c.relax(&[Layer::Uid, Layer::Seccomp, Layer::MountNamespace]);
+        let w = &c.workers[0];
+        assert_eq!(c.requirement(w, Layer::Uid), Requirement::BestEffort);
+        assert_eq!(c.requirement(w, Layer::MountNamespace), Requirement::BestEffort, "implicitly required");
+        assert_eq!(c.requirement(w, Layer::Seccomp), Requirement::Off, "off stays off");
+        assert_eq!(c.requirement(w, Layer::Landlock), Requirement::Required, "not named");
     }
 }

@@ -52,3 +52,12 @@ fn the_admin_cli_says_clearly_when_no_supervisor_is_listening() {
     assert!(err.contains("control.sock"), "the error names the socket: {err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn best_effort_names_an_unknown_layer_and_lists_the_real_ones() {
+    let out = airlockd().args(["--best-effort", "uid,no-such-layer"]).output().expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("unknown confinement layer \"no-such-layer\""), "{err}");
+    assert!(err.contains("layers: user-namespace, pid-namespace,"), "{err}");
+}

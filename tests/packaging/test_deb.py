@@ -192,6 +192,8 @@ def start_like_the_unit(pw, unit_name):
     hmi.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     hmi.bind(("127.0.0.1", 8080))
     hmi.listen(128)
+    # The unit's own command line, as systemd would run it.
+    argv = next(line.split("=", 1)[1].split() for line in open(unit) if line.startswith("ExecStart="))
     log_path = os.path.join(tmp, "airlockd.log")
     log = open(log_path, "wb")
     pid = os.fork()
@@ -221,7 +223,7 @@ def start_like_the_unit(pw, unit_name):
                 "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid()),
                 "LISTEN_FDS": "1", "LISTEN_FDNAMES": "hmi", "LISTEN_PID": str(os.getpid()),
             }
-            os.execve("/usr/bin/airlockd", ["/usr/bin/airlockd", "--config", "/etc/airlock/airlock.toml"], env)
+            os.execve(argv[0], argv, env)
         finally:
             os._exit(127)
     hmi.close()
@@ -255,6 +257,13 @@ def start_like_the_unit(pw, unit_name):
                          f"every worker runs: {states}"):
                 print(open(log_path, errors="replace").read()[-4000:])
             check(st["uid"] == owner[0], f"airlockd runs as uid {owner[0]}")
+            # The packaged configuration requires every layer; only what the unit's command
+            # line downgrades (--best-effort) may be missing, and it must be reported.
+            relaxed = set(argv[argv.index("--best-effort") + 1].split(",")) if "--best-effort" in argv else set()
+            for w in st["workers"]:
+                missing = {l: s for l, s in w["confinement"] if s != "applied" and l not in relaxed}
+                check(not missing, f"{w['name']}: every layer the unit requires is applied ({missing})")
+            check(privileged or relaxed == {"uid", "mount-namespace"}, f"the unprivileged unit relaxes uid and mount-namespace only: {relaxed}")
             if privileged:
                 def host_uid(pid):
                     if pid is None:

@@ -47,8 +47,16 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
             (airlock_supervisor::config::EMBEDDED_DEFAULT.to_string(), "embedded default configuration".to_string())
         }
     };
-    let cfg = airlock_supervisor::config::parse(&text, &name, &known)
+    let mut cfg = airlock_supervisor::config::parse(&text, &name, &known)
         .map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+    if !args.best_effort.is_empty() {
+        let names: Vec<_> = args.best_effort.iter().map(|l| l.name()).collect();
+        tracing::warn!(
+            layers = %names.join(","),
+            "--best-effort: these layers are best-effort for every worker, whatever the configuration requires"
+        );
+        cfg.relax(&args.best_effort);
+    }
     tracing::info!(config = %name, workers = cfg.workers.len(), "starting airlockd");
     let sup = airlock_supervisor::runtime::Supervisor::start(cfg).context("starting the supervisor")?;
     sup.run().context("running the supervisor")?;
