@@ -517,8 +517,13 @@ pub fn spawn(cfg: &Config, index: usize, host: &HostAbilities) -> Result<Started
             }
             other => return Err(SpawnError::Protocol { step: "confine", got: kind_of(&other).into() }),
         };
-        let expect =
-            verify::Expectations::from_report(&report, d.host_uid, host.root || d.use_userns, w.policy.get_ref());
+        let expect = verify::Expectations::from_report(
+            &report,
+            |l| d.plan.requirement(l) == Requirement::Required,
+            d.host_uid,
+            host.root || d.use_userns,
+            w.policy.get_ref(),
+        );
         let notes = verify::verify(pid, &expect).map_err(SpawnError::Verification)?;
         ch.send(&ToWorker::Start { settings: cfg.settings_for(w) })
             .map_err(|e| SpawnError::Channel { step: "start", source: e })?;

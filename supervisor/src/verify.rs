@@ -72,20 +72,43 @@ pub struct Expectations {
     /// Whether this supervisor may read the installed filter (root).
     pub read_filter: bool,
     pub policy: String,
+    /// Layers the plan requires that the report does not claim as applied or degraded: the
+    /// worker should have refused to start, so this is a mismatch by itself.
+    pub unreported: Vec<String>,
 }
 
 impl Expectations {
-    pub fn from_report(report: &ConfinementReport, uid: u32, privileged: bool, policy: &str) -> Expectations {
-        let applied = |l| matches!(report.get(l), Some(LayerState::Applied));
+    /// What to check: every layer the report claims, and every layer the plan requires whatever
+    /// the report claims (a worker that says `off` for a required seccomp is checked for it).
+    pub fn from_report(
+        report: &ConfinementReport,
+        required: impl Fn(Layer) -> bool,
+        uid: u32,
+        privileged: bool,
+        policy: &str,
+    ) -> Expectations {
+        let applied = |l| matches!(report.get(l), Some(LayerState::Applied)) || required(l);
         let caps = report.get(Layer::Capabilities);
+        let unreported = Layer::ALL
+            .into_iter()
+            .filter(|&l| required(l) && !matches!(report.get(l), Some(LayerState::Applied | LayerState::Degraded(_))))
+            .map(|l| {
+                format!(
+                    "{} is required, the report says {}",
+                    l.name(),
+                    report.get(l).map_or("nothing".into(), |s| s.to_string())
+                )
+            })
+            .collect();
         Expectations {
             uid,
             seccomp: applied(Layer::Seccomp),
             no_new_privs: applied(Layer::NoNewPrivs),
-            caps_cleared: matches!(caps, Some(LayerState::Applied | LayerState::Degraded(_))),
+            caps_cleared: applied(Layer::Capabilities) || matches!(caps, Some(LayerState::Degraded(_))),
             bounding_cleared: matches!(caps, Some(LayerState::Applied)),
             read_filter: privileged && crate::sys::euid() == 0,
             policy: policy.to_string(),
+            unreported,
         }
     }
 }
@@ -108,7 +131,7 @@ pub fn compiled(policy: &str) -> Result<std::sync::Arc<airlock_policies::BpfProg
 
 /// Checks a parsed status against the expectations; returns every mismatch.
 pub fn check(s: &ProcStatus, e: &Expectations) -> Vec<String> {
-    let mut bad = Vec::new();
+    let mut bad = e.unreported.clone();
     if s.uid.iter().any(|&u| u != e.uid) {
         bad.push(format!("uids {:?}, expected all {}", s.uid, e.uid));
     }
@@ -196,6 +219,7 @@ mod tests {
             bounding_cleared: true,
             read_filter: false,
             policy: "echo".into(),
+            unreported: Vec::new(),
         }
     }
 
@@ -218,6 +242,24 @@ mod tests {
             let bad = check(&s, &expect());
             assert!(bad.iter().any(|b| b.contains(what)), "{what}: {bad:?}");
         }
+    }
+
+    #[test]
+    fn a_required_layer_is_checked_whatever_the_report_says() {
+        let mut report = ConfinementReport::default();
+        report.set(Layer::Seccomp, LayerState::Off);
+        report.set(Layer::NoNewPrivs, LayerState::Applied);
+        let required = |l| matches!(l, Layer::Seccomp | Layer::NoNewPrivs);
+        let e = Expectations::from_report(&report, required, 61000, false, "echo");
+        assert!(e.seccomp, "required seccomp is expected in /proc even when the report says off");
+        assert_eq!(e.unreported, vec!["seccomp is required, the report says off".to_string()]);
+        let s = parse_status(&CONFINED.replace("Seccomp:\t2", "Seccomp:\t0")).expect("parse");
+        let bad = check(&s, &e);
+        assert!(bad.iter().any(|b| b.contains("seccomp is required")), "{bad:?}");
+        assert!(bad.iter().any(|b| b.contains("status says Seccomp: 0")), "{bad:?}");
+        // Not required and reported off: nothing to check.
+        let e = Expectations::from_report(&report, |l| l == Layer::NoNewPrivs, 61000, false, "echo");
+        assert!(!e.seccomp && e.unreported.is_empty());
     }
 
     #[test]

@@ -66,6 +66,56 @@ fn confinement_report_matches_proc_status_from_outside() {
     assert!(log.contains("airlockd stopped"), "{log}");
 }
 
+fn liar(mode: &str) -> String {
+    format!(
+        "\n[[worker]]\nname = \"liar\"\nexecutable = \"airlock-worker-probe\"\npolicy = \"probe\"\nargs = [{mode}]\n[worker.restart]\npolicy = \"never\"\n[worker.landlock]\nread = [\"/usr\"]\n"
+    )
+}
+
+/// The supervisor checks confinement from outside instead of believing the worker: a worker
+/// that reports every layer applied and applied none is killed before any work reaches it, as
+/// a security event, and the other workers are untouched.
+#[test]
+fn a_worker_that_lies_about_its_confinement_is_killed_as_a_security_event() {
+    let d = Daemon::start(&format!("{}{}", echo_worker("echo", "echo", ""), liar("\"lie-unconfined\"")));
+    let echo = d.wait_running("echo");
+    let w = d.wait_for("liar", "verification", |w| matches!(w.state, WorkerState::Failed(_)));
+    let WorkerState::Failed(why) = w.state else { unreachable!() };
+    assert!(why.starts_with("SECURITY: confinement verification failed: "), "{why}");
+    assert!(why.contains("report says seccomp applied, status says Seccomp: 0"), "{why}");
+    assert!(why.contains("report says no_new_privs applied, status says NoNewPrivs: 0"), "{why}");
+    assert_eq!(w.pid, None, "the liar is gone");
+    let log = d.log_text();
+    assert!(log.lines().any(|l| l.contains("security event: worker killed") && l.contains("liar")), "{log}");
+    assert_eq!(d.call("echo", "echo", "still here"), (true, "still here".to_string()));
+    assert_eq!(d.worker("echo").pid, echo.pid, "echo was not restarted");
+    let (st, log) = d.stop();
+    assert!(st.success(), "{log}");
+}
+
+/// A worker that installs another policy's filter than its own: where the supervisor can read
+/// installed filters (host root), it names the filter and kills the worker; elsewhere the
+/// report says the filter was not compared, and why, rather than claiming it was.
+#[test]
+fn a_worker_under_the_wrong_filter_is_caught_where_filters_can_be_read() {
+    let d = Daemon::start(&format!("{}{}", echo_worker("echo", "echo", ""), liar("\"lie-filter\", \"echo\"")));
+    let echo = d.wait_running("echo");
+    if can_read_filters() {
+        assert!(echo.notes.iter().any(|n| n == "installed seccomp filter is exactly policy echo"), "{:?}", echo.notes);
+        let w = d.wait_for("liar", "verification", |w| matches!(w.state, WorkerState::Failed(_)));
+        let WorkerState::Failed(why) = w.state else { unreachable!() };
+        assert!(why.starts_with("SECURITY: confinement verification failed: installed seccomp filter"), "{why}");
+        assert!(why.contains("policy echo"), "the installed filter is named: {why}");
+    } else {
+        println!("filters cannot be read here (not host root): checking that the report says so");
+        assert!(echo.notes.iter().any(|n| n.starts_with("installed filter not compared")), "{:?}", echo.notes);
+        let w = d.wait_running("liar");
+        assert!(w.notes.iter().any(|n| n.starts_with("installed filter not compared")), "{:?}", w.notes);
+    }
+    let (st, log) = d.stop();
+    assert!(st.success(), "{log}");
+}
+
 #[test]
 fn crashed_worker_is_restarted_with_its_exit_reason_logged() {
     let d = Daemon::start(&echo_worker("echo", "echo", ""));

@@ -36,6 +36,15 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// Whether a supervisor started by this test process can read its workers' seccomp filters
+/// (`PTRACE_SECCOMP_GET_FILTER`): root, `CAP_SYS_ADMIN`, and not itself under a filter (the
+/// kernel refuses the read to a filtered reader). True on the host-root lane only.
+pub fn can_read_filters() -> bool {
+    let st = proc_status(std::process::id() as i32);
+    let cap_eff = u64::from_str_radix(status_field(&st, "CapEff"), 16).unwrap_or(0);
+    is_root() && status_field(&st, "Seccomp") == "0" && cap_eff & (1 << 21) != 0
+}
+
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A running `airlockd`.

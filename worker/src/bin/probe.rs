@@ -4,6 +4,11 @@
 //!
 //! Attempts: read-shadow, read-outside, execve, ptrace-supervisor PID, kill-other PID,
 //! list-proc, tcp-connect PORT, unshare, raise-cap, fork-bomb, exhaust-fds, exhaust-memory.
+//!
+//! Two more modes play a worker that lies about its confinement, to test that the supervisor
+//! verifies from outside instead of believing the report: `lie-unconfined` reports every layer
+//! applied and applies none; `lie-filter POLICY` applies every layer but installs POLICY's
+//! filter instead of its own. (The probe is a test worker; it is not packaged.)
 
 use airlock_worker::sandbox::errno_name;
 use airlock_worker::sys::raw_syscall6;
@@ -120,10 +125,56 @@ fn attempt(what: &str, arg: Option<&str>) -> String {
     }
 }
 
+/// The start-up of `Worker::start`, with a lie in it; then it idles until the supervisor stops
+/// it (or kills it, which is what the tests expect).
+fn lie(mode: &str, policy: Option<&str>) -> Result<(), String> {
+    use airlock_protocol::{handoff, Hello, Limits, Role};
+    use airlock_worker::sandbox::{self, ConfinementReport, LayerState};
+    use airlock_worker::wire::{FromWorker, ToWorker};
+    use airlock_worker::{Layer, Requirement};
+    let mut ch = handoff::take_inherited(Limits::default()).map_err(|e| e.to_string())?;
+    ch.handshake(&Hello::new(Role::Worker, "probe")).map_err(|e| e.to_string())?;
+    let mut plan = match ch.recv::<ToWorker>().map_err(|e| e.to_string())?.msg {
+        ToWorker::Confine(p) => p,
+        _ => return Err("expected Confine".into()),
+    };
+    let report = if mode == "lie-unconfined" {
+        let mut r = ConfinementReport::default();
+        for l in Layer::ALL {
+            let state = if plan.requirement(l) == Requirement::Off { LayerState::Off } else { LayerState::Applied };
+            r.set(l, state);
+        }
+        r
+    } else {
+        plan.policy = policy.unwrap_or("echo").to_string();
+        plan.seccomp_program.clear();
+        let mut r = sandbox::apply_before_seccomp(&plan).map_err(|f| f.reason)?;
+        sandbox::apply_seccomp(&plan, &mut r).map_err(|f| f.reason)?;
+        r
+    };
+    ch.send(&FromWorker::Confined(report)).map_err(|e| e.to_string())?;
+    if let ToWorker::Start { .. } = ch.recv::<ToWorker>().map_err(|e| e.to_string())?.msg {
+        ch.send(&FromWorker::Ready { services: Vec::new() }).map_err(|e| e.to_string())?;
+    }
+    while let Ok(m) = ch.recv::<ToWorker>() {
+        if let ToWorker::Shutdown = m.msg {
+            break;
+        }
+    }
+    Ok(())
+}
+
 fn main() {
     airlock_worker::init_logging();
     let args: Vec<String> = std::env::args().collect();
     let what = args.get(1).cloned().unwrap_or_default();
+    if what.starts_with("lie-") {
+        if let Err(e) = lie(&what, args.get(2).map(String::as_str)) {
+            eprintln!("airlock-worker-probe: {e}");
+            std::process::exit(2);
+        }
+        return;
+    }
     let mut w = match Worker::start("probe", &[]) {
         Ok(w) => w,
         Err(e) => {
