@@ -520,6 +520,7 @@ pub fn spawn(cfg: &Config, index: usize, host: &HostAbilities) -> Result<Started
         let expect = verify::Expectations::from_report(
             &report,
             |l| d.plan.requirement(l) == Requirement::Required,
+            &d.plan.from_supervisor,
             d.host_uid,
             host.root || d.use_userns,
             w.policy.get_ref(),

@@ -13,7 +13,9 @@ pub struct ProcStatus {
     pub no_new_privs: bool,
     /// 0 none, 1 strict, 2 filter.
     pub seccomp: u8,
-    pub seccomp_filters: u32,
+    /// `Seccomp_filters` (Linux 5.9 and later): how many filters the process carries,
+    /// inherited ones included.
+    pub seccomp_filters: Option<u32>,
     pub cap_inh: u64,
     pub cap_prm: u64,
     pub cap_eff: u64,
@@ -46,7 +48,7 @@ pub fn parse_status(text: &str) -> Result<ProcStatus, String> {
                 s.seccomp = v.parse().map_err(|e| format!("Seccomp: {e}"))?;
                 seen += 1;
             }
-            "Seccomp_filters" => s.seccomp_filters = v.parse().unwrap_or(0),
+            "Seccomp_filters" => s.seccomp_filters = v.parse().ok(),
             "CapInh" => s.cap_inh = hex(v)?,
             "CapPrm" => s.cap_prm = hex(v)?,
             "CapEff" => s.cap_eff = hex(v)?,
@@ -72,34 +74,43 @@ pub struct Expectations {
     /// Whether this supervisor may read the installed filter (root).
     pub read_filter: bool,
     pub policy: String,
-    /// Layers the plan requires that the report does not claim as applied or degraded: the
-    /// worker should have refused to start, so this is a mismatch by itself.
-    pub unreported: Vec<String>,
+    /// Claims the report makes that the supervisor knows to be false (a required layer it does
+    /// not claim, a namespace or uid state the supervisor set otherwise): mismatches by
+    /// themselves.
+    pub contradictions: Vec<String>,
+    /// How many seccomp filters the supervisor itself carries (from a container runtime or a
+    /// systemd unit), which the worker inherits: its own filter must come on top.
+    pub inherited_filters: Option<u32>,
 }
 
 impl Expectations {
     /// What to check: every layer the report claims, and every layer the plan requires whatever
     /// the report claims (a worker that says `off` for a required seccomp is checked for it).
+    /// `from_supervisor` holds the states of the layers the supervisor applied itself
+    /// (namespaces, uid mapping): the report must not claim better.
     pub fn from_report(
         report: &ConfinementReport,
         required: impl Fn(Layer) -> bool,
+        from_supervisor: &[(Layer, LayerState)],
         uid: u32,
         privileged: bool,
         policy: &str,
     ) -> Expectations {
         let applied = |l| matches!(report.get(l), Some(LayerState::Applied)) || required(l);
         let caps = report.get(Layer::Capabilities);
-        let unreported = Layer::ALL
+        let says = |l| report.get(l).map_or("nothing".to_string(), |s| s.to_string());
+        let mut contradictions: Vec<String> = Layer::ALL
             .into_iter()
             .filter(|&l| required(l) && !matches!(report.get(l), Some(LayerState::Applied | LayerState::Degraded(_))))
-            .map(|l| {
-                format!(
-                    "{} is required, the report says {}",
-                    l.name(),
-                    report.get(l).map_or("nothing".into(), |s| s.to_string())
-                )
-            })
+            .map(|l| format!("{} is required, the report says {}", l.name(), says(l)))
             .collect();
+        for (l, ours) in from_supervisor {
+            // The worker may only degrade what the supervisor applied (a minimal root it could
+            // not build); it cannot have applied what the supervisor did not.
+            if !matches!(ours, LayerState::Applied) && report.get(*l) != Some(ours) {
+                contradictions.push(format!("report says {} {}, airlockd set it {ours}", l.name(), says(*l)));
+            }
+        }
         Expectations {
             uid,
             seccomp: applied(Layer::Seccomp),
@@ -108,9 +119,16 @@ impl Expectations {
             bounding_cleared: matches!(caps, Some(LayerState::Applied)),
             read_filter: privileged && crate::sys::euid() == 0,
             policy: policy.to_string(),
-            unreported,
+            contradictions,
+            inherited_filters: own_seccomp_filters(),
         }
     }
+}
+
+/// `Seccomp_filters` of this process: filters its children inherit.
+fn own_seccomp_filters() -> Option<u32> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_status(&text).ok()?.seccomp_filters
 }
 
 /// The compiled program of `policy` for this machine, compiled once per process.
@@ -131,12 +149,18 @@ pub fn compiled(policy: &str) -> Result<std::sync::Arc<airlock_policies::BpfProg
 
 /// Checks a parsed status against the expectations; returns every mismatch.
 pub fn check(s: &ProcStatus, e: &Expectations) -> Vec<String> {
-    let mut bad = e.unreported.clone();
+    let mut bad = e.contradictions.clone();
     if s.uid.iter().any(|&u| u != e.uid) {
         bad.push(format!("uids {:?}, expected all {}", s.uid, e.uid));
     }
     if e.seccomp && s.seccomp != 2 {
         bad.push(format!("report says seccomp applied, status says Seccomp: {}", s.seccomp));
+    } else if let (true, Some(theirs), Some(ours)) = (e.seccomp, s.seccomp_filters, e.inherited_filters) {
+        if theirs <= ours {
+            bad.push(format!(
+                "report says seccomp applied, but the worker carries no filter of its own (Seccomp_filters: {theirs}, inherited from airlockd: {ours})"
+            ));
+        }
     }
     if e.no_new_privs && !s.no_new_privs {
         bad.push("report says no_new_privs applied, status says NoNewPrivs: 0".into());
@@ -219,7 +243,8 @@ mod tests {
             bounding_cleared: true,
             read_filter: false,
             policy: "echo".into(),
-            unreported: Vec::new(),
+            contradictions: Vec::new(),
+            inherited_filters: Some(0),
         }
     }
 
@@ -250,16 +275,50 @@ mod tests {
         report.set(Layer::Seccomp, LayerState::Off);
         report.set(Layer::NoNewPrivs, LayerState::Applied);
         let required = |l| matches!(l, Layer::Seccomp | Layer::NoNewPrivs);
-        let e = Expectations::from_report(&report, required, 61000, false, "echo");
+        let e = Expectations::from_report(&report, required, &[], 61000, false, "echo");
         assert!(e.seccomp, "required seccomp is expected in /proc even when the report says off");
-        assert_eq!(e.unreported, vec!["seccomp is required, the report says off".to_string()]);
+        assert_eq!(e.contradictions, vec!["seccomp is required, the report says off".to_string()]);
         let s = parse_status(&CONFINED.replace("Seccomp:\t2", "Seccomp:\t0")).expect("parse");
         let bad = check(&s, &e);
         assert!(bad.iter().any(|b| b.contains("seccomp is required")), "{bad:?}");
         assert!(bad.iter().any(|b| b.contains("status says Seccomp: 0")), "{bad:?}");
         // Not required and reported off: nothing to check.
-        let e = Expectations::from_report(&report, |l| l == Layer::NoNewPrivs, 61000, false, "echo");
-        assert!(!e.seccomp && e.unreported.is_empty());
+        let e = Expectations::from_report(&report, |l| l == Layer::NoNewPrivs, &[], 61000, false, "echo");
+        assert!(!e.seccomp && e.contradictions.is_empty());
+    }
+
+    #[test]
+    fn a_namespace_airlockd_did_not_create_cannot_be_claimed() {
+        let mut report = ConfinementReport::default();
+        report.set(Layer::UserNamespace, LayerState::Applied);
+        report.set(Layer::PidNamespace, LayerState::Applied);
+        report.set(Layer::MountNamespace, LayerState::Degraded("no minimal root".into()));
+        let ours = [
+            (Layer::UserNamespace, LayerState::Unavailable("EPERM".into())),
+            (Layer::PidNamespace, LayerState::Applied),
+            (Layer::MountNamespace, LayerState::Applied),
+        ];
+        let e = Expectations::from_report(&report, |_| false, &ours, 61000, false, "echo");
+        assert_eq!(
+            e.contradictions,
+            vec!["report says user-namespace applied, airlockd set it unavailable (EPERM)".to_string()]
+        );
+    }
+
+    #[test]
+    fn an_inherited_filter_is_not_the_workers_own() {
+        let s = parse_status(&CONFINED.replace("Seccomp_filters:\t1", "Seccomp_filters:\t2")).expect("parse");
+        let mut e = expect();
+        e.inherited_filters = Some(2);
+        let bad = check(&s, &e);
+        assert!(
+            bad.iter().any(|b| b.contains("no filter of its own (Seccomp_filters: 2, inherited from airlockd: 2)")),
+            "{bad:?}"
+        );
+        e.inherited_filters = Some(1);
+        assert!(check(&s, &e).is_empty());
+        e.inherited_filters = None; // a kernel without Seccomp_filters: not checked
+        assert!(check(&parse_status(&CONFINED.replace("Seccomp_filters:\t1\n", "")).expect("parse"), &e).is_empty());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::Daemon;
+use common::{assert_report_is_truthful, Daemon};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
@@ -39,7 +39,9 @@ impl Hmi {
         let (ui, device) = (free_port(), free_port());
         let d = Daemon::start_config(&hmi_config(ui, device));
         for w in ["plcsim", "field", "logic", "historian", "auth", "ui"] {
-            d.wait_running(w);
+            let status = d.wait_running(w);
+            // Every layer of the default job, checked from outside on every lane.
+            assert_report_is_truthful(&status, d.pid(), if w == "ui" { 2048 } else { 64 });
         }
         let line = d.wait_log("created operator \"operator\" with password ");
         let password = line

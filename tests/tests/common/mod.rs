@@ -372,3 +372,96 @@ pub fn process_exists(pid: i32) -> bool {
 pub fn signal_of(st: &std::process::ExitStatus) -> Option<i32> {
     st.signal()
 }
+
+impl Daemon {
+    /// airlockd's own pid (the supervisor the workers' namespaces are compared with).
+    pub fn pid(&self) -> i32 {
+        self.child.borrow().as_ref().map(|c| c.id() as i32).expect("airlockd runs")
+    }
+}
+
+/// Checks from outside that `w`'s confinement report tells the truth: every layer it calls
+/// applied is visible in `/proc` (status, limits, namespaces), every namespace it calls
+/// unavailable is really shared with the supervisor, and, on the host-root lane, every layer
+/// is applied. `nofile` is the worker's configured `RLIMIT_NOFILE`.
+pub fn assert_report_is_truthful(w: &WorkerStatus, supervisor: i32, nofile: u64) {
+    let name = &w.name;
+    let pid = w.pid.unwrap_or_else(|| panic!("{name} has no pid"));
+    let st = proc_status(pid);
+    for (layer, state) in &w.confinement {
+        assert!(
+            state == "applied"
+                || state == "off"
+                || state.starts_with("unavailable (")
+                || state.starts_with("degraded ("),
+            "{name}: {layer}: {state}"
+        );
+        if can_read_filters() {
+            assert_eq!(state, "applied", "{name}: on the host-root lane every layer is applied: {layer}");
+        }
+    }
+    let applied = |l: &str| w.layer(l) == Some("applied");
+    if applied("seccomp") {
+        assert_eq!(status_field(&st, "Seccomp"), "2", "{name}");
+    }
+    if applied("no-new-privs") {
+        assert_eq!(status_field(&st, "NoNewPrivs"), "1", "{name}");
+    }
+    if matches!(w.layer("capabilities"), Some(s) if s == "applied" || s.starts_with("degraded")) {
+        for cap in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+            assert_eq!(status_field(&st, cap), "0000000000000000", "{name}: {cap}");
+        }
+    }
+    if applied("capabilities") {
+        assert_eq!(status_field(&st, "CapBnd"), "0000000000000000", "{name}");
+    }
+    let sup = proc_status(supervisor);
+    if applied("uid") {
+        assert_ne!(status_field(&st, "Uid"), status_field(&sup, "Uid"), "{name}: own uid");
+        assert_ne!(status_field(&st, "Gid"), status_field(&sup, "Gid"), "{name}: own gid");
+        assert_eq!(status_field(&st, "Groups"), "", "{name}: no supplementary groups");
+    }
+    if applied("rlimits") {
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+        let row = |what: &str| -> Vec<String> {
+            let line = limits.lines().find(|l| l.starts_with(what)).unwrap_or_else(|| panic!("{what} in {limits}"));
+            line[what.len()..].split_whitespace().take(2).map(str::to_string).collect()
+        };
+        assert_eq!(row("Max core file size"), ["0", "0"], "{name}: no core dumps");
+        assert_eq!(row("Max open files"), [nofile.to_string(), nofile.to_string()], "{name}: bounded fds");
+        assert_ne!(row("Max processes")[0], "unlimited", "{name}: bounded processes");
+        assert_ne!(row("Max address space")[0], "unlimited", "{name}: bounded memory");
+    }
+    for (layer, ns) in [
+        ("user-namespace", "user"),
+        ("pid-namespace", "pid"),
+        ("net-namespace", "net"),
+        ("mount-namespace", "mnt"),
+        ("ipc-namespace", "ipc"),
+        ("uts-namespace", "uts"),
+        ("cgroup-namespace", "cgroup"),
+    ] {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}"));
+        let ours = std::fs::read_link(format!("/proc/{supervisor}/ns/{ns}")).expect("supervisor's namespace");
+        let theirs = match theirs {
+            Ok(t) => t,
+            // Reading another process's namespace links takes ptrace-read access to it.
+            Err(e) if !is_root() => {
+                println!("{name}: /proc/{pid}/ns/ not readable here ({e}); namespaces not checked");
+                break;
+            }
+            Err(e) => panic!("{name}: /proc/{pid}/ns/{ns}: {e}"),
+        };
+        match w.layer(layer) {
+            Some("applied") => assert_ne!(theirs, ours, "{name}: {layer} applied, but shared with airlockd"),
+            Some(s) if s.starts_with("unavailable") || s == "off" => {
+                assert_eq!(theirs, ours, "{name}: {layer} is {s}, but the worker has its own")
+            }
+            _ => {}
+        }
+    }
+    if applied("pid-namespace") {
+        let nspid = status_field(&st, "NSpid");
+        assert_eq!(nspid.split_whitespace().last(), Some("1"), "{name}: pid 1 in its own pid namespace: {nspid}");
+    }
+}
