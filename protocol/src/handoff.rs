@@ -9,7 +9,7 @@
 use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::process::Command;
 
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::channel::{Channel, ChannelKeys, Limits};
 use crate::crypto::{Key, KEY_LEN};
@@ -103,23 +103,22 @@ pub fn take_inherited(limits: Limits) -> Result<Channel, ChannelError> {
 fn read_key_memfd(fd: OwnedFd) -> Result<ChannelKeys, HandoffError> {
     crate::bulk::verify_sealed_memfd(fd.as_fd(), BLOB_LEN as u64, BLOB_LEN as u64)
         .map_err(|e| HandoffError::NotKeyMemfd { fd: KEYS_FD, detail: e.to_string() })?;
-    let mut blob = [0u8; BLOB_LEN];
-    sys::pread_exact(fd.as_fd(), &mut blob, 0).map_err(|e| HandoffError::Io { op: "read key memfd", source: e })?;
+    // Every array that holds key bytes is zeroized when it goes out of scope, on every path.
+    let mut blob = Zeroizing::new([0u8; BLOB_LEN]);
+    sys::pread_exact(fd.as_fd(), &mut blob[..], 0).map_err(|e| HandoffError::Io { op: "read key memfd", source: e })?;
     drop(fd);
     if &blob[..8] != MAGIC {
-        blob.zeroize();
         return Err(HandoffError::Format);
     }
-    let mut send = [0u8; KEY_LEN];
-    let mut recv = [0u8; KEY_LEN];
+    let mut send = Zeroizing::new([0u8; KEY_LEN]);
+    let mut recv = Zeroizing::new([0u8; KEY_LEN]);
     send.copy_from_slice(&blob[8..8 + KEY_LEN]);
     recv.copy_from_slice(&blob[8 + KEY_LEN..8 + 2 * KEY_LEN]);
     let mut interval = [0u8; 8];
     interval.copy_from_slice(&blob[8 + 2 * KEY_LEN..]);
-    blob.zeroize();
     Ok(ChannelKeys {
-        send: Key::from_bytes(send),
-        recv: Key::from_bytes(recv),
+        send: Key::from_bytes(*send),
+        recv: Key::from_bytes(*recv),
         rekey_interval: u64::from_le_bytes(interval),
     })
 }

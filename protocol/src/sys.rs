@@ -694,6 +694,13 @@ pub fn claim_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Whether `fd` is close-on-exec (`FD_CLOEXEC` from `fcntl(F_GETFD)`).
+pub fn is_cloexec(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: integer arguments only; the kernel reads no user memory.
+    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) })?;
+    Ok(flags & libc::FD_CLOEXEC != 0)
+}
+
 /// `SO_TYPE` of a socket, or an error if `fd` is not a socket.
 pub fn socket_type(fd: BorrowedFd<'_>) -> io::Result<libc::c_int> {
     let mut v: libc::c_int = 0;

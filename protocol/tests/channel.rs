@@ -63,6 +63,113 @@ fn rekeying_every_few_frames_keeps_both_sides_in_step() {
     }
 }
 
+/// Two established ends under the same keys whose rekey intervals differ: `a` (the sender in
+/// the tests below) ratchets every `a_rekey` frames, `b` every `b_rekey`.
+fn established_with_rekey_intervals(a_rekey: u64, b_rekey: u64) -> (Channel, Channel) {
+    let (sa, sb) = airlock_protocol::sys::seqpacket_pair().expect("pair");
+    let (mut ka, mut kb) = ChannelKeys::generate(DEFAULT_REKEY_INTERVAL).expect("keys");
+    ka.rekey_interval = a_rekey;
+    kb.rekey_interval = b_rekey;
+    let mut a = Channel::new(sa, ka, Limits::default());
+    let mut b = Channel::new(sb, kb, Limits::default());
+    let t = std::thread::spawn(move || {
+        b.handshake(&Hello::new(Role::Worker, "b")).expect("b handshake");
+        b
+    });
+    a.handshake(&Hello::new(Role::Supervisor, "a")).expect("a handshake");
+    (a, t.join().expect("join"))
+}
+
+/// Sends frames 1, 2, 3 (the handshake was 0) from `a` to `b` and asserts that `b` takes the
+/// first two and refuses the third, the first frame of epoch 1 at an interval of 3.
+fn assert_third_frame_fails_authentication(mut a: Channel, mut b: Channel) {
+    for i in 1..=3 {
+        a.send(&Msg::Ping(i)).expect("send");
+    }
+    for i in 1..=2 {
+        assert_eq!(b.recv::<Msg>().expect("frame of epoch 0").msg, Msg::Ping(i));
+    }
+    match b.recv::<Msg>() {
+        Err(ChannelError::Authenticate { seq: 3 }) => {}
+        other => panic!("expected frame 3 to fail authentication, got {other:?}"),
+    }
+    match b.recv::<Msg>() {
+        Err(ChannelError::Poisoned { reason }) => assert!(reason.contains("frame 3 failed"), "{reason}"),
+        other => panic!("expected poisoned, got {other:?}"),
+    }
+}
+
+#[test]
+fn sender_rekeying_earlier_than_receiver_fails_authentication_at_new_epoch() {
+    let (a, b) = established_with_rekey_intervals(3, DEFAULT_REKEY_INTERVAL);
+    assert_third_frame_fails_authentication(a, b);
+}
+
+#[test]
+fn receiver_rekeying_earlier_than_sender_fails_authentication_at_new_epoch() {
+    let (a, b) = established_with_rekey_intervals(DEFAULT_REKEY_INTERVAL, 3);
+    assert_third_frame_fails_authentication(a, b);
+}
+
+#[test]
+fn channel_sockets_and_received_descriptors_are_close_on_exec() {
+    use airlock_protocol::sys::is_cloexec;
+    use std::os::fd::AsFd;
+    let cloexec = |fd: std::os::fd::BorrowedFd<'_>| is_cloexec(fd).expect("F_GETFD");
+
+    let (mut a, mut b) = established(Limits::default(), DEFAULT_REKEY_INTERVAL);
+    assert!(cloexec(a.as_fd()) && cloexec(b.as_fd()), "Channel::pair sockets");
+    let (parent, child) =
+        airlock_protocol::handoff::prepare(Limits::default(), DEFAULT_REKEY_INTERVAL).expect("prepare");
+    let (child_sock, key_memfd) = child.into_parts();
+    assert!(cloexec(parent.as_fd()), "handoff parent socket");
+    assert!(cloexec(child_sock.as_fd()) && cloexec(key_memfd.as_fd()), "handoff child end, before install");
+
+    // FD_CLOEXEC belongs to a descriptor, not to the file: a received descriptor is a new one,
+    // close-on-exec only if the receiver asked for it, whatever the sender's flag.
+    let (r, w) = std::io::pipe().expect("pipe");
+    // `b` has not sent since the handshake: it reads as a streaming receiver (recvmmsg).
+    a.send_with(&Msg::Ping(1), &[r.as_fd(), w.as_fd()]).expect("send fds");
+    let got = b.recv::<Msg>().expect("recv fds (recvmmsg)");
+    assert_eq!(got.fds.len(), 2);
+    assert!(got.fds.iter().all(|f| cloexec(f.as_fd())), "descriptors received through recvmmsg");
+    // After a send, `b` reads one frame at a time (recvmsg).
+    b.send(&Msg::Ping(2)).expect("reply");
+    assert_eq!(a.recv::<Msg>().expect("reply").msg, Msg::Ping(2));
+    a.send_with(&Msg::Ping(3), &[r.as_fd()]).expect("send fd");
+    let got = b.recv::<Msg>().expect("recv fd (recvmsg)");
+    assert_eq!(got.fds.len(), 1);
+    assert!(cloexec(got.fds[0].as_fd()), "descriptor received through recvmsg");
+    // A bulk memfd.
+    let w_bulk = BulkWriter::copy_from(&vec![5u8; 1 << 20], a.limits().inline_threshold).expect("writer");
+    a.send_bulk(&Msg::Ping(4), &[], w_bulk, BulkMode::Sealed).expect("send bulk");
+    let got = b.recv::<Msg>().expect("recv bulk");
+    let bulk = got.bulk.expect("bulk");
+    assert!(cloexec(bulk.sealed_fd().expect("memfd bulk")), "received bulk memfd");
+}
+
+#[test]
+fn memfd_with_exec_seal_besides_the_required_four_is_accepted() {
+    use airlock_protocol::sys;
+    use std::os::unix::fs::PermissionsExt;
+    let file = std::fs::File::from(sys::memfd_create(c"exec-sealed", false).expect("memfd"));
+    file.set_len(4096).expect("ftruncate");
+    // As a memfd made with MFD_NOEXEC_SEAL: no exec bits. (On a memfd that still has them the
+    // kernel adds F_SEAL_FUTURE_WRITE along with F_SEAL_EXEC, and that seal is refused.)
+    file.set_permissions(std::fs::Permissions::from_mode(0o600)).expect("fchmod");
+    match sys::add_seals(std::os::fd::AsFd::as_fd(&file), libc::F_SEAL_EXEC) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            eprintln!("skipped: this kernel has no F_SEAL_EXEC (Linux 6.3+), so no peer can send it");
+            return;
+        }
+        r => r.expect("F_SEAL_EXEC"),
+    }
+    let fd = std::os::fd::AsFd::as_fd(&file);
+    sys::add_seals(fd, sys::SEAL_SET).expect("seal");
+    assert_eq!(sys::get_seals(fd).expect("seals"), sys::SEAL_SET | libc::F_SEAL_EXEC);
+    airlock_protocol::bulk::verify_sealed_memfd(fd, 4096, 4096).expect("F_SEAL_EXEC only takes rights away");
+}
+
 fn bulk_round_trip(len: usize, mode: BulkMode) -> Bulk {
     let (mut a, mut b) = established(Limits::default(), DEFAULT_REKEY_INTERVAL);
     let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();

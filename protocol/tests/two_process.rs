@@ -72,6 +72,12 @@ fn run_peer(mode: &str) -> Result<(), String> {
             ch.send_raw_datagram(&f, &[]).map_err(|e| e.to_string())?;
             ch.send_raw_datagram(&f, &[]).map_err(|e| e.to_string())?;
         }
+        "reorder" => {
+            let first = ch.seal_raw(&Msg::Ping(1)).map_err(|e| e.to_string())?;
+            let second = ch.seal_raw(&Msg::Ping(2)).map_err(|e| e.to_string())?;
+            ch.send_raw_datagram(&second, &[]).map_err(|e| e.to_string())?;
+            ch.send_raw_datagram(&first, &[]).map_err(|e| e.to_string())?;
+        }
         "tamper" => {
             let mut f = ch.seal_raw(&ping).map_err(|e| e.to_string())?;
             // The last byte of the ciphertext, just before the 16-byte tag.
@@ -108,22 +114,37 @@ fn run_peer(mode: &str) -> Result<(), String> {
             let fds: Vec<_> = pipes.iter().map(|(r, _)| r.as_fd()).collect();
             ch.send_raw_datagram(&f, &fds).map_err(|e| e.to_string())?;
         }
-        "unsealed_memfd" | "partial_seals" | "wrong_size" | "pipe_as_bulk" | "bad_bulk_tag" => {
+        "unsealed_memfd"
+        | "partial_seals"
+        | "extra_seal"
+        | "wrong_size"
+        | "oversized_bulk"
+        | "pipe_as_bulk"
+        | "regular_file_as_bulk"
+        | "shm_file_as_bulk"
+        | "bad_bulk_tag" => {
             let len = 64 * 1024u64;
             let (fd, claimed, encrypted): (OwnedFd, u64, bool) = match mode {
                 "pipe_as_bulk" => (std::io::pipe().map_err(|e| e.to_string())?.0.into(), len, false),
+                "regular_file_as_bulk" => (unlinked_file(env!("CARGO_TARGET_TMPDIR"), len)?, len, false),
+                "shm_file_as_bulk" => (unlinked_file("/dev/shm", len)?, len, false),
                 _ => {
                     let fd = sys::memfd_create(c"hostile", false).map_err(|e| e.to_string())?;
                     sys::ftruncate(fd.as_fd(), len).map_err(|e| e.to_string())?;
                     let seals = match mode {
                         "unsealed_memfd" => 0,
                         "partial_seals" => libc::F_SEAL_WRITE | libc::F_SEAL_SEAL,
+                        "extra_seal" => sys::SEAL_SET | libc::F_SEAL_FUTURE_WRITE,
                         _ => sys::SEAL_SET,
                     };
                     if seals != 0 {
                         sys::add_seals(fd.as_fd(), seals).map_err(|e| e.to_string())?;
                     }
-                    let claimed = if mode == "wrong_size" { 2 * len } else { len };
+                    let claimed = match mode {
+                        "wrong_size" => 2 * len,
+                        "oversized_bulk" => Limits::default().max_bulk + 1,
+                        _ => len,
+                    };
                     (fd, claimed, mode == "bad_bulk_tag")
                 }
             };
@@ -135,6 +156,28 @@ fn run_peer(mode: &str) -> Result<(), String> {
     // Stay until the parent hangs up, so that it reads what we sent.
     let _ = ch.recv::<Msg>();
     Ok(())
+}
+
+/// A regular file of `len` bytes in `dir`, already unlinked: a file, but not a memfd.
+fn unlinked_file(dir: &str, len: u64) -> Result<OwnedFd, String> {
+    let path = std::path::Path::new(dir).join(format!("airlock-not-memfd-{}", std::process::id()));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| format!("create {}: {e}", path.display()))?;
+    let _ = std::fs::remove_file(&path);
+    f.set_len(len).map_err(|e| e.to_string())?;
+    Ok(f.into())
+}
+
+/// Whether files in `dir` live on tmpfs (shmem), from `fstatfs`. Under the lock: opening the
+/// directory would otherwise skew another test's descriptor count.
+fn on_tmpfs(dir: &str) -> bool {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let d = std::fs::File::open(dir).expect("open directory");
+    sys::fs_magic(d.as_fd()).expect("fstatfs") == sys::TMPFS_MAGIC
 }
 
 fn open_fds() -> Vec<i32> {
@@ -186,6 +229,8 @@ fn hostile(mode: &str) -> ChannelError {
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let before = sys::count_open_fds().expect("count fds");
     let mut p = spawn_peer(mode);
+    // An implementation that wrongly accepts everything must fail the test, not hang it.
+    p.ch.set_recv_timeout(Some(std::time::Duration::from_secs(30))).expect("recv timeout");
     // A hostile peer may send valid frames first (a replay repeats one): read until refused.
     let err = (0..3).find_map(|_| p.ch.recv::<Msg>().err()).expect("hostile input must be rejected");
     // Poisoned from now on.
@@ -224,6 +269,13 @@ fn honest_peer_echoes_messages_and_bulk() {
 fn replayed_frame_from_peer_is_a_sequence_error() {
     let e = hostile("replay");
     assert!(matches!(e, ChannelError::Sequence { expected: 2, got: 1 }), "{e}");
+}
+
+#[test]
+fn reordered_frames_from_peer_are_a_sequence_error() {
+    // The peer's handshake was its frame 0; it sealed frames 1 and 2 and sent 2 first.
+    let e = hostile("reorder");
+    assert!(matches!(e, ChannelError::Sequence { expected: 1, got: 2 }), "{e}");
 }
 
 #[test]
@@ -275,6 +327,25 @@ fn memfd_missing_shrink_and_grow_seals_is_rejected() {
 }
 
 #[test]
+fn memfd_with_future_write_seal_beyond_the_required_four_is_rejected() {
+    let e = hostile("extra_seal");
+    assert!(
+        matches!(e, ChannelError::Bulk(BulkError::UnexpectedSeals { extra }) if extra == libc::F_SEAL_FUTURE_WRITE),
+        "{e}"
+    );
+}
+
+#[test]
+fn bulk_announced_above_max_bulk_is_rejected_as_too_large() {
+    let e = hostile("oversized_bulk");
+    let limit = Limits::default().max_bulk;
+    assert!(
+        matches!(e, ChannelError::Bulk(BulkError::TooLarge { len, limit: l }) if len == limit + 1 && l == limit),
+        "{e}"
+    );
+}
+
+#[test]
 fn memfd_of_wrong_size_is_rejected() {
     let e = hostile("wrong_size");
     assert!(matches!(e, ChannelError::Bulk(BulkError::Size { expected: 131072, actual: 65536 })), "{e}");
@@ -284,6 +355,34 @@ fn memfd_of_wrong_size_is_rejected() {
 fn pipe_posing_as_bulk_is_rejected_as_not_memfd() {
     let e = hostile("pipe_as_bulk");
     assert!(matches!(e, ChannelError::Bulk(BulkError::NotMemfd { .. })), "{e}");
+}
+
+#[test]
+fn regular_file_posing_as_bulk_is_rejected_as_not_memfd() {
+    let dir = env!("CARGO_TARGET_TMPDIR");
+    if on_tmpfs(dir) {
+        eprintln!("skipped: {dir} is on tmpfs, so a file there is shmem; the shm test covers that case");
+        return;
+    }
+    let e = hostile("regular_file_as_bulk");
+    assert!(matches!(&e, ChannelError::Bulk(BulkError::NotMemfd { detail }) if detail.contains("not shmem")), "{e}");
+}
+
+#[test]
+fn shmem_file_that_is_not_a_memfd_is_rejected_for_its_seals() {
+    if !on_tmpfs("/dev/shm") {
+        eprintln!("skipped: /dev/shm is not a tmpfs on this host");
+        return;
+    }
+    // A tmpfs file made by open() answers F_GET_SEALS with F_SEAL_SEAL alone and can never be
+    // sealed further, so it fails the seal check rather than the filesystem check.
+    let e = hostile("shm_file_as_bulk");
+    let want_missing = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+    assert!(
+        matches!(e, ChannelError::Bulk(BulkError::MissingSeals { seals, missing })
+            if seals == libc::F_SEAL_SEAL && missing == want_missing),
+        "{e}"
+    );
 }
 
 #[test]
