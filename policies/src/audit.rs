@@ -1,6 +1,7 @@
 //! `airlock policy audit`: per worker policy, every rule with its syscall, conditions, action,
 //! reason, source file and line, and risk class, dangerous ones first; totals per policy and
-//! for the set. Markdown for people, JSON for tools. Reads the model; decides nothing.
+//! for the set; and the dangerous rules of groups no worker policy includes. Markdown for
+//! people, JSON for tools. Reads the model; decides nothing.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -95,6 +96,17 @@ pub fn audit(set: &PolicySet) -> Vec<PolicyAudit> {
     set.policies().map(audit_policy).collect()
 }
 
+/// The dangerous rules of groups no worker policy includes (such as `common/oci-start.toml`'s
+/// `execve`, which `export --include` adds), as `(group key, rule)`: no worker policy's
+/// audit shows them, yet an exported profile can carry them.
+pub fn unused_group_dangerous(set: &PolicySet) -> Vec<(String, Entry)> {
+    set.unused_groups()
+        .into_iter()
+        .filter_map(|key| set.file(key))
+        .flat_map(|f| f.rules.iter().map(entry).filter(|e| e.risk == Some(Risk::Dangerous)).map(|e| (f.key.clone(), e)))
+        .collect()
+}
+
 fn md_cell(s: &str) -> String {
     s.replace('|', "\\|").replace('\n', " ")
 }
@@ -136,9 +148,10 @@ pub fn markdown(set: &PolicySet, audits: &[PolicyAudit]) -> String {
         .iter()
         .flat_map(|a| a.entries.iter().filter(|e| e.risk == Some(Risk::Dangerous)).map(move |e| (a, e)))
         .collect();
+    let justification = |e: &Entry| e.dangerous.clone().unwrap_or_else(|| "NONE (check fails)".into());
     let _ = writeln!(out, "\n## Dangerous syscalls allowed\n");
     if dangerous.is_empty() {
-        let _ = writeln!(out, "None: no policy allows a dangerous syscall.");
+        let _ = writeln!(out, "None: no worker policy allows a dangerous syscall.");
     } else {
         for (a, e) in dangerous {
             let _ = writeln!(
@@ -149,7 +162,22 @@ pub fn markdown(set: &PolicySet, audits: &[PolicyAudit]) -> String {
                 e.file,
                 e.line,
                 e.conditions,
-                e.dangerous.as_deref().unwrap_or("NONE (check fails)")
+                justification(e)
+            );
+        }
+    }
+    let in_groups = unused_group_dangerous(set);
+    if !in_groups.is_empty() {
+        let _ = writeln!(out, "\nIn groups no worker policy includes (added only by `export --include`):\n");
+        for (group, e) in &in_groups {
+            let _ = writeln!(
+                out,
+                "- **{}** in group `{group}` ({}:{}) when {}: justification: {}",
+                e.syscall,
+                e.file,
+                e.line,
+                e.conditions,
+                justification(e)
             );
         }
     }
@@ -203,28 +231,26 @@ pub fn markdown(set: &PolicySet, audits: &[PolicyAudit]) -> String {
     out
 }
 
+fn entry_json(e: &Entry) -> Json {
+    json!({
+        "syscall": e.syscall,
+        "arches": e.arches.iter().map(|x| x.name()).collect::<Vec<_>>(),
+        "conditions": e.conditions,
+        "action": e.action,
+        "risk": e.risk.map(|r| r.name()).unwrap_or("refused"),
+        "reason": e.reason,
+        "dangerous_justification": e.dangerous,
+        "file": e.file,
+        "line": e.line,
+    })
+}
+
 /// The audit as JSON.
 pub fn json(set: &PolicySet, audits: &[PolicyAudit]) -> Json {
     let policies: Vec<Json> = audits
         .iter()
         .map(|a| {
-            let entries: Vec<Json> = a
-                .entries
-                .iter()
-                .map(|e| {
-                    json!({
-                        "syscall": e.syscall,
-                        "arches": e.arches.iter().map(|x| x.name()).collect::<Vec<_>>(),
-                        "conditions": e.conditions,
-                        "action": e.action,
-                        "risk": e.risk.map(|r| r.name()).unwrap_or("refused"),
-                        "reason": e.reason,
-                        "dangerous_justification": e.dangerous,
-                        "file": e.file,
-                        "line": e.line,
-                    })
-                })
-                .collect();
+            let entries: Vec<Json> = a.entries.iter().map(entry_json).collect();
             json!({
                 "name": a.name,
                 "file": a.file,
@@ -250,5 +276,13 @@ pub fn json(set: &PolicySet, audits: &[PolicyAudit]) -> Json {
             "dangerous_allowed": audits.iter().map(|a| a.count(Risk::Dangerous)).sum::<usize>(),
         },
         "unused_groups": set.unused_groups(),
+        "unused_group_dangerous": unused_group_dangerous(set)
+            .iter()
+            .map(|(group, e)| {
+                let mut rule = entry_json(e);
+                rule["group"] = json!(group);
+                rule
+            })
+            .collect::<Vec<_>>(),
     })
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use airlock_policies::{embedded, Arch};
+use airlock_policies::{embedded, risk, Arch};
 use serde_json::Value as Json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_airlock-policy");
@@ -100,7 +100,7 @@ fn audit_lists_every_rule_with_its_source_line_and_risk_dangerous_first() {
     }
     assert_eq!(json["totals"]["dangerous_allowed"], 0);
     let md = stdout(&run(&["audit"]));
-    assert!(md.contains("None: no policy allows a dangerous syscall."), "{md}");
+    assert!(md.contains("None: no worker policy allows a dangerous syscall."), "{md}");
     assert!(md.contains("## Policy `echo`") && md.contains("| refused | `clone3` |"), "{md}");
 }
 
@@ -118,6 +118,64 @@ fn audit_puts_a_justified_dangerous_rule_first_with_its_justification() {
     let echo = md.split("## Policy `echo`").nth(1).expect("echo section");
     let first_row = echo.lines().find(|l| l.starts_with("| dangerous") || l.starts_with("| sensitive")).expect("row");
     assert!(first_row.starts_with("| dangerous | `ptrace`"), "{first_row}");
+}
+
+#[test]
+fn audit_lists_every_justified_dangerous_rule_even_in_groups_no_worker_policy_includes() {
+    let md = stdout(&run(&["audit"]));
+    let json: Json = serde_json::from_slice(&run(&["audit", "--format", "json"]).stdout).expect("audit json");
+    // Every dangerous rule the JSON shows, as (file, line, justification).
+    let in_policies =
+        json["policies"].as_array().expect("policies").iter().flat_map(|p| p["rules"].as_array().expect("rules"));
+    let in_groups = json["unused_group_dangerous"].as_array().expect("unused_group_dangerous");
+    let listed: Vec<(&str, u64, &str)> = in_policies
+        .filter(|r| r["risk"] == "dangerous")
+        .chain(in_groups)
+        .map(|r| {
+            let j = r["dangerous_justification"].as_str().unwrap_or_default();
+            (r["file"].as_str().unwrap_or_default(), r["line"].as_u64().unwrap_or_default(), j)
+        })
+        .collect();
+    let mut dangerous = 0;
+    for rule in embedded().files().flat_map(|f| &f.rules).filter(|r| risk::why_dangerous(r).is_some()) {
+        dangerous += 1;
+        let (file, line) = (rule.source.file.as_str(), rule.source.line);
+        let why = rule.dangerous.as_deref().expect("check refuses an unjustified dangerous rule");
+        assert!(listed.contains(&(file, line as u64, why)), "{file}:{line} missing from the JSON audit: {listed:?}");
+        let bullet = format!("- **{}** in ", rule.syscall);
+        let at = format!("({file}:{line}) when ");
+        assert!(
+            md.lines()
+                .any(|l| l.starts_with(&bullet) && l.contains(&at) && l.ends_with(&format!("justification: {why}"))),
+            "{file}:{line} missing from the Markdown audit:\n{md}"
+        );
+    }
+    // The one the shipped set has: the OCI start-up group's execve.
+    assert!(dangerous >= 1, "no justified dangerous rule in the shipped set");
+    let execve = in_groups.iter().find(|r| r["syscall"] == "execve").expect("oci-start's execve");
+    assert_eq!(execve["group"], "common/oci-start.toml");
+    assert!(execve["dangerous_justification"].as_str().unwrap_or_default().contains("execs the worker"), "{execve}");
+    assert!(md.contains("- **execve** in group `common/oci-start.toml` (policies/common/oci-start.toml:"), "{md}");
+}
+
+#[test]
+fn audit_and_export_print_byte_identical_output_on_every_run() {
+    let mut commands: Vec<Vec<&str>> = vec![
+        vec!["audit", "--format", "json"],
+        vec!["audit"],
+        vec!["export", "--format", "seccompiler"],
+        vec!["export", "--format", "seccompiler", "--arch", "aarch64"],
+        vec!["export", "--format", "oci", "--include", "common/oci-start.toml", "echo"],
+    ];
+    for name in embedded().names() {
+        commands.push(vec!["export", "--format", "oci", name]);
+    }
+    for args in commands {
+        let (first, second) = (run(&args), run(&args));
+        assert!(first.status.success(), "{args:?}: {}", String::from_utf8_lossy(&first.stderr));
+        assert!(first.stdout.len() > 100, "{args:?}: {}", stdout(&first));
+        assert!(first.stdout == second.stdout, "{args:?} printed different output on a second run");
+    }
 }
 
 #[test]

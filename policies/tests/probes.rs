@@ -13,7 +13,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use airlock_policies::{risk, syscalls, Arch};
+use airlock_policies::{risk, syscalls, Action, Arch, Policy};
 use airlock_protocol::{BulkMode, BulkPool, BulkWriter, Channel, Hello, Limits, Role, DEFAULT_REKEY_INTERVAL};
 use common::{call_and_exit, confine, exit, probe_spec, run_probe, RETURNED_OK, SETUP_FAILED};
 use serde::{Deserialize, Serialize};
@@ -87,6 +87,20 @@ fn syscall_case(what: &str) -> (&str, [u64; 6]) {
         "write-stderr" => ("write", [2, 0, 0, 0, 0, 0]),
         "fcntl-setfl" => ("fcntl", [MAX, libc::F_SETFL as u64, 0, 0, 0, 0]),
         "fcntl-getfd" => ("fcntl", [MAX, libc::F_GETFD as u64, 0, 0, 0, 0]),
+        "fcntl-getlk" => ("fcntl", [MAX, libc::F_GETLK as u64, 0, 0, 0, 0]),
+        "fcntl-setlk" => ("fcntl", [MAX, libc::F_SETLK as u64, 0, 0, 0, 0]),
+        "fcntl-setlkw" => ("fcntl", [MAX, libc::F_SETLKW as u64, 0, 0, 0, 0]),
+        "fcntl-ofd-setlk" => ("fcntl", [MAX, libc::F_OFD_SETLK as u64, 0, 0, 0, 0]),
+        "fchown" => ("fchown", [MAX, 0, 0, 0, 0, 0]),
+        "ioctl-fionbio" => ("ioctl", [MAX, libc::FIONBIO, 0, 0, 0, 0]),
+        "ioctl-tiocsti" => ("ioctl", [MAX, libc::TIOCSTI, 0, 0, 0, 0]),
+        "ioctl-fionread" => ("ioctl", [MAX, libc::FIONREAD, 0, 0, 0, 0]),
+        "setsockopt-rcvtimeo" => sockopt(libc::SOL_SOCKET, libc::SO_RCVTIMEO),
+        "setsockopt-sndtimeo" => sockopt(libc::SOL_SOCKET, libc::SO_SNDTIMEO),
+        "setsockopt-nodelay" => sockopt(libc::IPPROTO_TCP, libc::TCP_NODELAY),
+        "setsockopt-reuseaddr" => sockopt(libc::SOL_SOCKET, libc::SO_REUSEADDR),
+        // TCP_NODELAY's number (1) at the socket level: SO_DEBUG
+        "setsockopt-nodelay-at-sol-socket" => sockopt(libc::SOL_SOCKET, libc::TCP_NODELAY),
         "prctl-dumpable" => ("prctl", [libc::PR_SET_DUMPABLE as u64, 1, 0, 0, 0, 0]),
         "prctl-seccomp" => ("prctl", [libc::PR_SET_SECCOMP as u64, MAX, 0, 0, 0, 0]),
         "madvise-hwpoison" => ("madvise", [0, 0, libc::MADV_HWPOISON as u64, 0, 0, 0]),
@@ -100,6 +114,11 @@ fn syscall_case(what: &str) -> (&str, [u64; 6]) {
         // every dangerous syscall by name
         name => (name, [MAX; 6]),
     }
+}
+
+/// `setsockopt(-1, level, option, NULL, 0)`: EBADF if the policy lets it run.
+fn sockopt(level: i32, option: i32) -> (&'static str, [u64; 6]) {
+    ("setsockopt", [MAX, level as u64, option as u64, 0, 0, 0])
 }
 
 /// How a probe ended.
@@ -126,52 +145,62 @@ fn probe(policy: &str, case: &str) -> Outcome {
     outcome(status, &stderr)
 }
 
-/// The names probed as dangerous: the whole list plus `clone` with namespace flags.
-fn dangerous_cases() -> Vec<(String, &'static str)> {
-    let mut cases: Vec<(String, &'static str)> = Vec::new();
+/// The cases probed as dangerous: every name of the list plus `clone` with namespace flags.
+fn dangerous_cases() -> Vec<&'static str> {
+    let mut cases = Vec::new();
     for (name, _) in risk::DANGEROUS {
         if syscalls::number(Arch::native(), name).is_some() {
-            cases.push((name.to_string(), name));
+            cases.push(*name);
         } else {
             common::say(&format!("note: {name} does not exist on {}, nothing to probe", Arch::native()));
         }
     }
-    cases.push(("clone-namespaces".into(), "clone"));
+    cases.push("clone-namespaces");
     cases
 }
 
-/// The outcome every policy must give a dangerous syscall: SIGSYS, except `clone3`, which
-/// the runtime group answers with ENOSYS so that glibc falls back to `clone`.
-fn expected_for_dangerous(name: &str) -> Outcome {
-    if name == "clone3" {
-        Outcome::Errno(libc::ENOSYS)
-    } else {
-        Outcome::Sigsys
-    }
-}
-
-fn dangerous_syscalls_are_refused_under(policy: &str) {
-    let mut wrong = Vec::new();
-    let cases = dangerous_cases();
-    for (case, name) in &cases {
-        let got = probe(policy, case);
-        let want = expected_for_dangerous(name);
-        if got != want {
-            wrong.push(format!("{case}: expected {want:?}, got {got:?}"));
+/// What `policy` must do with dangerous `case`: what its rules say for the probe's very
+/// arguments (the independent reading in `common::semantics`): an errno it names (the runtime
+/// group's ENOSYS for `clone3`), or death by SIGSYS. `Err` with the justification when the
+/// policy lets the call run by a reviewed dangerous rule: then there is nothing to refuse.
+fn expected_for_dangerous(policy: &Policy, case: &str) -> Result<Outcome, String> {
+    let (name, args) = syscall_case(case);
+    let nr = syscalls::number(Arch::native(), name).expect("dangerous cases exist natively");
+    match common::semantics::expected(policy, Arch::native(), nr, &args) {
+        Action::Errno(e) => Ok(Outcome::Errno(e as i32)),
+        Action::Trap | Action::KillThread | Action::KillProcess => Ok(Outcome::Sigsys),
+        Action::Allow | Action::Log => {
+            let mut rules = policy.rules_for(Arch::native()).filter(|r| r.syscall == name);
+            let justified = rules.find_map(|r| risk::why_dangerous(r).and(r.dangerous.clone()));
+            Err(justified.unwrap_or_else(|| panic!("{}: {case} runs without a dangerous justification", policy.name)))
         }
     }
-    assert!(wrong.is_empty(), "under {policy}:\n{}", wrong.join("\n"));
+}
+
+/// Probes every dangerous case under `policy`; returns the wrong outcomes.
+fn dangerous_syscalls_refused_under(policy: &Policy, cases: &[&str]) -> Vec<String> {
+    let mut wrong = Vec::new();
+    for case in cases {
+        match expected_for_dangerous(policy, case) {
+            Ok(want) => {
+                let got = probe(&policy.name, case);
+                if got != want {
+                    wrong.push(format!("{}: {case}: expected {want:?}, got {got:?}", policy.name));
+                }
+            }
+            Err(why) => common::say(&format!("skipped: {} allows {case}, justified: {why}", policy.name)),
+        }
+    }
+    wrong
+}
+
+#[test]
+fn dangerous_syscalls_under_every_worker_policy_die_by_sigsys_or_get_the_named_errno() {
+    let cases = dangerous_cases();
     assert!(cases.len() > 40, "only {} dangerous cases probed", cases.len());
-}
-
-#[test]
-fn dangerous_syscalls_under_echo_die_by_sigsys_or_get_enosys() {
-    dangerous_syscalls_are_refused_under("echo");
-}
-
-#[test]
-fn dangerous_syscalls_under_ui_die_by_sigsys_or_get_enosys() {
-    dangerous_syscalls_are_refused_under("ui");
+    let policies = airlock_policies::embedded().policies();
+    let wrong: Vec<String> = policies.flat_map(|policy| dangerous_syscalls_refused_under(policy, &cases)).collect();
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
 #[test]
@@ -208,6 +237,52 @@ fn fcntl_under_echo_allows_named_commands_only() {
     assert_eq!(probe("echo", "fcntl-setfl"), Outcome::Sigsys);
     // F_GETFD on fd -1 runs and fails with EBADF: allowed, and harmless.
     assert_eq!(probe("echo", "fcntl-getfd"), Outcome::Errno(libc::EBADF));
+}
+
+#[test]
+fn fcntl_under_historian_allows_posix_locks_and_echo_refuses_them() {
+    // On fd -1 an allowed command fails with EBADF: it ran, harmlessly.
+    for case in ["fcntl-getlk", "fcntl-setlk", "fcntl-setlkw"] {
+        assert_eq!(probe("historian", case), Outcome::Errno(libc::EBADF), "historian {case}");
+        assert_eq!(probe("echo", case), Outcome::Sigsys, "echo {case}");
+    }
+    assert_eq!(probe("historian", "fcntl-ofd-setlk"), Outcome::Sigsys);
+    assert_eq!(probe("historian", "fcntl-setfl"), Outcome::Sigsys);
+}
+
+#[test]
+fn fchown_under_historian_gets_eperm_without_running() {
+    // fchown(-1, ...) would fail with EBADF if it ran: EPERM is the policy's answer.
+    assert_eq!(probe("historian", "fchown"), Outcome::Errno(libc::EPERM));
+    assert_eq!(probe("echo", "fchown"), Outcome::Sigsys);
+}
+
+#[test]
+fn ioctl_under_plcsim_allows_fionbio_only() {
+    assert_eq!(probe("plcsim", "ioctl-fionbio"), Outcome::Errno(libc::EBADF));
+    assert_eq!(probe("plcsim", "ioctl-tiocsti"), Outcome::Sigsys);
+    assert_eq!(probe("plcsim", "ioctl-fionread"), Outcome::Sigsys);
+    assert_eq!(probe("field", "ioctl-fionbio"), Outcome::Sigsys);
+}
+
+#[test]
+fn setsockopt_under_field_and_plcsim_allows_their_named_options_only() {
+    // Allowed options run and fail with EBADF on fd -1; field bounds reads too, plcsim
+    // only writes.
+    for (policy, case, want) in [
+        ("field", "setsockopt-rcvtimeo", Outcome::Errno(libc::EBADF)),
+        ("field", "setsockopt-sndtimeo", Outcome::Errno(libc::EBADF)),
+        ("field", "setsockopt-nodelay", Outcome::Errno(libc::EBADF)),
+        ("field", "setsockopt-reuseaddr", Outcome::Sigsys),
+        ("field", "setsockopt-nodelay-at-sol-socket", Outcome::Sigsys),
+        ("plcsim", "setsockopt-rcvtimeo", Outcome::Sigsys),
+        ("plcsim", "setsockopt-sndtimeo", Outcome::Errno(libc::EBADF)),
+        ("plcsim", "setsockopt-nodelay", Outcome::Errno(libc::EBADF)),
+        ("plcsim", "setsockopt-reuseaddr", Outcome::Sigsys),
+        ("plcsim", "setsockopt-nodelay-at-sol-socket", Outcome::Sigsys),
+    ] {
+        assert_eq!(probe(policy, case), want, "{policy} {case}");
+    }
 }
 
 #[test]
