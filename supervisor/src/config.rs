@@ -398,16 +398,17 @@ pub fn parse(text: &str, source_name: &str, known_policies: &[String]) -> Result
     let mut services: BTreeMap<String, String> = BTreeMap::new();
     let mut fixed_uids: BTreeMap<u32, String> = BTreeMap::new();
     let [lo, hi] = cfg.supervisor.dynamic_uid_range;
+    let range_line = text.find("dynamic-uid-range").map_or(1, |at| line_of(text, at));
     if lo == 0 || lo > hi {
         problems.push(ConfigProblem {
-            line: 1,
+            line: range_line,
             message: format!("dynamic-uid-range [{lo}, {hi}] must be non-empty and exclude 0"),
         });
     }
     if cfg.workers.is_empty() {
         problems.push(ConfigProblem { line: 1, message: "no [[worker]] defined".into() });
     }
-    for w in &cfg.workers {
+    for (index, w) in cfg.workers.iter().enumerate() {
         let name = w.name.get_ref();
         let line = line_of(text, w.name.span().start);
         let mut bad =
@@ -431,6 +432,16 @@ pub fn parse(text: &str, source_name: &str, known_policies: &[String]) -> Result
             Some(UidSpec::Named(s)) if s != "dynamic" => {
                 bad(line, format!("uid must be a number or \"dynamic\", not {s:?}"))
             }
+            // A dynamic uid is the range's start plus the worker's position (spawn::decide).
+            Some(UidSpec::Named(_)) | None if lo != 0 && lo <= hi && u64::from(lo) + index as u64 > u64::from(hi) => bad(
+                line,
+                format!(
+                    "dynamic uid {} lies outside dynamic-uid-range [{lo}, {hi}] (line {range_line}): the range holds {} uid(s), this is worker {}",
+                    u64::from(lo) + index as u64,
+                    u64::from(hi - lo) + 1,
+                    index + 1
+                ),
+            ),
             Some(UidSpec::Fixed(0)) => bad(line, "uid 0 is not allowed for a worker".into()),
             Some(UidSpec::Fixed(u)) => {
                 if let Some(other) = fixed_uids.insert(*u, name.clone()) {
@@ -701,6 +712,25 @@ address = "localhost"
         assert_eq!(c.requirement(w, Layer::Landlock), Requirement::BestEffort);
         assert_eq!(c.requirement(w, Layer::Seccomp), Requirement::Off);
         assert_eq!(c.requirement(w, Layer::NoNewPrivs), Requirement::Required);
+    }
+
+    #[test]
+    fn dynamic_uids_must_fit_the_range() {
+        let w = |n: &str| format!("[[worker]]\nname = \"{n}\"\nexecutable = \"x\"\npolicy = \"echo\"\n");
+        let t = format!("[supervisor]\ndynamic-uid-range = [61000, 61001]\n{}{}{}", w("a"), w("b"), w("c"));
+        let e = parse(&t, "t", &policies()).expect_err("three dynamic workers, two uids");
+        let text = e.to_string();
+        assert!(
+            text.contains("t:12: worker c: dynamic uid 61002 lies outside dynamic-uid-range [61000, 61001] (line 2): the range holds 2 uid(s), this is worker 3"),
+            "{text}"
+        );
+        assert!(!text.contains("worker a") && !text.contains("worker b"), "{text}");
+        // A fixed uid takes a position but no uid from the range.
+        let t = format!("[supervisor]\ndynamic-uid-range = [61000, 61001]\n{}{}uid = 70000\n", w("a"), w("b"));
+        parse(&t, "t", &policies()).expect("fits");
+        let t = "[supervisor]\ndynamic-uid-range = [5, 4]\n[[worker]]\nname = \"a\"\nexecutable = \"x\"\npolicy = \"echo\"\n";
+        let e = parse(t, "t", &policies()).expect_err("empty range").to_string();
+        assert!(e.contains("t:2: dynamic-uid-range [5, 4] must be non-empty and exclude 0"), "{e}");
     }
 
     #[test]

@@ -418,15 +418,20 @@ impl Supervisor {
         tracing::warn!(worker = %slot.name, delay_ms = delay, "restarting after backoff");
     }
 
-    /// Runs until SIGTERM or SIGINT, then stops every worker and returns.
+    /// Runs until SIGTERM or SIGINT, then stops every worker and returns. A fatal error (a
+    /// journal that can no longer promise durability) stops every worker the same way before
+    /// it is returned: no worker outlives airlockd, and nothing more is accepted (the journal's
+    /// failure is sticky).
     pub fn run(mut self) -> Result<(), RuntimeError> {
-        loop {
-            if self.turn()? {
-                break;
+        let result = loop {
+            match self.turn() {
+                Ok(true) => break Ok(()),
+                Ok(false) => {}
+                Err(e) => break Err(e),
             }
-        }
+        };
         self.shutdown();
-        Ok(())
+        result
     }
 
     /// One turn of the loop; returns true when asked to stop.

@@ -236,12 +236,16 @@ fn a_failed_journal_fsync_stops_airlockd_and_nothing_accepted_is_lost() {
             ("AIRLOCK_FAULT_FDATASYNC_AFTER", "20"),
         ],
     );
-    d.wait_running("front");
-    d.wait_running("sink");
+    let workers = [d.pid_of("front"), d.pid_of("sink")];
     let sender = d.call_in_background(600000, "front", "send_many", "sink record 3000 durable 16");
     let (st, dir, first_log) = d.wait_exit(Duration::from_secs(120));
     assert!(!st.success(), "airlockd must stop on a failed fsync: {st:?}\n{first_log}");
     assert!(first_log.contains("journal fsync failed: durability can no longer be promised; stopping"), "{first_log}");
+    // Stopped like any shutdown: the workers were told to stop, none outlives airlockd.
+    assert!(first_log.contains("airlockd stopped"), "{first_log}");
+    for pid in workers {
+        assert!(!process_exists(pid), "worker {pid} outlived airlockd");
+    }
     let out = sender.join().expect("sender");
     assert!(!out.status.success(), "the stream cannot have completed: its supervisor stopped");
     let accepted: usize = first_log

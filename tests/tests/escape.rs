@@ -93,15 +93,38 @@ fn execve_kills_with_sigsys() {
     assert_killed_for(&probe("execve", None), "execve");
 }
 
-#[test]
-fn ptrace_of_the_supervisor_kills_with_sigsys() {
-    let me = std::process::id().to_string();
-    assert_killed_for(&probe("ptrace-supervisor", Some(&me)), "ptrace");
+/// An attempt aimed at a live target: the probe serves calls, and the call names airlockd's or
+/// the echo worker's real pid. The probe must die by SIGSYS in the attempt, and airlockd and
+/// echo must be the same processes afterwards.
+fn attempt_on(attempt: &str, target: impl Fn(&Daemon) -> i32, syscall: &str) {
+    let probe = "\n[[worker]]\nname = \"probe\"\nexecutable = \"airlock-worker-probe\"\npolicy = \"probe\"\nargs = [\"on-call\"]\nservices = [\"probe\"]\n[worker.restart]\npolicy = \"never\"\n[worker.landlock]\nread = [\"/usr\"]\n";
+    let d = Daemon::start(&format!("{}{probe}", echo_worker("echo", "echo", "")));
+    let echo_pid = d.wait_running("echo").pid.expect("echo pid");
+    d.wait_running("probe");
+    let airlockd = d.pid();
+    let pid = target(&d);
+    let (ok, msg) = d.call("probe", "attempt", &format!("{attempt} {pid}"));
+    assert!(!ok, "the probe answered: {msg}");
+    let p = d.wait_for("probe", "its end", |w| w.last_exit.is_some());
+    let exit = p.last_exit.unwrap_or_default();
+    assert!(exit.starts_with(&format!("killed by SIGSYS: syscall {syscall} (")), "{exit}");
+    assert!(exit.contains("policy probe"), "{exit}");
+    assert!(process_exists(airlockd) && process_exists(echo_pid), "a target died");
+    assert_eq!(d.worker("echo").pid, Some(echo_pid));
+    assert_eq!(d.worker("echo").restarts, 0);
+    assert_eq!(d.call("echo", "echo", "still here"), (true, "still here".to_string()));
+    let (st, log) = d.stop();
+    assert!(st.success(), "the supervisor did not survive the probe: {st:?}\n{log}");
 }
 
 #[test]
-fn killing_another_process_kills_with_sigsys() {
-    assert_killed_for(&probe("kill-other", Some("1")), "kill");
+fn ptrace_of_the_supervisor_kills_with_sigsys() {
+    attempt_on("ptrace-supervisor", Daemon::pid, "ptrace");
+}
+
+#[test]
+fn killing_another_worker_kills_with_sigsys() {
+    attempt_on("kill-other", |d| d.pid_of("echo"), "kill");
 }
 
 #[test]

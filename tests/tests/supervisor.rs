@@ -165,6 +165,70 @@ fn forbidden_syscall_kills_the_worker_and_is_named() {
     drop(d);
 }
 
+/// SIGINT stops airlockd like SIGTERM: a `Shutdown` to every worker, and SIGKILL for one that
+/// ignores it once `shutdown-timeout-ms` (2 s here) has passed; no worker outlives it.
+#[test]
+fn sigint_stops_every_worker_and_kills_one_that_ignores_shutdown() {
+    let d = Daemon::start(&format!("{}{}", echo_worker("echo", "echo", ""), liar("\"ignore-shutdown\"")));
+    let workers = [d.pid_of("echo"), d.pid_of("liar")];
+    let fd = airlock_supervisor::sys::pidfd_open(d.pid()).expect("pidfd_open");
+    airlock_supervisor::sys::pidfd_send_signal(std::os::fd::AsFd::as_fd(&fd), libc::SIGINT).expect("SIGINT");
+    let (st, dir, log) = d.wait_exit(std::time::Duration::from_secs(30));
+    let _ = std::fs::remove_dir_all(dir);
+    assert!(st.success(), "{st:?}\n{log}");
+    let line =
+        |needle: &str, worker: &str| log.lines().any(|l| l.contains(needle) && l.contains(&format!("worker={worker}")));
+    assert!(line("stopped: exit code 0", "echo"), "echo stops when asked:\n{log}");
+    assert!(line("did not stop in time; SIGKILL", "liar"), "the deaf worker is killed:\n{log}");
+    assert!(!line("did not stop in time", "echo"), "{log}");
+    assert!(log.contains("airlockd stopped"), "{log}");
+    for pid in workers {
+        assert!(!process_exists(pid), "worker {pid} outlived airlockd");
+    }
+}
+
+/// Restarts back off exponentially from `initial-backoff-ms`, capped at `max-backoff-ms`.
+#[test]
+fn restart_backoff_doubles_up_to_its_cap() {
+    let extra = "[worker.restart]\npolicy = \"always\"\ninitial-backoff-ms = 40\nmax-backoff-ms = 160\nmax-restarts = 10\nwindow-s = 60";
+    let d = Daemon::start(&echo_worker("echo", "echo", extra));
+    for round in 0..5u32 {
+        d.wait_running("echo");
+        let _ = d.call("echo", "exit", "3");
+        d.wait_for("echo", "restart", |w| w.restarts == round + 1);
+    }
+    let delays: Vec<u64> = d
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("restarting after backoff") && l.contains("worker=echo"))
+        .filter_map(|l| l.split("delay_ms=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert_eq!(delays, [40, 80, 160, 160, 160]);
+    let (st, log) = d.stop();
+    assert!(st.success(), "{log}");
+}
+
+/// A required layer the worker itself cannot apply (here an `RLIMIT_NOFILE` above the kernel's
+/// `fs.nr_open`, refused even to root) stops that worker with the layer and the errno, on every
+/// lane; the other worker runs.
+#[test]
+fn a_required_layer_the_worker_cannot_apply_stops_only_that_worker() {
+    let workers = format!(
+        "{}{}",
+        echo_worker("strict", "strict", "[worker.rlimits]\nnofile = 1073741824\n[worker.restart]\npolicy = \"never\""),
+        echo_worker("echo", "echo", "")
+    );
+    let d = Daemon::start(&workers);
+    let w = d.wait_for("strict", "refusal", |w| matches!(w.state, WorkerState::Failed(_)));
+    let WorkerState::Failed(why) = w.state.clone() else { unreachable!() };
+    assert!(why.starts_with("worker reported that required layer rlimits failed: "), "{why}");
+    assert!(why.contains("EPERM"), "the errno is named: {why}");
+    assert_eq!(w.layer("rlimits").map(|s| s.starts_with("unavailable")), Some(true), "{:?}", w.confinement);
+    assert_eq!(d.call("echo", "echo", "unaffected"), (true, "unaffected".to_string()));
+    let (st, log) = d.stop();
+    assert!(st.success(), "{log}");
+}
+
 #[test]
 fn crash_loop_stops_restarting() {
     let extra = "[worker.restart]\npolicy = \"always\"\ninitial-backoff-ms = 10\nmax-backoff-ms = 50\nmax-restarts = 2\nwindow-s = 60";
@@ -191,7 +255,7 @@ fn required_layer_the_host_cannot_apply_stops_only_that_worker() {
     // Unprivileged, the uid layer cannot be applied; as root, seccomp under a policy name
     // that cannot compile is impossible to configure, so use uid there too only when it fails.
     if is_root() {
-        println!("skipped: as root every layer this test can require is available (covered by spawn::decide unit tests and the unprivileged lanes)");
+        println!("skipped: as root every namespace and the uid layer are available; spawn::tests covers this refusal with a host that lacks them, and a_required_layer_the_worker_cannot_apply_stops_only_that_worker runs on every lane");
         return;
     }
     let workers = format!(

@@ -5,10 +5,14 @@
 //! Attempts: read-shadow, read-outside, execve, ptrace-supervisor PID, kill-other PID,
 //! list-proc, tcp-connect PORT, unshare, raise-cap, fork-bomb, exhaust-fds, exhaust-memory.
 //!
+//! With `on-call` it serves the `probe` service instead and makes each attempt a call names
+//! (`ATTEMPT [ARG]`), for targets known only once airlockd runs.
+//!
 //! Two more modes play a worker that lies about its confinement, to test that the supervisor
 //! verifies from outside instead of believing the report: `lie-unconfined` reports every layer
 //! applied and applies none; `lie-filter POLICY` applies every layer but installs POLICY's
-//! filter instead of its own. (The probe is a test worker; it is not packaged.)
+//! filter instead of its own. And `ignore-shutdown` is confined truthfully but ignores the
+//! supervisor's `Shutdown`. (The probe is a test worker; it is not packaged.)
 
 use airlock_worker::sandbox::errno_name;
 use airlock_worker::sys::raw_syscall6;
@@ -125,8 +129,8 @@ fn attempt(what: &str, arg: Option<&str>) -> String {
     }
 }
 
-/// The start-up of `Worker::start`, with a lie in it; then it idles until the supervisor stops
-/// it (or kills it, which is what the tests expect).
+/// The start-up of `Worker::start`, with a lie in it (or, for `ignore-shutdown`, none); then it
+/// idles until the supervisor stops it (or kills it, which is what the tests expect).
 fn lie(mode: &str, policy: Option<&str>) -> Result<(), String> {
     use airlock_protocol::{handoff, Hello, Limits, Role};
     use airlock_worker::sandbox::{self, ConfinementReport, LayerState};
@@ -138,7 +142,12 @@ fn lie(mode: &str, policy: Option<&str>) -> Result<(), String> {
         ToWorker::Confine(p) => p,
         _ => return Err("expected Confine".into()),
     };
-    let report = if mode == "lie-unconfined" {
+    let report = if mode == "ignore-shutdown" {
+        // Truthful: the real confinement; the misbehaviour comes at shutdown.
+        let mut r = sandbox::apply_before_seccomp(&plan).map_err(|f| f.reason)?;
+        sandbox::apply_seccomp(&plan, &mut r).map_err(|f| f.reason)?;
+        r
+    } else if mode == "lie-unconfined" {
         let mut r = ConfinementReport::default();
         for l in Layer::ALL {
             let state = if plan.requirement(l) == Requirement::Off { LayerState::Off } else { LayerState::Applied };
@@ -158,6 +167,11 @@ fn lie(mode: &str, policy: Option<&str>) -> Result<(), String> {
     }
     while let Ok(m) = ch.recv::<ToWorker>() {
         if let ToWorker::Shutdown = m.msg {
+            if mode == "ignore-shutdown" {
+                loop {
+                    std::thread::sleep(std::time::Duration::from_secs(3600));
+                }
+            }
             break;
         }
     }
@@ -168,11 +182,29 @@ fn main() {
     airlock_worker::init_logging();
     let args: Vec<String> = std::env::args().collect();
     let what = args.get(1).cloned().unwrap_or_default();
-    if what.starts_with("lie-") {
+    if what.starts_with("lie-") || what == "ignore-shutdown" {
         if let Err(e) = lie(&what, args.get(2).map(String::as_str)) {
             eprintln!("airlock-worker-probe: {e}");
             std::process::exit(2);
         }
+        return;
+    }
+    // `on-call`: serve the `probe` service; each call's body is `ATTEMPT [ARG]`, for targets
+    // known only once airlockd runs (its pid, another worker's pid).
+    if what == "on-call" {
+        let mut w = match Worker::start("probe", &["probe"]) {
+            Ok(w) => w,
+            Err(e) => {
+                eprintln!("airlock-worker-probe: {e}");
+                std::process::exit(2);
+            }
+        };
+        let _ = w.serve(|_, req, _| {
+            let text = String::from_utf8_lossy(&req.body).into_owned();
+            let mut words = text.split_whitespace();
+            let what = words.next().unwrap_or_default();
+            Ok(airlock_worker::Response::bytes(attempt(what, words.next()).into_bytes()))
+        });
         return;
     }
     let mut w = match Worker::start("probe", &[]) {
