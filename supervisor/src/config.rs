@@ -384,15 +384,45 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
 }
 
+/// The TOML parser stops at the first syntax or type error. To list every one, the file is
+/// decoded again in pieces: each top-level table (a `[[worker]]` with its `[worker.*]`
+/// sub-tables, `[supervisor]`, each `[[permit]]`, ...) on its own, its lines counted from
+/// where it starts. An error only the whole file has (a table defined twice across pieces)
+/// is reported as the parser gave it.
+fn every_decoding_problem(text: &str, whole: &toml::de::Error) -> Vec<ConfigProblem> {
+    let problem = |e: &toml::de::Error, piece: &str, first_line: usize| ConfigProblem {
+        line: first_line + e.span().map_or(0, |s| line_of(piece, s.start) - 1),
+        message: e.message().split_whitespace().collect::<Vec<_>>().join(" "),
+    };
+    let mut starts = vec![0];
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim_start();
+        let header = t.starts_with('[');
+        let worker_part = t.starts_with("[worker.") || t.starts_with("[[worker.");
+        if header && !worker_part && at != 0 {
+            starts.push(at);
+        }
+        at += line.len();
+    }
+    starts.push(text.len());
+    let mut problems: Vec<ConfigProblem> = starts
+        .windows(2)
+        .filter_map(|w| {
+            let piece = &text[w[0]..w[1]];
+            toml::from_str::<Config>(piece).err().map(|e| problem(&e, piece, line_of(text, w[0])))
+        })
+        .collect();
+    if problems.is_empty() {
+        problems.push(problem(whole, text, 1));
+    }
+    problems
+}
+
 /// Parses and validates a configuration. `known_policies` are the policy names compiled in.
 pub fn parse(text: &str, source_name: &str, known_policies: &[String]) -> Result<Config, ConfigError> {
-    let cfg: Config = toml::from_str(text).map_err(|e| ConfigError {
-        source_name: source_name.into(),
-        problems: vec![ConfigProblem {
-            line: e.span().map_or(1, |s| line_of(text, s.start)),
-            message: e.message().trim().to_string(),
-        }],
-    })?;
+    let cfg: Config = toml::from_str(text)
+        .map_err(|e| ConfigError { source_name: source_name.into(), problems: every_decoding_problem(text, &e) })?;
     let mut problems = Vec::new();
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     let mut services: BTreeMap<String, String> = BTreeMap::new();
@@ -712,6 +742,17 @@ address = "localhost"
         assert_eq!(c.requirement(w, Layer::Landlock), Requirement::BestEffort);
         assert_eq!(c.requirement(w, Layer::Seccomp), Requirement::Off);
         assert_eq!(c.requirement(w, Layer::NoNewPrivs), Requirement::Required);
+    }
+
+    #[test]
+    fn every_syntax_and_type_error_is_listed_with_its_line() {
+        let t = "[supervisor]\nshutdown-timeout-ms = \"soon\"\n\n[[worker]]\nname = \"a\"\nexecutable = \"x\"\npolicy = \"echo\"\nrestart-everything = true\n[worker.confinement]\nseccomp = \"maybe\"\n\n[[worker]]\nname = \"b\"\nexecutable = = \"x\"\n\n[[worker]]\nname = \"c\"\nexecutable = \"x\"\npolicy = \"echo\"\n";
+        let e = parse(t, "t", &policies()).expect_err("broken").to_string();
+        let lines: Vec<&str> = e.lines().collect();
+        assert_eq!(lines.len(), 3, "{e}");
+        assert!(lines[0].starts_with("t:2: invalid type: string \"soon\", expected u64"), "{e}");
+        assert!(lines[1].starts_with("t:8: unknown field `restart-everything`"), "{e}");
+        assert_eq!(lines[2], "t:14: invalid string expected `\"`, `'`", "{e}");
     }
 
     #[test]
