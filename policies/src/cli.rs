@@ -285,8 +285,8 @@ fn dispatch(cmd: PolicyCommand) -> Result<i32, PolicyError> {
                     None => {
                         let _ = writeln!(
                             out,
-                            "pid {pid} filter {i}: does not match any shipped policy ({} instructions)",
-                            f.len()
+                            "pid {pid} filter {i}: does not match any shipped policy: {}",
+                            verify::describe_filter(&set, arch, f)?
                         );
                     }
                 }

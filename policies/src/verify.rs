@@ -6,6 +6,8 @@
 //! filter, and detach; the process then carries on (an interrupted sleep restarts through
 //! `restart_syscall`, which every shipped policy allows).
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
 use std::io;
 
 use seccompiler::{sock_filter, BpfProgram};
@@ -86,6 +88,74 @@ pub fn matching_policy<'a>(
     Ok(None)
 }
 
+/// The syscalls of `arch` that `filter` lets run when called with all arguments zero, and the
+/// action it takes on the rest (the most common one).
+fn allowed_with_zero_args(filter: &[sock_filter], arch: Arch) -> Result<(BTreeSet<&'static str>, String), PolicyError> {
+    let mut allowed = BTreeSet::new();
+    let mut others: BTreeMap<String, usize> = BTreeMap::new();
+    for &(nr, name) in crate::syscalls::table(arch) {
+        let ret = crate::bpf::evaluate(filter, &crate::bpf::SeccompData::new(arch, nr, [0; 6]))?;
+        if ret & 0xffff_0000 == 0x7fff_0000 {
+            allowed.insert(name);
+        } else {
+            *others.entry(crate::bpf::action_name(ret)).or_default() += 1;
+        }
+    }
+    let default = others.into_iter().max_by_key(|(_, n)| *n).map_or_else(|| "none".to_string(), |(a, _)| a);
+    Ok((allowed, default))
+}
+
+/// Says what a filter that is no shipped policy is: how many syscalls of `arch` it lets run
+/// (called with zeroed arguments), what it does to the rest, and the shipped policy nearest to
+/// it with the differences, so an auditor can tell a stale or tampered policy from a container
+/// runtime's default profile or a filter someone else installed.
+pub fn describe_filter(set: &PolicySet, arch: Arch, filter: &[sock_filter]) -> Result<String, PolicyError> {
+    let (allowed, default) = allowed_with_zero_args(filter, arch)?;
+    let mut text = format!(
+        "{} instructions; with zeroed arguments it allows {} of {} {arch} syscalls and answers the rest with {default}",
+        filter.len(),
+        allowed.len(),
+        crate::syscalls::table(arch).len()
+    );
+    let mut nearest: Option<(usize, &str, Vec<&str>, Vec<&str>)> = None;
+    for name in set.names() {
+        let (theirs, _) = allowed_with_zero_args(&set.compile(name, arch)?, arch)?;
+        let extra: Vec<&str> = allowed.difference(&theirs).copied().collect();
+        let missing: Vec<&str> = theirs.difference(&allowed).copied().collect();
+        let distance = extra.len() + missing.len();
+        if nearest.as_ref().is_none_or(|(d, ..)| distance < *d) {
+            nearest = Some((distance, name, extra, missing));
+        }
+    }
+    let list = |v: &[&str]| {
+        let shown: Vec<&str> = v.iter().take(12).copied().collect();
+        if v.len() > shown.len() {
+            format!("{}, ... ({} in all)", shown.join(", "), v.len())
+        } else {
+            shown.join(", ")
+        }
+    };
+    if let Some((distance, name, extra, missing)) = nearest {
+        if distance == 0 {
+            let _ = write!(text, "; it allows the same syscalls as policy {name}, but its program differs (other argument conditions or actions)");
+        } else {
+            let _ = write!(text, "; nearest shipped policy: {name}");
+            if !extra.is_empty() {
+                let _ = write!(text, "; it also allows {}", list(&extra));
+            }
+            if !missing.is_empty() {
+                let _ = write!(text, "; it refuses {}", list(&missing));
+            }
+        }
+    }
+    if allowed.len() > 200 {
+        text.push_str(
+            "; a broad allow-list like a container runtime's default profile (podman's, Docker's), not an airlock worker policy",
+        );
+    }
+    Ok(text)
+}
+
 /// Checks that `pid` carries the embedded policy `policy` (compiled for this machine) as one of
 /// its installed filters; the error says what it carries instead.
 pub fn verify_pid(pid: i32, policy: &str) -> Result<(), PolicyError> {
@@ -103,10 +173,44 @@ pub fn verify_pid(pid: i32, policy: &str) -> Result<(), PolicyError> {
         for (i, f) in filters.iter().enumerate() {
             match matching_policy(set, arch, f)? {
                 Some(name) => parts.push(format!("filter {i} is policy {name}")),
-                None => parts.push(format!("filter {i} ({} instructions) matches no shipped policy", f.len())),
+                None => parts.push(format!("filter {i} matches no shipped policy: {}", describe_filter(set, arch, f)?)),
             }
         }
         parts.join("; ")
     };
     Err(PolicyError::MatchFilter { pid, policy: policy.to_string(), arch, found })
+}
+
+#[cfg(test)]
+mod describe_tests {
+    use super::*;
+
+    fn ret(k: u32) -> sock_filter {
+        sock_filter { code: 0x06, jt: 0, jf: 0, k }
+    }
+
+    #[test]
+    fn an_allow_everything_filter_is_called_a_broad_allow_list() {
+        let text = describe_filter(crate::embedded(), Arch::X86_64, &[ret(0x7fff_0000)]).expect("describe");
+        let n = crate::syscalls::table(Arch::X86_64).len();
+        assert!(
+            text.starts_with(&format!("1 instructions; with zeroed arguments it allows {n} of {n} x86_64 syscalls")),
+            "{text}"
+        );
+        assert!(text.contains("a broad allow-list like a container runtime's default profile"), "{text}");
+    }
+
+    #[test]
+    fn a_filter_allowing_nothing_is_compared_with_the_nearest_policy() {
+        let set = crate::embedded();
+        let echo = set.compile("echo", Arch::Aarch64).expect("compile");
+        let (allowed, _) = allowed_with_zero_args(&echo, Arch::Aarch64).expect("eval");
+        assert!(allowed.contains("getpid"), "echo allows getpid");
+        // An errno-everything filter allows nothing: nearest is the smallest policy, and the
+        // description lists what it refuses.
+        let text = describe_filter(set, Arch::Aarch64, &[ret(0x0005_0000 | 1)]).expect("describe");
+        assert!(text.contains("it allows 0 of") && text.contains("answers the rest with ERRNO(1 EPERM)"), "{text}");
+        assert!(text.contains("; nearest shipped policy: ") && text.contains("; it refuses "), "{text}");
+        assert!(!text.contains("container runtime"), "{text}");
+    }
 }
