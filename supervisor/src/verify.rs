@@ -207,7 +207,15 @@ pub fn verify(pid: i32, e: &Expectations) -> Result<Vec<String>, String> {
                         arch: airlock_policies::Arch::native(),
                         found: match named {
                             Some(n) => format!("policy {n}"),
-                            None => format!("{} filter(s) matching no shipped policy", fs.len()),
+                            None => match fs.first() {
+                                Some(f) => format!(
+                                    "{} filter(s) matching no shipped policy; the newest: {}",
+                                    fs.len(),
+                                    airlock_policies::verify::describe_filter(set, airlock_policies::Arch::native(), f)
+                                        .unwrap_or_else(|e| e.to_string())
+                                ),
+                                None => "no seccomp filter".to_string(),
+                            },
                         },
                     })
                 }
