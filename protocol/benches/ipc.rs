@@ -42,7 +42,6 @@ fn main() {
     let quick = std::env::var("AIRLOCK_BENCH_QUICK").is_ok();
     let only_list = std::env::var("AIRLOCK_BENCH_ONLY").ok();
     let want = |name: &str| only_list.as_deref().is_none_or(|l| l.split(',').any(|x| x == name));
-    let only: Option<String> = None;
     for pinned in [true, false] {
         if pinned {
             sys::pin_to_cpu(0).expect("pin to CPU 0");
@@ -50,9 +49,6 @@ fn main() {
             sys::unpin().expect("unpin");
         }
         let sfx = if pinned { "" } else { "_unpinned" };
-        if pinned && only.as_deref() == Some("pinned") || !pinned && only.as_deref() == Some("unpinned") {
-            continue;
-        }
         if want("rtt_64") {
             rtt_64(sfx, quick);
         }
