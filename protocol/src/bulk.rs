@@ -359,6 +359,10 @@ impl BulkPool {
 }
 
 fn refill(s: &PoolShared) {
+    // Faulting in fresh pages is the expensive part of a bulk payload: done here, when the CPU
+    // is otherwise idle, so it never competes with the sender's hot path (on a busy or pinned
+    // CPU it waits; `wait_full` and an empty pool's fallback still work). Best effort.
+    let _ = sys::make_current_thread_idle();
     loop {
         {
             let Ok(mut st) = s.state.lock() else { return };

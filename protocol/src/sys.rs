@@ -574,6 +574,14 @@ pub fn advise_hugepage(m: &Mapping) -> io::Result<()> {
     cvt(unsafe { libc::madvise(m.ptr, m.len, libc::MADV_HUGEPAGE) }).map(drop)
 }
 
+/// Moves the calling thread to `SCHED_IDLE`: it runs only when its CPU has nothing else to do.
+/// For background work (refilling a bulk pool) that must never delay the thread it serves.
+pub fn make_current_thread_idle() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param for the call.
+    cvt(unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) }).map(drop)
+}
+
 // ----------------------------------------------------------------------------- processes
 
 /// Duplicates `fd` to the lowest free number at or above `min`, close-on-exec.
