@@ -126,7 +126,10 @@ fn run_peer(mode: &str) -> Result<(), String> {
             let len = 64 * 1024u64;
             let (fd, claimed, encrypted): (OwnedFd, u64, bool) = match mode {
                 "pipe_as_bulk" => (std::io::pipe().map_err(|e| e.to_string())?.0.into(), len, false),
-                "regular_file_as_bulk" => (unlinked_file(env!("CARGO_TARGET_TMPDIR"), len)?, len, false),
+                "regular_file_as_bulk" => {
+                    let dir = disk_dir().ok_or("no writable directory off tmpfs")?;
+                    (unlinked_file(&dir, len)?, len, false)
+                }
                 "shm_file_as_bulk" => (unlinked_file("/dev/shm", len)?, len, false),
                 _ => {
                     let fd = sys::memfd_create(c"hostile", false).map_err(|e| e.to_string())?;
@@ -170,6 +173,26 @@ fn unlinked_file(dir: &str, len: u64) -> Result<OwnedFd, String> {
     let _ = std::fs::remove_file(&path);
     f.set_len(len).map_err(|e| e.to_string())?;
     Ok(f.into())
+}
+
+/// A writable directory whose files are not shmem, for a regular file posing as a memfd: the
+/// target's tmp directory, else the system's temporary directories (in a container lane the
+/// target directory may belong to another uid, and /tmp may be an overlay). The test and its
+/// peer both ask, and get the same answer.
+fn disk_dir() -> Option<String> {
+    let candidates =
+        [env!("CARGO_TARGET_TMPDIR").to_string(), "/var/tmp".into(), std::env::temp_dir().display().to_string()];
+    candidates.into_iter().find(|dir| {
+        let writable = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(std::path::Path::new(dir).join(format!("airlock-probe-{}", std::process::id())))
+            .map(|_| {
+                std::fs::remove_file(std::path::Path::new(dir).join(format!("airlock-probe-{}", std::process::id())))
+            })
+            .is_ok();
+        writable && !on_tmpfs(dir)
+    })
 }
 
 /// Whether files in `dir` live on tmpfs (shmem), from `fstatfs`. Under the lock: opening the
@@ -359,9 +382,10 @@ fn pipe_posing_as_bulk_is_rejected_as_not_memfd() {
 
 #[test]
 fn regular_file_posing_as_bulk_is_rejected_as_not_memfd() {
-    let dir = env!("CARGO_TARGET_TMPDIR");
-    if on_tmpfs(dir) {
-        eprintln!("skipped: {dir} is on tmpfs, so a file there is shmem; the shm test covers that case");
+    if disk_dir().is_none() {
+        eprintln!(
+            "skipped: no writable directory off tmpfs here (a file on tmpfs is shmem; the shm test covers that case)"
+        );
         return;
     }
     let e = hostile("regular_file_as_bulk");

@@ -21,16 +21,37 @@ pub struct AirlockdArgs {
     /// Downgrade these confinement layers from `required` to `best-effort` for every worker
     /// (comma-separated layer names as in the configuration, e.g. `uid,mount-namespace`). For a
     /// host that cannot give them, such as the unprivileged unit; logged at start, and the
-    /// confinement report shows what was not applied.
+    /// confinement report shows what was not applied. Only namespaces, `uid` and `landlock`:
+    /// the other layers need no privilege anywhere.
     #[arg(long, value_name = "LAYERS", value_delimiter = ',', value_parser = parse_layer)]
     pub best_effort: Vec<airlock_worker::Layer>,
 }
 
 fn parse_layer(s: &str) -> Result<airlock_worker::Layer, String> {
-    airlock_worker::Layer::ALL.into_iter().find(|l| l.name() == s).ok_or_else(|| {
-        let names: Vec<_> = airlock_worker::Layer::ALL.iter().map(|l| l.name()).collect();
-        format!("unknown confinement layer {s:?} (layers: {})", names.join(", "))
-    })
+    use airlock_worker::Layer;
+    // Only what a host can lack: namespaces (refused by a container runtime or a sysctl), an
+    // own uid (needs a privileged supervisor), Landlock (needs a kernel with it). Seccomp,
+    // no_new_privs, capabilities, rlimits, not-dumpable and the parent-death signal need no
+    // privilege anywhere, so there is never a reason to downgrade them.
+    const MAY: [Layer; 9] = [
+        Layer::UserNamespace,
+        Layer::PidNamespace,
+        Layer::NetNamespace,
+        Layer::MountNamespace,
+        Layer::IpcNamespace,
+        Layer::UtsNamespace,
+        Layer::CgroupNamespace,
+        Layer::Uid,
+        Layer::Landlock,
+    ];
+    let names = || MAY.iter().map(|l| l.name()).collect::<Vec<_>>().join(", ");
+    match Layer::ALL.into_iter().find(|l| l.name() == s) {
+        Some(l) if MAY.contains(&l) => Ok(l),
+        Some(_) => {
+            Err(format!("{s} needs no privilege on any host and cannot be downgraded (layers that can: {})", names()))
+        }
+        None => Err(format!("unknown confinement layer {s:?} (layers that can be downgraded: {})", names())),
+    }
 }
 
 #[derive(Debug, Parser)]

@@ -517,14 +517,8 @@ pub fn spawn(cfg: &Config, index: usize, host: &HostAbilities) -> Result<Started
             }
             other => return Err(SpawnError::Protocol { step: "confine", got: kind_of(&other).into() }),
         };
-        let expect = verify::Expectations::from_report(
-            &report,
-            |l| d.plan.requirement(l) == Requirement::Required,
-            &d.plan.from_supervisor,
-            d.host_uid,
-            host.root || d.use_userns,
-            w.policy.get_ref(),
-        );
+        let expect =
+            verify::Expectations::from_report(&report, &d.plan, (d.host_uid, d.host_gid), host.root || d.use_userns);
         let notes = verify::verify(pid, &expect).map_err(SpawnError::Verification)?;
         ch.send(&ToWorker::Start { settings: cfg.settings_for(w) })
             .map_err(|e| SpawnError::Channel { step: "start", source: e })?;

@@ -3,13 +3,18 @@
 //! privilege, the installed seccomp filter must be exactly the compiled policy).
 //! A disagreement is a security event: the caller kills the worker.
 
-use airlock_worker::sandbox::{ConfinementReport, Layer, LayerState};
+use airlock_worker::sandbox::{ConfinementPlan, ConfinementReport, Layer, LayerState, Rlimits};
+use airlock_worker::Requirement;
 
 /// The fields of `/proc/PID/status` that confinement is judged by.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProcStatus {
     /// Real, effective, saved, filesystem uid as seen from the supervisor's user namespace.
     pub uid: [u32; 4],
+    /// The same for gids.
+    pub gid: [u32; 4],
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
     pub no_new_privs: bool,
     /// 0 none, 1 strict, 2 filter.
     pub seccomp: u8,
@@ -40,6 +45,14 @@ pub fn parse_status(text: &str) -> Result<ProcStatus, String> {
                 s.uid = [ids[0], ids[1], ids[2], ids[3]];
                 seen += 1;
             }
+            "Gid" => {
+                let ids: Vec<u32> = v.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+                if ids.len() != 4 {
+                    return Err(format!("Gid line malformed: {v:?}"));
+                }
+                s.gid = [ids[0], ids[1], ids[2], ids[3]];
+            }
+            "Groups" => s.groups = v.split_whitespace().filter_map(|x| x.parse().ok()).collect(),
             "NoNewPrivs" => {
                 s.no_new_privs = v == "1";
                 seen += 1;
@@ -67,6 +80,11 @@ pub fn parse_status(text: &str) -> Result<ProcStatus, String> {
 #[derive(Debug, Clone)]
 pub struct Expectations {
     pub uid: u32,
+    pub gid: u32,
+    /// The uid layer is applied: the worker has its own ids and no supplementary groups.
+    pub own_ids: bool,
+    /// The rlimits the plan sets, when that layer is applied or required.
+    pub rlimits: Option<Rlimits>,
     pub seccomp: bool,
     pub no_new_privs: bool,
     pub caps_cleared: bool,
@@ -90,18 +108,19 @@ impl Expectations {
     /// (namespaces, uid mapping): the report must not claim better.
     pub fn from_report(
         report: &ConfinementReport,
-        required: impl Fn(Layer) -> bool,
-        from_supervisor: &[(Layer, LayerState)],
-        uid: u32,
+        plan: &ConfinementPlan,
+        ids: (u32, u32),
         privileged: bool,
-        policy: &str,
     ) -> Expectations {
+        let required = |l| plan.requirement(l) == Requirement::Required;
+        let from_supervisor = &plan.from_supervisor;
         let applied = |l| matches!(report.get(l), Some(LayerState::Applied)) || required(l);
-        let caps = report.get(Layer::Capabilities);
         let says = |l| report.get(l).map_or("nothing".to_string(), |s| s.to_string());
+        // The worker fails any required layer it cannot fully apply, so anything but
+        // `applied` for one is a lie (a claimed `degraded` would skip the bounding-set check).
         let mut contradictions: Vec<String> = Layer::ALL
             .into_iter()
-            .filter(|&l| required(l) && !matches!(report.get(l), Some(LayerState::Applied | LayerState::Degraded(_))))
+            .filter(|&l| required(l) && !matches!(report.get(l), Some(LayerState::Applied)))
             .map(|l| format!("{} is required, the report says {}", l.name(), says(l)))
             .collect();
         for (l, ours) in from_supervisor {
@@ -111,14 +130,18 @@ impl Expectations {
                 contradictions.push(format!("report says {} {}, airlockd set it {ours}", l.name(), says(*l)));
             }
         }
+        let caps = report.get(Layer::Capabilities);
         Expectations {
-            uid,
+            uid: ids.0,
+            gid: ids.1,
+            own_ids: applied(Layer::Uid),
+            rlimits: applied(Layer::Rlimits).then(|| plan.rlimits.clone()),
             seccomp: applied(Layer::Seccomp),
             no_new_privs: applied(Layer::NoNewPrivs),
             caps_cleared: applied(Layer::Capabilities) || matches!(caps, Some(LayerState::Degraded(_))),
-            bounding_cleared: matches!(caps, Some(LayerState::Applied)),
+            bounding_cleared: applied(Layer::Capabilities),
             read_filter: privileged && crate::sys::euid() == 0,
-            policy: policy.to_string(),
+            policy: plan.policy.clone(),
             contradictions,
             inherited_filters: own_seccomp_filters(),
         }
@@ -153,6 +176,12 @@ pub fn check(s: &ProcStatus, e: &Expectations) -> Vec<String> {
     if s.uid.iter().any(|&u| u != e.uid) {
         bad.push(format!("uids {:?}, expected all {}", s.uid, e.uid));
     }
+    if s.gid.iter().any(|&g| g != e.gid) {
+        bad.push(format!("gids {:?}, expected all {}", s.gid, e.gid));
+    }
+    if e.own_ids && !s.groups.is_empty() {
+        bad.push(format!("report says uid applied, status says Groups: {:?}", s.groups));
+    }
     if e.seccomp && s.seccomp != 2 {
         bad.push(format!("report says seccomp applied, status says Seccomp: {}", s.seccomp));
     } else if let (true, Some(theirs), Some(ours)) = (e.seccomp, s.seccomp_filters, e.inherited_filters) {
@@ -178,13 +207,58 @@ pub fn check(s: &ProcStatus, e: &Expectations) -> Vec<String> {
     bad
 }
 
+/// Checks the text of `/proc/PID/limits` against the limits the plan set (soft and hard).
+pub fn check_limits(text: &str, want: &Rlimits) -> Vec<String> {
+    let mut bad = Vec::new();
+    for (row, value) in [
+        ("Max core file size", Some(want.core)),
+        ("Max open files", want.nofile),
+        ("Max processes", want.nproc),
+        ("Max address space", want.address_space),
+        ("Max file size", want.fsize),
+    ] {
+        let Some(value) = value else { continue };
+        let got: Vec<&str> = text
+            .lines()
+            .find_map(|l| l.strip_prefix(row))
+            .map(|r| r.split_whitespace().take(2).collect())
+            .unwrap_or_default();
+        if got != [value.to_string(), value.to_string()] {
+            bad.push(format!("report says rlimits applied, /proc limits say {row}: {got:?}, expected {value}"));
+        }
+    }
+    bad
+}
+
 /// Reads `/proc/PID/status` (and, where privileged, the installed filter) and checks it.
 /// Returns informational notes; `Err` lists the mismatches.
 pub fn verify(pid: i32, e: &Expectations) -> Result<Vec<String>, String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .map_err(|err| format!("reading /proc/{pid}/status: {err}"))?;
-    let s = parse_status(&text)?;
-    let bad = check(&s, e);
+    // Every thread: confinement is per thread, and a worker that confined only its main
+    // thread would otherwise pass. And no children: a process forked before confinement
+    // would be a second, unverified worker.
+    let tasks =
+        std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|err| format!("reading /proc/{pid}/task: {err}"))?;
+    let mut bad = Vec::new();
+    for task in tasks {
+        let task = task.map_err(|err| format!("reading /proc/{pid}/task: {err}"))?;
+        let tid = task.file_name().to_string_lossy().into_owned();
+        let text = std::fs::read_to_string(task.path().join("status"))
+            .map_err(|err| format!("reading /proc/{pid}/task/{tid}/status: {err}"))?;
+        let s = parse_status(&text)?;
+        bad.extend(
+            check(&s, e).into_iter().map(|b| if tid == pid.to_string() { b } else { format!("thread {tid}: {b}") }),
+        );
+        if let Ok(children) = std::fs::read_to_string(task.path().join("children")) {
+            if !children.trim().is_empty() {
+                bad.push(format!("thread {tid} has child processes ({})", children.trim()));
+            }
+        }
+    }
+    if let Some(want) = &e.rlimits {
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))
+            .map_err(|err| format!("reading /proc/{pid}/limits: {err}"))?;
+        bad.extend(check_limits(&limits, want));
+    }
     if !bad.is_empty() {
         return Err(bad.join("; "));
     }
@@ -242,9 +316,26 @@ mod tests {
 
     const CONFINED: &str = "Name:\tx\nUid:\t61000\t61000\t61000\t61000\nGid:\t61000\t61000\t61000\t61000\nCapInh:\t0000000000000000\nCapPrm:\t0000000000000000\nCapEff:\t0000000000000000\nCapBnd:\t0000000000000000\nCapAmb:\t0000000000000000\nNoNewPrivs:\t1\nSeccomp:\t2\nSeccomp_filters:\t1\n";
 
+    /// A plan requiring `required` (everything else best-effort), with the supervisor's states.
+    fn plan(required: &[Layer], from_supervisor: Vec<(Layer, LayerState)>) -> ConfinementPlan {
+        ConfinementPlan {
+            worker: "w".into(),
+            policy: "echo".into(),
+            requirements: Layer::ALL
+                .iter()
+                .map(|l| (*l, if required.contains(l) { Requirement::Required } else { Requirement::BestEffort }))
+                .collect(),
+            from_supervisor,
+            ..ConfinementPlan::default()
+        }
+    }
+
     fn expect() -> Expectations {
         Expectations {
             uid: 61000,
+            gid: 61000,
+            own_ids: true,
+            rlimits: None,
             seccomp: true,
             no_new_privs: true,
             caps_cleared: true,
@@ -270,6 +361,8 @@ mod tests {
             ("CapEff:\t0000000000000000", "CapEff:\t0000000000200000", "CapEff"),
             ("CapBnd:\t0000000000000000", "CapBnd:\t000001ffffffffff", "CapBnd"),
             ("Uid:\t61000\t61000\t61000\t61000", "Uid:\t61000\t0\t61000\t61000", "uids"),
+            ("Gid:\t61000\t61000\t61000\t61000", "Gid:\t61000\t0\t61000\t61000", "gids"),
+            ("Gid:\t61000\t61000\t61000\t61000\n", "Gid:\t61000\t61000\t61000\t61000\nGroups:\t0 27\n", "Groups"),
         ] {
             let s = parse_status(&CONFINED.replace(from, to)).expect("parse");
             let bad = check(&s, &expect());
@@ -282,8 +375,12 @@ mod tests {
         let mut report = ConfinementReport::default();
         report.set(Layer::Seccomp, LayerState::Off);
         report.set(Layer::NoNewPrivs, LayerState::Applied);
-        let required = |l| matches!(l, Layer::Seccomp | Layer::NoNewPrivs);
-        let e = Expectations::from_report(&report, required, &[], 61000, false, "echo");
+        let e = Expectations::from_report(
+            &report,
+            &plan(&[Layer::Seccomp, Layer::NoNewPrivs], vec![]),
+            (61000, 61000),
+            false,
+        );
         assert!(e.seccomp, "required seccomp is expected in /proc even when the report says off");
         assert_eq!(e.contradictions, vec!["seccomp is required, the report says off".to_string()]);
         let s = parse_status(&CONFINED.replace("Seccomp:\t2", "Seccomp:\t0")).expect("parse");
@@ -291,8 +388,16 @@ mod tests {
         assert!(bad.iter().any(|b| b.contains("seccomp is required")), "{bad:?}");
         assert!(bad.iter().any(|b| b.contains("status says Seccomp: 0")), "{bad:?}");
         // Not required and reported off: nothing to check.
-        let e = Expectations::from_report(&report, |l| l == Layer::NoNewPrivs, &[], 61000, false, "echo");
+        let e = Expectations::from_report(&report, &plan(&[Layer::NoNewPrivs], vec![]), (61000, 61000), false);
         assert!(!e.seccomp && e.contradictions.is_empty());
+        // A required layer claimed only `degraded` is a lie: the worker fails such a layer.
+        report.set(Layer::Capabilities, LayerState::Degraded("bounding set kept".into()));
+        let e = Expectations::from_report(&report, &plan(&[Layer::Capabilities], vec![]), (61000, 61000), false);
+        assert!(e.bounding_cleared, "a required capabilities layer is checked in full");
+        assert_eq!(
+            e.contradictions,
+            vec!["capabilities is required, the report says degraded (bounding set kept)".to_string()]
+        );
     }
 
     #[test]
@@ -306,7 +411,7 @@ mod tests {
             (Layer::PidNamespace, LayerState::Applied),
             (Layer::MountNamespace, LayerState::Applied),
         ];
-        let e = Expectations::from_report(&report, |_| false, &ours, 61000, false, "echo");
+        let e = Expectations::from_report(&report, &plan(&[], ours.to_vec()), (61000, 61000), false);
         assert_eq!(
             e.contradictions,
             vec!["report says user-namespace applied, airlockd set it unavailable (EPERM)".to_string()]
@@ -327,6 +432,18 @@ mod tests {
         assert!(check(&s, &e).is_empty());
         e.inherited_filters = None; // a kernel without Seccomp_filters: not checked
         assert!(check(&parse_status(&CONFINED.replace("Seccomp_filters:\t1\n", "")).expect("parse"), &e).is_empty());
+    }
+
+    #[test]
+    fn limits_are_checked_soft_and_hard() {
+        let text = "Limit                     Soft Limit           Hard Limit           Units\nMax core file size        0                    0                    bytes\nMax open files            64                   64                   files\nMax processes             512                  4096                 processes\n";
+        let want = Rlimits { nofile: Some(64), nproc: Some(512), address_space: None, fsize: None, core: 0 };
+        assert_eq!(
+            check_limits(text, &want),
+            vec!["report says rlimits applied, /proc limits say Max processes: [\"512\", \"4096\"], expected 512"
+                .to_string()]
+        );
+        assert!(check_limits(&text.replace("4096      ", "512       "), &want).is_empty());
     }
 
     #[test]

@@ -59,5 +59,11 @@ fn best_effort_names_an_unknown_layer_and_lists_the_real_ones() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("unknown confinement layer \"no-such-layer\""), "{err}");
-    assert!(err.contains("layers: user-namespace, pid-namespace,"), "{err}");
+    assert!(err.contains("layers that can be downgraded: user-namespace, pid-namespace,"), "{err}");
+    for layer in ["seccomp", "no-new-privs", "capabilities", "rlimits", "not-dumpable", "parent-death-signal"] {
+        let out = airlockd().args(["--best-effort", layer]).output().expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{layer}: {err}");
+        assert!(err.contains(&format!("{layer} needs no privilege on any host and cannot be downgraded")), "{err}");
+    }
 }

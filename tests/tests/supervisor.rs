@@ -113,6 +113,27 @@ fn a_worker_that_lies_about_its_confinement_is_killed_as_a_security_event() {
     assert!(st.success(), "{log}");
 }
 
+/// Confinement is per thread: a worker that confined its main thread but kept one started
+/// before (with the process's capabilities) is caught by checking every thread, wherever the
+/// worker had capabilities to lose (root, or root of its user namespace).
+#[test]
+fn a_thread_left_unconfined_is_caught() {
+    let d = Daemon::start(&format!("{}{}", echo_worker("echo", "echo", ""), liar("\"unconfined-thread\"")));
+    let echo = d.wait_running("echo");
+    let had_caps = is_root() || echo.layer("user-namespace") == Some("applied");
+    if had_caps {
+        let w = d.wait_for("liar", "verification", |w| matches!(w.state, WorkerState::Failed(_)));
+        let WorkerState::Failed(why) = w.state else { unreachable!() };
+        assert!(why.starts_with("SECURITY: confinement verification failed: thread "), "{why}");
+        assert!(why.contains("report says capabilities dropped, status says CapEff"), "{why}");
+    } else {
+        println!("the worker never had capabilities here (no user namespace, not root): its extra thread holds nothing to catch");
+        d.wait_running("liar");
+    }
+    let (st, log) = d.stop();
+    assert!(st.success(), "{log}");
+}
+
 /// A worker that installs another policy's filter than its own: where the supervisor can read
 /// installed filters (host root), it names the filter and kills the worker; elsewhere the
 /// report says the filter was not compared, and why, rather than claiming it was.

@@ -149,7 +149,7 @@ pub struct Rlimits {
 
 /// What the supervisor asks a worker to apply. Namespaces are applied by the supervisor at
 /// spawn; their states arrive pre-filled in `from_supervisor`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ConfinementPlan {
     pub worker: String,
     pub policy: String,

@@ -11,8 +11,9 @@
 //! Two more modes play a worker that lies about its confinement, to test that the supervisor
 //! verifies from outside instead of believing the report: `lie-unconfined` reports every layer
 //! applied and applies none; `lie-filter POLICY` applies every layer but installs POLICY's
-//! filter instead of its own. And `ignore-shutdown` is confined truthfully but ignores the
-//! supervisor's `Shutdown`. (The probe is a test worker; it is not packaged.)
+//! filter instead of its own; `unconfined-thread` confines its main thread truthfully but
+//! keeps a thread started before confinement. And `ignore-shutdown` is confined truthfully but
+//! ignores the supervisor's `Shutdown`. (The probe is a test worker; it is not packaged.)
 
 use airlock_worker::sandbox::errno_name;
 use airlock_worker::sys::raw_syscall6;
@@ -142,7 +143,14 @@ fn lie(mode: &str, policy: Option<&str>) -> Result<(), String> {
         ToWorker::Confine(p) => p,
         _ => return Err("expected Confine".into()),
     };
-    let report = if mode == "ignore-shutdown" {
+    if mode == "unconfined-thread" {
+        // A thread started before confinement keeps what the process had (capabilities, no
+        // Landlock domain): the supervisor must check every thread, not just the main one.
+        std::thread::spawn(|| loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        });
+    }
+    let report = if mode == "ignore-shutdown" || mode == "unconfined-thread" {
         // Truthful: the real confinement; the misbehaviour comes at shutdown.
         let mut r = sandbox::apply_before_seccomp(&plan).map_err(|f| f.reason)?;
         sandbox::apply_seccomp(&plan, &mut r).map_err(|f| f.reason)?;
@@ -182,7 +190,7 @@ fn main() {
     airlock_worker::init_logging();
     let args: Vec<String> = std::env::args().collect();
     let what = args.get(1).cloned().unwrap_or_default();
-    if what.starts_with("lie-") || what == "ignore-shutdown" {
+    if what.starts_with("lie-") || what == "ignore-shutdown" || what == "unconfined-thread" {
         if let Err(e) = lie(&what, args.get(2).map(String::as_str)) {
             eprintln!("airlock-worker-probe: {e}");
             std::process::exit(2);
