@@ -44,9 +44,17 @@ install -m 0644 policies/common/*.toml "$root/usr/share/airlock/policies/common/
 ' >"$root/etc/airlock/airlock.toml"
 chmod 0644 "$root/etc/airlock/airlock.toml"
 "$rel/airlockd" --check-config "$root/etc/airlock/airlock.toml" >&2
-if grep -n '= "best-effort"' "$root/etc/airlock/airlock.toml" >&2; then
-  echo "the packaged configuration must mark every layer required" >&2; exit 1
-fi
+# Checked as TOML, not as text: every confinement table, defaults and per worker, says
+# required for every layer it names (a layer not named is required too).
+python3 - "$root/etc/airlock/airlock.toml" <<'PY' || exit 1
+import sys, tomllib
+cfg = tomllib.load(open(sys.argv[1], "rb"))
+tables = [("defaults", cfg.get("defaults", {}).get("confinement", {}))]
+tables += [(w.get("name", "?"), w.get("confinement", {})) for w in cfg.get("worker", [])]
+bad = [f"{who}: {layer} = {v!r}" for who, t in tables for layer, v in t.items() if v != "required"]
+if bad:
+    sys.exit("the packaged configuration must mark every layer required: " + "; ".join(bad))
+PY
 
 install -m 0644 packaging/systemd/airlockd.service packaging/systemd/airlockd-privileged.service \
   packaging/systemd/airlockd.socket "$root/usr/lib/systemd/system/"

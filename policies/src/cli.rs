@@ -286,7 +286,8 @@ fn dispatch(cmd: PolicyCommand) -> Result<i32, PolicyError> {
                         let _ = writeln!(
                             out,
                             "pid {pid} filter {i}: does not match any shipped policy: {}",
-                            verify::describe_filter(&set, arch, f)?
+                            verify::describe_filter(&set, arch, f)
+                                .unwrap_or_else(|e| format!("cannot be evaluated: {e}"))
                         );
                     }
                 }

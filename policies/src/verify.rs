@@ -110,6 +110,20 @@ fn allowed_with_zero_args(filter: &[sock_filter], arch: Arch) -> Result<(BTreeSe
 /// it with the differences, so an auditor can tell a stale or tampered policy from a container
 /// runtime's default profile or a filter someone else installed.
 pub fn describe_filter(set: &PolicySet, arch: Arch, filter: &[sock_filter]) -> Result<String, PolicyError> {
+    let mut shipped = Vec::new();
+    for name in set.names() {
+        shipped.push((name, allowed_with_zero_args(&set.compile(name, arch)?, arch)?.0));
+    }
+    describe_against(&shipped, arch, filter)
+}
+
+/// As [`describe_filter`], against shipped policies' allowed sets computed once (for a process
+/// with several filters).
+fn describe_against(
+    shipped: &[(&str, BTreeSet<&'static str>)],
+    arch: Arch,
+    filter: &[sock_filter],
+) -> Result<String, PolicyError> {
     let (allowed, default) = allowed_with_zero_args(filter, arch)?;
     let mut text = format!(
         "{} instructions; with zeroed arguments it allows {} of {} {arch} syscalls and answers the rest with {default}",
@@ -118,9 +132,9 @@ pub fn describe_filter(set: &PolicySet, arch: Arch, filter: &[sock_filter]) -> R
         crate::syscalls::table(arch).len()
     );
     let mut nearest: Option<(usize, &str, Vec<&str>, Vec<&str>)> = None;
-    for name in set.names() {
-        let (theirs, _) = allowed_with_zero_args(&set.compile(name, arch)?, arch)?;
-        let extra: Vec<&str> = allowed.difference(&theirs).copied().collect();
+    for (name, theirs) in shipped {
+        let name = *name;
+        let extra: Vec<&str> = allowed.difference(theirs).copied().collect();
         let missing: Vec<&str> = theirs.difference(&allowed).copied().collect();
         let distance = extra.len() + missing.len();
         if nearest.as_ref().is_none_or(|(d, ..)| distance < *d) {
@@ -173,7 +187,10 @@ pub fn verify_pid(pid: i32, policy: &str) -> Result<(), PolicyError> {
         for (i, f) in filters.iter().enumerate() {
             match matching_policy(set, arch, f)? {
                 Some(name) => parts.push(format!("filter {i} is policy {name}")),
-                None => parts.push(format!("filter {i} matches no shipped policy: {}", describe_filter(set, arch, f)?)),
+                None => parts.push(format!(
+                    "filter {i} matches no shipped policy: {}",
+                    describe_filter(set, arch, f).unwrap_or_else(|e| format!("cannot be evaluated: {e}"))
+                )),
             }
         }
         parts.join("; ")

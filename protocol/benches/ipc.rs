@@ -52,6 +52,9 @@ fn main() {
         if want("rtt_64") {
             rtt_64(sfx, quick);
         }
+        if pinned && want("rtt_64_in_process") {
+            rtt_64_in_process(quick);
+        }
         if want("msgs_1k") {
             msgs_1k(sfx, quick);
         }
@@ -167,6 +170,57 @@ fn rtt_64(sfx: &str, quick: bool) {
     drop(sock);
     finish(child);
     emit(&format!("rtt_64{sfx}"), airlock, median(times), "us", true, None);
+}
+
+/// What the channel itself costs per 64-byte round trip, without any scheduling: both ends in
+/// this thread (send, receive, send back, receive), against the same on a raw SEQPACKET pair.
+/// The difference (crypto, codec, sendmsg/recvmsg with descriptors) is what `rtt_64` adds to a
+/// raw round trip at the least; a reference for reading `rtt_64`'s ratio.
+fn rtt_64_in_process(quick: bool) {
+    let iters = if quick { 5000 } else { 50000 };
+    let payload = vec![0x5au8; 64];
+    let (mut a, mut b) = Channel::pair(bench_limits(), airlock_protocol::DEFAULT_REKEY_INTERVAL).expect("pair");
+    let t = std::thread::spawn(move || {
+        b.handshake(&Hello::new(Role::Worker, "b")).expect("handshake");
+        b
+    });
+    a.handshake(&Hello::new(Role::Supervisor, "a")).expect("handshake");
+    let mut b = t.join().expect("join");
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        a.send(&BenchMsg::Echo(payload.clone())).expect("send");
+        let BenchMsg::Echo(v) = b.recv::<BenchMsg>().expect("recv").msg else { panic!("echo") };
+        b.send(&BenchMsg::Echo(v)).expect("send back");
+        let r = a.recv::<BenchMsg>().expect("recv back");
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+        assert!(matches!(r.msg, BenchMsg::Echo(v) if v.len() == 64));
+    }
+    let airlock = median(times);
+    let (x, y) = sys::seqpacket_pair().expect("pair");
+    let mut buf = [0u8; 256];
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        sys::send_bytes(x.as_fd(), &payload).expect("send");
+        let n = sys::recv_bytes(y.as_fd(), &mut buf).expect("recv");
+        sys::send_bytes(y.as_fd(), &buf[..n]).expect("send back");
+        let n = sys::recv_bytes(x.as_fd(), &mut buf).expect("recv back");
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+        assert_eq!(n, 64);
+    }
+    let raw = median(times);
+    emit(
+        "rtt_64_in_process",
+        airlock,
+        raw,
+        "us",
+        true,
+        Some((
+            "note",
+            format!("both ends in one thread, no scheduling: the channel adds {:.2} us per round trip", airlock - raw),
+        )),
+    );
 }
 
 fn msgs_1k(sfx: &str, quick: bool) {

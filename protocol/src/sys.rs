@@ -551,8 +551,21 @@ pub fn populate_write(m: &mut Mapping) -> io::Result<()> {
     if m.len == 0 {
         return Ok(());
     }
-    // SAFETY: advice on a live mapping we own; populating does not change its contents.
-    if unsafe { libc::madvise(m.ptr, m.len, MADV_POPULATE_WRITE) } == 0 {
+    // In 2 MiB steps: populating holds the process's mmap lock, and a caller running at
+    // SCHED_IDLE (the bulk pool's refill) must not hold it long while another thread waits to
+    // map or unmap.
+    const STEP: usize = 2 << 20;
+    let mut done = 0;
+    while done < m.len {
+        let n = STEP.min(m.len - done);
+        // SAFETY: advice on a sub-range of a live mapping we own (`done + n <= len`);
+        // populating does not change its contents.
+        if unsafe { libc::madvise(m.ptr.cast::<u8>().add(done).cast(), n, MADV_POPULATE_WRITE) } != 0 {
+            break;
+        }
+        done += n;
+    }
+    if done >= m.len {
         return Ok(());
     }
     let Some(s) = m.as_mut_slice() else { return Err(io::Error::from_raw_os_error(libc::EACCES)) };

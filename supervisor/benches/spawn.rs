@@ -106,11 +106,11 @@ struct Daemon {
 impl Daemon {
     /// Starts `bins/airlockd` with `workers` idle echo workers.
     fn start(bins: &Path, workers: usize) -> Daemon {
-        // On the target's file system, as the broker bench; the workers' own uids may enter it.
+        // On the target's file system, as the broker bench; 0755: root's airlockd reads its configuration here.
         let dir = bins.join(format!("airlock-bench-spawn-{}-{workers}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("bench dir");
-        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
         std::fs::write(dir.join("airlock.toml"), bench_config(bins, workers, Some(&dir))).expect("config");
         let child = Command::new(bins.join("airlockd"))
             .arg("--config")

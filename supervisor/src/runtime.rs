@@ -430,7 +430,9 @@ impl Supervisor {
                 Err(e) => break Err(e),
             }
         };
-        self.shutdown();
+        // After a fatal (journal) error, skip the journal's last flush: on a hung disk it
+        // would hold up the workers' shutdown, and its failure is sticky anyway.
+        self.shutdown(result.is_ok());
         result
     }
 
@@ -1297,8 +1299,18 @@ impl Supervisor {
         }
     }
 
-    fn shutdown(&mut self) {
+    fn shutdown(&mut self, flush_journal: bool) {
         self.notifier.send("STOPPING=1");
+        self.shutdown_journal(flush_journal);
+        self.stop_workers();
+    }
+
+    /// The journal's last commit and sync, and the acceptances they make good.
+    fn shutdown_journal(&mut self, flush: bool) {
+        if !flush {
+            tracing::warn!("at shutdown: the journal failed; not flushing it again");
+            return;
+        }
         let committed = self.commit_journal();
         if let Err(e) = &committed {
             tracing::error!(
@@ -1312,6 +1324,10 @@ impl Supervisor {
             // Synced here and now: every message waiting for the sync thread is durable.
             self.accept_up_to(u64::MAX);
         }
+    }
+
+    /// `Shutdown` to every worker, SIGKILL for those still running after the timeout.
+    fn stop_workers(&mut self) {
         for s in &mut self.slots {
             if let Some(r) = s.run.as_mut() {
                 let _ = r.channel.send(&ToWorker::Shutdown);

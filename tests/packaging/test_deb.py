@@ -17,6 +17,7 @@ import errno
 import json
 import os
 import pwd
+import shlex
 import signal
 import socket
 import subprocess
@@ -134,6 +135,9 @@ def installed(deb):
                  "/usr/lib/tmpfiles.d/airlock.conf", "/usr/share/man/man8/airlockd.8.gz",
                  "/usr/share/man/man8/airlock-user.8.gz", "/usr/share/doc/airlock/copyright"]:
         check(path in files and os.path.exists(path), f"installed {path}")
+    # The test workers (the escape probe can play a lying worker) are never shipped.
+    for w in ["probe", "echo", "sink"]:
+        check(not any(f.endswith(f"airlock-worker-{w}") for f in files), f"airlock-worker-{w} is not in the package")
     conff = run("dpkg-query", "-W", "-f=${Conffiles}", "airlock").stdout
     check("/etc/airlock/airlock.toml" in conff, "/etc/airlock/airlock.toml is a conffile")
     try:
@@ -193,7 +197,11 @@ def start_like_the_unit(pw, unit_name):
     hmi.bind(("127.0.0.1", 8080))
     hmi.listen(128)
     # The unit's own command line, as systemd would run it.
-    argv = next(line.split("=", 1)[1].split() for line in open(unit) if line.startswith("ExecStart="))
+    # (shlex for quoting; systemd's prefixes such as '-' or '+' would change how it runs, and
+    # this unit has none.)
+    exec_start = next(line.split("=", 1)[1] for line in open(unit) if line.startswith("ExecStart="))
+    check(exec_start[:1] not in "-+!@:", f"{unit_name}: ExecStart= has no special prefix: {exec_start}")
+    argv = shlex.split(exec_start)
     log_path = os.path.join(tmp, "airlockd.log")
     log = open(log_path, "wb")
     pid = os.fork()
@@ -259,7 +267,12 @@ def start_like_the_unit(pw, unit_name):
             check(st["uid"] == owner[0], f"airlockd runs as uid {owner[0]}")
             # The packaged configuration requires every layer; only what the unit's command
             # line downgrades (--best-effort) may be missing, and it must be reported.
-            relaxed = set(argv[argv.index("--best-effort") + 1].split(",")) if "--best-effort" in argv else set()
+            relaxed = set()
+            for i, a in enumerate(argv):
+                if a == "--best-effort" and i + 1 < len(argv):
+                    relaxed |= set(argv[i + 1].split(","))
+                elif a.startswith("--best-effort="):
+                    relaxed |= set(a.split("=", 1)[1].split(","))
             for w in st["workers"]:
                 missing = {l: s for l, s in w["confinement"] if s != "applied" and l not in relaxed}
                 check(not missing, f"{w['name']}: every layer the unit requires is applied ({missing})")

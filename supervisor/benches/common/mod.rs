@@ -61,7 +61,7 @@ pub fn build_binaries(packages: &[&str]) {
         return;
     };
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--release", "--bins"]);
+    cmd.args(["build", "--release", "--locked", "--bins"]);
     for p in packages {
         cmd.args(["-p", p]);
     }
