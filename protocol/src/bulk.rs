@@ -31,7 +31,8 @@ pub enum BulkMode {
 }
 
 /// Default payload size below which bulk bytes travel inline in the frame. Measured by the
-/// `bulk_crossover` benchmark scenario on the reference machine (see the bench's output).
+/// `bulk_crossover` benchmark scenario on the reference machine: at 16 KiB a fresh sealed
+/// memfd first beats an inline frame (49 us against 52; at 8 KiB 43 against 31).
 pub const DEFAULT_INLINE_THRESHOLD: usize = 16 * 1024;
 
 const MEMFD_NAME: &CStr = c"airlock-bulk";
