@@ -29,25 +29,10 @@ fn confinement_report_matches_proc_status_from_outside() {
             "each worker has its own dynamic uid"
         );
     }
-    for (layer, state) in &w.confinement {
-        assert!(
-            state == "applied"
-                || state == "off"
-                || state.starts_with("unavailable (")
-                || state.starts_with("degraded ("),
-            "{layer}: {state}"
-        );
-    }
+    // (assert_report_is_truthful checked every layer against /proc; what follows is what
+    // this configuration requires on top.)
     assert_eq!(w.layer("seccomp"), Some("applied"), "the default requires seccomp");
-    assert_eq!(status_field(&st, "Seccomp"), "2");
     assert_eq!(w.layer("no-new-privs"), Some("applied"));
-    assert_eq!(status_field(&st, "NoNewPrivs"), "1");
-    for cap in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
-        assert_eq!(status_field(&st, cap), "0000000000000000", "{cap}");
-    }
-    if w.layer("capabilities") == Some("applied") {
-        assert_eq!(status_field(&st, "CapBnd"), "0000000000000000");
-    }
     let my_uid = status_field(&proc_status(std::process::id() as i32), "Uid").to_string();
     let worker_uid = status_field(&st, "Uid").to_string();
     match w.layer("uid") {
@@ -60,14 +45,6 @@ fn confinement_report_matches_proc_status_from_outside() {
             assert!(!is_root());
         }
         None => panic!("uid layer missing from the report"),
-    }
-    if w.layer("pid-namespace") == Some("applied") {
-        let nspid = status_field(&st, "NSpid");
-        assert_eq!(
-            nspid.split_whitespace().last(),
-            Some("1"),
-            "in its own pid namespace the worker is pid 1: NSpid {nspid}"
-        );
     }
     if w.layer("not-dumpable") == Some("applied") && !is_root() && w.layer("user-namespace") != Some("applied") {
         // Not dumpable: /proc/PID is owned by root, so a same-uid reader sees less. (In its
