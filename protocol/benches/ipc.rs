@@ -337,7 +337,20 @@ fn bulk_16m(sfx: &str, quick: bool, mode: BulkMode) {
         median(times[2..].to_vec())
     };
     let name = if mode == BulkMode::Sealed { "bulk_16m" } else { "bulk_16m_encrypted" };
-    emit(&format!("{name}{sfx}"), airlock, baseline, "ms", true, None);
+    emit(&format!("{name}{sfx}"), airlock, baseline, "ms", true, Some(("note", huge_pages_offered())));
+}
+
+/// Whether this host offers huge pages for bulk memfds, which the bulk figures depend on.
+fn huge_pages_offered() -> String {
+    let free = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find_map(|l| l.strip_prefix("HugePages_Free:").map(|v| v.trim().to_string())))
+        .unwrap_or_else(|| "?".into());
+    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+        .ok()
+        .and_then(|t| t.split_whitespace().find(|w| w.starts_with('[')).map(|w| w.trim_matches(['[', ']']).to_string()))
+        .unwrap_or_else(|| "?".into());
+    format!("huge pages offered: {free} free hugetlb pages (vm.nr_hugepages), shmem THP {thp}")
 }
 
 fn memcpy_16m() {

@@ -56,7 +56,7 @@ impl BulkWriter {
         if len < inline_threshold {
             return Ok(BulkWriter { inner: WriterInner::Inline(vec![0; len]), len });
         }
-        let (fd, map) = new_memfd(len)?;
+        let (fd, map, _) = new_memfd(len)?;
         Ok(BulkWriter { inner: WriterInner::Memfd { fd, map, capacity: len }, len })
     }
 
@@ -132,11 +132,20 @@ pub(crate) enum Outgoing {
     Memfd { fd: OwnedFd, len: u64, tag: [u8; TAG_LEN] },
 }
 
-/// A fresh memfd of `len` bytes, mapped writable with every page already faulted in. Where the
-/// host offers transparent huge pages for shmem (`shmem_enabled` = `advise`, `within_size` or
-/// `always`), the pages are huge: mapping, unmapping and freeing 16 MiB then costs a few PMD
-/// entries instead of 4096 PTEs.
-fn new_memfd(len: usize) -> Result<(OwnedFd, Mapping), BulkError> {
+/// The huge page size hugetlb memfds are tried with (x86_64 and aarch64 with 4 KiB pages).
+const HUGE_PAGE: usize = 2 << 20;
+
+/// A fresh memfd of `len` bytes, mapped writable with every page already faulted in, and
+/// whether its pages are hugetlb pages. Huge pages where the host offers them: first hugetlb
+/// (`vm.nr_hugepages`, for a length that is a whole number of huge pages), else transparent
+/// huge pages for shmem (`shmem_enabled` = `advise`, `within_size` or `always`). Mapping,
+/// unmapping and freeing 16 MiB then costs a few PMD entries instead of 4096 PTEs.
+fn new_memfd(len: usize) -> Result<(OwnedFd, Mapping, bool), BulkError> {
+    if len >= HUGE_PAGE && len % HUGE_PAGE == 0 {
+        if let Some((fd, map)) = new_hugetlb_memfd(len) {
+            return Ok((fd, map, true));
+        }
+    }
     let fd = sys::memfd_create(MEMFD_NAME, false).map_err(|e| BulkError::io("memfd_create", e))?;
     sys::ftruncate(fd.as_fd(), len as u64).map_err(|e| BulkError::io("ftruncate bulk memfd", e))?;
     let mut map =
@@ -144,7 +153,17 @@ fn new_memfd(len: usize) -> Result<(OwnedFd, Mapping), BulkError> {
     // Best effort: refused (EINVAL) where THP is compiled out; harmless where shmem THP is off.
     let _ = sys::advise_hugepage(&map);
     sys::populate_write(&mut map).map_err(|e| BulkError::io("populate bulk memfd", e))?;
-    Ok((fd, map))
+    Ok((fd, map, false))
+}
+
+/// A hugetlb memfd of `len` bytes, mapped and populated; `None` where the host has no free huge
+/// pages (the mapping's reservation fails) or no hugetlb at all.
+fn new_hugetlb_memfd(len: usize) -> Option<(OwnedFd, Mapping)> {
+    let fd = sys::memfd_create(MEMFD_NAME, true).ok()?;
+    sys::ftruncate(fd.as_fd(), len as u64).ok()?;
+    let mut map = Mapping::map_lazy(fd.as_fd(), len, MapMode::SharedWrite).ok()?;
+    sys::populate_write(&mut map).ok()?;
+    Some((fd, map))
 }
 
 /// A received bulk payload. Dereferences to its bytes; a memfd payload is a read-only mapping
@@ -313,7 +332,8 @@ struct PoolShared {
 
 #[derive(Debug, Default)]
 struct PoolState {
-    ready: Vec<(OwnedFd, Mapping)>,
+    /// Ready memfds, their mappings, and whether their pages are hugetlb pages.
+    ready: Vec<(OwnedFd, Mapping, bool)>,
     shutdown: bool,
     failed: Option<String>,
 }
@@ -337,10 +357,13 @@ impl BulkPool {
             return None;
         }
         let mut st = self.shared.state.lock().ok()?;
-        let item = st.ready.pop();
+        // A hugetlb memfd can only be trimmed to a whole number of huge pages.
+        let fits = |huge: bool| !huge || len % HUGE_PAGE == 0;
+        let at = st.ready.iter().rposition(|(_, _, huge)| fits(*huge))?;
+        let (fd, map, _) = st.ready.remove(at);
         drop(st);
         self.shared.changed.notify_all();
-        item
+        Some((fd, map))
     }
 
     /// Blocks until the pool is full (or its refill failed); returns the refill error if any.
