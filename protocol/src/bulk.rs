@@ -141,7 +141,7 @@ const HUGE_PAGE: usize = 2 << 20;
 /// huge pages for shmem (`shmem_enabled` = `advise`, `within_size` or `always`). Mapping,
 /// unmapping and freeing 16 MiB then costs a few PMD entries instead of 4096 PTEs.
 fn new_memfd(len: usize) -> Result<(OwnedFd, Mapping, bool), BulkError> {
-    if len >= HUGE_PAGE && len % HUGE_PAGE == 0 {
+    if len >= HUGE_PAGE && len.is_multiple_of(HUGE_PAGE) {
         if let Some((fd, map)) = new_hugetlb_memfd(len) {
             return Ok((fd, map, true));
         }
@@ -358,7 +358,7 @@ impl BulkPool {
         }
         let mut st = self.shared.state.lock().ok()?;
         // A hugetlb memfd can only be trimmed to a whole number of huge pages.
-        let fits = |huge: bool| !huge || len % HUGE_PAGE == 0;
+        let fits = |huge: bool| !huge || len.is_multiple_of(HUGE_PAGE);
         let at = st.ready.iter().rposition(|(_, _, huge)| fits(*huge))?;
         let (fd, map, _) = st.ready.remove(at);
         drop(st);
