@@ -398,3 +398,38 @@ fn batch_with_an_oversized_message_sends_nothing_and_channel_survives() {
     a.send(&Msg::Ping(3)).expect("still usable");
     assert_eq!(b.recv::<Msg>().expect("recv").msg, Msg::Ping(3));
 }
+
+/// A bulk payload of whole 2 MiB pages goes into hugetlb pages where the host offers them,
+/// and crosses the channel intact. On a host with none reserved, root reserves a few for the
+/// test (and gives them back); elsewhere (no root, a read-only /proc/sys) it says so.
+#[test]
+fn bulk_payloads_use_hugetlb_pages_where_the_host_offers_them() {
+    const KNOB: &str = "/proc/sys/vm/nr_hugepages";
+    let before: u64 = std::fs::read_to_string(KNOB).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+    let reserved = before == 0 && std::fs::write(KNOB, "4").is_ok();
+    let free: u64 = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find_map(|l| l.strip_prefix("HugePages_Free:").and_then(|v| v.trim().parse().ok())))
+        .unwrap_or(0);
+    if free < 2 {
+        if reserved {
+            let _ = std::fs::write(KNOB, before.to_string());
+        }
+        eprintln!("skipped: no free hugetlb pages here (reserving them takes root and a writable /proc/sys, and unfragmented memory)");
+        return;
+    }
+    let (mut a, mut b) = established(Limits::default(), DEFAULT_REKEY_INTERVAL);
+    let data: Vec<u8> = (0..4usize << 20).map(|i| (i % 249) as u8).collect();
+    let w = BulkWriter::copy_from(&data, a.limits().inline_threshold).expect("writer");
+    a.send_bulk(&Msg::Ping(1), &[], w, BulkMode::Sealed).expect("send");
+    let r = b.recv::<Msg>().expect("recv");
+    let bulk = r.bulk.expect("bulk");
+    let magic = bulk.sealed_fd().map(|fd| airlock_protocol::sys::fs_magic(fd).expect("fstatfs"));
+    let same = bulk.bytes() == &data[..];
+    drop(bulk);
+    if reserved {
+        let _ = std::fs::write(KNOB, before.to_string());
+    }
+    assert!(same, "the payload arrived changed");
+    assert_eq!(magic, Some(airlock_protocol::sys::HUGETLBFS_MAGIC), "a 4 MiB payload should live in hugetlb pages");
+}
