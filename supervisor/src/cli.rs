@@ -33,20 +33,12 @@ fn parse_layer(s: &str) -> Result<airlock_worker::Layer, String> {
     // own uid (needs a privileged supervisor), Landlock (needs a kernel with it). Seccomp,
     // no_new_privs, capabilities, rlimits, not-dumpable and the parent-death signal need no
     // privilege anywhere, so there is never a reason to downgrade them.
-    const MAY: [Layer; 9] = [
-        Layer::UserNamespace,
-        Layer::PidNamespace,
-        Layer::NetNamespace,
-        Layer::MountNamespace,
-        Layer::IpcNamespace,
-        Layer::UtsNamespace,
-        Layer::CgroupNamespace,
-        Layer::Uid,
-        Layer::Landlock,
-    ];
-    let names = || MAY.iter().map(|l| l.name()).collect::<Vec<_>>().join(", ");
+    let may = |l: Layer| {
+        matches!(l, Layer::Uid | Layer::Landlock) || crate::spawn::NAMESPACE_FLAGS.iter().any(|(n, _)| *n == l)
+    };
+    let names = || Layer::ALL.into_iter().filter(|l| may(*l)).map(|l| l.name()).collect::<Vec<_>>().join(", ");
     match Layer::ALL.into_iter().find(|l| l.name() == s) {
-        Some(l) if MAY.contains(&l) => Ok(l),
+        Some(l) if may(l) => Ok(l),
         Some(_) => {
             Err(format!("{s} needs no privilege on any host and cannot be downgraded (layers that can: {})", names()))
         }

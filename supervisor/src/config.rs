@@ -398,7 +398,9 @@ fn every_decoding_problem(text: &str, whole: &toml::de::Error) -> Vec<ConfigProb
     let mut at = 0;
     for line in text.split_inclusive('\n') {
         let t = line.trim_start();
-        let header = t.starts_with('[');
+        // A table header, not a line of a multi-line array: `[name]` or `[[name]]` alone.
+        let body = t.split('#').next().unwrap_or("").trim_end();
+        let header = body.starts_with('[') && body.ends_with(']') && !body.contains([',', '=']);
         let worker_part = t.starts_with("[worker.") || t.starts_with("[[worker.");
         if header && !worker_part && at != 0 {
             starts.push(at);
@@ -413,8 +415,12 @@ fn every_decoding_problem(text: &str, whole: &toml::de::Error) -> Vec<ConfigProb
             toml::from_str::<Config>(piece).err().map(|e| problem(&e, piece, line_of(text, w[0])))
         })
         .collect();
-    if problems.is_empty() {
-        problems.push(problem(whole, text, 1));
+    // What the parser said of the whole file, unless a piece already said it at that line (an
+    // error only the whole file has, such as a table defined twice across pieces).
+    let first = problem(whole, text, 1);
+    if !problems.iter().any(|p| p.line == first.line) {
+        problems.push(first);
+        problems.sort_by_key(|p| p.line);
     }
     problems
 }

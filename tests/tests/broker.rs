@@ -49,6 +49,28 @@ fn assert_exactly_once_in_order(log: &[(u64, String)], n: usize) {
     }
 }
 
+/// The highest count a sender logged as accepted (journaled and fsynced) before airlockd went.
+fn accepted_in(log: &str) -> usize {
+    log.lines()
+        .filter_map(|l| l.split("event: accepted ").nth(1))
+        .filter_map(|r| r.split_whitespace().next()?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Starts airlockd again on `dir`, waits until the journal is delivered, and checks that at
+/// least the `accepted` messages arrived, each exactly once and in order.
+fn restart_and_drain(dir: std::path::PathBuf, accepted: usize) -> Daemon {
+    let d = Daemon::restart(dir, "airlockd-2.log");
+    d.wait_running("sink");
+    wait_drained(&d);
+    let log = sink_log(&d);
+    let n = log.len();
+    assert!(n >= accepted, "only {n} of {accepted} accepted messages arrived");
+    assert_exactly_once_in_order(&log, n);
+    d
+}
+
 fn wait_drained(d: &Daemon) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -193,20 +215,9 @@ fn durable_messages_survive_a_supervisor_kill_and_none_arrive_twice() {
     let out = sender.join().expect("sender");
     assert!(!out.status.success(), "the call cannot have completed: its supervisor was killed");
     // What the sender had been told was accepted (journaled and fsynced) before the kill.
-    let accepted: usize = first_log
-        .lines()
-        .filter_map(|l| l.split("event: accepted ").nth(1))
-        .filter_map(|r| r.split_whitespace().next()?.parse().ok())
-        .max()
-        .unwrap_or(0);
+    let accepted = accepted_in(&first_log);
     assert!(accepted >= 500, "accepted {accepted}");
-    let d = Daemon::restart(dir, "airlockd-2.log");
-    d.wait_running("sink");
-    wait_drained(&d);
-    let log = sink_log(&d);
-    let n = log.len();
-    assert!(n >= accepted, "only {n} of {accepted} accepted messages arrived");
-    assert_exactly_once_in_order(&log, n);
+    let d = restart_and_drain(dir, accepted);
     assert!(d.log_text().contains("recovered journaled messages"), "{}", d.log_text());
     let (st, log) = d.stop();
     assert!(st.success(), "{log}");
@@ -248,20 +259,9 @@ fn a_failed_journal_fsync_stops_airlockd_and_nothing_accepted_is_lost() {
     }
     let out = sender.join().expect("sender");
     assert!(!out.status.success(), "the stream cannot have completed: its supervisor stopped");
-    let accepted: usize = first_log
-        .lines()
-        .filter_map(|l| l.split("event: accepted ").nth(1))
-        .filter_map(|r| r.split_whitespace().next()?.parse().ok())
-        .max()
-        .unwrap_or(0);
+    let accepted = accepted_in(&first_log);
     assert!(accepted < 3000, "accepted {accepted}: the failure came too late to test anything");
-    let d = Daemon::restart(dir, "airlockd-2.log");
-    d.wait_running("sink");
-    wait_drained(&d);
-    let log = sink_log(&d);
-    let n = log.len();
-    assert!(n >= accepted, "only {n} of {accepted} accepted messages arrived");
-    assert_exactly_once_in_order(&log, n);
+    let d = restart_and_drain(dir, accepted);
     let (st, log) = d.stop();
     assert!(st.success(), "{log}");
 }

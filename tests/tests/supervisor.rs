@@ -2,7 +2,7 @@
 
 mod common;
 
-use airlock_supervisor::runtime::WorkerState;
+use airlock_supervisor::runtime::{WorkerState, WorkerStatus};
 use common::*;
 
 /// The confinement report must tell the truth: every layer it calls applied is visible from
@@ -58,6 +58,18 @@ fn confinement_report_matches_proc_status_from_outside() {
     assert!(log.contains("airlockd stopped"), "{log}");
 }
 
+/// Waits until worker `name` has failed for good; its status and why.
+fn wait_failed(d: &Daemon, name: &str) -> (WorkerStatus, String) {
+    let w = d.wait_for(name, "failure", |w| matches!(w.state, WorkerState::Failed(_)));
+    match &w.state {
+        WorkerState::Failed(why) => {
+            let why = why.clone();
+            (w, why)
+        }
+        other => unreachable!("{other:?}"),
+    }
+}
+
 fn liar(mode: &str) -> String {
     format!(
         "\n[[worker]]\nname = \"liar\"\nexecutable = \"airlock-worker-probe\"\npolicy = \"probe\"\nargs = [{mode}]\n[worker.restart]\npolicy = \"never\"\n[worker.landlock]\nread = [\"/usr\"]\n"
@@ -71,8 +83,7 @@ fn liar(mode: &str) -> String {
 fn a_worker_that_lies_about_its_confinement_is_killed_as_a_security_event() {
     let d = Daemon::start(&format!("{}{}", echo_worker("echo", "echo", ""), liar("\"lie-unconfined\"")));
     let echo = d.wait_running("echo");
-    let w = d.wait_for("liar", "verification", |w| matches!(w.state, WorkerState::Failed(_)));
-    let WorkerState::Failed(why) = w.state else { unreachable!() };
+    let (w, why) = wait_failed(&d, "liar");
     assert!(why.starts_with("SECURITY: confinement verification failed: "), "{why}");
     // Under a container runtime's own filter the liar still carries that one, and no_new_privs
     // may be inherited: the check is then that it has no filter of its own.
@@ -99,8 +110,7 @@ fn a_thread_left_unconfined_is_caught() {
     let echo = d.wait_running("echo");
     let had_caps = is_root() || echo.layer("user-namespace") == Some("applied");
     if had_caps {
-        let w = d.wait_for("liar", "verification", |w| matches!(w.state, WorkerState::Failed(_)));
-        let WorkerState::Failed(why) = w.state else { unreachable!() };
+        let (_, why) = wait_failed(&d, "liar");
         assert!(why.starts_with("SECURITY: confinement verification failed: thread "), "{why}");
         assert!(why.contains("report says capabilities dropped, status says CapEff"), "{why}");
     } else {
@@ -120,8 +130,7 @@ fn a_worker_under_the_wrong_filter_is_caught_where_filters_can_be_read() {
     let echo = d.wait_running("echo");
     if can_read_filters() {
         assert!(echo.notes.iter().any(|n| n == "installed seccomp filter is exactly policy echo"), "{:?}", echo.notes);
-        let w = d.wait_for("liar", "verification", |w| matches!(w.state, WorkerState::Failed(_)));
-        let WorkerState::Failed(why) = w.state else { unreachable!() };
+        let (_, why) = wait_failed(&d, "liar");
         assert!(why.starts_with("SECURITY: confinement verification failed: installed seccomp filter"), "{why}");
         assert!(why.contains("policy echo"), "the installed filter is named: {why}");
     } else {
@@ -217,8 +226,7 @@ fn a_required_layer_the_worker_cannot_apply_stops_only_that_worker() {
         echo_worker("echo", "echo", "")
     );
     let d = Daemon::start(&workers);
-    let w = d.wait_for("strict", "refusal", |w| matches!(w.state, WorkerState::Failed(_)));
-    let WorkerState::Failed(why) = w.state.clone() else { unreachable!() };
+    let (w, why) = wait_failed(&d, "strict");
     assert!(why.starts_with("worker reported that required layer rlimits failed: "), "{why}");
     assert!(why.contains("EPERM"), "the errno is named: {why}");
     assert_eq!(w.layer("rlimits").map(|s| s.starts_with("unavailable")), Some(true), "{:?}", w.confinement);
@@ -238,11 +246,8 @@ fn crash_loop_stops_restarting() {
             d.wait_for("echo", "restart", |w| w.restarts == round + 1);
         }
     }
-    let w = d.wait_for("echo", "crash loop", |w| matches!(w.state, WorkerState::Failed(_)));
-    match w.state {
-        WorkerState::Failed(why) => assert!(why.starts_with("crash loop: 2 restarts within 60 s"), "{why}"),
-        other => panic!("{other:?}"),
-    }
+    let (_, why) = wait_failed(&d, "echo");
+    assert!(why.starts_with("crash loop: 2 restarts within 60 s"), "{why}");
     // The supervisor itself is unaffected.
     let (st, log) = d.stop();
     assert!(st.success(), "{log}");
