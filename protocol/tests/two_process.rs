@@ -76,7 +76,9 @@ fn run_peer(mode: &str) -> Result<(), String> {
             let first = ch.seal_raw(&Msg::Ping(1)).map_err(|e| e.to_string())?;
             let second = ch.seal_raw(&Msg::Ping(2)).map_err(|e| e.to_string())?;
             ch.send_raw_datagram(&second, &[]).map_err(|e| e.to_string())?;
-            ch.send_raw_datagram(&first, &[]).map_err(|e| e.to_string())?;
+            // The receiver refuses frame 2 and may hang up before frame 1 goes out (EPIPE):
+            // that is the outcome under test, not a failure of this peer.
+            let _ = ch.send_raw_datagram(&first, &[]);
         }
         "tamper" => {
             let mut f = ch.seal_raw(&ping).map_err(|e| e.to_string())?;
