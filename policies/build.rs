@@ -1,36 +1,16 @@
-//! Parses, lints and compiles every policy file in this crate (for x86_64 and aarch64) with the
-//! crate's own model code, and refuses to build if anything is wrong. Then embeds exactly the
-//! checked sources (`include_str!`) for `airlock_policies::embedded()`.
+//! Checks every policy file in this crate (parse, lint, compile for x86_64 and aarch64) with
+//! `airlock-policy-core`, an ordinary build-dependency, and refuses to build if anything is
+//! wrong. Then embeds exactly the checked sources (`include_str!`) for
+//! `airlock_policies::embedded()`. Cargo reruns this script when the core crate changes; the
+//! policy files are watched one by one (and their folders, for added files).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-#[allow(dead_code)]
-#[path = "src/arch.rs"]
-mod arch;
-#[allow(dead_code)]
-#[path = "src/check.rs"]
-mod check;
-#[allow(dead_code)]
-#[path = "src/compile.rs"]
-mod compile;
-#[allow(dead_code)]
-#[path = "src/consts.rs"]
-mod consts;
-#[allow(dead_code)]
-#[path = "src/error.rs"]
-mod error;
-#[allow(dead_code)]
-#[path = "src/model.rs"]
-mod model;
-#[allow(dead_code)]
-#[path = "src/risk.rs"]
-mod risk;
-#[allow(dead_code)]
-#[path = "src/syscalls/mod.rs"]
-mod syscalls;
+use airlock_policy_core::{Arch, PolicySet};
 
-const SKIPPED_DIRS: &[&str] = &["src", "tests", "target", "benches", "examples"];
+/// Folders that hold code, not policies.
+const SKIPPED_DIRS: &[&str] = &["src", "tests", "target", "benches", "examples", "core"];
 
 fn walk(root: &Path, rel: &str, out: &mut Vec<String>) {
     let dir = if rel.is_empty() { root.to_path_buf() } else { root.join(rel) };
@@ -64,56 +44,38 @@ fn fail(message: &str) -> ! {
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| fail("no CARGO_MANIFEST_DIR")));
-    for f in [
-        "build.rs",
-        "src/arch.rs",
-        "src/check.rs",
-        "src/compile.rs",
-        "src/consts.rs",
-        "src/error.rs",
-        "src/model.rs",
-        "src/risk.rs",
-        "src/syscalls/mod.rs",
-        "src/syscalls/x86_64.rs",
-        "src/syscalls/aarch64.rs",
-    ] {
-        println!("cargo:rerun-if-changed={}", manifest.join(f).display());
-    }
+    println!("cargo:rerun-if-changed={}", manifest.join("build.rs").display());
     let mut keys = Vec::new();
     walk(&manifest, "", &mut keys);
-    let mut inputs = Vec::new();
+    let mut texts = Vec::new();
     for key in &keys {
         let path = manifest.join(key);
         println!("cargo:rerun-if-changed={}", path.display());
         let text =
             std::fs::read_to_string(&path).unwrap_or_else(|e| fail(&format!("cannot read {}: {e}", path.display())));
-        inputs.push(model::Input {
-            key: key.clone(),
-            display: format!("policies/{key}"),
-            name: key.strip_suffix(".toml").unwrap_or(key).to_string(),
-            text,
-        });
+        texts.push((key.clone(), text));
     }
-    let loaded = model::load(inputs, &mut |_| None);
-    let mut findings = loaded.findings.clone();
-    findings.extend(check::lint(&loaded.files, &loaded.policies));
-    findings.sort();
-    findings.dedup();
-    if loaded.policies.is_empty() {
+    let sources: Vec<(&str, &str)> = texts.iter().map(|(k, t)| (k.as_str(), t.as_str())).collect();
+    let (set, mut findings) = PolicySet::from_sources(&sources, "policies");
+    findings.extend(set.check());
+    if set.names().is_empty() {
         fail("no worker policy ([policy] file) found in policies/");
     }
-    for policy in loaded.policies.values() {
-        for a in arch::Arch::ALL {
-            if let Err(e) = compile::compile(&policy.name, policy.default_action, &policy.rules, a) {
-                findings.push(error::Finding {
-                    file: policy.file.clone(),
+    for name in set.names() {
+        for arch in Arch::ALL {
+            if let Err(e) = set.compile(name, arch) {
+                let file = set.get(name).map(|p| p.file.clone()).unwrap_or_default();
+                findings.push(airlock_policy_core::Finding {
+                    file,
                     line: 0,
-                    kind: error::FindingKind::Compile,
+                    kind: airlock_policy_core::FindingKind::Compile,
                     message: e.to_string(),
                 });
             }
         }
     }
+    findings.sort();
+    findings.dedup();
     if !findings.is_empty() {
         for f in &findings {
             println!("cargo:warning={f}");

@@ -23,6 +23,7 @@ install -d "$root/DEBIAN" "$root/usr/bin" "$root/usr/libexec/airlock" "$root/usr
 
 install -m 0755 "$rel/airlockd" "$rel/airlock" "$root/usr/bin/"
 for w in "${workers[@]}"; do install -m 0755 "$rel/airlock-worker-$w" "$root/usr/libexec/airlock/"; done
+install -m 0755 "$rel/airlock-hmi" "$root/usr/bin/"
 # Symbols stay in the build tree; the package ships stripped binaries.
 strip --strip-unneeded "$root"/usr/bin/* "$root"/usr/libexec/airlock/*
 
@@ -63,6 +64,7 @@ install -m 0644 "$here/tmpfiles.conf" "$root/usr/lib/tmpfiles.d/airlock.conf"
 
 # Man pages from the binaries' own command-line definitions.
 "$rel/airlock-mangen" "$root/usr/share/man/man8" >/dev/null
+"$rel/airlock-hmi" man "$root/usr/share/man/man8"
 gzip -9n "$root"/usr/share/man/man8/*.8
 
 install -m 0644 "$here/copyright" "$root/usr/share/doc/airlock/copyright"

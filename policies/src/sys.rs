@@ -20,21 +20,6 @@ fn cvt(rc: libc::c_long) -> io::Result<libc::c_long> {
     }
 }
 
-/// Whether `no_new_privs` is set for the calling thread.
-pub fn no_new_privs() -> io::Result<bool> {
-    // SAFETY: integer arguments only; the kernel reads no user memory.
-    let rc = unsafe { libc::prctl(libc::PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) };
-    Ok(cvt(libc::c_long::from(rc))? == 1)
-}
-
-/// Forbids gaining privileges through execve (setuid bits, file caps), which lets an
-/// unprivileged process install seccomp filters.
-pub fn set_no_new_privs() -> io::Result<()> {
-    // SAFETY: integer arguments only; the kernel reads no user memory.
-    let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
-    cvt(libc::c_long::from(rc)).map(drop)
-}
-
 /// `PTRACE_SECCOMP_GET_FILTER` (not in the libc crate for glibc targets).
 const PTRACE_SECCOMP_GET_FILTER: libc::c_uint = 0x420c;
 

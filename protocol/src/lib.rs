@@ -6,15 +6,21 @@
 //! - [`Channel`]: authenticated, encrypted, replay-proof frames over `SOCK_SEQPACKET`.
 //! - [`BulkWriter`] / [`Bulk`]: payloads in sealed memfds, mapped read-only by the receiver.
 //! - [`handoff`]: how a spawner gives a child its channel and keys before it reads input.
+//! - [`wire`]: the messages between the supervisor and a worker, typed call failures.
+//! - [`confinement`]: the confinement plan a worker is sent and the report it answers with.
+//! - [`control`]: the control socket's requests and answers.
 #![deny(unsafe_code)]
 
 pub mod bulk;
 pub mod channel;
+pub mod confinement;
+pub mod control;
 pub mod crypto;
 pub mod error;
 pub mod frame;
 pub mod handoff;
 pub mod sys;
+pub mod wire;
 
 /// Re-exported so that message types can mark byte fields `#[serde(with = "serde_bytes")]`,
 /// which postcard then encodes as one length-prefixed block instead of byte by byte.

@@ -201,7 +201,7 @@ fn main() {
     // `cargo bench --bench broker -- NAME`: only the scenario NAME.
     let filter = args.iter().skip(1).find(|a| !a.starts_with('-')).cloned().unwrap_or_default();
     let wants = |name: &str| filter.is_empty() || name == filter;
-    build_binaries(&["airlock-worker", "airlock-supervisor"]);
+    build_binaries(&["airlock-test-workers", "airlock-supervisor"]);
     let bins = target_dir();
     // On the target's file system (not /tmp, which may be tmpfs where fsync is free).
     let dir = bins.join(format!("airlock-bench-broker-{}", std::process::id()));

@@ -19,10 +19,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use airlock_protocol::wire::ToWorker;
 use airlock_supervisor::config;
 use airlock_supervisor::runtime::{ControlRequest, Status, WorkerState};
 use airlock_supervisor::spawn::{self, HostAbilities};
-use airlock_worker::wire::ToWorker;
 
 mod common;
 use common::{build_binaries, emit, emit_with, locate_binaries, median};
@@ -270,7 +270,7 @@ fn main() {
     let quick = std::env::var("AIRLOCK_BENCH_QUICK").is_ok();
     let iters = if quick { 10 } else { 40 };
     // airlockd and the workers it starts must come from the same build, next to each other.
-    build_binaries(&["airlock-worker", "airlock-supervisor"]);
+    build_binaries(&["airlock-test-workers", "airlock-supervisor"]);
     let bins = locate_binaries(&["airlockd", "airlock-worker-echo"]);
     let text = bench_config(&bins, 1, None);
     let cfg = config::parse(&text, "bench", &airlock_supervisor::known_policies()).expect("bench config");
@@ -287,7 +287,7 @@ fn main() {
                 .report
                 .layers
                 .iter()
-                .filter(|(_, s)| *s != airlock_worker::LayerState::Applied)
+                .filter(|(_, s)| *s != airlock_protocol::confinement::LayerState::Applied)
                 .map(|(l, s)| format!("{l}: {s}"))
                 .collect::<Vec<_>>()
                 .join("; ");

@@ -24,11 +24,11 @@ pub struct AirlockdArgs {
     /// confinement report shows what was not applied. Only namespaces, `uid` and `landlock`:
     /// the other layers need no privilege anywhere.
     #[arg(long, value_name = "LAYERS", value_delimiter = ',', value_parser = parse_layer)]
-    pub best_effort: Vec<airlock_worker::Layer>,
+    pub best_effort: Vec<airlock_protocol::confinement::Layer>,
 }
 
-fn parse_layer(s: &str) -> Result<airlock_worker::Layer, String> {
-    use airlock_worker::Layer;
+fn parse_layer(s: &str) -> Result<airlock_protocol::confinement::Layer, String> {
+    use airlock_protocol::confinement::Layer;
     // Only what a host can lack: namespaces (refused by a container runtime or a sysctl), an
     // own uid (needs a privileged supervisor), Landlock (needs a kernel with it). Seccomp,
     // no_new_privs, capabilities, rlimits, not-dumpable and the parent-death signal need no
@@ -83,34 +83,6 @@ pub enum Cmd {
     },
     /// Audit, check, diff, export, disassemble and verify seccomp policies.
     Policy(airlock_policies::cli::PolicyArgs),
-    /// Manage the HMI's operators (the auth layer's credential file).
-    #[command(subcommand)]
-    User(UserCmd),
-}
-
-#[derive(Debug, Subcommand)]
-pub enum UserCmd {
-    /// Add operator NAME, or set a new password for an existing one. Without
-    /// --password-stdin, a random password is generated and printed once.
-    Add {
-        name: String,
-        /// Read the password from the first line of standard input.
-        #[arg(long)]
-        password_stdin: bool,
-        /// The credential file (default: <state directory>/workers/auth/operators).
-        #[arg(long, value_name = "PATH")]
-        file: Option<PathBuf>,
-        /// The configuration whose state directory holds the file (default: embedded).
-        #[arg(long, value_name = "PATH")]
-        config: Option<PathBuf>,
-    },
-    /// List the operators (names only).
-    List {
-        #[arg(long, value_name = "PATH")]
-        file: Option<PathBuf>,
-        #[arg(long, value_name = "PATH")]
-        config: Option<PathBuf>,
-    },
 }
 
 /// Renders the man pages of both binaries (and of `airlock`'s subcommands) into `dir`:
@@ -135,4 +107,31 @@ pub fn write_man_pages(dir: &std::path::Path) -> std::io::Result<Vec<PathBuf>> {
         page(sub.clone(), format!("airlock-{}", sub.get_name()))?;
     }
     Ok(written)
+}
+
+/// Writes `text` to standard output. When the reader has gone away (`airlock status | head -5`)
+/// the CLI has nothing more to say and exits 0 at once, quietly, as `cat` would; any other
+/// write error ends it with status 1 and the error.
+pub fn print_out(text: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(text).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("writing to standard output: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `println!` through [`print_out`].
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => { $crate::cli::print_out(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// `print!` through [`print_out`].
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::cli::print_out(format_args!($($arg)*)) };
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use airlock_worker::{Layer, Requirement};
+use airlock_protocol::confinement::{Layer, Requirement};
 use serde::Deserialize;
 use toml::Spanned;
 

@@ -12,10 +12,10 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use airlock_protocol::confinement::{ConfinementReport, LayerState};
+pub use airlock_protocol::control::{CallResult, ControlRequest, LayerStatus, Status, WorkerState, WorkerStatus};
+use airlock_protocol::wire::{ByteBody, CallFailure, Delivery, FromWorker, Message, Refusal, Reply, Request, ToWorker};
 use airlock_protocol::{Channel, ChannelError};
-use airlock_worker::sandbox::{ConfinementReport, LayerState};
-use airlock_worker::wire::{ByteBody, Delivery, FromWorker, Message, Refusal, Reply, Request, ToWorker};
-use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, RestartPolicy};
 use crate::journal::{Entry, Journal};
@@ -38,15 +38,6 @@ struct Running {
     /// What the event loop watches: `None` before the descriptors are registered, then the
     /// events registered for the channel (0: not registered).
     watching: Option<u32>,
-}
-
-/// The externally visible state of one worker.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum WorkerState {
-    Running,
-    Restarting { in_ms: u64 },
-    Failed(String),
-    Stopped,
 }
 
 #[derive(Debug)]
@@ -91,64 +82,10 @@ struct PendingCall {
     caller: Caller,
     target: usize,
     deadline: Instant,
+    /// The deadline as the caller was told it.
+    after_ms: u64,
     /// The state the caller moves to when this call succeeds (permit `grant`).
     grant: Option<String>,
-}
-
-/// A control-socket request (one JSON line).
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "kebab-case")]
-pub enum ControlRequest {
-    Status,
-    Call {
-        service: String,
-        method: String,
-        body: String,
-        #[serde(default)]
-        deadline_ms: u32,
-    },
-}
-
-/// One worker in `airlock status`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WorkerStatus {
-    pub name: String,
-    pub state: WorkerState,
-    pub pid: Option<i32>,
-    pub restarts: u32,
-    pub services: Vec<String>,
-    pub last_exit: Option<String>,
-    pub confinement: Vec<(String, String)>,
-    pub notes: Vec<String>,
-    /// Broker state (permit table).
-    pub broker_state: String,
-    pub violations: u32,
-    /// Asynchronous messages waiting for this worker, and delivered but unacknowledged.
-    pub queued: usize,
-    pub unacknowledged: usize,
-    /// Calls routed to this worker (since airlockd started): what it was asked to serve.
-    #[serde(default)]
-    pub calls_served: u64,
-    /// Calls this worker made that the permit table allowed.
-    #[serde(default)]
-    pub calls_made: u64,
-}
-
-/// The answer to `status`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Status {
-    pub pid: u32,
-    pub uid: u32,
-    pub workers: Vec<WorkerStatus>,
-    /// Journaled messages not yet handled by their receiver.
-    pub journal_pending: usize,
-}
-
-/// The answer to `call`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CallResult {
-    pub ok: bool,
-    pub body: String,
 }
 
 /// Why the supervisor could not run.
@@ -336,12 +273,20 @@ impl Supervisor {
                 // The event loop never waits on one worker: frames it has no room for are
                 // queued, and a worker that stops reading is killed once its queue is full.
                 ch.set_nonblocking_sends(true);
+                // One line per worker at INFO (below); each layer at DEBUG, and a WARN for
+                // every layer that is not applied, with why (`airlock status` shows them all).
                 for (layer, state) in &st.report.layers {
-                    tracing::info!(pid = st.pid, layer = %layer, state = %state, "confinement");
+                    match state {
+                        LayerState::Degraded(_) | LayerState::Unavailable(_) => {
+                            tracing::warn!(pid = st.pid, layer = %layer, "confinement layer not applied: {state}")
+                        }
+                        _ => tracing::debug!(pid = st.pid, layer = %layer, state = %state, "confinement"),
+                    }
                 }
                 for n in &st.notes {
                     tracing::info!(pid = st.pid, "{n}");
                 }
+                let layers = layer_summary(&st.report);
                 let slot = &mut self.slots[i];
                 slot.report = Some(st.report);
                 slot.notes = st.notes;
@@ -363,7 +308,8 @@ impl Supervisor {
                     channel_down: false,
                     watching: None,
                 });
-                tracing::info!(pid = slot.run.as_ref().map_or(0, |r| r.pid), services = ?slot.services, "worker ready");
+                let pid = slot.run.as_ref().map_or(0, |r| r.pid);
+                tracing::info!(pid, services = %slot.services.join(","), %layers, "worker ready");
             }
             Err(e) => {
                 let fatal = matches!(
@@ -555,7 +501,7 @@ impl Supervisor {
                     self.slots[*slot].calls_in_flight = self.slots[*slot].calls_in_flight.saturating_sub(1);
                 }
                 tracing::warn!(id, worker = %target, "call timed out");
-                self.answer(p.caller, Err(format!("call to worker {target} timed out")), None);
+                self.answer(p.caller, Err(CallFailure::TimedOut { worker: target, after_ms: p.after_ms }), None);
             }
         }
         if let Some(w) = self.notifier.watchdog {
@@ -694,7 +640,7 @@ impl Supervisor {
                     self.refused(i, "refused descriptors", &why);
                     self.answer(
                         Caller::Worker { slot: i, id: req.id },
-                        Err(Refusal::NotPermitted(why).to_string()),
+                        Err(CallFailure::NotPermitted { rule: why }),
                         None,
                     );
                 }
@@ -767,7 +713,7 @@ impl Supervisor {
             Decision::Allow { grant } => grant,
             Decision::Refuse(why) => {
                 self.violation(i, &why);
-                self.answer(caller, Err(Refusal::NotPermitted(why).to_string()), None);
+                self.answer(caller, Err(CallFailure::NotPermitted { rule: why }), None);
                 return;
             }
         };
@@ -775,18 +721,18 @@ impl Supervisor {
         if self.slots[i].calls_in_flight >= q.in_flight_calls {
             let why =
                 format!("{name} has {} calls in flight (quota {})", self.slots[i].calls_in_flight, q.in_flight_calls);
-            self.answer(caller, Err(Refusal::Busy(why).to_string()), None);
+            self.answer(caller, Err(CallFailure::Busy { why }), None);
             return;
         }
         if req.body.len() > q.max_body_bytes {
             let why = format!("call body of {} bytes exceeds {name}'s quota of {}", req.body.len(), q.max_body_bytes);
-            self.answer(caller, Err(Refusal::Busy(why).to_string()), None);
+            self.answer(caller, Err(CallFailure::Busy { why }), None);
             return;
         }
         if let Some(b) = &bulk {
             if b.len() as u64 > q.bulk_bytes {
                 let why = format!("bulk payload of {} bytes exceeds {name}'s quota of {}", b.len(), q.bulk_bytes);
-                self.answer(caller, Err(Refusal::Busy(why).to_string()), None);
+                self.answer(caller, Err(CallFailure::Busy { why }), None);
                 return;
             }
         }
@@ -874,9 +820,9 @@ impl Supervisor {
         let target = self.providers.get(&req.service).copied();
         let Some(t) = target.filter(|&t| self.slots[t].run.is_some()) else {
             let why = if target.is_some() {
-                format!("service {} is not running", req.service)
+                CallFailure::NotRunning { service: req.service.clone() }
             } else {
-                Refusal::NoSuchService(req.service.clone()).to_string()
+                CallFailure::NoSuchService { service: req.service.clone() }
             };
             self.answer(caller, Err(why), None);
             return;
@@ -897,7 +843,8 @@ impl Supervisor {
             None => return,
         };
         if let Err(e) = sent {
-            self.answer(caller, Err(format!("forwarding to {}: {e}", self.slots[t].name)), None);
+            let why = CallFailure::Unreachable { worker: self.slots[t].name.clone(), why: e.to_string() };
+            self.answer(caller, Err(why), None);
             return;
         }
         self.slots[t].calls_served += 1;
@@ -907,7 +854,13 @@ impl Supervisor {
         }
         self.pending.insert(
             id,
-            PendingCall { caller, target: t, deadline: Instant::now() + Duration::from_millis(deadline_ms), grant },
+            PendingCall {
+                caller,
+                target: t,
+                deadline: Instant::now() + Duration::from_millis(deadline_ms),
+                after_ms: deadline_ms,
+                grant,
+            },
         );
     }
 
@@ -1101,7 +1054,7 @@ impl Supervisor {
                 if let Caller::Worker { slot, .. } = &p.caller {
                     self.slots[*slot].calls_in_flight = self.slots[*slot].calls_in_flight.saturating_sub(1);
                 }
-                self.answer(p.caller, Err(Refusal::Busy(why).to_string()), None);
+                self.answer(p.caller, Err(CallFailure::Busy { why }), None);
                 return;
             }
             if let Caller::Worker { slot, .. } = &p.caller {
@@ -1114,11 +1067,11 @@ impl Supervisor {
                     self.slots[slot].broker_state = g.clone();
                 }
             }
-            self.answer(p.caller, rep.result.map(|b| b.0), bulk);
+            self.answer(p.caller, rep.result.map(|b| b.0).map_err(CallFailure::from_callee), bulk);
         }
     }
 
-    fn answer(&mut self, caller: Caller, result: Result<Vec<u8>, String>, bulk: Option<airlock_protocol::Bulk>) {
+    fn answer(&mut self, caller: Caller, result: Result<Vec<u8>, CallFailure>, bulk: Option<airlock_protocol::Bulk>) {
         match caller {
             Caller::Worker { slot, id } => {
                 let Some(r) = self.slots[slot].run.as_mut() else { return };
@@ -1129,17 +1082,18 @@ impl Supervisor {
                 }
             }
             Caller::Control(mut stream) => {
-                let (ok, body) = match result {
+                let (ok, body, failure) = match result {
                     Ok(b) => {
                         let mut text = String::from_utf8_lossy(&b).into_owned();
                         if let Some(bk) = &bulk {
                             text = format!("{text}[bulk payload of {} bytes]", bk.len());
                         }
-                        (true, text)
+                        (true, text, None)
                     }
-                    Err(e) => (false, e),
+                    Err(e) => (false, e.to_string(), Some(e)),
                 };
-                let _ = writeln!(stream, "{}", serde_json::to_string(&CallResult { ok, body }).unwrap_or_default());
+                let reply = CallResult { ok, body, failure };
+                let _ = writeln!(stream, "{}", serde_json::to_string(&reply).unwrap_or_default());
             }
         }
     }
@@ -1184,7 +1138,7 @@ impl Supervisor {
                 if let Caller::Worker { slot, .. } = &p.caller {
                     self.slots[*slot].calls_in_flight = self.slots[*slot].calls_in_flight.saturating_sub(1);
                 }
-                self.answer(p.caller, Err(format!("worker {name} died during the call")), None);
+                self.answer(p.caller, Err(CallFailure::CalleeDied { worker: name.clone() }), None);
             }
         }
         // Calls this worker was waiting for are answered into the void: drop them.
@@ -1284,7 +1238,7 @@ impl Supervisor {
                     confinement: s
                         .report
                         .as_ref()
-                        .map(|r| r.layers.iter().map(|(l, st)| (l.to_string(), st.to_string())).collect())
+                        .map(|r| r.layers.iter().map(|(l, st)| LayerStatus::from((*l, st))).collect())
                         .unwrap_or_default(),
                     notes: s.notes.clone(),
                     broker_state: s.broker_state.clone(),
@@ -1437,6 +1391,17 @@ fn parse_sigsys(line: &str) -> Option<(i64, String)> {
     Some((nr, name.to_string()))
 }
 
+/// `"15/15 layers applied"`, with the layers turned off by the configuration said apart.
+fn layer_summary(report: &ConfinementReport) -> String {
+    let applied = report.layers.iter().filter(|(_, s)| *s == LayerState::Applied).count();
+    let off = report.layers.iter().filter(|(_, s)| *s == LayerState::Off).count();
+    let total = report.layers.len();
+    match off {
+        0 => format!("{applied}/{total} layers applied"),
+        n => format!("{applied}/{total} layers applied, {n} off by configuration"),
+    }
+}
+
 fn signal_name(s: i32) -> &'static str {
     match s {
         libc::SIGKILL => "SIGKILL",
@@ -1452,21 +1417,20 @@ fn signal_name(s: i32) -> &'static str {
     }
 }
 
-impl WorkerStatus {
-    /// The state of one layer as printed, if reported.
-    pub fn layer(&self, name: &str) -> Option<&str> {
-        self.confinement.iter().find(|(l, _)| l == name).map(|(_, s)| s.as_str())
-    }
-}
-
-/// True for a report state that counts as enforced.
-pub fn is_applied(s: &LayerState) -> bool {
-    matches!(s, LayerState::Applied)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn layer_summary_counts_applied_and_off_layers() {
+        use airlock_protocol::confinement::Layer;
+        let mut r = ConfinementReport::default();
+        r.set(Layer::Seccomp, LayerState::Applied);
+        r.set(Layer::Uid, LayerState::Unavailable("unprivileged".into()));
+        assert_eq!(layer_summary(&r), "1/2 layers applied");
+        r.set(Layer::Landlock, LayerState::Off);
+        assert_eq!(layer_summary(&r), "1/3 layers applied, 1 off by configuration");
+    }
 
     #[test]
     fn sigsys_exit_names_the_syscall_and_policy() {

@@ -19,9 +19,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use airlock_protocol::confinement::{ConfinementPlan, ConfinementReport, Layer, LayerState, Requirement, Rlimits};
+use airlock_protocol::wire::{FromWorker, ToWorker};
 use airlock_protocol::{handoff, Channel, ChannelError, Hello, Limits, Role, DEFAULT_REKEY_INTERVAL};
-use airlock_worker::sandbox::{ConfinementPlan, ConfinementReport, Layer, LayerState, Requirement, Rlimits};
-use airlock_worker::wire::{FromWorker, ToWorker};
 
 use crate::config::{Config, Resource, UidSpec, WorkerConfig};
 use crate::sys;
@@ -103,7 +103,7 @@ impl HostAbilities {
 }
 
 fn errno_str(n: i32) -> String {
-    format!("{} ({})", airlock_worker::sandbox::errno_name(n), std::io::Error::from_raw_os_error(n))
+    format!("{} ({})", airlock_protocol::confinement::errno_name(n), std::io::Error::from_raw_os_error(n))
 }
 
 /// The decisions for one worker before it is cloned.
@@ -417,7 +417,7 @@ pub fn spawn(cfg: &Config, index: usize, host: &HostAbilities) -> Result<Started
             layer: Layer::Seccomp,
             reason: format!("policy {}: {e}", w.policy.get_ref()),
         })?;
-        d.plan.seccomp_program = airlock_worker::sandbox::pack_program(&prog);
+        d.plan.seccomp_program = airlock_policies::pack_program(&prog);
     }
     if let Some(dir) = &d.plan.state_directory {
         prepare_state_directory(dir, d.host_uid, d.host_gid)

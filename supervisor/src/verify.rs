@@ -3,8 +3,7 @@
 //! privilege, the installed seccomp filter must be exactly the compiled policy).
 //! A disagreement is a security event: the caller kills the worker.
 
-use airlock_worker::sandbox::{ConfinementPlan, ConfinementReport, Layer, LayerState, Rlimits};
-use airlock_worker::Requirement;
+use airlock_protocol::confinement::{ConfinementPlan, ConfinementReport, Layer, LayerState, Requirement, Rlimits};
 
 /// The fields of `/proc/PID/status` that confinement is judged by.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

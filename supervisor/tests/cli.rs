@@ -67,3 +67,24 @@ fn best_effort_names_an_unknown_layer_and_lists_the_real_ones() {
         assert!(err.contains(&format!("{layer} needs no privilege on any host and cannot be downgraded")), "{err}");
     }
 }
+
+/// `airlock permits | head -1` and the like: when the reader goes away the CLI stops quietly
+/// with status 0, instead of panicking with "failed printing to stdout: Broken pipe".
+#[test]
+fn cli_output_to_a_closed_pipe_ends_quietly() {
+    for args in [&["permits"][..], &["--print-default-config"][..]] {
+        let exe = if args[0] == "permits" { env!("CARGO_BIN_EXE_airlock") } else { env!("CARGO_BIN_EXE_airlockd") };
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let out = Command::new(exe)
+            .args(args)
+            .env("HOME", "/nonexistent")
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(err.is_empty(), "{args:?} wrote to stderr: {err}");
+    }
+}

@@ -111,8 +111,8 @@ while read -r wname pid seccomp nnp; do
 done < <(python3 - "$status" <<'PY'
 import json, sys
 for w in json.loads(sys.argv[1])["workers"]:
-    c = dict(w["confinement"])
-    print(w["name"], w["pid"], c.get("seccomp", "?").split()[0], c.get("no-new-privs", "?").split()[0])
+    c = {l["layer"]: l["state"] for l in w["confinement"]}
+    print(w["name"], w["pid"], c.get("seccomp", "?"), c.get("no-new-privs", "?"))
 PY
 )
 [ $truthful = 1 ] && ok "the confinement report matches every worker's /proc status" || bad "the confinement report is not truthful"

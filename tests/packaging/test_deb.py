@@ -133,7 +133,7 @@ def installed(deb):
                  "/usr/share/airlock/policies/ui.toml", "/etc/airlock/airlock.toml",
                  "/usr/lib/systemd/system/airlockd.service", "/usr/lib/sysusers.d/airlock.conf",
                  "/usr/lib/tmpfiles.d/airlock.conf", "/usr/share/man/man8/airlockd.8.gz",
-                 "/usr/share/man/man8/airlock-user.8.gz", "/usr/share/doc/airlock/copyright"]:
+                 "/usr/share/man/man8/airlock-hmi-user.8.gz", "/usr/bin/airlock-hmi", "/usr/share/doc/airlock/copyright"]:
         check(path in files and os.path.exists(path), f"installed {path}")
     # The test workers (the escape probe can play a lying worker) are never shipped.
     for w in ["probe", "echo", "sink"]:
@@ -274,7 +274,7 @@ def start_like_the_unit(pw, unit_name):
                 elif a.startswith("--best-effort="):
                     relaxed |= set(a.split("=", 1)[1].split(","))
             for w in st["workers"]:
-                missing = {l: s for l, s in w["confinement"] if s != "applied" and l not in relaxed}
+                missing = {l["layer"]: l for l in w["confinement"] if l["state"] != "applied" and l["layer"] not in relaxed}
                 check(not missing, f"{w['name']}: every layer the unit requires is applied ({missing})")
             check(privileged or relaxed == {"uid", "mount-namespace"}, f"the unprivileged unit relaxes uid and mount-namespace only: {relaxed}")
             if privileged:

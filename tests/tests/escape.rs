@@ -4,7 +4,8 @@
 
 mod common;
 
-use airlock_supervisor::runtime::{WorkerState, WorkerStatus};
+use airlock_protocol::confinement::Layer;
+use airlock_protocol::control::{LayerWord, WorkerState, WorkerStatus};
 use common::*;
 
 struct Outcome {
@@ -64,16 +65,16 @@ fn assert_killed_for(o: &Outcome, syscall: &str) {
     assert!(exit.contains(&format!("syscall {syscall} (")) && exit.contains("policy probe"), "{exit}");
 }
 
-fn layer(o: &Outcome, name: &str) -> bool {
-    o.probe.layer(name) == Some("applied")
+fn layer(o: &Outcome, layer: Layer) -> bool {
+    o.probe.state(layer) == Some(LayerWord::Applied)
 }
 
 #[test]
 fn reading_etc_shadow_is_denied() {
     let o = probe("read-shadow", None);
-    let want = if layer(&o, "mount-namespace") {
+    let want = if layer(&o, Layer::MountNamespace) {
         "errno ENOENT" // the minimal root holds only /usr
-    } else if layer(&o, "landlock") {
+    } else if layer(&o, Layer::Landlock) {
         "errno EACCES"
     } else {
         panic!("neither a private root nor Landlock: nothing confines the file system here");
@@ -84,7 +85,7 @@ fn reading_etc_shadow_is_denied() {
 #[test]
 fn reading_outside_landlock_paths_is_denied() {
     let o = probe("read-outside", None);
-    let want = if layer(&o, "mount-namespace") { "errno ENOENT" } else { "errno EACCES" };
+    let want = if layer(&o, Layer::MountNamespace) { "errno ENOENT" } else { "errno EACCES" };
     assert_eq!(o.event.as_deref(), Some(want), "report {:?}", o.probe.confinement);
 }
 
@@ -130,7 +131,7 @@ fn killing_another_worker_kills_with_sigsys() {
 #[test]
 fn other_processes_are_invisible() {
     let o = probe("list-proc", None);
-    let want = if layer(&o, "mount-namespace") { "errno ENOENT" } else { "errno EACCES" };
+    let want = if layer(&o, Layer::MountNamespace) { "errno ENOENT" } else { "errno EACCES" };
     assert_eq!(o.event.as_deref(), Some(want), "report {:?}", o.probe.confinement);
 }
 

@@ -148,7 +148,7 @@ impl Resp {
 }
 
 fn now_ms() -> i64 {
-    airlock_worker::hmi::now_ms()
+    airlock_hmi::types::now_ms()
 }
 
 #[test]
@@ -386,11 +386,11 @@ fn the_control_layer_keeps_answering_while_the_historian_is_down() {
 }
 
 #[test]
-fn airlock_user_add_manages_the_operators_auth_checks_without_a_restart() {
+fn airlock_hmi_user_add_manages_the_operators_auth_checks_without_a_restart() {
     let h = Hmi::start();
     let cfg = h.d.dir.join("airlock.toml");
     let user_add = |name: &str, password: Option<&str>| {
-        let mut cmd = std::process::Command::new(common::bin("airlock"));
+        let mut cmd = std::process::Command::new(common::bin("airlock-hmi"));
         cmd.args(["user", "add", name, "--config"]).arg(&cfg);
         if password.is_some() {
             cmd.arg("--password-stdin");
@@ -400,7 +400,7 @@ fn airlock_user_add_manages_the_operators_auth_checks_without_a_restart() {
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
-            .expect("airlock user add");
+            .expect("airlock-hmi user add");
         if let Some(p) = password {
             child.stdin.take().expect("stdin").write_all(format!("{p}\n").as_bytes()).expect("password");
         }
@@ -436,7 +436,7 @@ fn airlock_user_add_manages_the_operators_auth_checks_without_a_restart() {
     let out = user_add("eve", Some("short"));
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("8 to 256 bytes"));
     assert_eq!(std::fs::read_to_string(&file).expect("read"), before);
-    let out = std::process::Command::new(common::bin("airlock"))
+    let out = std::process::Command::new(common::bin("airlock-hmi"))
         .args(["user", "list", "--config"])
         .arg(&cfg)
         .output()

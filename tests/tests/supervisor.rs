@@ -2,7 +2,8 @@
 
 mod common;
 
-use airlock_supervisor::runtime::{WorkerState, WorkerStatus};
+use airlock_protocol::confinement::Layer;
+use airlock_protocol::control::{LayerWord, WorkerState, WorkerStatus};
 use common::*;
 
 /// The confinement report must tell the truth: every layer it calls applied is visible from
@@ -22,7 +23,7 @@ fn confinement_report_matches_proc_status_from_outside() {
     for w in [&w, &second] {
         assert_report_is_truthful(w, d.pid(), 64);
     }
-    if w.layer("uid") == Some("applied") {
+    if w.state(Layer::Uid) == Some(LayerWord::Applied) {
         assert_ne!(
             status_field(&proc_status(second.pid.expect("pid")), "Uid"),
             status_field(&st, "Uid"),
@@ -31,22 +32,26 @@ fn confinement_report_matches_proc_status_from_outside() {
     }
     // (assert_report_is_truthful checked every layer against /proc; what follows is what
     // this configuration requires on top.)
-    assert_eq!(w.layer("seccomp"), Some("applied"), "the default requires seccomp");
-    assert_eq!(w.layer("no-new-privs"), Some("applied"));
+    assert_eq!(w.state(Layer::Seccomp), Some(LayerWord::Applied), "the default requires seccomp");
+    assert_eq!(w.state(Layer::NoNewPrivs), Some(LayerWord::Applied));
     let my_uid = status_field(&proc_status(std::process::id() as i32), "Uid").to_string();
     let worker_uid = status_field(&st, "Uid").to_string();
-    match w.layer("uid") {
-        Some("applied") => {
+    match w.layer(Layer::Uid) {
+        Some(l) if l.state == LayerWord::Applied => {
             assert_ne!(worker_uid, my_uid, "uid layer applied but the worker runs as the supervisor's uid");
             assert!(worker_uid.split_whitespace().all(|u| u == "61000"), "{worker_uid}");
         }
-        Some(s) => {
-            assert!(s.starts_with("unavailable (supervisor runs unprivileged"), "{s}");
+        Some(l) => {
+            assert_eq!(l.state, LayerWord::Unavailable, "{l}");
+            assert!(l.why.as_deref().is_some_and(|w| w.starts_with("supervisor runs unprivileged")), "{l}");
             assert!(!is_root());
         }
         None => panic!("uid layer missing from the report"),
     }
-    if w.layer("not-dumpable") == Some("applied") && !is_root() && w.layer("user-namespace") != Some("applied") {
+    if w.state(Layer::NotDumpable) == Some(LayerWord::Applied)
+        && !is_root()
+        && w.state(Layer::UserNamespace) != Some(LayerWord::Applied)
+    {
         // Not dumpable: /proc/PID is owned by root, so a same-uid reader sees less. (In its
         // own user namespace the files belong to that namespace's root, which maps to us.)
         assert!(std::fs::read_to_string(format!("/proc/{pid}/environ")).is_err());
@@ -108,7 +113,7 @@ fn a_worker_that_lies_about_its_confinement_is_killed_as_a_security_event() {
 fn a_thread_left_unconfined_is_caught() {
     let d = Daemon::start(&format!("{}{}", echo_worker("echo", "echo", ""), liar("\"unconfined-thread\"")));
     let echo = d.wait_running("echo");
-    let had_caps = is_root() || echo.layer("user-namespace") == Some("applied");
+    let had_caps = is_root() || echo.state(Layer::UserNamespace) == Some(LayerWord::Applied);
     if had_caps {
         let (_, why) = wait_failed(&d, "liar");
         assert!(why.starts_with("SECURITY: confinement verification failed: thread "), "{why}");
@@ -229,7 +234,7 @@ fn a_required_layer_the_worker_cannot_apply_stops_only_that_worker() {
     let (w, why) = wait_failed(&d, "strict");
     assert!(why.starts_with("worker reported that required layer rlimits failed: "), "{why}");
     assert!(why.contains("EPERM"), "the errno is named: {why}");
-    assert_eq!(w.layer("rlimits").map(|s| s.starts_with("unavailable")), Some(true), "{:?}", w.confinement);
+    assert_eq!(w.state(Layer::Rlimits), Some(LayerWord::Unavailable), "{:?}", w.confinement);
     assert_eq!(d.call("echo", "echo", "unaffected"), (true, "unaffected".to_string()));
     let (st, log) = d.stop();
     assert!(st.success(), "{log}");

@@ -11,15 +11,15 @@
 //! channel, and a required layer that fails ends the worker before it serves anything.
 #![deny(unsafe_code)]
 
-pub mod credentials;
-pub mod hmi;
 pub mod sandbox;
 pub mod sys;
-pub mod wire;
 
 use airlock_protocol::{handoff, Bulk, BulkMode, BulkWriter, Channel, ChannelError, Hello, Limits, Role};
 
-pub use sandbox::{ConfinementPlan, ConfinementReport, Layer, LayerState, Requirement};
+pub use airlock_protocol::confinement::{ConfinementPlan, ConfinementReport, Layer, LayerState, Requirement};
+/// The messages a worker exchanges with its supervisor (re-exported from `airlock-protocol`).
+pub use airlock_protocol::wire;
+pub use airlock_protocol::wire::CallFailure;
 use std::collections::VecDeque;
 
 use wire::{ByteBody, Delivery, FromWorker, Message, Refusal, Reply, Request, ToWorker};
@@ -34,8 +34,8 @@ pub enum WorkerError {
     Confine(#[from] sandbox::LayerFailed),
     #[error("supervisor sent {got} where {expected} was expected")]
     Unexpected { expected: &'static str, got: String },
-    #[error("call {service}.{method} failed: {reason}")]
-    Call { service: String, method: String, reason: String },
+    #[error("call {service}.{method} failed: {failure}")]
+    Call { service: String, method: String, failure: CallFailure },
     #[error("send to {service}.{method} refused: {refusal}")]
     Refused { service: String, method: String, refusal: Refusal },
     #[error("bulk: {0}")]
@@ -306,7 +306,10 @@ impl Worker {
                             None => self.ch.send(&reply)?,
                         }
                     }
-                    Err(e) => self.ch.send(&FromWorker::Reply(Reply { id: req.id, result: Err(e) }))?,
+                    Err(e) => {
+                        let reply = Reply { id: req.id, result: Err(CallFailure::Callee(e)) };
+                        self.ch.send(&FromWorker::Reply(reply))?
+                    }
                 }
             }
             ToWorker::Deliver(d) => {
@@ -381,7 +384,7 @@ impl Worker {
         )?;
         match reply.map(|r| r.result) {
             Some(Ok(b)) => Ok((b.0, bulk)),
-            Some(Err(reason)) => Err(WorkerError::Call { service: service.into(), method: method.into(), reason }),
+            Some(Err(failure)) => Err(WorkerError::Call { service: service.into(), method: method.into(), failure }),
             None => Err(WorkerError::Unexpected { expected: "Reply", got: "nothing".into() }),
         }
     }

@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
-use airlock_supervisor::cli::{AirlockArgs as Args, Cmd, UserCmd};
+use airlock_supervisor::cli::{AirlockArgs as Args, Cmd};
 use airlock_supervisor::runtime::{CallResult, ControlRequest, Status, WorkerState};
 use anyhow::Context;
 use clap::Parser;
@@ -56,8 +56,6 @@ fn main() -> std::process::ExitCode {
         Cmd::Status { json } => status(&sock, json),
         Cmd::Call { service, method, body, deadline_ms } => call(&sock, service, method, body, deadline_ms),
         Cmd::Permits { config } => permits(config),
-        Cmd::User(UserCmd::Add { name, password_stdin, file, config }) => user_add(&name, password_stdin, file, config),
-        Cmd::User(UserCmd::List { file, config }) => user_list(file, config),
     };
     match r {
         Ok(code) => code,
@@ -71,10 +69,15 @@ fn main() -> std::process::ExitCode {
 fn status(sock: &PathBuf, json: bool) -> anyhow::Result<std::process::ExitCode> {
     let st: Status = request(sock, &ControlRequest::Status)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&st)?);
+        airlock_supervisor::outln!("{}", serde_json::to_string_pretty(&st)?);
         return Ok(std::process::ExitCode::SUCCESS);
     }
-    println!("airlockd pid {} uid {}, {} journaled messages pending", st.pid, st.uid, st.journal_pending);
+    airlock_supervisor::outln!(
+        "airlockd pid {} uid {}, {} journaled messages pending",
+        st.pid,
+        st.uid,
+        st.journal_pending
+    );
     for w in &st.workers {
         let state = match &w.state {
             WorkerState::Running => "running".to_string(),
@@ -83,42 +86,32 @@ fn status(sock: &PathBuf, json: bool) -> anyhow::Result<std::process::ExitCode> 
             WorkerState::Stopped => "stopped".to_string(),
         };
         let pid = w.pid.map_or_else(|| "-".to_string(), |p| p.to_string());
-        println!(
+        airlock_supervisor::outln!(
             "\nworker {} ({state}) pid {pid} restarts {} services [{}]",
             w.name,
             w.restarts,
             w.services.join(", ")
         );
         if let Some(e) = &w.last_exit {
-            println!("  last exit: {e}");
+            airlock_supervisor::outln!("  last exit: {e}");
         }
-        println!(
+        airlock_supervisor::outln!(
             "  broker: state {}, calls served {}, calls made {}, violations {}, queued {}, unacknowledged {}",
-            w.broker_state, w.calls_served, w.calls_made, w.violations, w.queued, w.unacknowledged
+            w.broker_state,
+            w.calls_served,
+            w.calls_made,
+            w.violations,
+            w.queued,
+            w.unacknowledged
         );
-        for (layer, state) in &w.confinement {
-            println!("  {layer:<20} {state}");
+        for l in &w.confinement {
+            airlock_supervisor::outln!("  {:<20} {l}", l.layer.to_string());
         }
         for n in &w.notes {
-            println!("  note: {n}");
+            airlock_supervisor::outln!("  note: {n}");
         }
     }
     Ok(std::process::ExitCode::SUCCESS)
-}
-
-/// The credential file: as given, else in the auth worker's state directory of `config`.
-fn credential_file(file: Option<PathBuf>, config: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    if let Some(f) = file {
-        return Ok(f);
-    }
-    let (cfg, _) = load_config(config)?;
-    let auth = cfg
-        .workers
-        .iter()
-        .find(|w| w.policy.get_ref() == "auth")
-        .context("the configuration has no worker with policy `auth`: pass --file")?;
-    let dir = cfg.worker_state_directory(auth).context("the auth worker has no state directory: pass --file")?;
-    Ok(dir.join(airlock_worker::credentials::FILE_NAME))
 }
 
 /// The configuration as given, else the installed one (`/etc/airlock/airlock.toml`), else the
@@ -137,75 +130,12 @@ fn load_config(config: Option<PathBuf>) -> anyhow::Result<(airlock_supervisor::c
     Ok((cfg, name))
 }
 
-fn user_add(
-    name: &str,
-    password_stdin: bool,
-    file: Option<PathBuf>,
-    config: Option<PathBuf>,
-) -> anyhow::Result<std::process::ExitCode> {
-    use airlock_worker::credentials;
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let path = credential_file(file, config)?;
-    let mut ops = match std::fs::read_to_string(&path) {
-        Ok(text) => credentials::parse(&text).with_context(|| format!("{}", path.display()))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    let (password, generated) = if password_stdin {
-        let mut line = String::new();
-        std::io::stdin().read_line(&mut line).context("reading the password from stdin")?;
-        (line.trim_end_matches(['\n', '\r']).to_string(), false)
-    } else {
-        (credentials::random_password().context("generating a password")?, true)
-    };
-    credentials::set(&mut ops, name, &password)?;
-    let dir = path.parent().context("the credential file has no directory")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    // Written beside and renamed over, so auth never reads half a file; owned like the
-    // directory (the auth worker's uid), readable by no one else.
-    // Our own name (pid), created exclusively: never a path someone else prepared.
-    let tmp = dir.join(format!(".{}.{}.tmp", credentials::FILE_NAME, std::process::id()));
-    let owner = std::fs::metadata(dir)?;
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(credentials::render(&ops).as_bytes())?;
-        if airlock_supervisor::sys::euid() == 0 {
-            // On the open file, not the path: a swapped-in symlink cannot redirect it.
-            std::os::unix::fs::fchown(&f, Some(owner.uid()), Some(owner.gid()))
-                .with_context(|| format!("chown {}", tmp.display()))?;
-        }
-        f.sync_all()?;
-    }
-    if let Err(e) = std::fs::rename(&tmp, &path) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("replacing {}", path.display()));
-    }
-    if generated {
-        println!("operator {name}: password {password}");
-    } else {
-        println!("operator {name}: password set");
-    }
-    Ok(std::process::ExitCode::SUCCESS)
-}
-
-fn user_list(file: Option<PathBuf>, config: Option<PathBuf>) -> anyhow::Result<std::process::ExitCode> {
-    let path = credential_file(file, config)?;
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    for op in airlock_worker::credentials::parse(&text).with_context(|| format!("{}", path.display()))? {
-        println!("{}", op.name);
-    }
-    Ok(std::process::ExitCode::SUCCESS)
-}
-
 fn permits(config: Option<PathBuf>) -> anyhow::Result<std::process::ExitCode> {
     let (cfg, name) = load_config(config)?;
-    println!("# permit table of {name}; every worker starts in state `initial`; anything not listed is refused");
-    print!("{}", airlock_supervisor::permits::render(&cfg.permit_table()));
+    airlock_supervisor::outln!(
+        "# permit table of {name}; every worker starts in state `initial`; anything not listed is refused"
+    );
+    airlock_supervisor::out!("{}", airlock_supervisor::permits::render(&cfg.permit_table()));
     Ok(std::process::ExitCode::SUCCESS)
 }
 
@@ -218,7 +148,7 @@ fn call(
 ) -> anyhow::Result<std::process::ExitCode> {
     let r: CallResult = request(sock, &ControlRequest::Call { service, method, body, deadline_ms })?;
     if r.ok {
-        println!("{}", r.body);
+        airlock_supervisor::outln!("{}", r.body);
         Ok(std::process::ExitCode::SUCCESS)
     } else {
         eprintln!("airlock: call failed: {}", r.body);

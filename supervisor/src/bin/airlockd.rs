@@ -23,14 +23,14 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
     }
     let known = airlock_supervisor::known_policies();
     if args.print_default_config {
-        print!("{}", airlock_supervisor::config::EMBEDDED_DEFAULT);
+        airlock_supervisor::out!("{}", airlock_supervisor::config::EMBEDDED_DEFAULT);
         return Ok(std::process::ExitCode::SUCCESS);
     }
     if let Some(path) = args.check_config {
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         return Ok(match airlock_supervisor::config::parse(&text, &path.display().to_string(), &known) {
             Ok(c) => {
-                println!("{}: OK ({} workers)", path.display(), c.workers.len());
+                airlock_supervisor::outln!("{}: OK ({} workers)", path.display(), c.workers.len());
                 std::process::ExitCode::SUCCESS
             }
             Err(e) => {

@@ -9,7 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use airlock_supervisor::runtime::{Status, WorkerState, WorkerStatus};
+use airlock_protocol::confinement::Layer;
+use airlock_protocol::control::{LayerWord, Status, WorkerState, WorkerStatus};
 
 /// The directory holding the workspace's binaries (`target/<profile>`).
 pub fn bin_dir() -> PathBuf {
@@ -388,40 +389,36 @@ pub fn assert_report_is_truthful(w: &WorkerStatus, supervisor: i32, nofile: u64)
     let name = &w.name;
     let pid = w.pid.unwrap_or_else(|| panic!("{name} has no pid"));
     let st = proc_status(pid);
-    for (layer, state) in &w.confinement {
-        assert!(
-            state == "applied"
-                || state == "off"
-                || state.starts_with("unavailable (")
-                || state.starts_with("degraded ("),
-            "{name}: {layer}: {state}"
-        );
+    for l in &w.confinement {
+        // A layer not applied always says why; an applied or off one never does.
+        let needs_why = matches!(l.state, LayerWord::Degraded | LayerWord::Unavailable);
+        assert_eq!(l.why.is_some(), needs_why, "{name}: {}: {l}", l.layer);
         if can_read_filters() {
-            assert_eq!(state, "applied", "{name}: on the host-root lane every layer is applied: {layer}");
+            assert_eq!(l.state, LayerWord::Applied, "{name}: on the host-root lane every layer is applied: {l:?}");
         }
     }
-    let applied = |l: &str| w.layer(l) == Some("applied");
-    if applied("seccomp") {
+    let applied = |l: Layer| w.state(l) == Some(LayerWord::Applied);
+    if applied(Layer::Seccomp) {
         assert_eq!(status_field(&st, "Seccomp"), "2", "{name}");
     }
-    if applied("no-new-privs") {
+    if applied(Layer::NoNewPrivs) {
         assert_eq!(status_field(&st, "NoNewPrivs"), "1", "{name}");
     }
-    if matches!(w.layer("capabilities"), Some(s) if s == "applied" || s.starts_with("degraded")) {
+    if matches!(w.state(Layer::Capabilities), Some(LayerWord::Applied | LayerWord::Degraded)) {
         for cap in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
             assert_eq!(status_field(&st, cap), "0000000000000000", "{name}: {cap}");
         }
     }
-    if applied("capabilities") {
+    if applied(Layer::Capabilities) {
         assert_eq!(status_field(&st, "CapBnd"), "0000000000000000", "{name}");
     }
     let sup = proc_status(supervisor);
-    if applied("uid") {
+    if applied(Layer::Uid) {
         assert_ne!(status_field(&st, "Uid"), status_field(&sup, "Uid"), "{name}: own uid");
         assert_ne!(status_field(&st, "Gid"), status_field(&sup, "Gid"), "{name}: own gid");
         assert_eq!(status_field(&st, "Groups"), "", "{name}: no supplementary groups");
     }
-    if applied("rlimits") {
+    if applied(Layer::Rlimits) {
         let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
         let row = |what: &str| -> Vec<String> {
             let line = limits.lines().find(|l| l.starts_with(what)).unwrap_or_else(|| panic!("{what} in {limits}"));
@@ -433,13 +430,13 @@ pub fn assert_report_is_truthful(w: &WorkerStatus, supervisor: i32, nofile: u64)
         assert_ne!(row("Max address space")[0], "unlimited", "{name}: bounded memory");
     }
     for (layer, ns) in [
-        ("user-namespace", "user"),
-        ("pid-namespace", "pid"),
-        ("net-namespace", "net"),
-        ("mount-namespace", "mnt"),
-        ("ipc-namespace", "ipc"),
-        ("uts-namespace", "uts"),
-        ("cgroup-namespace", "cgroup"),
+        (Layer::UserNamespace, "user"),
+        (Layer::PidNamespace, "pid"),
+        (Layer::NetNamespace, "net"),
+        (Layer::MountNamespace, "mnt"),
+        (Layer::IpcNamespace, "ipc"),
+        (Layer::UtsNamespace, "uts"),
+        (Layer::CgroupNamespace, "cgroup"),
     ] {
         let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}"));
         let ours = std::fs::read_link(format!("/proc/{supervisor}/ns/{ns}")).expect("supervisor's namespace");
@@ -452,15 +449,15 @@ pub fn assert_report_is_truthful(w: &WorkerStatus, supervisor: i32, nofile: u64)
             }
             Err(e) => panic!("{name}: /proc/{pid}/ns/{ns}: {e}"),
         };
-        match w.layer(layer) {
-            Some("applied") => assert_ne!(theirs, ours, "{name}: {layer} applied, but shared with airlockd"),
-            Some(s) if s.starts_with("unavailable") || s == "off" => {
-                assert_eq!(theirs, ours, "{name}: {layer} is {s}, but the worker has its own")
+        match w.state(layer) {
+            Some(LayerWord::Applied) => assert_ne!(theirs, ours, "{name}: {layer} applied, but shared with airlockd"),
+            Some(s @ (LayerWord::Unavailable | LayerWord::Off)) => {
+                assert_eq!(theirs, ours, "{name}: {layer} is {s:?}, but the worker has its own")
             }
             _ => {}
         }
     }
-    if applied("pid-namespace") {
+    if applied(Layer::PidNamespace) {
         let nspid = status_field(&st, "NSpid");
         assert_eq!(nspid.split_whitespace().last(), Some("1"), "{name}: pid 1 in its own pid namespace: {nspid}");
     }

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
-use crate::http::{self, Body, Head, Parsed, Response};
+use super::http::{self, Body, Head, Parsed, Response};
 
 /// A complete request head must arrive within this time of the request's first byte (of
 /// the accept, for a connection's first request); its body within this time of the head.

@@ -14,6 +14,22 @@ use crate::consts;
 use crate::error::PolicyError;
 use crate::syscalls;
 
+/// Packs a program into one `u64` per instruction (`code | jt << 16 | jf << 24 | k << 32`),
+/// the form a confinement plan carries it in.
+pub fn pack_program(prog: &[sock_filter]) -> Vec<u64> {
+    prog.iter()
+        .map(|i| u64::from(i.code) | u64::from(i.jt) << 16 | u64::from(i.jf) << 24 | u64::from(i.k) << 32)
+        .collect()
+}
+
+/// Unpacks a program packed by [`pack_program`].
+pub fn unpack_program(packed: &[u64]) -> seccompiler::BpfProgram {
+    packed
+        .iter()
+        .map(|&w| sock_filter { code: w as u16, jt: (w >> 16) as u8, jf: (w >> 24) as u8, k: (w >> 32) as u32 })
+        .collect()
+}
+
 /// What the kernel hands a seccomp filter (`struct seccomp_data`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SeccompData {

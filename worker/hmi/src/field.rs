@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use airlock_worker::hmi::{self, RawWrite, Sample, Table};
+use crate::types::{self as hmi, RawWrite, Sample, Table};
 use airlock_worker::{Pump, Response, Worker};
 use rmodbus::{client::ModbusRequest, guess_response_frame_len, ModbusProto};
 use serde::Deserialize;
@@ -49,7 +49,8 @@ struct Device {
     next_reopen: Instant,
 }
 
-fn main() -> ExitCode {
+/// The worker's entry point (its binary is one line that calls this).
+pub fn main() -> ExitCode {
     airlock_worker::init_logging();
     let mut w = match Worker::start("field", &["field"]) {
         Ok(w) => w,

@@ -8,9 +8,9 @@
 //! to other workers are made in turn, each bounded by a deadline. The page and its script are
 //! compiled in: the worker opens no file. It never logs bodies, cookies or passwords.
 
-mod api;
-mod conn;
-mod http;
+pub mod api;
+pub mod conn;
+pub mod http;
 
 use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
@@ -52,7 +52,8 @@ enum UiError {
     Worker(#[from] WorkerError),
 }
 
-fn main() {
+/// The worker's entry point (its binary is one line that calls this).
+pub fn main() -> std::process::ExitCode {
     airlock_worker::init_logging();
     // Claimed and made non-blocking before confinement: the ui policy does not allow
     // fcntl(F_SETFL), and needs no more than accept4 on a ready, non-blocking listener.
@@ -60,21 +61,22 @@ fn main() {
         Ok(l) => l,
         Err(e) => {
             eprintln!("airlock-worker-ui: {e}");
-            std::process::exit(2);
+            return std::process::ExitCode::from(2);
         }
     };
     let mut w = match Worker::start("ui", &[]) {
         Ok(w) => w,
         Err(e) => {
             eprintln!("airlock-worker-ui: {e}");
-            std::process::exit(2);
+            return std::process::ExitCode::from(2);
         }
     };
     if let Err(e) = serve(&mut w, &listener) {
         tracing::error!("ui stops: {e}");
         eprintln!("airlock-worker-ui: {e}");
-        std::process::exit(2);
+        return std::process::ExitCode::from(2);
     }
+    std::process::ExitCode::SUCCESS
 }
 
 fn claim_listener() -> Result<OwnedFd, UiError> {
@@ -110,7 +112,7 @@ impl Backend for Calls<'_> {
         self.called = true;
         match self.w.call_with_deadline(service, method, body, deadline_ms) {
             Ok(r) => Ok(r),
-            Err(WorkerError::Call { reason, .. }) => Err(CallError::Failed(reason)),
+            Err(WorkerError::Call { failure, .. }) => Err(CallError::Failed(failure)),
             Err(e) => {
                 self.fatal = Some(e);
                 Err(CallError::Broken("the ui lost its channel".into()))

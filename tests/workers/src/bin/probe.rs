@@ -15,7 +15,7 @@
 //! keeps a thread started before confinement. And `ignore-shutdown` is confined truthfully but
 //! ignores the supervisor's `Shutdown`. (The probe is a test worker; it is not packaged.)
 
-use airlock_worker::sandbox::errno_name;
+use airlock_protocol::confinement::errno_name;
 use airlock_worker::sys::raw_syscall6;
 use airlock_worker::Worker;
 
@@ -133,8 +133,9 @@ fn attempt(what: &str, arg: Option<&str>) -> String {
 /// The start-up of `Worker::start`, with a lie in it (or, for `ignore-shutdown`, none); then it
 /// idles until the supervisor stops it (or kills it, which is what the tests expect).
 fn lie(mode: &str, policy: Option<&str>) -> Result<(), String> {
+    use airlock_protocol::confinement::{ConfinementReport, LayerState};
     use airlock_protocol::{handoff, Hello, Limits, Role};
-    use airlock_worker::sandbox::{self, ConfinementReport, LayerState};
+    use airlock_worker::sandbox;
     use airlock_worker::wire::{FromWorker, ToWorker};
     use airlock_worker::{Layer, Requirement};
     let mut ch = handoff::take_inherited(Limits::default()).map_err(|e| e.to_string())?;
@@ -163,8 +164,13 @@ fn lie(mode: &str, policy: Option<&str>) -> Result<(), String> {
         }
         r
     } else {
+        // Another policy's program, compiled here (a real worker never compiles; this
+        // liar links the policy files to do it).
         plan.policy = policy.unwrap_or("echo").to_string();
-        plan.seccomp_program.clear();
+        let prog = airlock_policies::embedded()
+            .compile(&plan.policy, airlock_policies::Arch::native())
+            .map_err(|e| e.to_string())?;
+        plan.seccomp_program = airlock_policies::pack_program(&prog);
         let mut r = sandbox::apply_before_seccomp(&plan).map_err(|f| f.reason)?;
         sandbox::apply_seccomp(&plan, &mut r).map_err(|f| f.reason)?;
         r

@@ -8,8 +8,8 @@
 
 use std::process::ExitCode;
 
+use crate::types::{self as hmi, Event, Range, Sample, TrendQuery};
 use airlock_protocol::BulkMode;
-use airlock_worker::hmi::{self, Event, Range, Sample, TrendQuery};
 use airlock_worker::{Response, Worker};
 use rusqlite::{params, Connection};
 
@@ -39,7 +39,8 @@ struct Settings {
     historian: Option<HistorianSettings>,
 }
 
-fn main() -> ExitCode {
+/// The worker's entry point (its binary is one line that calls this).
+pub fn main() -> ExitCode {
     airlock_worker::init_logging();
     let mut w = match Worker::start("historian", &["historian"]) {
         Ok(w) => w,

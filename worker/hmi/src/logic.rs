@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 use std::time::Instant;
 
-use airlock_worker::hmi::{
-    self, Ack, Alarm, AlarmKind, Event, PlantSettings, RawWrite, Sample, SessionInfo, Setpoint, TagValue, Token,
+use crate::types::{
+    self as hmi, Ack, Alarm, AlarmKind, Event, PlantSettings, RawWrite, Sample, SessionInfo, Setpoint, TagValue, Token,
     Verdict,
 };
 use airlock_worker::{Response, Worker};
@@ -29,7 +29,8 @@ struct Logic {
     last_sample_ms: i64,
 }
 
-fn main() -> ExitCode {
+/// The worker's entry point (its binary is one line that calls this).
+pub fn main() -> ExitCode {
     airlock_worker::init_logging();
     let mut w = match Worker::start("logic", &["logic"]) {
         Ok(w) => w,
@@ -119,7 +120,7 @@ fn main() -> ExitCode {
 fn session(w: &mut Worker, token: &str) -> Result<SessionInfo, String> {
     let (body, _) =
         w.call_with_deadline("auth", "validate", hmi::encode(&Token(token.into())), 2000).map_err(|e| match e {
-            airlock_worker::WorkerError::Call { reason, .. } => reason,
+            airlock_worker::WorkerError::Call { failure, .. } => failure.to_string(),
             other => other.to_string(),
         })?;
     hmi::decode(&body)
@@ -377,7 +378,7 @@ impl Logic {
             }
             Err(e) => {
                 let reason = match e {
-                    airlock_worker::WorkerError::Call { reason, .. } => format!("the field layer failed: {reason}"),
+                    airlock_worker::WorkerError::Call { failure, .. } => format!("the field layer failed: {failure}"),
                     other => format!("the field layer failed: {other}"),
                 };
                 Verdict { accepted: false, reason }

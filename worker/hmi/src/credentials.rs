@@ -1,5 +1,5 @@
 //! The operator credential file: one `name:PHC-string` line per operator (Argon2id hashes),
-//! comments with `#`. Read only by the `auth` worker; written by `airlock user add` and by
+//! comments with `#`. Read only by the `auth` worker; written by `airlock-hmi user add` and by
 //! `auth` itself on first start. Pure parsing and hashing: the callers do the I/O.
 
 use argon2::password_hash::phc::PasswordHash;
@@ -64,7 +64,7 @@ pub fn parse(text: &str) -> Result<Vec<Operator>, CredentialError> {
 
 /// The file's text for `ops`.
 pub fn render(ops: &[Operator]) -> String {
-    let mut s = String::from("# airlock operators: NAME:ARGON2ID-PHC-HASH (managed by `airlock user add`)\n");
+    let mut s = String::from("# airlock operators: NAME:ARGON2ID-PHC-HASH (managed by `airlock-hmi user add`)\n");
     for o in ops {
         s.push_str(&format!("{}:{}\n", o.name, o.hash));
     }

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use airlock_worker::credentials::{self, Operator};
-use airlock_worker::hmi::{self, Login, SessionInfo, Token};
+use crate::credentials::{self, Operator};
+use crate::types::{self as hmi, Login, SessionInfo, Token};
 use airlock_worker::{Response, Worker};
 use serde::Deserialize;
 
@@ -68,7 +68,8 @@ struct Auth {
 /// Login attempts hashed per second, at most (each costs an Argon2id hash, ~19 MiB).
 const MAX_HASHES_PER_SECOND: u32 = 10;
 
-fn main() -> ExitCode {
+/// The worker's entry point (its binary is one line that calls this).
+pub fn main() -> ExitCode {
     airlock_worker::init_logging();
     let mut w = match Worker::start("auth", &["auth"]) {
         Ok(w) => w,
@@ -140,13 +141,13 @@ fn first_start(file: &Path) -> std::io::Result<()> {
     f.sync_all()?;
     // The one time this password is ever shown: it goes to the supervisor's log.
     tracing::warn!(
-        "first start: created operator \"operator\" with password {password} (shown once; change it with `airlock user add operator`)"
+        "first start: created operator \"operator\" with password {password} (shown once; change it with `airlock-hmi user add operator`)"
     );
     Ok(())
 }
 
 impl Auth {
-    /// Reads the file on every login, so `airlock user add` takes effect without a restart.
+    /// Reads the file on every login, so `airlock-hmi user add` takes effect without a restart.
     fn operators(&self) -> Result<Vec<Operator>, String> {
         let text = std::fs::read_to_string(&self.file).map_err(|e| {
             tracing::error!(file = %self.file.display(), "cannot read the credential file: {e}");

@@ -1,9 +1,12 @@
 //! Messages between the supervisor and a worker, carried by the secure channel.
 //! Bodies are postcard-encoded application types, opaque here (never logged).
+//!
+//! Both sides link exactly these types: the supervisor never sees a worker crate, and a
+//! worker never sees the supervisor's.
 
 use serde::{Deserialize, Serialize};
 
-use crate::sandbox::{ConfinementPlan, ConfinementReport, Layer};
+use crate::confinement::{ConfinementPlan, ConfinementReport, Layer};
 
 /// A call to a service, by name. The body is the caller's postcard-encoded argument.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,11 +66,73 @@ impl std::fmt::Display for Refusal {
     }
 }
 
+/// Why a call got no answer from its callee, or the callee's own error. The broker's
+/// failures are told apart by type, never by wording: a ui maps `NotPermitted`, `Busy`,
+/// `NotRunning`, `TimedOut` and `CalleeDied` to "unavailable" and `Callee` to the callee's
+/// refusal. A callee can only ever answer `Callee`: the supervisor turns any other failure a
+/// worker sends in a reply into `Callee` with the same text ([`CallFailure::from_callee`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[non_exhaustive]
+pub enum CallFailure {
+    /// Refused by the permit table; `rule` says which rule refused it and why.
+    #[error("not permitted: {rule}")]
+    NotPermitted { rule: String },
+    /// Over a quota of the caller or the callee; try again later.
+    #[error("busy: {why}")]
+    Busy { why: String },
+    /// No worker provides the service.
+    #[error("no such service: {service}")]
+    NoSuchService { service: String },
+    /// The worker that provides the service is not running (restarting, failed, stopped).
+    #[error("service {service} is not running")]
+    NotRunning { service: String },
+    /// The callee did not answer within the call's deadline.
+    #[error("call to worker {worker} timed out after {after_ms} ms")]
+    TimedOut { worker: String, after_ms: u64 },
+    /// The callee died before it answered.
+    #[error("worker {worker} died during the call")]
+    CalleeDied { worker: String },
+    /// The supervisor could not forward the call to the callee (its channel failed).
+    #[error("forwarding to {worker} failed: {why}")]
+    Unreachable { worker: String, why: String },
+    /// The callee's own error, in its words.
+    #[error("{0}")]
+    Callee(String),
+}
+
+impl CallFailure {
+    /// Whether the failure is the broker's (the callee never answered) rather than the
+    /// callee's own.
+    pub fn is_broker(&self) -> bool {
+        !matches!(self, CallFailure::Callee(_))
+    }
+
+    /// A failure a callee sent in its reply, as the caller may see it: only `Callee`. A callee
+    /// that claims a broker failure (to make a caller believe, say, that it was refused by the
+    /// permit table) is taken at its words, not its type.
+    pub fn from_callee(self) -> CallFailure {
+        match self {
+            CallFailure::Callee(why) => CallFailure::Callee(why),
+            other => CallFailure::Callee(other.to_string()),
+        }
+    }
+}
+
+impl From<Refusal> for CallFailure {
+    fn from(r: Refusal) -> CallFailure {
+        match r {
+            Refusal::Busy(why) => CallFailure::Busy { why },
+            Refusal::NotPermitted(rule) => CallFailure::NotPermitted { rule },
+            Refusal::NoSuchService(service) => CallFailure::NoSuchService { service },
+        }
+    }
+}
+
 /// The answer to a `Request` with the same id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reply {
     pub id: u64,
-    pub result: Result<ByteBody, String>,
+    pub result: Result<ByteBody, CallFailure>,
 }
 
 /// Bytes that postcard encodes as one block.
@@ -135,4 +200,31 @@ pub enum FromWorker {
     Reopen {
         index: u32,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn from_callee_keeps_only_the_callees_words() {
+        let forged = CallFailure::NotPermitted { rule: "ui may not call x.y".into() };
+        assert_eq!(forged.from_callee(), CallFailure::Callee("not permitted: ui may not call x.y".into()));
+        let own = CallFailure::Callee("no such alarm".into());
+        assert_eq!(own.clone().from_callee(), own);
+    }
+
+    #[test]
+    fn broker_failures_are_told_apart_by_type() {
+        assert!(CallFailure::TimedOut { worker: "logic".into(), after_ms: 5 }.is_broker());
+        assert!(CallFailure::from(Refusal::Busy("quota".into())).is_broker());
+        assert!(!CallFailure::Callee("busy: but mine".into()).is_broker());
+    }
+
+    #[test]
+    fn reply_with_typed_failure_round_trips_through_postcard() {
+        let r = Reply { id: 7, result: Err(CallFailure::CalleeDied { worker: "auth".into() }) };
+        let bytes = postcard::to_allocvec(&r).expect("encode");
+        assert_eq!(postcard::from_bytes::<Reply>(&bytes).expect("decode"), r);
+    }
 }

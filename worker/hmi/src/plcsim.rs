@@ -66,7 +66,8 @@ struct Tank {
     temperature: f64,
 }
 
-fn main() -> ExitCode {
+/// The worker's entry point (its binary is one line that calls this).
+pub fn main() -> ExitCode {
     airlock_worker::init_logging();
     let mut w = match Worker::start("plcsim", &[]) {
         Ok(w) => w,

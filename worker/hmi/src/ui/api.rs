@@ -7,12 +7,13 @@
 //! [`Backend`], so routing and every decision here are tested without a supervisor. Never
 //! logs bodies, cookies or passwords.
 
+use crate::types as hmi;
+use airlock_protocol::wire::CallFailure;
 use airlock_protocol::Bulk;
-use airlock_worker::hmi;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::http::{self, Body, Head, Method, Response};
+use super::http::{self, Body, Head, Method, Response};
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const APP_JS: &str = include_str!("assets/app.js");
@@ -44,8 +45,8 @@ const MAX_TAG: usize = 64;
 /// How a call to another worker failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallError {
-    /// The callee (or the broker on its behalf) answered with an error.
-    Failed(String),
+    /// The broker or the callee answered with a failure, told apart by its type.
+    Failed(CallFailure),
     /// The ui's own channel failed: the worker must stop.
     Broken(String),
 }
@@ -305,8 +306,8 @@ enum Failure {
 impl From<CallError> for Failure {
     fn from(e: CallError) -> Failure {
         match e {
-            CallError::Failed(reason) if from_broker(&reason) => Failure::Unavailable(reason),
-            CallError::Failed(reason) => Failure::Refused(reason),
+            CallError::Failed(CallFailure::Callee(reason)) => Failure::Refused(reason),
+            CallError::Failed(broker) => Failure::Unavailable(broker.to_string()),
             CallError::Broken(reason) => Failure::Unavailable(reason),
         }
     }
@@ -319,17 +320,6 @@ impl Failure {
             Failure::Malformed(what) => Response::error(502, what),
         }
     }
-}
-
-/// Whether a call's error came from the broker (the callee never answered: not permitted,
-/// not running, busy, timed out, died) rather than from the callee. Matches the
-/// supervisor's reasons; see the report about a structured error instead.
-fn from_broker(reason: &str) -> bool {
-    const PREFIXES: &[&str] = &["not permitted: ", "no such service: ", "busy: ", "forwarding to "];
-    PREFIXES.iter().any(|p| reason.starts_with(p))
-        || (reason.starts_with("service ") && reason.ends_with(" is not running"))
-        || (reason.starts_with("call to worker ") && reason.ends_with(" timed out"))
-        || (reason.starts_with("worker ") && reason.ends_with(" died during the call"))
 }
 
 /// A call whose reply body is a postcard-encoded `T`.
@@ -412,8 +402,8 @@ fn range_query(q: &str) -> Result<hmi::Range, &'static str> {
 
 #[cfg(test)]
 mod tests {
+    use super::http::{parse_head, Parsed};
     use super::*;
-    use crate::http::{parse_head, Parsed};
 
     /// A scripted backend: answers by `service.method`, records every call.
     #[derive(Default)]
@@ -450,7 +440,7 @@ mod tests {
             self.calls.push((service.into(), method.into(), body));
             match self.answers.iter().find(|(k, _)| *k == key) {
                 Some((_, r)) => r.clone().map(|b| (b, None)),
-                None => Err(CallError::Failed(format!("no such service: {service}"))),
+                None => Err(CallError::Failed(CallFailure::NoSuchService { service: service.into() })),
             }
         }
     }
@@ -571,7 +561,8 @@ mod tests {
 
     #[test]
     fn invalid_session_is_401_with_auths_reason_and_goes_nowhere_else() {
-        let mut b = Script::default().answer("auth.validate", Err(CallError::Failed("session expired".into())));
+        let mut b = Script::default()
+            .answer("auth.validate", Err(CallError::Failed(CallFailure::Callee("session expired".into()))));
         let (s, body, _) = get("/api/values", &mut b);
         assert_eq!(s, 401);
         assert_eq!(parsed(&body), parsed(r#"{"error":"session expired"}"#));
@@ -583,8 +574,8 @@ mod tests {
 
     #[test]
     fn auth_down_is_502() {
-        let mut b =
-            Script::default().answer("auth.validate", Err(CallError::Failed("service auth is not running".into())));
+        let mut b = Script::default()
+            .answer("auth.validate", Err(CallError::Failed(CallFailure::NotRunning { service: "auth".into() })));
         assert_eq!(get("/api/session", &mut b).0, 502);
     }
 
@@ -602,7 +593,8 @@ mod tests {
 
     #[test]
     fn login_failure_is_401_with_auths_reason() {
-        let mut b = Script::default().answer("auth.login", Err(CallError::Failed("wrong user or password".into())));
+        let mut b = Script::default()
+            .answer("auth.login", Err(CallError::Failed(CallFailure::Callee("wrong user or password".into()))));
         let (st, body, r) = post("/api/login", r#"{"user":"operator","password":"x"}"#, &mut b);
         assert_eq!(st, 401);
         assert_eq!(parsed(&body), parsed(r#"{"error":"wrong user or password"}"#));
@@ -688,8 +680,9 @@ mod tests {
         assert_eq!((s, parsed(&body)), (200, parsed(r#"{"ok":true}"#)));
         let a: hmi::Ack = hmi::decode(&b.calls[1].2).expect("an Ack");
         assert_eq!(a, hmi::Ack { token: "tok".into(), tag: "temp".into(), kind: hmi::AlarmKind::High });
-        let mut b =
-            Script::default().valid_session().answer("logic.ack", Err(CallError::Failed("no such alarm".into())));
+        let mut b = Script::default()
+            .valid_session()
+            .answer("logic.ack", Err(CallError::Failed(CallFailure::Callee("no such alarm".into()))));
         assert_eq!(post("/api/ack", r#"{"tag":"temp","kind":"low"}"#, &mut b).0, 409);
         for bad in [r#"{"tag":"temp","kind":"middle"}"#, r#"{"tag":"../x","kind":"low"}"#, r#"{"tag":"t"}"#] {
             assert_eq!(post("/api/ack", bad, &mut b).0, 400, "{bad}");
@@ -742,7 +735,7 @@ mod tests {
     fn trend_of_unknown_tag_is_400_with_the_historians_reason() {
         let mut b = Script::default()
             .valid_session()
-            .answer("historian.trend", Err(CallError::Failed("unknown tag nope".into())));
+            .answer("historian.trend", Err(CallError::Failed(CallFailure::Callee("unknown tag nope".into()))));
         let (s, body, _) = get("/api/trend?tag=nope&from=1&to=2", &mut b);
         assert_eq!((s, parsed(&body)), (400, parsed(r#"{"error":"unknown tag nope"}"#)));
     }
@@ -761,20 +754,23 @@ mod tests {
     }
 
     #[test]
-    fn broker_reasons_are_recognised() {
-        for r in [
-            "not permitted: ui may not call logic.values",
-            "no such service: logic",
-            "service logic is not running",
-            "call to worker logic timed out",
-            "worker historian died during the call",
-            "busy: ui has 8 calls in flight (quota 8)",
-            "forwarding to logic: channel closed",
+    fn broker_failures_are_unavailable_by_type_whatever_the_callee_says() {
+        use CallFailure as F;
+        for f in [
+            F::NotPermitted { rule: "ui may not call logic.values".into() },
+            F::NoSuchService { service: "logic".into() },
+            F::NotRunning { service: "logic".into() },
+            F::TimedOut { worker: "logic".into(), after_ms: 2000 },
+            F::CalleeDied { worker: "historian".into() },
+            F::Busy { why: "ui has 8 calls in flight (quota 8)".into() },
+            F::Unreachable { worker: "logic".into(), why: "channel closed".into() },
         ] {
-            assert!(from_broker(r), "{r}");
+            assert!(matches!(Failure::from(CallError::Failed(f.clone())), Failure::Unavailable(_)), "{f}");
         }
-        for r in ["no such alarm", "unknown tag x", "wrong user or password", "session expired"] {
-            assert!(!from_broker(r), "{r}");
+        // A callee's own words stay its own, even when they read like the broker's.
+        for r in ["no such alarm", "unknown tag x", "not permitted: but by logic", "service auth is not running"] {
+            let got = Failure::from(CallError::Failed(F::Callee(r.into())));
+            assert_eq!(got, Failure::Refused(r.into()), "{r}");
         }
     }
 }

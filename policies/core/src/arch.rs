@@ -67,7 +67,7 @@ impl Arch {
         }
     }
 
-    pub(crate) fn target(self) -> seccompiler::TargetArch {
+    pub fn target(self) -> seccompiler::TargetArch {
         match self {
             Arch::X86_64 => seccompiler::TargetArch::x86_64,
             Arch::Aarch64 => seccompiler::TargetArch::aarch64,

@@ -1,0 +1,25 @@
+//! `airlock-hmi`: the default job, an HMI for a simulated heated tank, as six confined layers
+//! (`docs/hmi.md`). Each layer's logic is library code here, so it can be tested, fuzzed and
+//! benchmarked in one process; each worker binary is one line that calls its layer's `main`.
+//!
+//! - [`plcsim`]: the simulated Modbus TCP device.
+//! - [`field`]: device I/O on a connection the supervisor opened; validates Modbus answers.
+//! - [`logic`]: tag table, alarms with hysteresis, setpoint validation and interlocks.
+//! - [`historian`]: the SQLite history, trends and CSV export.
+//! - [`auth`]: operator logins against the [`credentials`] file, sessions.
+//! - [`ui`]: HTTP/1.1 for operators' browsers on a socket the supervisor opened.
+//! - [`types`]: the bodies the layers exchange; [`operators`]: the `airlock-hmi user` tool.
+//!
+//! Nothing here is linked by the supervisor: its dependency graph holds none of this crate's
+//! dependencies (SQLite, Argon2, Modbus, HTTP parsing).
+#![deny(unsafe_code)]
+
+pub mod auth;
+pub mod credentials;
+pub mod field;
+pub mod historian;
+pub mod logic;
+pub mod operators;
+pub mod plcsim;
+pub mod types;
+pub mod ui;
