@@ -1,0 +1,379 @@
+//! Worker lifecycle: start (spawn, confine, verify) with one log line per worker, exit and
+//! its description, restart with exponential backoff up to a crash-loop limit, and stopping
+//! every worker at shutdown. The restart decision is a plain function ([`restart_decision`]).
+
+use std::collections::VecDeque;
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use airlock_protocol::confinement::LayerState;
+use airlock_protocol::control::WorkerState;
+use airlock_protocol::wire::{CallFailure, ToWorker};
+
+use super::slot::{layer_summary, Running};
+use super::{security, Supervisor};
+use crate::config::{RestartConfig, RestartPolicy};
+use crate::journal::Entry;
+use crate::permits;
+use crate::spawn::{self, SpawnError};
+use crate::sys::{self, ExitStatus};
+
+/// What happens after a worker stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Restart {
+    /// The policy does not restart it (`never`, or `on-failure` after a clean exit).
+    Stay,
+    /// Too many restarts within the window: a crash loop; the reason says so.
+    GiveUp(String),
+    /// Start it again after this backoff.
+    After(Duration),
+}
+
+/// The restart decision for a worker whose recent restarts are `history` (oldest first; the
+/// ones outside the window are dropped, and a restart is recorded when one is decided).
+/// The backoff doubles with each restart in the window, from `initial-backoff-ms` up to
+/// `max-backoff-ms`.
+pub(super) fn restart_decision(
+    policy: &RestartConfig,
+    history: &mut VecDeque<Instant>,
+    now: Instant,
+    clean_exit: bool,
+) -> Restart {
+    if policy.policy == RestartPolicy::Never || (policy.policy == RestartPolicy::OnFailure && clean_exit) {
+        return Restart::Stay;
+    }
+    let window = Duration::from_secs(policy.window_s);
+    while history.front().is_some_and(|t| now.duration_since(*t) > window) {
+        history.pop_front();
+    }
+    if history.len() as u32 >= policy.max_restarts {
+        return Restart::GiveUp(format!(
+            "crash loop: {} restarts within {} s; not restarting",
+            history.len(),
+            policy.window_s
+        ));
+    }
+    let exp = history.len().min(20) as u32;
+    let delay = policy.initial_backoff_ms.saturating_mul(1u64 << exp).min(policy.max_backoff_ms);
+    history.push_back(now);
+    Restart::After(Duration::from_millis(delay))
+}
+
+impl Supervisor {
+    pub(super) fn launch(&mut self, i: usize) {
+        let name = self.slots[i].name.clone();
+        let _span = tracing::info_span!("worker", name = %name).entered();
+        match spawn::spawn(&self.cfg, i, &self.host) {
+            Ok(st) => {
+                let stderr = std::fs::File::from(st.stderr);
+                let _ = sys::set_nonblocking(stderr.as_fd());
+                let mut ch = st.channel;
+                // The event loop never waits on one worker: frames it has no room for are
+                // queued, and a worker that stops reading is killed once its queue is full.
+                ch.set_nonblocking_sends(true);
+                // One line per worker at INFO (below); each layer at DEBUG, and a WARN for
+                // every layer that is not applied, with why (`airlock status` shows them all).
+                for (layer, state) in &st.report.layers {
+                    match state {
+                        LayerState::Degraded(_) | LayerState::Unavailable(_) => {
+                            tracing::warn!(pid = st.pid, layer = %layer, "confinement layer not applied: {state}")
+                        }
+                        _ => tracing::debug!(pid = st.pid, layer = %layer, state = %state, "confinement"),
+                    }
+                }
+                for n in &st.notes {
+                    tracing::info!(pid = st.pid, "{n}");
+                }
+                let layers = layer_summary(&st.report);
+                self.calls.forget_caller(i);
+                let slot = &mut self.slots[i];
+                slot.report = Some(st.report);
+                slot.notes = st.notes;
+                slot.services = st.services;
+                slot.state = WorkerState::Running;
+                slot.backoff_until = None;
+                slot.broker_state = permits::INITIAL_STATE.into();
+                slot.violations = 0;
+                slot.incarnation += 1;
+                slot.run = Some(Running {
+                    pid: st.pid,
+                    pidfd: st.pidfd,
+                    channel: ch,
+                    stderr,
+                    stderr_buf: Vec::new(),
+                    sigsys: None,
+                    started: Instant::now(),
+                    channel_down: false,
+                    watching: None,
+                });
+                let pid = slot.run.as_ref().map_or(0, |r| r.pid);
+                tracing::info!(pid, services = %slot.services.join(","), %layers, "worker ready");
+            }
+            Err(e) => {
+                let fatal = matches!(
+                    e,
+                    SpawnError::LayerUnavailable { .. }
+                        | SpawnError::WorkerLayerFailed { .. }
+                        | SpawnError::Verification(_)
+                );
+                if let SpawnError::WorkerLayerFailed { report, .. } = &e {
+                    self.slots[i].report = Some(report.clone());
+                }
+                if matches!(e, SpawnError::Verification(_)) {
+                    security::event(&name, None, format_args!("worker killed: {e}"));
+                } else {
+                    tracing::error!(worker = %name, error = %e, "worker did not start");
+                }
+                if fatal {
+                    self.slots[i].state = WorkerState::Failed(e.to_string());
+                } else {
+                    self.slots[i].last_exit = Some(format!("start failed: {e}"));
+                    self.schedule_restart(i, false);
+                }
+            }
+        }
+    }
+
+    /// After an exit (or a failed start): restart after the backoff, or stay down as the
+    /// restart policy says (see [`restart_decision`]).
+    pub(super) fn schedule_restart(&mut self, i: usize, clean_exit: bool) {
+        let slot = &mut self.slots[i];
+        match restart_decision(&slot.cfg.restart, &mut slot.restarts, Instant::now(), clean_exit) {
+            Restart::Stay => slot.state = WorkerState::Stopped,
+            Restart::GiveUp(why) => {
+                tracing::error!(worker = %slot.name, "{why}");
+                slot.state = WorkerState::Failed(why);
+            }
+            Restart::After(delay) => {
+                let delay_ms = delay.as_millis() as u64;
+                slot.total_restarts += 1;
+                slot.backoff_until = Some(Instant::now() + delay);
+                slot.state = WorkerState::Restarting { in_ms: delay_ms };
+                tracing::warn!(worker = %slot.name, delay_ms, "restarting after backoff");
+            }
+        }
+    }
+
+    pub(super) fn handle_exit(&mut self, i: usize) {
+        self.drain_stderr(i);
+        // What the worker sent before it exited still counts (acknowledgements above all):
+        // read the channel to its end first, a bounded number of turns.
+        for _ in 0..256 {
+            let more = self.slots[i].run.as_ref().is_some_and(|r| !r.channel_down)
+                && self.slots[i].run.as_ref().is_some_and(|r| {
+                    r.channel.has_buffered()
+                        || airlock_protocol::sys::poll_readable(r.channel.as_fd(), 0).unwrap_or(false)
+                });
+            if !more {
+                break;
+            }
+            self.drain_channel(i);
+        }
+        let Some(r) = self.slots[i].run.take() else { return };
+        let status = match sys::reap(r.pidfd.as_fd()) {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                // Not exited yet (spurious wake-up): keep watching.
+                self.slots[i].run = Some(r);
+                return;
+            }
+            Err(e) => {
+                tracing::error!(worker = %self.slots[i].name, error = %e, "waitid failed");
+                ExitStatus::Code(-1)
+            }
+        };
+        let policy = self.slots[i].cfg.policy.get_ref().clone();
+        let reason = describe_exit(status, r.sigsys.as_deref(), &policy);
+        let ran = r.started.elapsed();
+        tracing::warn!(worker = %self.slots[i].name, pid = r.pid, ran_ms = ran.as_millis() as u64, "worker exited: {reason}");
+        self.slots[i].last_exit = Some(reason);
+        for p in self.calls.drain_target(i) {
+            let worker = self.slots[i].name.clone();
+            self.answer(p.caller, Err(CallFailure::CalleeDied { worker }), None);
+        }
+        // Calls this worker was waiting for are answered into the void: drop them.
+        self.calls.forget_caller(i);
+        // Delivered but unacknowledged messages go back to the front, in order.
+        let slot = &mut self.slots[i];
+        let mut back: Vec<Entry> = std::mem::take(&mut slot.delivered).into_values().collect();
+        back.extend(slot.outbox.drain(..));
+        slot.outbox = back.into();
+        self.schedule_restart(i, status == ExitStatus::Code(0));
+    }
+
+    pub(super) fn kill(&mut self, i: usize) {
+        if let Some(r) = &self.slots[i].run {
+            let _ = sys::pidfd_send_signal(r.pidfd.as_fd(), libc::SIGKILL);
+        }
+    }
+
+    pub(super) fn shutdown(&mut self, flush_journal: bool) {
+        self.notifier.send("STOPPING=1");
+        self.shutdown_journal(flush_journal);
+        self.stop_workers();
+    }
+
+    /// `Shutdown` to every worker, SIGKILL for those still running after the timeout.
+    pub(super) fn stop_workers(&mut self) {
+        for s in &mut self.slots {
+            if let Some(r) = s.run.as_mut() {
+                let _ = r.channel.send(&ToWorker::Shutdown);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.supervisor.shutdown_timeout_ms);
+        loop {
+            let mut left = 0;
+            for i in 0..self.slots.len() {
+                let Some(r) = self.slots[i].run.as_ref() else { continue };
+                match sys::reap(r.pidfd.as_fd()) {
+                    Ok(Some(st)) => {
+                        tracing::info!(worker = %self.slots[i].name, "stopped: {}", describe_exit(st, None, ""));
+                        self.slots[i].run = None;
+                        self.slots[i].state = WorkerState::Stopped;
+                    }
+                    _ => left += 1,
+                }
+            }
+            if left == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                for s in &mut self.slots {
+                    if let Some(r) = s.run.take() {
+                        tracing::warn!(worker = %s.name, "did not stop in time; SIGKILL");
+                        let _ = sys::pidfd_send_signal(r.pidfd.as_fd(), libc::SIGKILL);
+                        for _ in 0..200 {
+                            if !matches!(sys::reap(r.pidfd.as_fd()), Ok(None)) {
+                                break;
+                            }
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        s.state = WorkerState::Stopped;
+                    }
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = std::fs::remove_file(&self.control_path);
+        tracing::info!("airlockd stopped");
+    }
+}
+
+/// Describes an exit: code, signal, and for SIGSYS the syscall and policy.
+pub fn describe_exit(status: ExitStatus, sigsys: Option<&str>, policy: &str) -> String {
+    match status {
+        ExitStatus::Code(c) => format!("exit code {c}"),
+        ExitStatus::Signal(libc::SIGSYS) => {
+            let detail = sigsys.and_then(parse_sigsys).map_or_else(
+                || {
+                    format!(
+                        "a syscall forbidden by policy {policy} (the kernel killed it before it could report which)"
+                    )
+                },
+                |(nr, name)| format!("syscall {name} ({nr}) forbidden by policy {policy}"),
+            );
+            format!("killed by SIGSYS: {detail}")
+        }
+        ExitStatus::Signal(s) => format!("killed by signal {s} ({})", signal_name(s)),
+    }
+}
+
+fn parse_sigsys(line: &str) -> Option<(i64, String)> {
+    let mut nr = None;
+    let mut arch = None;
+    for part in line.split_whitespace() {
+        if let Some(v) = part.strip_prefix("nr=") {
+            nr = v.parse::<i64>().ok();
+        }
+        if let Some(v) = part.strip_prefix("arch=") {
+            arch = v.parse::<u32>().ok();
+        }
+    }
+    let nr = nr?;
+    let a = match arch {
+        Some(0xC000_00B7) => airlock_policies::Arch::Aarch64,
+        _ => airlock_policies::Arch::X86_64,
+    };
+    let name = u32::try_from(nr).ok().and_then(|n| airlock_policies::syscall_name(a, n)).unwrap_or("unknown");
+    Some((nr, name.to_string()))
+}
+
+fn signal_name(s: i32) -> &'static str {
+    match s {
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGILL => "SIGILL",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGXFSZ => "SIGXFSZ",
+        libc::SIGXCPU => "SIGXCPU",
+        _ => "signal",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(p: RestartPolicy) -> RestartConfig {
+        RestartConfig { policy: p, initial_backoff_ms: 100, max_backoff_ms: 1000, max_restarts: 3, window_s: 60 }
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_maximum_then_a_crash_loop_gives_up() {
+        let now = Instant::now();
+        let p = RestartConfig { max_restarts: 5, ..policy(RestartPolicy::Always) };
+        let mut h = VecDeque::new();
+        let delays: Vec<Restart> = (0..5).map(|_| restart_decision(&p, &mut h, now, false)).collect();
+        let ms = |m| Restart::After(Duration::from_millis(m));
+        assert_eq!(delays, vec![ms(100), ms(200), ms(400), ms(800), ms(1000)]);
+        assert_eq!(
+            restart_decision(&p, &mut h, now, false),
+            Restart::GiveUp("crash loop: 5 restarts within 60 s; not restarting".into())
+        );
+    }
+
+    #[test]
+    fn restarts_outside_the_window_are_forgotten() {
+        let start = Instant::now();
+        let p = policy(RestartPolicy::Always);
+        let mut h = VecDeque::new();
+        for _ in 0..3 {
+            restart_decision(&p, &mut h, start, false);
+        }
+        let later = start + Duration::from_secs(61);
+        assert_eq!(restart_decision(&p, &mut h, later, false), Restart::After(Duration::from_millis(100)));
+        assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn policy_decides_whether_to_restart_at_all() {
+        let now = Instant::now();
+        let mut h = VecDeque::new();
+        assert_eq!(restart_decision(&policy(RestartPolicy::Never), &mut h, now, false), Restart::Stay);
+        assert_eq!(restart_decision(&policy(RestartPolicy::OnFailure), &mut h, now, true), Restart::Stay);
+        assert!(matches!(restart_decision(&policy(RestartPolicy::OnFailure), &mut h, now, false), Restart::After(_)));
+        assert!(matches!(restart_decision(&policy(RestartPolicy::Always), &mut h, now, true), Restart::After(_)));
+    }
+
+    #[test]
+    fn sigsys_exit_names_the_syscall_and_policy() {
+        let d = describe_exit(ExitStatus::Signal(libc::SIGSYS), Some("nr=101 arch=3221225534 policy=echo"), "echo");
+        assert!(d.contains("ptrace") && d.contains("101") && d.contains("echo"), "{d}");
+    }
+
+    #[test]
+    fn sigsys_without_report_says_so() {
+        let d = describe_exit(ExitStatus::Signal(libc::SIGSYS), None, "ui");
+        assert!(d.contains("policy ui") && d.contains("before it could report"), "{d}");
+    }
+
+    #[test]
+    fn plain_exits_are_described() {
+        assert_eq!(describe_exit(ExitStatus::Code(3), None, "x"), "exit code 3");
+        assert!(describe_exit(ExitStatus::Signal(9), None, "x").contains("SIGKILL"));
+    }
+}
