@@ -213,6 +213,9 @@ def check_install():
           r.stdout + r.stderr)
     check(os.path.exists("/usr/share/man/man8/airlockd.8.gz"), "the units' Documentation=man:airlockd(8) is installed")
     check(prop(UNPRIV, "Type") == "notify" and prop(PRIV, "Type") == "notify", "both units are Type=notify")
+    text = open(f"/usr/lib/systemd/system/{UNPRIV}").read()
+    check(bool(re.search(r"dynamic\s+(#\s*)?user", text)) == ("DynamicUser=yes" in text),
+          f"{UNPRIV}'s header names the user it runs as (User={prop(UNPRIV, 'User')}, DynamicUser={prop(UNPRIV, 'DynamicUser')})")
 
 
 def check_sandbox(mode):
@@ -254,7 +257,8 @@ def check_sandbox(mode):
     check(dev[1] == "tmpfs" and "null" in devs and not {"mem", "kmem", "port", "kmsg"} & set(devs),
           f"private /dev (PrivateDevices=: {dev[1]}, {devs})")
     check(os.stat(f"/proc/{pid}/root/tmp").st_ino != os.stat("/tmp").st_ino, "private /tmp")
-    check(prop(unit, "IPAddressDeny") == "0.0.0.0/0 ::/0" and "127.0.0.0/8" in prop(unit, "IPAddressAllow"),
+    check(set(prop(unit, "IPAddressDeny").split()) == {"0.0.0.0/0", "::/0"}
+          and set(prop(unit, "IPAddressAllow").split()) == {"127.0.0.0/8", "::1/128"},
           f"BPF firewall: deny any, allow localhost ({prop(unit, 'IPAddressDeny')} / {prop(unit, 'IPAddressAllow')})")
     s = status_json() or {"workers": []}
     uids = {}
@@ -413,6 +417,24 @@ def check_requests_never_switch():
           f"a request during the restart after a crash is answered by {PRIV} ({status}, {active(PRIV)}, {UNPRIV} {active(UNPRIV)})")
 
 
+def check_privileged_without_dropin():
+    section("privileged: the unit gets the HMI socket without the mode's socket drop-in too")
+    # An administrator who only swapped the units (the socket still names airlockd.service):
+    # Sockets=airlockd.socket must still pass the privileged unit its socket.
+    os.rename(MODE_DROPIN, MODE_DROPIN + ".aside")
+    run("systemctl daemon-reload")
+    r = run(["systemctl", "restart", PRIV])
+    s = wait(lambda: (lambda j: j if j and all(w["state"] == "Running" for w in j["workers"]) else None)(status_json()), 15)
+    status = wait(lambda: request("GET", "/", timeout=5)[0], 10)
+    check(r.returncode == 0 and s is not None and status == 200 and active(UNPRIV) == "inactive",
+          f"{PRIV} serves the HMI with the socket's default Service= (HTTP {status}, {UNPRIV} {active(UNPRIV)})",
+          "\n".join(l for l in journal(units=(PRIV,)).splitlines() if "LISTEN_FDNAMES" in l or "crash loop" in l)[-800:])
+    os.rename(MODE_DROPIN + ".aside", MODE_DROPIN)
+    run("systemctl daemon-reload")
+    run(["systemctl", "restart", PRIV])
+    check(prop(SOCKET, "Triggers") == PRIV and active(PRIV) == "active", "drop-in back, privileged unit restarted")
+
+
 def switch(commands, mode):
     section(f"switching to the {mode} mode as docs/deployment.md says")
     for c in commands:
@@ -501,6 +523,7 @@ def main():
     check_plant(mode, password)
     check_security(mode)
     check_requests_never_switch()
+    check_privileged_without_dropin()
     check_notify_watchdog(PRIV)
     check_stop_and_activation(mode)
     check_restart_keeps_state(mode, password)
@@ -513,6 +536,8 @@ def main():
     check(sha(KEY) == key, "the journal key survives both switches")
     check_plant(mode, password)
 
+    # Purged in the privileged mode: its unit enabled, the socket's drop-in in place.
+    switch(TO_PRIVILEGED, "privileged")
     check_purge()
 
 
