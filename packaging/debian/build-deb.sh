@@ -3,14 +3,30 @@
 # dpkg-deb (no extra tooling: dpkg is on every Debian machine, and the maintainer scripts,
 # conffile and layout below are all there is to review). Prints the package's path.
 #
-#   packaging/debian/build-deb.sh [--no-build]     (--no-build: reuse target/release)
+#   packaging/debian/build-deb.sh [--no-build] [--version V]
+#
+# --no-build reuses target/release. --version V (or AIRLOCK_DEB_VERSION=V) sets the package's
+# version instead of Cargo.toml's, e.g. a lower one to test upgrades from the same tree; the
+# package is then target/debian/airlock_V_ARCH.deb. Depends is computed by dpkg-shlibdeps (from
+# dpkg-dev) from the binaries' ELF dependencies.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 here=packaging/debian
-version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
+build=1
+version=${AIRLOCK_DEB_VERSION:-}
+while [ $# -gt 0 ]; do
+  case $1 in
+    --no-build) build=0; shift ;;
+    --version) [ $# -ge 2 ] || { echo "build-deb: --version needs a value" >&2; exit 2; }; version=$2; shift 2 ;;
+    *) echo "usage: build-deb.sh [--no-build] [--version V]" >&2; exit 2 ;;
+  esac
+done
+[ -n "$version" ] || version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
 arch=$(dpkg --print-architecture)
 [ -n "$version" ] || { echo "build-deb: no version in Cargo.toml" >&2; exit 1; }
-if [ "${1:-}" != --no-build ]; then
+[[ $version =~ ^[0-9][A-Za-z0-9.+~-]*$ ]] || { echo "build-deb: '$version' is not a Debian version" >&2; exit 2; }
+command -v dpkg-shlibdeps >/dev/null || { echo "build-deb: needs dpkg-shlibdeps (apt-get install dpkg-dev)" >&2; exit 1; }
+if [ $build = 1 ]; then
   cargo build --release --locked --workspace --bins >&2
 fi
 rel=target/release
@@ -25,7 +41,7 @@ install -m 0755 "$rel/airlockd" "$rel/airlock" "$root/usr/bin/"
 for w in "${workers[@]}"; do install -m 0755 "$rel/airlock-worker-$w" "$root/usr/libexec/airlock/"; done
 install -m 0755 "$rel/airlock-hmi" "$root/usr/bin/"
 # Symbols stay in the build tree; the package ships stripped binaries.
-strip --strip-unneeded "$root"/usr/bin/* "$root"/usr/libexec/airlock/*
+strip --strip-unneeded --remove-section=.comment "$root"/usr/bin/* "$root"/usr/libexec/airlock/*
 
 # The policies as auditors read them (`airlock policy audit --dir /usr/share/airlock/policies`).
 find policies -maxdepth 1 -name "*.toml" ! -name Cargo.toml -exec install -m 0644 {} "$root/usr/share/airlock/policies/" \;
@@ -68,16 +84,30 @@ install -m 0644 "$here/tmpfiles.conf" "$root/usr/lib/tmpfiles.d/airlock.conf"
 gzip -9n "$root"/usr/share/man/man8/*.8
 
 install -m 0644 "$here/copyright" "$root/usr/share/doc/airlock/copyright"
+# The tags lintian reports that are not fixed here, each with its reason (packaging/debian/lintian-overrides).
+install -d "$root/usr/share/lintian/overrides"
+install -m 0644 "$here/lintian-overrides" "$root/usr/share/lintian/overrides/airlock"
 install -m 0644 README.md "$root/usr/share/doc/airlock/README.md"
 for d in configuration deployment hmi policies; do
   [ -f "docs/$d.md" ] && install -m 0644 "docs/$d.md" "$root/usr/share/doc/airlock/$d.md"
 done
 printf 'airlock (%s) unstable; urgency=medium\n\n  * Built from the airlock workspace.\n\n -- airlock maintainers <maintainers@airlock.invalid>  %s\n' \
   "$version" "$(date -R -d @"${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}")" |
-  gzip -9n >"$root/usr/share/doc/airlock/changelog.Debian.gz"
+  gzip -9n >"$root/usr/share/doc/airlock/changelog.gz" # a native package: changelog.gz, not changelog.Debian.gz
 
 size=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
-sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" -e "s/@SIZE@/$size/" "$here/control.in" >"$root/DEBIAN/control"
+# Depends from the shipped binaries' shared libraries (and the symbol versions they use), as
+# dh_shlibdeps would: dpkg-shlibdeps wants a debian/control, so it runs in a scratch directory.
+shlib=$(mktemp -d)
+trap 'rm -rf "$shlib"' EXIT
+mkdir "$shlib/debian"
+printf 'Source: airlock\n\nPackage: airlock\nArchitecture: any\n' >"$shlib/debian/control"
+abs=$(pwd)/$root
+depends=$(cd "$shlib" && dpkg-shlibdeps -O "$abs"/usr/bin/* "$abs"/usr/libexec/airlock/* |
+  sed -n 's/^shlibs:Depends=//p')
+[ -n "$depends" ] || { echo "build-deb: dpkg-shlibdeps computed no Depends" >&2; exit 1; }
+sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" -e "s/@SIZE@/$size/" -e "s/@DEPENDS@/$depends/" \
+  "$here/control.in" >"$root/DEBIAN/control"
 install -m 0644 "$here/conffiles" "$root/DEBIAN/conffiles"
 install -m 0755 "$here/postinst" "$here/prerm" "$here/postrm" "$root/DEBIAN/"
 (cd "$root" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | sort -z | xargs -0 md5sum) >"$root/DEBIAN/md5sums"
