@@ -33,9 +33,9 @@ CURRENT = f"{LANE}/current.deb"
 LOWER = f"{LANE}/lower.deb"
 DOCS = open(f"{LANE}/deployment.md").read() if os.path.exists(f"{LANE}/deployment.md") else ""
 
-# The one place that names the operator-management command (it is moving to `airlock-hmi user
-# add`): AIRLOCK_USER_ADD overrides it.
-USER_ADD = os.environ.get("AIRLOCK_USER_ADD", "airlock user add").split()
+# The one place that names the operator-management command (the HMI's own tool); the
+# environment's AIRLOCK_USER_ADD overrides it.
+USER_ADD = os.environ.get("AIRLOCK_USER_ADD", "airlock-hmi user add").split()
 
 UNPRIV, PRIV, SOCKET = "airlockd.service", "airlockd-privileged.service", "airlockd.socket"
 WORKERS = ["plcsim", "field", "logic", "historian", "auth", "ui"]
@@ -287,7 +287,8 @@ def check_status(mode):
     # The unit's command line downgrades only these (docs/deployment.md, "Two modes").
     relaxed = {"uid", "mount-namespace"} if mode == "unprivileged" else set()
     for w in s["workers"]:
-        layers = dict(w["confinement"])
+        # Typed layer states: {"layer": ..., "state": ..., "why": ...} (why when not applied).
+        layers = {l["layer"]: (l["state"] + (f" ({l['why']})" if l.get("why") else "")) for l in w["confinement"]}
         bad = {k: v for k, v in layers.items() if v != "applied" and k not in relaxed}
         check(not bad and len(layers) >= 15, f"{w['name']}: every layer applied ({len(layers)} layers){' but ' + str(bad) if bad else ''}")
         for k in relaxed:
