@@ -10,6 +10,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod dirs;
 pub mod journal;
 pub mod notify;
 pub mod permits;

@@ -107,9 +107,9 @@ impl Supervisor {
         let host = HostAbilities::probe();
         tracing::info!(root = host.root, namespaces = ?host.namespaces, "host abilities");
         let run_dir = cfg.runtime_directory();
-        crate::config::secure_dir(&run_dir).map_err(io_err(format!("runtime directory {}", run_dir.display())))?;
+        crate::dirs::secure_dir(&run_dir).map_err(io_err(format!("runtime directory {}", run_dir.display())))?;
         let state_dir = cfg.state_directory();
-        crate::config::secure_dir(&state_dir).map_err(io_err(format!("state directory {}", state_dir.display())))?;
+        crate::dirs::secure_dir(&state_dir).map_err(io_err(format!("state directory {}", state_dir.display())))?;
         let control_path = run_dir.join("control.sock");
         // Bind and listen under a temporary name, then rename: a client never finds a socket
         // file that is not listening yet (which would refuse it).
