@@ -30,7 +30,7 @@ AIRLOCK = os.path.join(BIN_DIR, "airlock")
 # Keep the temp dir of a failed run for a post-mortem (its path is printed).
 KEEP = os.environ.get("EXTERNAL_KEEP") == "1"
 
-PASSWORD_RE = re.compile(r'created operator "operator" with password (\S+) \(shown once')
+PASSWORD_RE = re.compile(r'created operator "operator" with password (\S+) -- log in with it')
 
 
 def die_with_parent():

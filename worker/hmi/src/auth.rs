@@ -141,7 +141,7 @@ fn first_start(file: &Path) -> std::io::Result<()> {
     f.sync_all()?;
     // The one time this password is ever shown: it goes to the supervisor's log.
     tracing::warn!(
-        "first start: created operator \"operator\" with password {password} (shown once; change it with `airlock-hmi user add operator`)"
+        "first start: created operator \"operator\" with password {password} -- log in with it, then set your own with `airlock-hmi user add operator`; it is not shown again"
     );
     Ok(())
 }
