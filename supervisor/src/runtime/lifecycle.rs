@@ -18,6 +18,18 @@ use crate::permits;
 use crate::spawn::{self, SpawnError};
 use crate::sys::{self, ExitStatus};
 
+/// Whether the installed seccomp filter was read back and compared with the policy, from
+/// verification's notes (the notes themselves are at DEBUG and in `airlock status`).
+fn filter_summary(notes: &[String]) -> &'static str {
+    if notes.iter().any(|n| n.starts_with("installed seccomp filter is exactly")) {
+        "read back and compared"
+    } else if notes.iter().any(|n| n.starts_with("installed filter not compared")) {
+        "not compared (see airlock status)"
+    } else {
+        "-"
+    }
+}
+
 /// What happens after a worker stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Restart {
@@ -82,9 +94,10 @@ impl Supervisor {
                     }
                 }
                 for n in &st.notes {
-                    tracing::info!(pid = st.pid, "{n}");
+                    tracing::debug!(pid = st.pid, "{n}");
                 }
                 let layers = layer_summary(&st.report);
+                let filter = filter_summary(&st.notes);
                 self.calls.forget_caller(i);
                 let slot = &mut self.slots[i];
                 slot.report = Some(st.report);
@@ -107,7 +120,7 @@ impl Supervisor {
                     watching: None,
                 });
                 let pid = slot.run.as_ref().map_or(0, |r| r.pid);
-                tracing::info!(pid, services = %slot.services.join(","), %layers, "worker ready");
+                tracing::info!(pid, services = %slot.services.join(","), %layers, filter, "worker ready");
             }
             Err(e) => {
                 let fatal = matches!(
