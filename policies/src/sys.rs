@@ -2,43 +2,40 @@
 //! process's filters, tracing a command to learn its syscalls), `fork`/`execve` of a traced
 //! child, and `waitpid`.
 //!
-//! This is the only module of `airlock-policies` that may use `unsafe`; every block says why it
-//! is sound. Nothing here knows about policies: it moves integers and buffers.
+//! This is the only module of `airlock-policies` that may use `unsafe`. Calls go through `nix`
+//! wherever it has them; what stays raw, each block with its `SAFETY` note, is what nix cannot
+//! do: `PTRACE_SECCOMP_GET_FILTER` and `PTRACE_GET_SYSCALL_INFO` (not in nix 0.29);
+//! `PTRACE_SYSCALL` and `waitpid`, whose signals and status words may be real-time signals that
+//! nix's `Signal` cannot hold; and the traced child between `fork` and `execve`. Nothing here
+//! knows about policies: it moves integers and buffers.
 #![allow(unsafe_code)]
 
 use std::ffi::{CStr, CString};
 use std::io;
 use std::ptr;
 
+use nix::errno::Errno;
+use nix::sys::ptrace::{self, Options};
+use nix::sys::signal::{self, Signal};
+use nix::unistd::Pid;
 use seccompiler::sock_filter;
-
-fn cvt(rc: libc::c_long) -> io::Result<libc::c_long> {
-    if rc == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
-}
 
 /// `PTRACE_SECCOMP_GET_FILTER` (not in the libc crate for glibc targets).
 const PTRACE_SECCOMP_GET_FILTER: libc::c_uint = 0x420c;
 
 /// Attaches to `pid` without stopping it (`PTRACE_SEIZE`).
 pub fn ptrace_seize(pid: i32) -> io::Result<()> {
-    // SAFETY: integer arguments only; addr and data are unused by PTRACE_SEIZE with no options.
-    cvt(unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, ptr::null_mut::<libc::c_void>(), 0usize) }).map(drop)
+    Ok(ptrace::seize(Pid::from_raw(pid), Options::empty())?)
 }
 
 /// Stops a seized tracee (`PTRACE_INTERRUPT`); wait for the stop with [`waitpid`].
 pub fn ptrace_interrupt(pid: i32) -> io::Result<()> {
-    // SAFETY: integer arguments only.
-    cvt(unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, pid, ptr::null_mut::<libc::c_void>(), 0usize) }).map(drop)
+    Ok(ptrace::interrupt(Pid::from_raw(pid))?)
 }
 
 /// Detaches from a stopped tracee, letting it run on without a signal.
 pub fn ptrace_detach(pid: i32) -> io::Result<()> {
-    // SAFETY: integer arguments only.
-    cvt(unsafe { libc::ptrace(libc::PTRACE_DETACH, pid, ptr::null_mut::<libc::c_void>(), 0usize) }).map(drop)
+    Ok(ptrace::detach(Pid::from_raw(pid), None)?)
 }
 
 /// The classic BPF program of filter `index` of a stopped tracee (0 is the most recently
@@ -54,7 +51,7 @@ pub fn seccomp_filter(pid: i32, index: usize) -> io::Result<Option<Vec<sock_filt
     let mut buf = vec![sock_filter { code: 0, jt: 0, jf: 0, k: 0 }; len];
     // SAFETY: `buf` holds `len` sock_filter structs (repr(C), the kernel's layout), exactly as
     // many as the kernel said this filter has; filters are immutable once installed.
-    let got = cvt(unsafe { libc::ptrace(PTRACE_SECCOMP_GET_FILTER, pid, index, buf.as_mut_ptr()) })?;
+    let got = Errno::result(unsafe { libc::ptrace(PTRACE_SECCOMP_GET_FILTER, pid, index, buf.as_mut_ptr()) })?;
     buf.truncate(usize::try_from(got).unwrap_or(0).min(len));
     Ok(Some(buf))
 }
@@ -108,31 +105,27 @@ pub fn spawn_traced(path: &CStr, argv: &[CString], envp: &[CString]) -> io::Resu
     }
     // Also from the parent, so that the group exists before our first wait for it (the
     // child's own call may not have run yet). EACCES once the child has exec'd is harmless.
-    // SAFETY: integer arguments only.
-    unsafe { libc::setpgid(pid, pid) };
+    let _ = nix::unistd::setpgid(Pid::from_raw(pid), Pid::from_raw(pid));
     Ok(pid)
 }
 
 /// `PTRACE_SETOPTIONS`.
 pub fn ptrace_setoptions(pid: i32, options: libc::c_int) -> io::Result<()> {
-    // SAFETY: integer arguments only.
-    cvt(unsafe { libc::ptrace(libc::PTRACE_SETOPTIONS, pid, ptr::null_mut::<libc::c_void>(), options as usize) })
-        .map(drop)
+    Ok(ptrace::setoptions(Pid::from_raw(pid), Options::from_bits_retain(options))?)
 }
 
 /// Resumes a tracee until its next syscall entry or exit (`PTRACE_SYSCALL`), delivering `sig`.
 pub fn ptrace_syscall(pid: i32, sig: libc::c_int) -> io::Result<()> {
-    // SAFETY: integer arguments only.
-    cvt(unsafe { libc::ptrace(libc::PTRACE_SYSCALL, pid, ptr::null_mut::<libc::c_void>(), sig as usize) }).map(drop)
+    // SAFETY: integer arguments only. Raw rather than nix's `syscall`, because `sig` may be a
+    // real-time signal (glibc's SIGCANCEL, SIGSETXID) that nix's `Signal` cannot hold.
+    Errno::result(unsafe { libc::ptrace(libc::PTRACE_SYSCALL, pid, ptr::null_mut::<libc::c_void>(), sig as usize) })?;
+    Ok(())
 }
 
 /// True when the stop of `pid` is a signal-delivery stop (`PTRACE_GETSIGINFO` succeeds), false
 /// for a group-stop.
 pub fn is_signal_delivery_stop(pid: i32) -> bool {
-    // SAFETY: all-zero is a valid siginfo_t.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `info` is a valid, writable siginfo_t.
-    unsafe { libc::ptrace(libc::PTRACE_GETSIGINFO, pid, ptr::null_mut::<libc::c_void>(), &mut info) != -1 }
+    ptrace::getsiginfo(Pid::from_raw(pid)).is_ok()
 }
 
 /// The syscall a tracee stopped at: `(op, audit arch, number)`, where `op` is
@@ -142,7 +135,7 @@ pub fn syscall_info(pid: i32) -> io::Result<(u8, u32, u64)> {
     let mut info: libc::ptrace_syscall_info = unsafe { std::mem::zeroed() };
     let size = std::mem::size_of::<libc::ptrace_syscall_info>();
     // SAFETY: `info` is writable for `size` bytes, which is what we tell the kernel.
-    cvt(unsafe {
+    Errno::result(unsafe {
         libc::ptrace(libc::PTRACE_GET_SYSCALL_INFO, pid, size, &mut info as *mut libc::ptrace_syscall_info)
     })?;
     let nr = if info.op == libc::PTRACE_SYSCALL_INFO_ENTRY {
@@ -156,6 +149,6 @@ pub fn syscall_info(pid: i32) -> io::Result<(u8, u32, u64)> {
 
 /// Sends `sig` to `pid`.
 pub fn kill(pid: i32, sig: libc::c_int) -> io::Result<()> {
-    // SAFETY: integer arguments only.
-    cvt(libc::c_long::from(unsafe { libc::kill(pid, sig) })).map(drop)
+    let sig = if sig == 0 { None } else { Some(Signal::try_from(sig)?) };
+    Ok(signal::kill(Pid::from_raw(pid), sig)?)
 }

@@ -1,66 +1,57 @@
 //! Thin, audited wrappers over the syscalls the protocol needs.
 //!
-//! This is the only module of `airlock-protocol` that may use `unsafe`. Each wrapper owns its
-//! file descriptors as `OwnedFd` the moment the kernel hands them out, so no error path can leak
-//! one, and each `unsafe` block says why it is sound. Nothing here knows about frames, keys or
-//! policy: it moves bytes and descriptors.
+//! This is the only module of `airlock-protocol` that may use `unsafe`. Calls go through `nix`
+//! wherever it has them; what stays raw, each block with its `SAFETY` note, is what nix cannot
+//! do for us:
+//! - receiving (`recvmsg`, `recvmmsg`): nix's `RecvMsg::cmsgs()` refuses to walk the control
+//!   data once `MSG_CTRUNC` is set, so the descriptors the kernel did install would leak; we
+//!   must own every one of them and still see the truncation;
+//! - `sendmmsg`: nix's version attaches the same control messages to every datagram of a batch;
+//! - adopting a descriptor nix hands back as a bare integer (`F_DUPFD_CLOEXEC`, an inherited
+//!   number) as an `OwnedFd`;
+//! - the memory mapping (`mmap`, `munmap`, `madvise` are `unsafe fn`s in nix too), and
+//!   `MADV_POPULATE_WRITE`, `SCHED_IDLE` and `close_range`, which nix 0.29 lacks;
+//! - the `pre_exec` hook that installs a child's descriptors.
+//!
+//! Each wrapper owns its file descriptors as `OwnedFd` the moment the kernel hands them out, so
+//! no error path can leak one. Nothing here knows about frames, keys or policy: it moves bytes
+//! and descriptors.
 #![allow(unsafe_code)]
 
 use std::ffi::CStr;
 use std::io;
+use std::io::IoSlice;
 use std::mem;
+use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr;
 
-fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
-    if rc == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
-}
-
-fn cvt_ssize(rc: libc::ssize_t) -> io::Result<usize> {
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc as usize)
-    }
-}
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag, SealFlag};
+use nix::sched::{sched_setaffinity, CpuSet};
+use nix::sys::mman::{self, MapFlags, ProtFlags};
+use nix::sys::socket::{self, sockopt, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType};
+use nix::unistd::Pid;
 
 /// Creates a connected `AF_UNIX` `SOCK_SEQPACKET` pair, close-on-exec on both ends.
 pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    socketpair(libc::SOCK_SEQPACKET)
+    socketpair(SockType::SeqPacket)
 }
 
 /// Creates a connected `AF_UNIX` `SOCK_STREAM` pair, close-on-exec on both ends (benchmarks).
 pub fn stream_pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    socketpair(libc::SOCK_STREAM)
+    socketpair(SockType::Stream)
 }
 
-fn socketpair(ty: libc::c_int) -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [-1 as RawFd; 2];
-    // SAFETY: `fds` is a valid array of two ints the kernel writes on success.
-    cvt(unsafe { libc::socketpair(libc::AF_UNIX, ty | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) })?;
-    // SAFETY: on success both descriptors are fresh and owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+fn socketpair(ty: SockType) -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(socket::socketpair(AddressFamily::Unix, ty, None, SockFlag::SOCK_CLOEXEC)?)
 }
 
 /// Sets a socket's send and receive buffer sizes (best effort up to the system maximum).
 pub fn set_socket_buffers(sock: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
-    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
-        // SAFETY: `v` is a live c_int and its size is passed alongside.
-        cvt(unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&v as *const libc::c_int).cast(),
-                mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        })?;
-    }
+    let v = bytes.min(libc::c_int::MAX as usize);
+    socket::setsockopt(&sock, sockopt::SndBuf, &v)?;
+    socket::setsockopt(&sock, sockopt::RcvBuf, &v)?;
     Ok(())
 }
 
@@ -68,17 +59,7 @@ pub fn set_socket_buffers(sock: BorrowedFd<'_>, bytes: usize) -> io::Result<()> 
 pub fn set_recv_timeout(sock: BorrowedFd<'_>, timeout: Option<std::time::Duration>) -> io::Result<()> {
     let d = timeout.unwrap_or_default();
     let tv = libc::timeval { tv_sec: d.as_secs() as libc::time_t, tv_usec: d.subsec_micros() as libc::suseconds_t };
-    // SAFETY: `tv` is a live timeval and its size is passed alongside.
-    cvt(unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    })
-    .map(drop)
+    Ok(socket::setsockopt(&sock, sockopt::ReceiveTimeout, &nix::sys::time::TimeVal::from(tv))?)
 }
 
 /// One outgoing datagram: up to two byte slices (header, body) and the descriptors to pass.
@@ -163,54 +144,25 @@ pub fn send_datagrams(sock: BorrowedFd<'_>, out: &[OutDatagram<'_>]) -> io::Resu
     Ok(())
 }
 
-/// Sends one datagram with `sendmsg` (one iovec, no allocation for up to 8 descriptors).
+/// Sends one datagram with `sendmsg` (one iovec; descriptors ride in one `SCM_RIGHTS` message).
 pub fn send_datagram(sock: BorrowedFd<'_>, buf: &[u8], fds: &[RawFd]) -> io::Result<()> {
-    send_datagram_flags(sock, buf, fds, 0)
+    send_datagram_flags(sock, buf, fds, MsgFlags::empty())
 }
 
 /// As [`send_datagram`]; with `nonblocking`, fails with `WouldBlock` instead of waiting.
 pub fn send_datagram_nonblocking(sock: BorrowedFd<'_>, buf: &[u8], fds: &[RawFd]) -> io::Result<()> {
-    send_datagram_flags(sock, buf, fds, libc::MSG_DONTWAIT)
+    send_datagram_flags(sock, buf, fds, MsgFlags::MSG_DONTWAIT)
 }
 
-fn send_datagram_flags(sock: BorrowedFd<'_>, buf: &[u8], fds: &[RawFd], extra: libc::c_int) -> io::Result<()> {
-    let mut iov = libc::iovec { iov_base: buf.as_ptr() as *mut _, iov_len: buf.len() };
-    let mut small = [0u64; 8];
-    let mut big = Vec::new();
-    let space = cmsg_space(fds.len());
-    let control: &mut [u64] = if space <= small.len() * 8 {
-        &mut small[..]
-    } else {
-        big.resize(space.div_ceil(8), 0u64);
-        &mut big[..]
-    };
-    // SAFETY: all-zero is a valid msghdr.
-    let mut h: libc::msghdr = unsafe { mem::zeroed() };
-    h.msg_iov = &mut iov;
-    h.msg_iovlen = 1;
-    if !fds.is_empty() {
-        h.msg_control = control.as_mut_ptr().cast();
-        h.msg_controllen = space as _;
-        // SAFETY: msg_control points at at least `space` zeroed, 8-aligned bytes, which is
-        // CMSG_SPACE for `fds.len()` descriptors, so the first header and its data fit.
-        unsafe {
-            let c = libc::CMSG_FIRSTHDR(&h);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(mem::size_of_val(fds) as u32) as _;
-            ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c).cast::<RawFd>(), fds.len());
-        }
-    }
+fn send_datagram_flags(sock: BorrowedFd<'_>, buf: &[u8], fds: &[RawFd], extra: MsgFlags) -> io::Result<()> {
+    let iov = [IoSlice::new(buf)];
+    let rights = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &rights };
     loop {
-        // SAFETY: `h` points at `iov`, `buf` and `control`, all live for the call; the kernel
-        // only reads them.
-        let rc = unsafe { libc::sendmsg(sock.as_raw_fd(), &h, libc::MSG_NOSIGNAL | extra) };
-        if rc >= 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+        match socket::sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL | extra, None) {
+            Ok(_) => return Ok(()),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -352,14 +304,12 @@ pub fn recv_datagrams(sock: BorrowedFd<'_>, slots: &mut [RecvSlot], nonblocking:
 
 /// Plain `send` of one datagram or stream chunk (benchmark baselines).
 pub fn send_bytes(sock: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is valid for reads of its length.
-    cvt_ssize(unsafe { libc::send(sock.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) })
+    Ok(socket::send(sock.as_raw_fd(), buf, MsgFlags::MSG_NOSIGNAL)?)
 }
 
 /// Plain `recv` (benchmark baselines).
 pub fn recv_bytes(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is valid for writes of its length.
-    cvt_ssize(unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) })
+    Ok(socket::recv(sock.as_raw_fd(), buf, MsgFlags::empty())?)
 }
 
 // ----------------------------------------------------------------------------- memfd
@@ -368,57 +318,46 @@ pub const SEAL_SET: libc::c_int = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | lib
 
 /// `memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING [| MFD_HUGETLB])`.
 pub fn memfd_create(name: &CStr, hugetlb: bool) -> io::Result<OwnedFd> {
-    let mut flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+    use nix::sys::memfd::MemFdCreateFlag as F;
+    let mut flags = F::MFD_CLOEXEC | F::MFD_ALLOW_SEALING;
     if hugetlb {
-        flags |= libc::MFD_HUGETLB;
+        flags |= F::MFD_HUGETLB;
     }
-    // SAFETY: `name` is a valid NUL-terminated string.
-    let fd = cvt(unsafe { libc::memfd_create(name.as_ptr(), flags) })?;
-    // SAFETY: fresh descriptor owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    Ok(nix::sys::memfd::memfd_create(name, flags)?)
 }
 
 pub fn ftruncate(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
-    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
-    // SAFETY: integer arguments only.
-    cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len) }).map(drop)
+    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from(Errno::EFBIG))?;
+    Ok(nix::unistd::ftruncate(fd, len)?)
 }
 
 /// Allocates backing pages for `[0, len)` now, so that later writes do not fault them in.
 pub fn fallocate(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
-    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
-    // SAFETY: integer arguments only.
-    cvt(unsafe { libc::fallocate(fd.as_raw_fd(), 0, 0, len) }).map(drop)
+    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from(Errno::EFBIG))?;
+    Ok(nix::fcntl::fallocate(fd.as_raw_fd(), nix::fcntl::FallocateFlags::empty(), 0, len)?)
 }
 
 pub fn add_seals(fd: BorrowedFd<'_>, seals: libc::c_int) -> io::Result<()> {
-    // SAFETY: integer arguments only.
-    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) }).map(drop)
+    fcntl(fd.as_raw_fd(), FcntlArg::F_ADD_SEALS(SealFlag::from_bits_retain(seals)))?;
+    Ok(())
 }
 
 /// `F_GET_SEALS`; fails with `EINVAL` for a file that is not a memfd (or other shmem file).
 pub fn get_seals(fd: BorrowedFd<'_>) -> io::Result<libc::c_int> {
-    // SAFETY: integer arguments only.
-    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) })
+    Ok(fcntl(fd.as_raw_fd(), FcntlArg::F_GET_SEALS)?)
 }
 
 /// File type bits and size, from `fstat`.
 pub fn file_mode_and_size(fd: BorrowedFd<'_>) -> io::Result<(u32, u64)> {
-    // SAFETY: all-zero is a valid `stat`.
-    let mut st: libc::stat = unsafe { mem::zeroed() };
-    // SAFETY: `st` is a valid, writable stat buffer.
-    cvt(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+    let st = nix::sys::stat::fstat(fd.as_raw_fd())?;
     Ok((st.st_mode, st.st_size as u64))
 }
 
 /// `fstatfs` magic of the filesystem holding `fd`.
 pub fn fs_magic(fd: BorrowedFd<'_>) -> io::Result<i64> {
-    // SAFETY: all-zero is a valid `statfs`.
-    let mut st: libc::statfs = unsafe { mem::zeroed() };
-    // SAFETY: `st` is a valid, writable statfs buffer.
-    cvt(unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) })?;
+    let st = nix::sys::statfs::fstatfs(fd)?;
     #[allow(clippy::unnecessary_cast)]
-    Ok(st.f_type as i64)
+    Ok(st.filesystem_type().0 as i64)
 }
 
 pub const TMPFS_MAGIC: i64 = 0x0102_1994;
@@ -427,16 +366,14 @@ pub const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
 /// `pwrite` the whole of `buf` at `offset`.
 pub fn pwrite_all(fd: BorrowedFd<'_>, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
     while !buf.is_empty() {
-        // SAFETY: `buf` is valid for reads of its length.
-        let rc = unsafe { libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), offset as libc::off_t) };
-        match cvt_ssize(rc) {
+        match nix::sys::uio::pwrite(fd, buf, offset as libc::off_t) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => {
                 buf = &buf[n..];
                 offset += n as u64;
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())
@@ -445,16 +382,14 @@ pub fn pwrite_all(fd: BorrowedFd<'_>, mut buf: &[u8], mut offset: u64) -> io::Re
 /// `pread` exactly `buf.len()` bytes at `offset`.
 pub fn pread_exact(fd: BorrowedFd<'_>, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
     while !buf.is_empty() {
-        // SAFETY: `buf` is valid for writes of its length.
-        let rc = unsafe { libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), offset as libc::off_t) };
-        match cvt_ssize(rc) {
+        match nix::sys::uio::pread(fd, buf, offset as libc::off_t) {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => {
                 buf = &mut buf[n..];
                 offset += n as u64;
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())
@@ -486,28 +421,26 @@ pub enum MapMode {
 impl Mapping {
     /// Maps `len` bytes of `fd` from offset 0, pre-faulting the pages (`MAP_POPULATE`).
     pub fn map(fd: BorrowedFd<'_>, len: usize, mode: MapMode) -> io::Result<Mapping> {
-        Mapping::map_with(fd, len, mode, libc::MAP_POPULATE)
+        Mapping::map_with(fd, len, mode, MapFlags::MAP_POPULATE)
     }
 
     /// Maps `len` bytes of `fd` from offset 0 without faulting anything in yet.
     pub fn map_lazy(fd: BorrowedFd<'_>, len: usize, mode: MapMode) -> io::Result<Mapping> {
-        Mapping::map_with(fd, len, mode, 0)
+        Mapping::map_with(fd, len, mode, MapFlags::empty())
     }
 
-    fn map_with(fd: BorrowedFd<'_>, len: usize, mode: MapMode, extra: libc::c_int) -> io::Result<Mapping> {
-        if len == 0 {
+    fn map_with(fd: BorrowedFd<'_>, len: usize, mode: MapMode, extra: MapFlags) -> io::Result<Mapping> {
+        let Some(nonzero) = NonZeroUsize::new(len) else {
             return Ok(Mapping { ptr: ptr::NonNull::<u64>::dangling().as_ptr().cast(), len: 0, writable: false });
-        }
-        let prot = match mode {
-            MapMode::SharedRead => libc::PROT_READ,
-            MapMode::SharedWrite => libc::PROT_READ | libc::PROT_WRITE,
         };
-        // SAFETY: a fresh mapping chosen by the kernel (addr null); it aliases no Rust object.
-        let p = unsafe { libc::mmap(ptr::null_mut(), len, prot, libc::MAP_SHARED | extra, fd.as_raw_fd(), 0) };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Mapping { ptr: p, len, writable: mode == MapMode::SharedWrite })
+        let prot = match mode {
+            MapMode::SharedRead => ProtFlags::PROT_READ,
+            MapMode::SharedWrite => ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+        };
+        // SAFETY: a fresh shared file mapping placed by the kernel (no address given), so it
+        // aliases no Rust object; `Mapping` unmaps it exactly once, in Drop.
+        let p = unsafe { mman::mmap(None, nonzero, prot, MapFlags::MAP_SHARED | extra, fd, 0) }?;
+        Ok(Mapping { ptr: p.as_ptr(), len, writable: mode == MapMode::SharedWrite })
     }
 
     pub fn as_slice(&self) -> &[u8] {
@@ -537,9 +470,9 @@ impl Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        if self.len != 0 {
+        if let (Some(p), true) = (ptr::NonNull::new(self.ptr), self.len != 0) {
             // SAFETY: unmaps exactly the region mapped in `map`; no reference outlives `self`.
-            unsafe { libc::munmap(self.ptr, self.len) };
+            let _ = unsafe { mman::munmap(p, self.len) };
         }
     }
 }
@@ -580,11 +513,9 @@ pub fn populate_write(m: &mut Mapping) -> io::Result<()> {
 
 /// `madvise(MADV_HUGEPAGE)` on a mapping (best effort; shmem THP must be set to `advise`).
 pub fn advise_hugepage(m: &Mapping) -> io::Result<()> {
-    if m.len == 0 {
-        return Ok(());
-    }
+    let Some(p) = ptr::NonNull::new(m.ptr).filter(|_| m.len != 0) else { return Ok(()) };
     // SAFETY: advice on a live mapping we own; it does not change its contents.
-    cvt(unsafe { libc::madvise(m.ptr, m.len, libc::MADV_HUGEPAGE) }).map(drop)
+    Ok(unsafe { mman::madvise(p, m.len, mman::MmapAdvise::MADV_HUGEPAGE) }?)
 }
 
 /// Moves the calling thread to `SCHED_IDLE`: it runs only when its CPU has nothing else to do.
@@ -592,16 +523,16 @@ pub fn advise_hugepage(m: &Mapping) -> io::Result<()> {
 pub fn make_current_thread_idle() -> io::Result<()> {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param for the call.
-    cvt(unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) }).map(drop)
+    Errno::result(unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) })?;
+    Ok(())
 }
 
 // ----------------------------------------------------------------------------- processes
 
 /// Duplicates `fd` to the lowest free number at or above `min`, close-on-exec.
 pub fn dup_above(fd: BorrowedFd<'_>, min: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: integer arguments only.
-    let n = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) })?;
-    // SAFETY: fresh descriptor owned by nobody else.
+    let n = fcntl(fd.as_raw_fd(), FcntlArg::F_DUPFD_CLOEXEC(min))?;
+    // SAFETY: F_DUPFD_CLOEXEC returned a fresh descriptor owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(n) })
 }
 
@@ -621,14 +552,12 @@ pub fn install_child_fds(cmd: &mut std::process::Command, fds: Vec<(OwnedFd, Raw
     }
     let plan: Vec<(RawFd, RawFd)> = moved.iter().map(|(f, t)| (f.as_raw_fd(), *t)).collect();
     // SAFETY: the closure runs between fork and exec and calls only dup2, close_range and
-    // close, which are async-signal-safe; it allocates nothing. `moved` keeps the sources open until the
-    // Command is dropped.
+    // close, which are async-signal-safe; it allocates nothing. `moved` keeps the sources open
+    // until the Command is dropped.
     unsafe {
         cmd.pre_exec(move || {
             for &(src, dst) in &plan {
-                if libc::dup2(src, dst) == -1 {
-                    return Err(io::Error::last_os_error());
-                }
+                nix::unistd::dup2(src, dst)?;
             }
             // Nothing else crosses exec: not even descriptors some ancestor leaked to us
             // without close-on-exec.
@@ -651,47 +580,34 @@ pub struct ChildFds(#[allow(dead_code)] Vec<OwnedFd>);
 
 /// Pins the calling thread (and the threads it creates later) to one CPU.
 pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
-    // SAFETY: all-zero is an empty cpu_set_t.
-    let mut set: libc::cpu_set_t = unsafe { mem::zeroed() };
-    // SAFETY: CPU_SET writes within `set` for cpu < CPU_SETSIZE, checked here.
-    if cpu >= libc::CPU_SETSIZE as usize {
-        return Err(io::Error::from_raw_os_error(libc::EINVAL));
-    }
-    // SAFETY: `cpu` is in range, checked above.
-    unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: `set` is a valid cpu_set_t of the size passed.
-    cvt(unsafe { libc::sched_setaffinity(0, mem::size_of::<libc::cpu_set_t>(), &set) }).map(drop)
+    let mut set = CpuSet::new();
+    set.set(cpu)?;
+    Ok(sched_setaffinity(Pid::from_raw(0), &set)?)
 }
 
 /// Lets the calling thread run on every CPU again.
 pub fn unpin() -> io::Result<()> {
-    // SAFETY: all-zero is an empty cpu_set_t.
-    let mut set: libc::cpu_set_t = unsafe { mem::zeroed() };
+    let mut set = CpuSet::new();
     // Not available_parallelism(): it counts the current (pinned) affinity mask.
-    // SAFETY: sysconf takes an integer and has no other effect.
-    let n = usize::try_from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }).unwrap_or(1).max(1);
-    for cpu in 0..n.min(libc::CPU_SETSIZE as usize) {
-        // SAFETY: `cpu` < CPU_SETSIZE.
-        unsafe { libc::CPU_SET(cpu, &mut set) };
+    let conf = nix::unistd::sysconf(nix::unistd::SysconfVar::_NPROCESSORS_CONF).ok().flatten();
+    let n = conf.and_then(|n| usize::try_from(n).ok()).unwrap_or(1).max(1);
+    for cpu in 0..n.min(CpuSet::count()) {
+        set.set(cpu)?;
     }
-    // SAFETY: `set` is a valid cpu_set_t of the size passed.
-    cvt(unsafe { libc::sched_setaffinity(0, mem::size_of::<libc::cpu_set_t>(), &set) }).map(drop)
+    Ok(sched_setaffinity(Pid::from_raw(0), &set)?)
 }
 
 /// Waits until `fd` is readable (or hung up) or `timeout_ms` passes; `-1` waits forever.
 pub fn poll_readable(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
-    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    use nix::poll::{PollFd, PollFlags, PollTimeout};
+    let timeout = PollTimeout::try_from(timeout_ms.max(-1)).map_err(|_| io::Error::from(Errno::EINVAL))?;
+    let mut p = [PollFd::new(fd, PollFlags::POLLIN)];
     loop {
-        // SAFETY: `p` is one valid pollfd, and we pass a count of 1.
-        let rc = unsafe { libc::poll(&mut p, 1, timeout_ms) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
+        match nix::poll::poll(&mut p, timeout) {
+            Ok(n) => return Ok(n > 0),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
         }
-        return Ok(rc > 0);
     }
 }
 
@@ -705,10 +621,9 @@ pub fn claim_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     if claimed.contains(&fd) {
         return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("descriptor {fd} was already claimed")));
     }
-    // SAFETY: integer arguments only; F_GETFD fails with EBADF when `fd` is not open.
-    let flags = cvt(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
-    // SAFETY: as above.
-    cvt(unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) })?;
+    // F_GETFD fails with EBADF when `fd` is not open.
+    let flags = FdFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFD)?);
+    fcntl(fd, FcntlArg::F_SETFD(flags | FdFlag::FD_CLOEXEC))?;
     claimed.push(fd);
     // SAFETY: the descriptor is open (checked above) and, by the registry, owned by no other
     // OwnedFd in this process: inherited descriptors are only ever claimed through here.
@@ -717,20 +632,22 @@ pub fn claim_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
 
 /// Whether `fd` is close-on-exec (`FD_CLOEXEC` from `fcntl(F_GETFD)`).
 pub fn is_cloexec(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    // SAFETY: integer arguments only; the kernel reads no user memory.
-    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) })?;
-    Ok(flags & libc::FD_CLOEXEC != 0)
+    let flags = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFD)?;
+    Ok(FdFlag::from_bits_retain(flags).contains(FdFlag::FD_CLOEXEC))
 }
 
 /// `SO_TYPE` of a socket, or an error if `fd` is not a socket.
+/// (A type nix does not name, such as `SOCK_PACKET`, is reported as `EINVAL`.)
 pub fn socket_type(fd: BorrowedFd<'_>) -> io::Result<libc::c_int> {
-    let mut v: libc::c_int = 0;
-    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `v` and `len` are valid for writes and `len` holds v's size.
-    cvt(unsafe {
-        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_TYPE, (&mut v as *mut libc::c_int).cast(), &mut len)
-    })?;
-    Ok(v)
+    Ok(socket::getsockopt(&fd, sockopt::SockType)? as libc::c_int)
+}
+
+/// Sets `O_NONBLOCK` on the open file description behind `fd` (shared with every duplicate
+/// of it, in this process or another).
+pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let flags = OFlag::from_bits_retain(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?);
+    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    Ok(())
 }
 
 /// Number of open descriptors of this process, from `/proc/self/fd` (tests use it to prove

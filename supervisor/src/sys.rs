@@ -1,38 +1,30 @@
 //! Syscall wrappers the supervisor needs: spawning into namespaces, pidfds, signalfd, peer
-//! credentials. The only module of `airlock-supervisor` allowed to use `unsafe`; every block
-//! says why it is sound. No policy decisions here.
+//! credentials. The only module of `airlock-supervisor` allowed to use `unsafe`. Calls go
+//! through `nix` wherever it has them; what stays raw, each block with its `SAFETY` note, is
+//! what nix cannot do:
+//! - a fork-like `clone` with `CLONE_NEW*` flags and the child's path to `execve` (nix's
+//!   `clone` wants a separate stack and a callback; the child must run only async-signal-safe
+//!   calls on memory prepared before the clone);
+//! - `pidfd_open` and `pidfd_send_signal`, which nix 0.29 does not wrap;
+//! - `waitid(P_PIDFD)`: nix's `WaitStatus` cannot hold a death by a real-time signal and would
+//!   turn an exit already reaped into an error.
+//!
+//! No policy decisions here.
 #![allow(unsafe_code)]
 
 use std::ffi::CString;
 use std::io;
 use std::mem;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr;
 
-fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
-    if rc == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
-}
-
-/// For the pthread functions, which return an errno instead of setting it.
-fn cvt_errno(rc: libc::c_int) -> io::Result<()> {
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::from_raw_os_error(rc))
-    }
-}
-
-fn cvt_ssize(rc: libc::ssize_t) -> io::Result<usize> {
-    if rc == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc as usize)
-    }
-}
+use airlock_protocol::sys::dup_above;
+use nix::errno::Errno;
+use nix::sys::epoll::{self, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::signal::{self, pthread_sigmask, SigSet, SigmaskHow, Signal};
+use nix::sys::socket::{self, sockopt};
+use nix::sys::wait::{waitpid, WaitPidFlag};
+use nix::unistd::Pid;
 
 /// Everything the child needs between clone and exec, prepared in advance so that the child
 /// allocates nothing (only async-signal-safe syscalls run there).
@@ -59,11 +51,7 @@ pub struct Pending {
 }
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [-1; 2];
-    // SAFETY: `fds` is a valid array of two ints.
-    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
-    // SAFETY: both descriptors are fresh and ours.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    Ok(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)
 }
 
 /// Clones a child into new namespaces (`plan.clone_flags`); the child waits until
@@ -76,19 +64,14 @@ pub fn spawn(plan: SpawnPlan) -> io::Result<Pending> {
     let top = plan.fds.iter().map(|(_, t)| *t).max().unwrap_or(2) + 1;
     let mut moved = Vec::with_capacity(plan.fds.len());
     for (fd, target) in plan.fds {
-        // SAFETY: integer arguments only.
-        let n = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, top.max(64)) })?;
-        // SAFETY: fresh descriptor, ours.
-        moved.push((unsafe { OwnedFd::from_raw_fd(n) }, target));
+        moved.push((dup_above(fd.as_fd(), top.max(64))?, target));
     }
     let pairs: Vec<(RawFd, RawFd)> = moved.iter().map(|(f, t)| (f.as_raw_fd(), *t)).collect();
     // The exec-error pipe goes above every source, so no dup2 in the child can clobber it and
     // close_range can spare it; it is close-on-exec, so a successful exec closes it.
     let above = pairs.iter().map(|(f, _)| *f).max().unwrap_or(64).max(err_w.as_raw_fd()) + 1;
-    // SAFETY: integer arguments only.
-    let err_high = cvt(unsafe { libc::fcntl(err_w.as_raw_fd(), libc::F_DUPFD_CLOEXEC, above) })?;
-    // SAFETY: fresh descriptor, ours.
-    let err_high_owned = unsafe { OwnedFd::from_raw_fd(err_high) };
+    let err_high_owned = dup_above(err_w.as_fd(), above)?;
+    let err_high = err_high_owned.as_raw_fd();
     let mut argv: Vec<*const libc::c_char> = plan.argv.iter().map(|a| a.as_ptr()).collect();
     argv.push(ptr::null());
     let mut envp: Vec<*const libc::c_char> = plan.envp.iter().map(|a| a.as_ptr()).collect();
@@ -193,22 +176,15 @@ unsafe fn child_fail(err_fd: RawFd) -> ! {
 impl Pending {
     /// Lets the child exec. Returns the child's errno if the exec failed.
     pub fn release(self) -> io::Result<()> {
-        // SAFETY: writes one byte from a local.
-        let b = [1u8];
-        // SAFETY: `b` is valid for one byte.
-        let _ = unsafe { libc::write(self.release.as_raw_fd(), b.as_ptr().cast(), 1) };
+        let _ = nix::unistd::write(&self.release, &[1u8]);
         drop(self.release);
         let mut e = [0u8; 4];
         loop {
-            // SAFETY: `e` is valid for 4 bytes.
-            let n = unsafe { libc::read(self.exec_err.as_raw_fd(), e.as_mut_ptr().cast(), 4) };
-            if n == -1 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            if n == 4 {
-                return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(e)));
-            }
-            return Ok(());
+            return match nix::unistd::read(self.exec_err.as_raw_fd(), &mut e) {
+                Err(Errno::EINTR) => continue,
+                Ok(4) => Err(io::Error::from_raw_os_error(i32::from_ne_bytes(e))),
+                _ => Ok(()),
+            };
         }
     }
 }
@@ -216,23 +192,17 @@ impl Pending {
 /// `pidfd_open(pid, 0)`: a descriptor that becomes readable when the process exits.
 pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     // SAFETY: integer arguments only.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor, ours.
+    let fd = Errno::result(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })?;
+    // SAFETY: pidfd_open returned a fresh descriptor, ours.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 /// Sends `sig` through a pidfd (no pid-reuse race).
 pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, sig: i32) -> io::Result<()> {
     // SAFETY: integer arguments and a null siginfo.
-    let rc = unsafe {
+    Errno::result(unsafe {
         libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), sig, ptr::null::<libc::siginfo_t>(), 0)
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    })?;
     Ok(())
 }
 
@@ -252,14 +222,11 @@ pub fn reap(pidfd: BorrowedFd<'_>) -> io::Result<Option<ExitStatus>> {
         // SAFETY: `info` is a valid, writable siginfo_t.
         let rc =
             unsafe { libc::waitid(P_PIDFD, pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED | libc::WNOHANG) };
-        if rc == -1 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
+        match Errno::result(rc) {
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+            Ok(_) => break,
         }
-        break;
     }
     // SAFETY: waitid filled `info` (si_pid 0 means still running).
     let (pid, code, status) = unsafe { (info.si_pid(), info.si_code, info.si_status()) };
@@ -274,100 +241,79 @@ pub fn reap(pidfd: BorrowedFd<'_>) -> io::Result<Option<ExitStatus>> {
 
 /// Blocks `signals` in this thread (and threads it creates) and returns a signalfd for them.
 pub fn signalfd(signals: &[i32]) -> io::Result<OwnedFd> {
-    // SAFETY: all-zero sigset, then filled by sigaddset.
-    let mut set: libc::sigset_t = unsafe { mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t.
-    unsafe { libc::sigemptyset(&mut set) };
+    use nix::sys::signalfd::SfdFlags;
+    let mut set = SigSet::empty();
     for &s in signals {
-        // SAFETY: `set` is valid; `s` is a signal number.
-        unsafe { libc::sigaddset(&mut set, s) };
+        set.add(Signal::try_from(s)?);
     }
-    // SAFETY: `set` is valid; the old mask is not requested.
-    cvt_errno(unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, ptr::null_mut()) })?;
-    // SAFETY: `set` is valid.
-    let fd = cvt(unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) })?;
-    // SAFETY: fresh descriptor, ours.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)?;
+    // The deprecated free function, because nix 0.29's `SignalFd` cannot give up its `OwnedFd`.
+    #[allow(deprecated)]
+    let fd =
+        nix::sys::signalfd::signalfd(None::<BorrowedFd<'_>>, &set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
+    Ok(fd)
 }
 
 /// Reads one pending signal number from a signalfd, if any.
 pub fn read_signal(fd: BorrowedFd<'_>) -> io::Result<Option<i32>> {
-    // SAFETY: all-zero is a valid signalfd_siginfo.
-    let mut si: libc::signalfd_siginfo = unsafe { mem::zeroed() };
-    // SAFETY: `si` is valid for its size.
-    let n = unsafe {
-        libc::read(
-            fd.as_raw_fd(),
-            (&mut si as *mut libc::signalfd_siginfo).cast(),
-            mem::size_of::<libc::signalfd_siginfo>(),
-        )
-    };
-    if n < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::WouldBlock {
-            return Ok(None);
-        }
-        return Err(e);
+    // A `signalfd_siginfo` is 128 bytes and starts with `u32 ssi_signo`.
+    let mut si = [0u8; mem::size_of::<libc::signalfd_siginfo>()];
+    match nix::unistd::read(fd.as_raw_fd(), &mut si) {
+        Ok(_) => Ok(Some(u32::from_ne_bytes([si[0], si[1], si[2], si[3]]) as i32)),
+        Err(Errno::EAGAIN) => Ok(None),
+        Err(e) => Err(e.into()),
     }
-    Ok(Some(si.ssi_signo as i32))
 }
 
 /// A level-triggered `epoll` instance: the supervisor's event loop registers each descriptor
 /// once instead of handing the kernel its whole poll set on every turn.
 #[derive(Debug)]
-pub struct Epoll(OwnedFd);
+pub struct Epoll(epoll::Epoll);
 
 impl Epoll {
     /// `epoll_create1(EPOLL_CLOEXEC)`.
     pub fn new() -> io::Result<Epoll> {
-        // SAFETY: integer argument only.
-        let fd = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
-        // SAFETY: fresh descriptor owned by nobody else.
-        Ok(Epoll(unsafe { OwnedFd::from_raw_fd(fd) }))
+        Ok(Epoll(epoll::Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?))
     }
 
-    fn ctl(&self, op: libc::c_int, fd: BorrowedFd<'_>, token: u64, events: u32) -> io::Result<()> {
-        let mut ev = libc::epoll_event { events, u64: token };
-        // SAFETY: `ev` is a valid epoll_event for the duration of the call (ignored by DEL).
-        cvt(unsafe { libc::epoll_ctl(self.0.as_raw_fd(), op, fd.as_raw_fd(), &mut ev) }).map(drop)
+    fn event(token: u64, events: u32) -> EpollEvent {
+        EpollEvent::new(EpollFlags::from_bits_retain(events as libc::c_int), token)
     }
 
     /// Watches `fd` for `events` (`EPOLLIN`, `EPOLLOUT`), reported with `token`. A descriptor
     /// number still registered (its file kept open elsewhere) is re-registered.
     pub fn add(&self, fd: BorrowedFd<'_>, token: u64, events: u32) -> io::Result<()> {
-        match self.ctl(libc::EPOLL_CTL_ADD, fd, token, events) {
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => self.modify(fd, token, events),
-            r => r,
+        match self.0.add(fd, Self::event(token, events)) {
+            Err(Errno::EEXIST) => self.modify(fd, token, events),
+            r => Ok(r?),
         }
     }
 
     /// Changes what `fd` is watched for.
     pub fn modify(&self, fd: BorrowedFd<'_>, token: u64, events: u32) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_MOD, fd, token, events)
+        Ok(self.0.modify(fd, &mut Self::event(token, events))?)
     }
 
     /// Stops watching `fd` (closing its last reference does the same).
     pub fn delete(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0)
+        Ok(self.0.delete(fd)?)
     }
 
     /// Waits up to `timeout_ms` and replaces `out` with the ready `(token, events)` pairs.
     pub fn wait(&self, out: &mut Vec<(u64, u32)>, timeout_ms: i32) -> io::Result<()> {
         const MAX: usize = 64;
-        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; MAX];
+        let mut evs = [EpollEvent::empty(); MAX];
+        let timeout = EpollTimeout::try_from(timeout_ms.max(-1)).map_err(|_| io::Error::from(Errno::EINVAL))?;
         out.clear();
         loop {
-            // SAFETY: `evs` is valid for writes of MAX epoll_events.
-            let rc = unsafe { libc::epoll_wait(self.0.as_raw_fd(), evs.as_mut_ptr(), MAX as libc::c_int, timeout_ms) };
-            if rc < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
+            match self.0.wait(&mut evs, timeout) {
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+                Ok(n) => {
+                    out.extend(evs[..n].iter().map(|e| (e.data(), e.events().bits() as u32)));
+                    return Ok(());
                 }
-                return Err(e);
             }
-            out.extend(evs[..rc as usize].iter().map(|e| ({ e.u64 }, { e.events })));
-            return Ok(());
         }
     }
 }
@@ -375,67 +321,45 @@ impl Epoll {
 /// A non-blocking, close-on-exec eventfd: one thread counts completions into it, another
 /// waits for it to become readable.
 pub fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: integer arguments only.
-    let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
-    // SAFETY: fresh descriptor owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    use nix::sys::eventfd::{EfdFlags, EventFd};
+    let fd = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
+    Ok(OwnedFd::from(fd))
 }
 
 /// Adds `n` to an eventfd's counter.
 pub fn eventfd_add(fd: BorrowedFd<'_>, n: u64) -> io::Result<()> {
-    let b = n.to_ne_bytes();
-    // SAFETY: `b` is valid for reads of 8 bytes.
-    cvt_ssize(unsafe { libc::write(fd.as_raw_fd(), b.as_ptr().cast(), 8) }).map(drop)
+    nix::unistd::write(fd, &n.to_ne_bytes())?;
+    Ok(())
 }
 
 /// Takes an eventfd's counter (0 when nothing was added since the last take).
 pub fn eventfd_take(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let mut b = [0u8; 8];
-    // SAFETY: `b` is valid for writes of 8 bytes.
-    match cvt_ssize(unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), 8) }) {
+    match nix::unistd::read(fd.as_raw_fd(), &mut b) {
         Ok(_) => Ok(u64::from_ne_bytes(b)),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
-        Err(e) => Err(e),
+        Err(Errno::EAGAIN) => Ok(0),
+        Err(e) => Err(e.into()),
     }
 }
 
 /// Blocks every blockable signal in the calling thread, so that a helper thread never takes
 /// a signal meant for the event loop's signalfd.
 pub fn block_signals_in_this_thread() -> io::Result<()> {
-    // SAFETY: all-zero sigset, then filled by sigfillset.
-    let mut set: libc::sigset_t = unsafe { mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t.
-    unsafe { libc::sigfillset(&mut set) };
-    // SAFETY: `set` is valid; the old mask is not requested.
-    cvt_errno(unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, ptr::null_mut()) })
+    Ok(pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&SigSet::all()), None)?)
 }
 
 /// The peer's credentials on a connected Unix socket (`SO_PEERCRED`).
 pub fn peer_credentials(sock: BorrowedFd<'_>) -> io::Result<(i32, u32, u32)> {
-    // SAFETY: all-zero is a valid ucred.
-    let mut c: libc::ucred = unsafe { mem::zeroed() };
-    let mut len = mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: `c` and `len` are valid for writes; `len` holds c's size.
-    cvt(unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut c as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    })?;
-    Ok((c.pid, c.uid, c.gid))
+    let c = socket::getsockopt(&sock, sockopt::PeerCredentials)?;
+    Ok((c.pid(), c.uid(), c.gid()))
 }
 
 pub fn euid() -> u32 {
-    // SAFETY: no arguments; cannot fail.
-    unsafe { libc::geteuid() }
+    nix::unistd::geteuid().as_raw()
 }
 
 pub fn egid() -> u32 {
-    // SAFETY: no arguments; cannot fail.
-    unsafe { libc::getegid() }
+    nix::unistd::getegid().as_raw()
 }
 
 /// Probes whether a child can be cloned with `flags` here (it exits at once).
@@ -451,27 +375,21 @@ pub fn can_clone(flags: libc::c_int) -> Result<(), i32> {
         // SAFETY: terminates the child at once.
         unsafe { libc::_exit(0) };
     }
-    let mut status = 0;
-    // SAFETY: `status` is valid; reaps exactly our child.
-    unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::__WALL) };
+    // Reaps exactly our child.
+    let _ = waitpid(Pid::from_raw(pid as libc::pid_t), Some(WaitPidFlag::__WALL));
     Ok(())
 }
 
 /// Sets `O_NONBLOCK` on a descriptor.
 pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: integer arguments only.
-    let fl = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
-    // SAFETY: integer arguments only.
-    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) }).map(drop)
+    airlock_protocol::sys::set_nonblocking(fd)
 }
 
 /// Kills `pid` and reaps it (a child we cannot watch through a pidfd).
 pub fn kill_and_reap(pid: i32) {
-    // SAFETY: integer arguments only; `pid` is our own child, not yet reaped.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    let mut status = 0;
-    // SAFETY: `status` is valid; reaps exactly that child.
-    unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
+    // `pid` is our own child, not yet reaped.
+    let _ = signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+    let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::__WALL));
 }
 
 /// Starts a TCP connection to `addr` without waiting for it: returns the socket (CLOEXEC,
@@ -479,52 +397,16 @@ pub fn kill_and_reap(pid: i32) {
 /// it failed at once. The receiver learns the outcome by polling for writability and
 /// reading `SO_ERROR`, or from its first I/O (an unconnected socket fails with ENOTCONN).
 pub fn tcp_connect_started(addr: std::net::SocketAddr) -> io::Result<(OwnedFd, Option<io::Error>)> {
-    let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
-    // SAFETY: integer arguments only; a new descriptor on success.
-    let raw = cvt(unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0) })?;
-    // SAFETY: `raw` is a fresh descriptor nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut ss: libc::sockaddr_storage = unsafe { mem::zeroed() };
-    let len = match addr {
-        std::net::SocketAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than sockaddr_in and suitably aligned.
-            unsafe { ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
-            mem::size_of::<libc::sockaddr_in>()
-        }
-        std::net::SocketAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: a.flowinfo(),
-                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
-                sin6_scope_id: a.scope_id(),
-            };
-            // SAFETY: sockaddr_storage is larger than sockaddr_in6 and suitably aligned.
-            unsafe { ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
-            mem::size_of::<libc::sockaddr_in6>()
-        }
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage};
+    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)?;
+    let failed = match socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)) {
+        Ok(()) | Err(Errno::EINPROGRESS) => None,
+        Err(e) => Some(io::Error::from(e)),
     };
-    // SAFETY: `ss` holds a valid address of `len` bytes.
-    let rc =
-        unsafe { libc::connect(fd.as_raw_fd(), (&ss as *const libc::sockaddr_storage).cast(), len as libc::socklen_t) };
-    let mut failed = None;
-    if rc == -1 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINPROGRESS) {
-            failed = Some(e);
-        }
-    }
     // The worker gets an ordinary blocking socket; it bounds its waits with poll.
-    // SAFETY: integer arguments only.
-    let fl = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
-    // SAFETY: integer arguments only.
-    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK) })?;
+    let fl = OFlag::from_bits_retain(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?);
+    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(fl & !OFlag::O_NONBLOCK))?;
     Ok((fd, failed))
 }

@@ -1,97 +1,100 @@
 //! Syscall wrappers a worker needs to confine itself. The only module of `airlock-worker`
-//! allowed to use `unsafe`; every block says why it is sound. No policy decisions here.
+//! allowed to use `unsafe`. Calls go through `nix` wherever it has them; what stays raw, each
+//! block with its `SAFETY` note, is what nix cannot do:
+//! - the `SIGSYS` reporter: installing it (`sigaction` is an `unsafe fn` in nix too) and the
+//!   handler itself, which may only make async-signal-safe raw calls;
+//! - raw syscalls for probes, `fork` (an `unsafe fn` in nix) and `_exit`;
+//! - `poll` over the caller's `libc::pollfd` slice, whose entries may hold negative (ignored)
+//!   descriptors that nix's `PollFd` cannot express;
+//! - adopting the descriptor `accept4` hands back as a bare integer as an `OwnedFd`.
+//!
+//! No policy decisions here.
 #![allow(unsafe_code)]
 
-use std::ffi::CString;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::ptr;
 
-fn cvt(rc: libc::c_int) -> io::Result<()> {
-    if rc == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-fn cstr(p: &Path) -> io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
-}
+use nix::errno::Errno;
+use nix::mount::{MntFlags, MsFlags};
+use nix::sys::prctl;
+use nix::sys::resource::Resource;
+use nix::sys::signal::Signal;
+use nix::unistd::{Gid, Uid};
 
 /// Forbids gaining privileges through execve (setuid bits, file caps).
 pub fn set_no_new_privs() -> io::Result<()> {
-    // SAFETY: integer arguments only; the kernel reads no user memory.
-    cvt(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })
+    Ok(prctl::set_no_new_privs()?)
 }
 
 /// Makes the process non-dumpable: no core dumps, no ptrace attach by same-uid processes,
 /// `/proc/PID` owned by root.
 pub fn set_not_dumpable() -> io::Result<()> {
-    // SAFETY: integer arguments only.
-    cvt(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) })
+    Ok(prctl::set_dumpable(false)?)
 }
 
 /// Asks the kernel to send `SIGKILL` when the parent (the supervisor) dies.
 pub fn set_parent_death_signal() -> io::Result<()> {
-    // SAFETY: integer arguments only.
-    cvt(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) })
+    Ok(prctl::set_pdeathsig(Signal::SIGKILL)?)
 }
 
 pub fn getppid() -> i32 {
-    // SAFETY: no arguments; cannot fail.
-    unsafe { libc::getppid() }
+    nix::unistd::getppid().as_raw()
 }
 
 pub fn getpid() -> i32 {
-    // SAFETY: no arguments; cannot fail.
-    unsafe { libc::getpid() }
+    nix::unistd::getpid().as_raw()
 }
 
 /// `setrlimit(resource, {limit, limit})`.
 pub fn set_rlimit(resource: libc::__rlimit_resource_t, limit: u64) -> io::Result<()> {
-    let r = libc::rlimit { rlim_cur: limit, rlim_max: limit };
-    // SAFETY: `r` is a valid rlimit read by the kernel.
-    cvt(unsafe { libc::setrlimit(resource, &r) })
+    Ok(nix::sys::resource::setrlimit(to_resource(resource)?, limit, limit)?)
+}
+
+fn to_resource(r: libc::__rlimit_resource_t) -> io::Result<Resource> {
+    Ok(match r {
+        libc::RLIMIT_AS => Resource::RLIMIT_AS,
+        libc::RLIMIT_CORE => Resource::RLIMIT_CORE,
+        libc::RLIMIT_CPU => Resource::RLIMIT_CPU,
+        libc::RLIMIT_DATA => Resource::RLIMIT_DATA,
+        libc::RLIMIT_FSIZE => Resource::RLIMIT_FSIZE,
+        libc::RLIMIT_LOCKS => Resource::RLIMIT_LOCKS,
+        libc::RLIMIT_MEMLOCK => Resource::RLIMIT_MEMLOCK,
+        libc::RLIMIT_MSGQUEUE => Resource::RLIMIT_MSGQUEUE,
+        libc::RLIMIT_NICE => Resource::RLIMIT_NICE,
+        libc::RLIMIT_NOFILE => Resource::RLIMIT_NOFILE,
+        libc::RLIMIT_NPROC => Resource::RLIMIT_NPROC,
+        libc::RLIMIT_RSS => Resource::RLIMIT_RSS,
+        libc::RLIMIT_RTPRIO => Resource::RLIMIT_RTPRIO,
+        libc::RLIMIT_RTTIME => Resource::RLIMIT_RTTIME,
+        libc::RLIMIT_SIGPENDING => Resource::RLIMIT_SIGPENDING,
+        libc::RLIMIT_STACK => Resource::RLIMIT_STACK,
+        // What the kernel says of a resource it does not know.
+        _ => return Err(Errno::EINVAL.into()),
+    })
 }
 
 /// Leaves every supplementary group and takes `gid`, then `uid` (real, effective, saved).
 pub fn switch_ids(uid: u32, gid: u32) -> io::Result<()> {
-    // SAFETY: an empty group list; the pointer is not read for size 0.
-    cvt(unsafe { libc::setgroups(0, ptr::null()) })?;
-    // SAFETY: integer arguments only.
-    cvt(unsafe { libc::setresgid(gid, gid, gid) })?;
-    // SAFETY: integer arguments only.
-    cvt(unsafe { libc::setresuid(uid, uid, uid) })
+    use nix::unistd::{setgroups, setresgid, setresuid};
+    let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(gid));
+    setgroups(&[])?;
+    setresgid(gid, gid, gid)?;
+    Ok(setresuid(uid, uid, uid)?)
 }
 
 pub fn ids() -> (u32, u32) {
-    // SAFETY: no arguments; cannot fail.
-    unsafe { (libc::geteuid(), libc::getegid()) }
+    (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw())
 }
 
 fn mount(
     src: Option<&Path>,
     target: &Path,
     fstype: Option<&str>,
-    flags: libc::c_ulong,
+    flags: MsFlags,
     data: Option<&str>,
 ) -> io::Result<()> {
-    let src = src.map(cstr).transpose()?;
-    let target = cstr(target)?;
-    let fstype = fstype.map(|s| CString::new(s).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))).transpose()?;
-    let data = data.map(|s| CString::new(s).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))).transpose()?;
-    // SAFETY: every pointer is a valid NUL-terminated string or null, alive for the call.
-    cvt(unsafe {
-        libc::mount(
-            src.as_ref().map_or(ptr::null(), |s| s.as_ptr()),
-            target.as_ptr(),
-            fstype.as_ref().map_or(ptr::null(), |s| s.as_ptr()),
-            flags,
-            data.as_ref().map_or(ptr::null(), |s| s.as_ptr().cast()),
-        )
-    })
+    Ok(nix::mount::mount(src, target, fstype, flags, data)?)
 }
 
 /// Replaces the mount namespace's root with a fresh read-only tmpfs holding only `binds`
@@ -105,21 +108,18 @@ pub fn enter_minimal_root(binds: &[(&Path, bool)]) -> io::Result<()> {
         .map(Path::new)
         .find(|c| c.is_dir() && !binds.iter().any(|(p, _)| p.starts_with(c) || c.starts_with(p)))
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no staging directory outside the bound paths"))?;
-    mount(None, Path::new("/"), None, libc::MS_REC | libc::MS_PRIVATE, None)?;
+    mount(None, Path::new("/"), None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)?;
     mount(
         Some(Path::new("airlock-root")),
         new_root,
         Some("tmpfs"),
-        libc::MS_NOSUID | libc::MS_NODEV,
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         Some("mode=0755,size=64k"),
     )?;
     let built = build_minimal_root(new_root, binds);
     if built.is_err() {
         // Leave the namespace as it was: do not keep a tmpfs over the staging directory.
-        if let Ok(c) = cstr(new_root) {
-            // SAFETY: a valid NUL-terminated path.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
+        let _ = nix::mount::umount2(new_root, MntFlags::MNT_DETACH);
     }
     built
 }
@@ -137,49 +137,42 @@ fn build_minimal_root(new_root: &Path, binds: &[(&Path, bool)]) -> io::Result<()
             }
             std::fs::write(&target, b"")?;
         }
-        mount(Some(path), &target, None, libc::MS_BIND | libc::MS_REC, None)?;
+        mount(Some(path), &target, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
         // A remount in a user namespace must keep the flags locked on the original mount.
-        let mut flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID | libc::MS_NODEV | locked_flags(path)?;
+        let mut flags =
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | locked_flags(path)?;
         if !writable {
-            flags |= libc::MS_RDONLY;
+            flags |= MsFlags::MS_RDONLY;
         }
         mount(None, &target, None, flags, None)?;
     }
     std::fs::create_dir_all(new_root.join(".old-root"))?;
-    let nr = cstr(new_root)?;
-    let old = cstr(&new_root.join(".old-root"))?;
-    // SAFETY: two valid NUL-terminated paths.
-    cvt(unsafe { libc::syscall(libc::SYS_pivot_root, nr.as_ptr(), old.as_ptr()) as libc::c_int })?;
+    nix::unistd::pivot_root(new_root, &new_root.join(".old-root"))?;
     std::env::set_current_dir("/")?;
-    let old_in_new = CString::new("/.old-root").map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: a valid NUL-terminated path.
-    cvt(unsafe { libc::umount2(old_in_new.as_ptr(), libc::MNT_DETACH) })?;
+    nix::mount::umount2("/.old-root", MntFlags::MNT_DETACH)?;
     std::fs::remove_dir("/.old-root")?;
     mount(
         None,
         Path::new("/"),
         None,
-        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         None,
     )
 }
 
 /// The `MS_*` flags of the mount holding `path` that a bind remount must preserve.
-fn locked_flags(path: &Path) -> io::Result<libc::c_ulong> {
-    let c = cstr(path)?;
-    // SAFETY: all-zero is a valid statvfs.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid path and `st` a writable statvfs.
-    cvt(unsafe { libc::statvfs(c.as_ptr(), &mut st) })?;
-    let mut f = 0;
+fn locked_flags(path: &Path) -> io::Result<MsFlags> {
+    use nix::sys::statvfs::FsFlags;
+    let st = nix::sys::statvfs::statvfs(path)?;
+    let mut f = MsFlags::empty();
     for (st_flag, ms_flag) in [
-        (libc::ST_NOEXEC, libc::MS_NOEXEC),
-        (libc::ST_NOATIME, libc::MS_NOATIME),
-        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
-        (libc::ST_RELATIME, libc::MS_RELATIME),
-        (libc::ST_RDONLY, libc::MS_RDONLY),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+        (FsFlags::ST_RDONLY, MsFlags::MS_RDONLY),
     ] {
-        if st.f_flag & st_flag != 0 {
+        if st.flags().contains(st_flag) {
             f |= ms_flag;
         }
     }
@@ -188,8 +181,7 @@ fn locked_flags(path: &Path) -> io::Result<libc::c_ulong> {
 
 /// Sets the hostname of the (private) UTS namespace.
 pub fn set_hostname(name: &str) -> io::Result<()> {
-    // SAFETY: `name` is valid for reads of its length.
-    cvt(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })
+    Ok(nix::unistd::sethostname(name)?)
 }
 
 static SIGSYS_POLICY: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
@@ -199,13 +191,13 @@ static SIGSYS_POLICY: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
 /// the disposition, which the strict policies kill on, or failing that exits with 159.
 /// The supervisor reads the line to name the syscall in its report.
 pub fn install_sigsys_reporter(policy: &str) -> io::Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet};
     let _ = SIGSYS_POLICY.set(policy.as_bytes().to_vec());
-    // SAFETY: all-zero is a valid sigaction; we fill the handler and flags.
-    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
-    sa.sa_sigaction = sigsys_handler as *const () as usize;
-    sa.sa_flags = libc::SA_SIGINFO;
-    // SAFETY: `sa` is a valid sigaction whose handler is async-signal-safe (see below).
-    cvt(unsafe { libc::sigaction(libc::SIGSYS, &sa, ptr::null_mut()) })
+    let sa = SigAction::new(SigHandler::SigAction(sigsys_handler), SaFlags::SA_SIGINFO, SigSet::empty());
+    // SAFETY: the handler is async-signal-safe (see below): it allocates nothing, takes no lock
+    // and makes only raw syscalls.
+    unsafe { sigaction(Signal::SIGSYS, &sa) }?;
+    Ok(())
 }
 
 extern "C" fn sigsys_handler(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
@@ -303,12 +295,12 @@ pub fn raw_syscall6(nr: libc::c_long, a: [libc::c_long; 6]) -> Result<libc::c_lo
 
 /// `fork()` for the fork-bomb probe: returns the child's pid (0 in the child) or the errno.
 pub fn fork() -> Result<i32, i32> {
+    use nix::unistd::ForkResult;
     // SAFETY: the probe's child only calls `_exit`.
-    let rc = unsafe { libc::fork() };
-    if rc == -1 {
-        Err(io::Error::last_os_error().raw_os_error().unwrap_or(0))
-    } else {
-        Ok(rc)
+    match unsafe { nix::unistd::fork() } {
+        Ok(ForkResult::Parent { child }) => Ok(child.as_raw()),
+        Ok(ForkResult::Child) => Ok(0),
+        Err(e) => Err(e as i32),
     }
 }
 
@@ -336,14 +328,9 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
 /// descriptor (`accept4(SOCK_NONBLOCK | SOCK_CLOEXEC)`), without asking for the peer's
 /// address. A non-blocking listener with nothing pending gives `WouldBlock`.
 pub fn accept_nonblocking(listener: std::os::fd::BorrowedFd<'_>) -> io::Result<std::os::fd::OwnedFd> {
+    use nix::sys::socket::SockFlag;
     use std::os::fd::{AsRawFd, FromRawFd};
-    // SAFETY: null address and length pointers are allowed: the kernel then writes no address.
-    let fd = unsafe {
-        libc::accept4(listener.as_raw_fd(), ptr::null_mut(), ptr::null_mut(), libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
-    };
-    if fd == -1 {
-        return Err(io::Error::last_os_error());
-    }
+    let fd = nix::sys::socket::accept4(listener.as_raw_fd(), SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC)?;
     // SAFETY: accept4 returned a fresh descriptor that nothing else in this process owns.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
@@ -351,12 +338,5 @@ pub fn accept_nonblocking(listener: std::os::fd::BorrowedFd<'_>) -> io::Result<s
 /// Sets `O_NONBLOCK` on the open file description behind `fd` (shared with every duplicate
 /// of it, in this process or another).
 pub fn set_nonblocking(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: integer arguments only.
-    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
-    if flags == -1 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: integer arguments only.
-    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) })
+    airlock_protocol::sys::set_nonblocking(fd)
 }
