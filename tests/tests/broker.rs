@@ -350,9 +350,10 @@ fn a_flooding_worker_is_stopped_by_its_quota_without_hurting_the_others() {
     assert_eq!(sent, 262_144 / (1024 + 64 + "stuck".len() as u64 + "deliver".len() as u64), "{text}");
     assert!(busy > 0, "{text}");
     // Starvation, not speed: a starved caller would wait for the flood to end (seconds). The
-    // latency figure itself is the broker benchmark's job (this machine is shared and noisy).
+    // latency figure itself is the broker benchmark's job (this machine is shared and noisy:
+    // on 2 busy cores a median of 6 ms was seen without any starvation, hence the 50 ms floor).
     assert!(
-        loaded <= (10.0 * unloaded).max(5000.0),
+        loaded <= (10.0 * unloaded).max(50_000.0),
         "calls starved under flood: {loaded} us vs {unloaded} us unloaded"
     );
     assert!(rss < RSS_BOUND_KIB, "supervisor RSS {rss} KiB above {RSS_BOUND_KIB} KiB");
