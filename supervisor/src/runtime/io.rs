@@ -145,7 +145,9 @@ impl Supervisor {
         while let Some(pos) = r.stderr_buf.iter().position(|&b| b == b'\n') {
             let raw: Vec<u8> = r.stderr_buf.drain(..=pos).collect();
             let raw = String::from_utf8_lossy(&raw[..raw.len() - 1]).into_owned();
-            if let Some(rest) = raw.strip_prefix("airlock-sigsys ") {
+            // The worker library's SIGSYS reporter writes one such line and the process dies:
+            // only the first counts, so a worker cannot overwrite a report with a later one.
+            if let (None, Some(rest)) = (&r.sigsys, raw.strip_prefix("airlock-sigsys ")) {
                 r.sigsys = Some(rest.chars().take(200).collect());
             }
             // A worker's own log lines keep their level; anything else it prints (a panic, a

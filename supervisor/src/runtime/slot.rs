@@ -21,6 +21,7 @@ pub(super) struct Running {
     pub channel: Channel,
     pub stderr: std::fs::File,
     pub stderr_buf: Vec<u8>,
+    /// The first `airlock-sigsys` line the worker wrote on stderr: its own word, not evidence.
     pub sigsys: Option<String>,
     pub started: Instant,
     /// The channel failed or closed: stop reading it; the pidfd tells when the worker is gone.
