@@ -12,6 +12,8 @@ use airlock_protocol::control::CallResult;
 use airlock_protocol::wire::{ByteBody, CallFailure, Reply, Request, ToWorker};
 use airlock_protocol::{Bulk, Channel, ChannelError};
 
+use super::io::printable;
+use super::noise::Noise;
 use super::Supervisor;
 use crate::config::Quota;
 use crate::permits::{self, Decision, Kind};
@@ -135,9 +137,14 @@ impl Supervisor {
     pub(super) fn call_from_worker(&mut self, i: usize, req: Request, bulk: Option<Bulk>) {
         let caller = Caller::Worker { slot: i, id: req.id };
         let name = self.slots[i].name.clone();
-        let _span =
-            tracing::debug_span!("call", from = %name, service = %req.service, method = %req.method, id = req.id)
-                .entered();
+        let _span = tracing::debug_span!(
+            "call",
+            from = %name,
+            service = %printable(&req.service, 100),
+            method = %printable(&req.method, 100),
+            id = req.id
+        )
+        .entered();
         let state = &self.slots[i].broker_state;
         let grant = match permits::decide(&self.permits, &name, state, &req.service, &req.method, Kind::Call) {
             Decision::Allow { grant } => grant,
@@ -198,7 +205,9 @@ impl Supervisor {
     /// A reply from worker `from`: only to a call it was asked, within its bulk quota.
     pub(super) fn route_reply(&mut self, from: usize, rep: Reply, bulk: Option<Bulk>) {
         if !self.calls.awaits(rep.id, from) {
-            tracing::warn!(worker = %self.slots[from].name, id = rep.id, "dropping a late or unknown reply");
+            if self.admit(from, Noise::UnknownReply) {
+                tracing::warn!(worker = %self.slots[from].name, id = rep.id, "dropping a late or unknown reply");
+            }
             return;
         }
         let Some(p) = self.calls.close(rep.id) else { return };

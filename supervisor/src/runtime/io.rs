@@ -4,12 +4,19 @@
 
 use std::io::Read;
 use std::os::fd::AsFd;
+use std::time::Instant;
 
 use airlock_protocol::wire::{CallFailure, FromWorker, Refusal, ToWorker};
 use airlock_protocol::ChannelError;
 
 use super::calls::Caller;
+use super::noise::Noise;
 use super::{io_err, security, token, RuntimeError, Supervisor, WHAT_CHANNEL, WHAT_EXIT, WHAT_STDERR};
+
+/// The most characters of a worker's event line that are logged.
+pub(super) const MAX_EVENT_CHARS: usize = 500;
+/// The most characters of a worker's stderr line that are logged.
+pub(super) const MAX_STDERR_CHARS: usize = 2000;
 
 /// `text` with control characters escaped (`\n`, `\u{1b}`) and cut to `max` characters: a
 /// peer's text is one field of one log line, never more.
@@ -123,9 +130,11 @@ impl Supervisor {
     }
 
     pub(super) fn drain_stderr(&mut self, i: usize) {
-        let name = self.slots[i].name.clone();
         let epoll = &self.epoll;
-        let Some(r) = self.slots[i].run.as_mut() else { return };
+        let slot = &mut self.slots[i];
+        let name = &slot.name;
+        let Some(r) = slot.run.as_mut() else { return };
+        let now = Instant::now();
         let mut buf = [0u8; 4096];
         loop {
             match r.stderr.read(&mut buf) {
@@ -153,7 +162,10 @@ impl Supervisor {
             // A worker's own log lines keep their level; anything else it prints (a panic, a
             // message before its logging started) is a warning. Control characters are
             // escaped, so a line cannot pose as several or rewrite the terminal.
-            let line = printable(&raw, 2000);
+            if !slot.noise.admit(Noise::Stderr, now) {
+                continue;
+            }
+            let line = printable(&raw, MAX_STDERR_CHARS);
             match stderr_level(&raw) {
                 tracing::Level::ERROR => tracing::error!(worker = %name, pid = r.pid, "stderr: {line}"),
                 tracing::Level::WARN => tracing::warn!(worker = %name, pid = r.pid, "stderr: {line}"),
@@ -188,8 +200,10 @@ impl Supervisor {
             let exchange = matches!(got.msg, FromWorker::Request(_) | FromWorker::Reply(_));
             match got.msg {
                 FromWorker::Event(line) => {
-                    let line = printable(&line, 2000);
-                    tracing::info!(worker = %self.slots[i].name, "event: {line}")
+                    if self.admit(i, Noise::Event) {
+                        let line = printable(&line, MAX_EVENT_CHARS);
+                        tracing::info!(worker = %self.slots[i].name, "event: {line}")
+                    }
                 }
                 FromWorker::Request(req) if !got.fds.is_empty() => {
                     let why = format!(

@@ -10,6 +10,7 @@ use airlock_protocol::confinement::LayerState;
 use airlock_protocol::control::WorkerState;
 use airlock_protocol::wire::{CallFailure, ToWorker};
 
+use super::io::printable;
 use super::slot::{layer_summary, Running};
 use super::{security, Supervisor};
 use crate::config::{RestartConfig, RestartPolicy};
@@ -88,6 +89,8 @@ impl Supervisor {
                 for (layer, state) in &st.report.layers {
                     match state {
                         LayerState::Degraded(_) | LayerState::Unavailable(_) => {
+                            // The reason is the worker's text.
+                            let state = printable(&state.to_string(), 500);
                             tracing::warn!(pid = st.pid, layer = %layer, "confinement layer not applied: {state}")
                         }
                         _ => tracing::debug!(pid = st.pid, layer = %layer, state = %state, "confinement"),
@@ -117,10 +120,13 @@ impl Supervisor {
                     sigsys: None,
                     started: Instant::now(),
                     channel_down: false,
+                    killed: false,
                     watching: None,
                 });
                 let pid = slot.run.as_ref().map_or(0, |r| r.pid);
-                tracing::info!(pid, services = %slot.services.join(","), %layers, filter, "worker ready");
+                // The service names are the worker's words (checked against nothing yet).
+                let services = printable(&slot.services.join(","), 500);
+                tracing::info!(pid, %services, %layers, filter, "worker ready");
             }
             Err(e) => {
                 let fatal = matches!(
@@ -132,10 +138,12 @@ impl Supervisor {
                 if let SpawnError::WorkerLayerFailed { report, .. } = &e {
                     self.slots[i].report = Some(report.clone());
                 }
+                // A start that failed may quote the worker (a layer's reason, its report).
+                let error = printable(&e.to_string(), 1000);
                 if matches!(e, SpawnError::Verification(_)) {
-                    security::event(&name, None, format_args!("worker killed: {e}"));
+                    security::event(&name, None, format_args!("worker killed: {error}"));
                 } else {
-                    tracing::error!(worker = %name, error = %e, "worker did not start");
+                    tracing::error!(worker = %name, %error, "worker did not start");
                 }
                 if fatal {
                     self.slots[i].state = WorkerState::Failed(e.to_string());
@@ -182,6 +190,8 @@ impl Supervisor {
             }
             self.drain_channel(i);
         }
+        // What its rate limits suppressed is told before its exit.
+        self.summarise_noise(i, true);
         let Some(r) = self.slots[i].run.take() else { return };
         let status = match sys::reap(r.pidfd.as_fd()) {
             Ok(Some(s)) => s,
@@ -215,7 +225,8 @@ impl Supervisor {
     }
 
     pub(super) fn kill(&mut self, i: usize) {
-        if let Some(r) = &self.slots[i].run {
+        if let Some(r) = self.slots[i].run.as_mut() {
+            r.killed = true;
             let _ = sys::pidfd_send_signal(r.pidfd.as_fd(), libc::SIGKILL);
         }
     }

@@ -9,6 +9,7 @@ use airlock_protocol::confinement::{ConfinementReport, LayerState};
 use airlock_protocol::control::{LayerStatus, WorkerState, WorkerStatus};
 use airlock_protocol::Channel;
 
+use super::noise::Limiter;
 use crate::config::WorkerConfig;
 use crate::journal::Entry;
 use crate::permits;
@@ -26,6 +27,8 @@ pub(super) struct Running {
     pub started: Instant,
     /// The channel failed or closed: stop reading it; the pidfd tells when the worker is gone.
     pub channel_down: bool,
+    /// SIGKILL was sent: what it still sends is handled, but its refusals are no longer logged.
+    pub killed: bool,
     /// What the event loop watches: `None` before the descriptors are registered, then the
     /// events registered for the channel (0: not registered).
     pub watching: Option<u32>,
@@ -50,6 +53,8 @@ pub(super) struct Slot {
     /// Broker state for the permit table; `initial` after every start.
     pub broker_state: String,
     pub violations: u32,
+    /// Rate limits on what this worker makes the supervisor log, and what they suppressed.
+    pub noise: Limiter,
     /// Bytes of this worker's journaled messages not yet handled.
     pub journal_bytes: usize,
     /// Messages for this worker, not yet delivered (journal order).
@@ -80,6 +85,7 @@ impl Slot {
             services: Vec::new(),
             broker_state: permits::INITIAL_STATE.into(),
             violations: 0,
+            noise: Limiter::new(Instant::now()),
             journal_bytes: 0,
             outbox: VecDeque::new(),
             delivered: BTreeMap::new(),
