@@ -9,7 +9,7 @@ use std::time::Instant;
 use airlock_protocol::wire::{CallFailure, FromWorker, Refusal, ToWorker};
 use airlock_protocol::ChannelError;
 
-use super::calls::Caller;
+use super::calls::{admits_bulk, Caller};
 use super::noise::Noise;
 use super::{io_err, security, token, RuntimeError, Supervisor, WHAT_CHANNEL, WHAT_EXIT, WHAT_STDERR};
 
@@ -184,11 +184,27 @@ impl Supervisor {
     pub(super) fn drain_channel(&mut self, i: usize) {
         const PER_TURN: usize = 64;
         for _ in 0..PER_TURN {
-            let Some(r) = self.slots[i].run.as_mut() else { return };
+            let (permits, calls) = (&self.permits, &self.calls);
+            let slot = &mut self.slots[i];
+            let Some(mut r) = slot.run.take() else { return };
             if r.channel_down {
+                slot.run = Some(r);
                 return;
             }
-            let got = match r.channel.try_recv::<FromWorker>() {
+            // Permits and quotas are checked before a bulk payload is taken in: a payload the
+            // broker refuses is closed unread (never mapped or decrypted).
+            let got =
+                r.channel.try_recv_admitting::<FromWorker>(|msg, bulk| admits_bulk(msg, bulk, slot, permits, calls, i));
+            slot.run = Some(r);
+            if let Ok(Some(g)) = &got {
+                if g.declined.is_some() {
+                    slot.bulk_refused_unread += 1;
+                }
+                if g.bulk.as_ref().is_some_and(|b| b.was_encrypted()) {
+                    slot.bulk_decrypted += 1;
+                }
+            }
+            let got = match got {
                 Ok(Some(g)) => g,
                 Ok(None) => return,
                 Err(e) => {
@@ -218,9 +234,9 @@ impl Supervisor {
                         None,
                     );
                 }
-                FromWorker::Request(req) => self.call_from_worker(i, req, got.bulk),
-                FromWorker::Reply(rep) => self.route_reply(i, rep, got.bulk),
-                FromWorker::Send(msg) if !got.fds.is_empty() || got.bulk.is_some() => {
+                FromWorker::Request(req) => self.call_from_worker(i, req, got.bulk, got.declined),
+                FromWorker::Reply(rep) => self.route_reply(i, rep, got.bulk, got.declined),
+                FromWorker::Send(msg) if !got.fds.is_empty() || got.bulk.is_some() || got.declined.is_some() => {
                     let why = "asynchronous messages carry no descriptors or bulk payloads: use a call".to_string();
                     if let Some(run) = self.slots[i].run.as_mut() {
                         let _ =

@@ -67,6 +67,9 @@ pub(super) struct Slot {
     pub reopens: BTreeMap<u32, (Instant, Duration)>,
     pub calls_served: u64,
     pub calls_made: u64,
+    /// Encrypted bulk payloads decrypted, and memfd payloads refused unread (see `WorkerStatus`).
+    pub bulk_decrypted: u64,
+    pub bulk_refused_unread: u64,
 }
 
 impl Slot {
@@ -93,6 +96,8 @@ impl Slot {
             reopens: BTreeMap::new(),
             calls_served: 0,
             calls_made: 0,
+            bulk_decrypted: 0,
+            bulk_refused_unread: 0,
         }
     }
 
@@ -122,6 +127,8 @@ impl Slot {
             unacknowledged: self.delivered.len(),
             calls_served: self.calls_served,
             calls_made: self.calls_made,
+            bulk_decrypted: self.bulk_decrypted,
+            bulk_refused_unread: self.bulk_refused_unread,
         }
     }
 }
