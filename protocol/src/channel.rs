@@ -115,7 +115,26 @@ pub struct Received<T> {
     /// Descriptors passed with the message (the bulk memfd, if any, is not among them).
     pub fds: Vec<OwnedFd>,
     pub bulk: Option<Bulk>,
+    /// A memfd bulk payload the receiver declined ([`Channel::try_recv_admitting`]): closed
+    /// without being verified, mapped or decrypted.
+    pub declined: Option<BulkAnnounce>,
 }
+
+/// What an authenticated frame says of its memfd bulk payload, known before any byte of the
+/// payload is read: enough for a receiver to decide whether to take it in at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BulkAnnounce {
+    /// The payload's length, as the frame states it.
+    pub len: u64,
+    /// Whether it is encrypted under the channel key (taking it in costs a copy and a
+    /// decryption of `len` bytes).
+    pub encrypted: bool,
+    /// Descriptors attached besides the payload's memfd.
+    pub other_fds: usize,
+}
+
+/// A receiver's decision on a memfd bulk payload, given the message it came with.
+type Admit<'a, T> = Option<&'a mut dyn FnMut(&T, &BulkAnnounce) -> bool>;
 
 #[derive(Debug)]
 struct Pending {
@@ -591,6 +610,29 @@ impl Channel {
         self.poison(r).map(Some)
     }
 
+    /// As [`Channel::try_recv`], but a memfd bulk payload is taken in (verified, mapped or
+    /// decrypted) only when `admit` says so, given the decoded message and what its frame
+    /// announces of the payload. A declined payload's descriptor is closed unread and
+    /// reported in [`Received::declined`]: a broker checks its permits and quotas here, so a
+    /// payload it refuses costs it no decryption. Inline payloads, inside the frame, are not
+    /// asked about.
+    pub fn try_recv_admitting<T: DeserializeOwned>(
+        &mut self,
+        mut admit: impl FnMut(&T, &BulkAnnounce) -> bool,
+    ) -> Result<Option<Received<T>>, ChannelError> {
+        self.check_poison()?;
+        self.require_established()?;
+        if self.pending.is_empty() && self.batch.is_empty() {
+            let filled = self.fill(true);
+            self.poison(filled)?;
+            if self.pending.is_empty() {
+                return Ok(None);
+            }
+        }
+        let r = self.recv_kind(Kind::Message, Some(&mut admit));
+        self.poison(r).map(Some)
+    }
+
     fn fill(&mut self, nonblocking: bool) -> Result<(), ChannelError> {
         let batch = self.limits.recv_batch.max(1);
         // Receive slots are allocated as needed: one for request/reply traffic, a full batch
@@ -620,7 +662,11 @@ impl Channel {
         Ok(())
     }
 
-    fn recv_kind<T: DeserializeOwned>(&mut self, expected: Kind, _: Option<()>) -> Result<Received<T>, ChannelError> {
+    fn recv_kind<T: DeserializeOwned>(
+        &mut self,
+        expected: Kind,
+        admit: Admit<'_, T>,
+    ) -> Result<Received<T>, ChannelError> {
         if let Some(r) = self.pop_batched()? {
             return Ok(r);
         }
@@ -630,11 +676,16 @@ impl Channel {
         let Some(p) = self.pending.pop_front() else {
             return Err(ChannelError::Closed);
         };
-        self.open(expected, p)
+        self.open(expected, p, admit)
     }
 
     /// Checks and decrypts one datagram.
-    fn open<T: DeserializeOwned>(&mut self, expected: Kind, p: Pending) -> Result<Received<T>, ChannelError> {
+    fn open<T: DeserializeOwned>(
+        &mut self,
+        expected: Kind,
+        p: Pending,
+        admit: Admit<'_, T>,
+    ) -> Result<Received<T>, ChannelError> {
         let Pending { slot, info } = p;
         let mut fds = info.fds;
         let len = info.len;
@@ -692,6 +743,7 @@ impl Channel {
         }
         let mut plain: &[u8] = body;
         let mut bulk_out = None;
+        let mut memfd = None;
         if header.flags & (FLAG_BULK_INLINE | FLAG_BULK_MEMFD) != 0 {
             let d =
                 BulkDescriptor::decode(plain).ok_or(ChannelError::BadHeader { reason: "bulk descriptor truncated" })?;
@@ -707,8 +759,24 @@ impl Channel {
                 bulk_out = Some(Bulk::inline(plain[..n].to_vec()));
                 plain = &plain[n..];
             } else {
-                let fd = fds.pop().ok_or(crate::BulkError::MissingFd)?;
-                let decrypt = (header.flags & FLAG_BULK_ENCRYPTED != 0).then_some((&self.rx, header.seq, &d.tag));
+                memfd = Some((fds.pop().ok_or(crate::BulkError::MissingFd)?, d));
+            }
+        }
+        let (msg, trailing) = postcard::take_from_bytes::<T>(plain).map_err(ChannelError::Decode)?;
+        if !trailing.is_empty() {
+            return Err(ChannelError::BadHeader { reason: "trailing bytes after the message" });
+        }
+        // The message is decoded before its memfd payload is touched, so that the receiver can
+        // decline the payload (permits, quotas) before it costs a mapping or a decryption.
+        let mut declined = None;
+        if let Some((fd, d)) = memfd {
+            let encrypted = header.flags & FLAG_BULK_ENCRYPTED != 0;
+            let announce = BulkAnnounce { len: d.len, encrypted, other_fds: fds.len() };
+            if admit.is_some_and(|a| !a(&msg, &announce)) {
+                drop(fd);
+                declined = Some(announce);
+            } else {
+                let decrypt = encrypted.then_some((&self.rx, header.seq, &d.tag));
                 bulk_out = Some(if self.limits.map_bulk || decrypt.is_some() {
                     let limit = self.limits.max_bulk.min(self.limits.max_mapped_bulk);
                     bulk::accept_memfd(fd, d.len, limit, decrypt)?
@@ -717,11 +785,7 @@ impl Channel {
                 });
             }
         }
-        let (msg, trailing) = postcard::take_from_bytes::<T>(plain).map_err(ChannelError::Decode)?;
-        if !trailing.is_empty() {
-            return Err(ChannelError::BadHeader { reason: "trailing bytes after the message" });
-        }
-        Ok(Received { msg, fds, bulk: bulk_out })
+        Ok(Received { msg, fds, bulk: bulk_out, declined })
     }
 
     /// Takes over the decrypted plaintext of a batch frame in `slot` and indexes its entries.
@@ -755,7 +819,7 @@ impl Channel {
         if !trailing.is_empty() {
             return Err(ChannelError::BadHeader { reason: "trailing bytes after a batched message" });
         }
-        Ok(Some(Received { msg, fds: Vec::new(), bulk: None }))
+        Ok(Some(Received { msg, fds: Vec::new(), bulk: None, declined: None }))
     }
 
     /// Test hook: writes raw bytes on the socket as if they were a frame, bypassing all

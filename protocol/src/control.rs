@@ -53,6 +53,14 @@ pub struct WorkerStatus {
     /// Calls this worker made that the permit table allowed.
     #[serde(default)]
     pub calls_made: u64,
+    /// Encrypted bulk payloads from this worker that airlockd decrypted (to re-encrypt them
+    /// for their receiver): only those of calls and replies the permits and quotas allowed.
+    #[serde(default)]
+    pub bulk_decrypted: u64,
+    /// Memfd bulk payloads from this worker that airlockd refused (permit table, quota, or a
+    /// reply nobody waits for) and closed unread: never verified, mapped or decrypted.
+    #[serde(default)]
+    pub bulk_refused_unread: u64,
 }
 
 /// The answer to `status`.

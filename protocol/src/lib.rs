@@ -27,6 +27,8 @@ pub mod wire;
 pub use serde_bytes;
 
 pub use bulk::{Bulk, BulkMode, BulkPool, BulkWriter};
-pub use channel::{Channel, ChannelKeys, Hello, Limits, Received, Role, DEFAULT_REKEY_INTERVAL, PROTOCOL_VERSION};
+pub use channel::{
+    BulkAnnounce, Channel, ChannelKeys, Hello, Limits, Received, Role, DEFAULT_REKEY_INTERVAL, PROTOCOL_VERSION,
+};
 pub use crypto::Key;
 pub use error::{BulkError, ChannelError, HandoffError};

@@ -2,7 +2,8 @@
 //! reorder, truncation, oversize, wrong keys, versions, poisoning, rekeying, hostile bytes.
 
 use airlock_protocol::{
-    Bulk, BulkMode, BulkWriter, Channel, ChannelError, ChannelKeys, Hello, Limits, Role, DEFAULT_REKEY_INTERVAL,
+    Bulk, BulkAnnounce, BulkMode, BulkWriter, Channel, ChannelError, ChannelKeys, Hello, Limits, Role,
+    DEFAULT_REKEY_INTERVAL,
 };
 use proptest::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -210,6 +211,46 @@ fn large_encrypted_bulk_round_trips() {
 fn empty_bulk_round_trips() {
     let b = bulk_round_trip(0, BulkMode::Sealed);
     assert!(b.is_empty());
+}
+
+/// A descriptor that is no memfd at all: taking it in as a payload (verifying, mapping or
+/// decrypting it) can only fail.
+fn not_a_memfd() -> std::os::fd::OwnedFd {
+    let (x, _) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    x.into()
+}
+
+#[test]
+fn declined_encrypted_bulk_is_closed_unread_and_the_channel_stays_in_step() {
+    let (mut a, mut b) = established(Limits::default(), DEFAULT_REKEY_INTERVAL);
+    a.send_unchecked_bulk_fd(&Msg::Ping(1), not_a_memfd(), 1 << 20, true).expect("send");
+    let mut asked = Vec::new();
+    let got = b
+        .try_recv_admitting::<Msg>(|m, ann| {
+            asked.push((m.clone(), *ann));
+            false
+        })
+        .expect("a declined payload is no error")
+        .expect("a message");
+    let announced = BulkAnnounce { len: 1 << 20, encrypted: true, other_fds: 0 };
+    assert_eq!(asked, vec![(Msg::Ping(1), announced)], "asked once, with the message, before reading it");
+    assert_eq!((got.msg, got.bulk.is_none(), got.declined), (Msg::Ping(1), true, Some(announced)));
+    // The next payload, admitted, is decrypted as usual: the channel is still in step.
+    let data = vec![7u8; 1 << 20];
+    let w = BulkWriter::copy_from(&data, a.limits().inline_threshold).expect("writer");
+    a.send_bulk(&Msg::Ping(2), &[], w, BulkMode::SealedEncrypted).expect("send bulk");
+    let got = b.try_recv_admitting::<Msg>(|_, _| true).expect("recv").expect("a message");
+    let bulk = got.bulk.expect("admitted");
+    assert!(bulk.was_encrypted() && bulk[..] == data[..]);
+    assert_eq!(got.declined, None);
+}
+
+#[test]
+fn admitted_payload_is_still_verified() {
+    let (mut a, mut b) = established(Limits::default(), DEFAULT_REKEY_INTERVAL);
+    a.send_unchecked_bulk_fd(&Msg::Ping(1), not_a_memfd(), 1 << 20, true).expect("send");
+    let err = b.try_recv_admitting::<Msg>(|_, _| true).expect_err("not a memfd");
+    assert!(matches!(err, ChannelError::Bulk(_)), "{err:?}");
 }
 
 /// Sends `frame` raw to a fresh receiver that expects it as its first message.

@@ -221,6 +221,13 @@ impl Worker {
         &self.name
     }
 
+    /// Test hook: the channel itself, for a test worker that plays a compromised worker
+    /// speaking raw frames (`airlock-worker-hostile`). A real worker never needs it.
+    #[doc(hidden)]
+    pub fn raw_channel(&mut self) -> &mut Channel {
+        &mut self.ch
+    }
+
     /// What the confinement looked like from inside.
     pub fn report(&self) -> &ConfinementReport {
         &self.report

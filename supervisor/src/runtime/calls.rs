@@ -9,9 +9,12 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use airlock_protocol::control::CallResult;
-use airlock_protocol::wire::{ByteBody, CallFailure, Reply, Request, ToWorker};
-use airlock_protocol::{Bulk, Channel, ChannelError};
+use airlock_protocol::wire::{ByteBody, CallFailure, FromWorker, Reply, Request, ToWorker};
+use airlock_protocol::{Bulk, BulkAnnounce, Channel, ChannelError};
 
+use super::io::printable;
+use super::noise::Noise;
+use super::slot::Slot;
 use super::Supervisor;
 use crate::config::Quota;
 use crate::permits::{self, Decision, Kind};
@@ -107,6 +110,58 @@ impl Calls {
     }
 }
 
+/// Whether worker `name`, in permit state `state` with `in_flight` calls waiting, may make
+/// call `req` with a bulk payload of `bulk_len` bytes: the permit table, then its quota. On
+/// success, the state the call grants. Decided from the frame alone, before any bulk payload
+/// is taken in ([`admits_bulk`]), and again when the call is routed.
+pub(super) fn check_call(
+    permits: &[permits::Permit],
+    name: &str,
+    state: &str,
+    quota: &Quota,
+    in_flight: usize,
+    req: &Request,
+    bulk_len: Option<u64>,
+) -> Result<Option<String>, CallFailure> {
+    let grant = match permits::decide(permits, name, state, &req.service, &req.method, Kind::Call) {
+        Decision::Allow { grant } => grant,
+        Decision::Refuse(rule) => return Err(CallFailure::NotPermitted { rule }),
+    };
+    check_call_quota(name, quota, in_flight, req.body.len(), bulk_len).map_err(|why| CallFailure::Busy { why })?;
+    Ok(grant)
+}
+
+/// Whether the supervisor takes in (verifies, and decrypts when encrypted) the memfd bulk
+/// payload of `msg` from worker `slot`: only for a call the permit table and the quotas allow
+/// and for a reply to a call waiting for it, within its quota. Everything else is refused
+/// anyway, so its payload is closed unread.
+pub(super) fn admits_bulk(
+    msg: &FromWorker,
+    bulk: &BulkAnnounce,
+    slot: &Slot,
+    permits: &[permits::Permit],
+    calls: &Calls,
+    me: usize,
+) -> bool {
+    match msg {
+        FromWorker::Request(req) => {
+            bulk.other_fds == 0
+                && check_call(
+                    permits,
+                    &slot.name,
+                    &slot.broker_state,
+                    &slot.cfg.quota,
+                    calls.in_flight(me),
+                    req,
+                    Some(bulk.len),
+                )
+                .is_ok()
+        }
+        FromWorker::Reply(rep) => calls.awaits(rep.id, me) && bulk.len <= slot.cfg.quota.bulk_bytes,
+        _ => false,
+    }
+}
+
 /// Whether `name` may make a call of `body_len` bytes (and a bulk payload of `bulk_len`) with
 /// `in_flight` calls already waiting; the refusal says which quota.
 pub(super) fn check_call_quota(
@@ -131,28 +186,56 @@ pub(super) fn check_call_quota(
 }
 
 impl Supervisor {
-    /// A worker's call: permit table, quota, then routing.
-    pub(super) fn call_from_worker(&mut self, i: usize, req: Request, bulk: Option<Bulk>) {
+    /// A worker's call: permit table, quota, then routing. `declined` is a bulk payload the
+    /// channel closed unread because [`admits_bulk`] refused it: the same checks refuse the
+    /// call here.
+    pub(super) fn call_from_worker(
+        &mut self,
+        i: usize,
+        req: Request,
+        bulk: Option<Bulk>,
+        declined: Option<BulkAnnounce>,
+    ) {
         let caller = Caller::Worker { slot: i, id: req.id };
         let name = self.slots[i].name.clone();
-        let _span =
-            tracing::debug_span!("call", from = %name, service = %req.service, method = %req.method, id = req.id)
-                .entered();
-        let state = &self.slots[i].broker_state;
-        let grant = match permits::decide(&self.permits, &name, state, &req.service, &req.method, Kind::Call) {
-            Decision::Allow { grant } => grant,
-            Decision::Refuse(why) => {
-                self.violation(i, &why);
-                self.answer(caller, Err(CallFailure::NotPermitted { rule: why }), None);
+        let _span = tracing::debug_span!(
+            "call",
+            from = %name,
+            service = %printable(&req.service, 100),
+            method = %printable(&req.method, 100),
+            id = req.id
+        )
+        .entered();
+        let slot = &self.slots[i];
+        let bulk_len = bulk.as_ref().map(|b| b.len() as u64).or(declined.map(|d| d.len));
+        let checked = check_call(
+            &self.permits,
+            &name,
+            &slot.broker_state,
+            &slot.cfg.quota,
+            self.calls.in_flight(i),
+            &req,
+            bulk_len,
+        );
+        let grant = match checked {
+            Ok(_) if declined.is_some() => {
+                // Not reached: the channel asked the same checks, in the same state.
+                let why = "the call's bulk payload was not taken in".to_string();
+                self.answer(caller, Err(CallFailure::Busy { why }), None);
+                return;
+            }
+            Ok(grant) => grant,
+            Err(CallFailure::NotPermitted { rule }) => {
+                self.violation(i, &rule);
+                self.answer(caller, Err(CallFailure::NotPermitted { rule }), None);
+                return;
+            }
+            // Busy (a quota) is backpressure, not a violation.
+            Err(other) => {
+                self.answer(caller, Err(other), None);
                 return;
             }
         };
-        let quota = &self.slots[i].cfg.quota;
-        let bulk_len = bulk.as_ref().map(|b| b.len() as u64);
-        if let Err(why) = check_call_quota(&name, quota, self.calls.in_flight(i), req.body.len(), bulk_len) {
-            self.answer(caller, Err(CallFailure::Busy { why }), None);
-            return;
-        }
         self.route(caller, req, bulk, grant);
     }
 
@@ -196,15 +279,18 @@ impl Supervisor {
     }
 
     /// A reply from worker `from`: only to a call it was asked, within its bulk quota.
-    pub(super) fn route_reply(&mut self, from: usize, rep: Reply, bulk: Option<Bulk>) {
+    pub(super) fn route_reply(&mut self, from: usize, rep: Reply, bulk: Option<Bulk>, declined: Option<BulkAnnounce>) {
         if !self.calls.awaits(rep.id, from) {
-            tracing::warn!(worker = %self.slots[from].name, id = rep.id, "dropping a late or unknown reply");
+            if self.admit(from, Noise::UnknownReply) {
+                tracing::warn!(worker = %self.slots[from].name, id = rep.id, "dropping a late or unknown reply");
+            }
             return;
         }
         let Some(p) = self.calls.close(rep.id) else { return };
         let quota = self.slots[from].cfg.quota.bulk_bytes;
-        if let Some(b) = bulk.as_ref().filter(|b| b.len() as u64 > quota) {
-            let why = format!("bulk reply of {} bytes exceeds {}'s quota of {quota}", b.len(), self.slots[from].name);
+        let bulk_len = bulk.as_ref().map(|b| b.len() as u64).or(declined.map(|d| d.len));
+        if let Some(len) = bulk_len.filter(|&len| len > quota || declined.is_some()) {
+            let why = format!("bulk reply of {len} bytes exceeds {}'s quota of {quota}", self.slots[from].name);
             self.answer(p.caller, Err(CallFailure::Busy { why }), None);
             return;
         }
@@ -322,6 +408,34 @@ mod tests {
         assert_eq!(c.in_flight(0), 0);
         assert!(!c.awaits(1, 1));
         assert!(c.awaits(2, 0), "other callers' calls stay");
+    }
+
+    #[test]
+    fn check_call_refuses_by_permit_before_quota_and_quota_is_busy() {
+        let table = vec![permits::Permit {
+            from: "ui".into(),
+            to: "logic.read".into(),
+            kind: Kind::Call,
+            state: "*".into(),
+            grant: Some("operator".into()),
+        }];
+        let q = Quota { in_flight_calls: 2, journal_bytes: 100, max_body_bytes: 10, bulk_bytes: 1 << 20 };
+        let req = |method: &str| Request {
+            id: 1,
+            service: "logic".into(),
+            method: method.into(),
+            body: Vec::new(),
+            deadline_ms: 0,
+        };
+        assert_eq!(
+            check_call(&table, "ui", "initial", &q, 0, &req("read"), Some(1 << 20)),
+            Ok(Some("operator".into()))
+        );
+        // Over every quota too, but the permit table speaks first: a violation, not backpressure.
+        let refused = check_call(&table, "ui", "initial", &q, 2, &req("write"), Some(1 << 30));
+        assert!(matches!(refused, Err(CallFailure::NotPermitted { .. })), "{refused:?}");
+        let busy = check_call(&table, "ui", "initial", &q, 0, &req("read"), Some((1 << 20) + 1));
+        assert!(matches!(busy, Err(CallFailure::Busy { .. })), "{busy:?}");
     }
 
     #[test]

@@ -4,12 +4,19 @@
 
 use std::io::Read;
 use std::os::fd::AsFd;
+use std::time::Instant;
 
 use airlock_protocol::wire::{CallFailure, FromWorker, Refusal, ToWorker};
 use airlock_protocol::ChannelError;
 
-use super::calls::Caller;
+use super::calls::{admits_bulk, Caller};
+use super::noise::Noise;
 use super::{io_err, security, token, RuntimeError, Supervisor, WHAT_CHANNEL, WHAT_EXIT, WHAT_STDERR};
+
+/// The most characters of a worker's event line that are logged.
+pub(super) const MAX_EVENT_CHARS: usize = 500;
+/// The most characters of a worker's stderr line that are logged.
+pub(super) const MAX_STDERR_CHARS: usize = 2000;
 
 /// `text` with control characters escaped (`\n`, `\u{1b}`) and cut to `max` characters: a
 /// peer's text is one field of one log line, never more.
@@ -123,9 +130,11 @@ impl Supervisor {
     }
 
     pub(super) fn drain_stderr(&mut self, i: usize) {
-        let name = self.slots[i].name.clone();
         let epoll = &self.epoll;
-        let Some(r) = self.slots[i].run.as_mut() else { return };
+        let slot = &mut self.slots[i];
+        let name = &slot.name;
+        let Some(r) = slot.run.as_mut() else { return };
+        let now = Instant::now();
         let mut buf = [0u8; 4096];
         loop {
             match r.stderr.read(&mut buf) {
@@ -145,13 +154,18 @@ impl Supervisor {
         while let Some(pos) = r.stderr_buf.iter().position(|&b| b == b'\n') {
             let raw: Vec<u8> = r.stderr_buf.drain(..=pos).collect();
             let raw = String::from_utf8_lossy(&raw[..raw.len() - 1]).into_owned();
-            if let Some(rest) = raw.strip_prefix("airlock-sigsys ") {
+            // The worker library's SIGSYS reporter writes one such line and the process dies:
+            // only the first counts, so a worker cannot overwrite a report with a later one.
+            if let (None, Some(rest)) = (&r.sigsys, raw.strip_prefix("airlock-sigsys ")) {
                 r.sigsys = Some(rest.chars().take(200).collect());
             }
             // A worker's own log lines keep their level; anything else it prints (a panic, a
             // message before its logging started) is a warning. Control characters are
             // escaped, so a line cannot pose as several or rewrite the terminal.
-            let line = printable(&raw, 2000);
+            if !slot.noise.admit(Noise::Stderr, now) {
+                continue;
+            }
+            let line = printable(&raw, MAX_STDERR_CHARS);
             match stderr_level(&raw) {
                 tracing::Level::ERROR => tracing::error!(worker = %name, pid = r.pid, "stderr: {line}"),
                 tracing::Level::WARN => tracing::warn!(worker = %name, pid = r.pid, "stderr: {line}"),
@@ -170,11 +184,27 @@ impl Supervisor {
     pub(super) fn drain_channel(&mut self, i: usize) {
         const PER_TURN: usize = 64;
         for _ in 0..PER_TURN {
-            let Some(r) = self.slots[i].run.as_mut() else { return };
+            let (permits, calls) = (&self.permits, &self.calls);
+            let slot = &mut self.slots[i];
+            let Some(mut r) = slot.run.take() else { return };
             if r.channel_down {
+                slot.run = Some(r);
                 return;
             }
-            let got = match r.channel.try_recv::<FromWorker>() {
+            // Permits and quotas are checked before a bulk payload is taken in: a payload the
+            // broker refuses is closed unread (never mapped or decrypted).
+            let got =
+                r.channel.try_recv_admitting::<FromWorker>(|msg, bulk| admits_bulk(msg, bulk, slot, permits, calls, i));
+            slot.run = Some(r);
+            if let Ok(Some(g)) = &got {
+                if g.declined.is_some() {
+                    slot.bulk_refused_unread += 1;
+                }
+                if g.bulk.as_ref().is_some_and(|b| b.was_encrypted()) {
+                    slot.bulk_decrypted += 1;
+                }
+            }
+            let got = match got {
                 Ok(Some(g)) => g,
                 Ok(None) => return,
                 Err(e) => {
@@ -186,8 +216,10 @@ impl Supervisor {
             let exchange = matches!(got.msg, FromWorker::Request(_) | FromWorker::Reply(_));
             match got.msg {
                 FromWorker::Event(line) => {
-                    let line = printable(&line, 2000);
-                    tracing::info!(worker = %self.slots[i].name, "event: {line}")
+                    if self.admit(i, Noise::Event) {
+                        let line = printable(&line, MAX_EVENT_CHARS);
+                        tracing::info!(worker = %self.slots[i].name, "event: {line}")
+                    }
                 }
                 FromWorker::Request(req) if !got.fds.is_empty() => {
                     let why = format!(
@@ -202,9 +234,9 @@ impl Supervisor {
                         None,
                     );
                 }
-                FromWorker::Request(req) => self.call_from_worker(i, req, got.bulk),
-                FromWorker::Reply(rep) => self.route_reply(i, rep, got.bulk),
-                FromWorker::Send(msg) if !got.fds.is_empty() || got.bulk.is_some() => {
+                FromWorker::Request(req) => self.call_from_worker(i, req, got.bulk, got.declined),
+                FromWorker::Reply(rep) => self.route_reply(i, rep, got.bulk, got.declined),
+                FromWorker::Send(msg) if !got.fds.is_empty() || got.bulk.is_some() || got.declined.is_some() => {
                     let why = "asynchronous messages carry no descriptors or bulk payloads: use a call".to_string();
                     if let Some(run) = self.slots[i].run.as_mut() {
                         let _ =

@@ -10,6 +10,7 @@ use airlock_protocol::confinement::LayerState;
 use airlock_protocol::control::WorkerState;
 use airlock_protocol::wire::{CallFailure, ToWorker};
 
+use super::io::printable;
 use super::slot::{layer_summary, Running};
 use super::{security, Supervisor};
 use crate::config::{RestartConfig, RestartPolicy};
@@ -88,6 +89,8 @@ impl Supervisor {
                 for (layer, state) in &st.report.layers {
                     match state {
                         LayerState::Degraded(_) | LayerState::Unavailable(_) => {
+                            // The reason is the worker's text.
+                            let state = printable(&state.to_string(), 500);
                             tracing::warn!(pid = st.pid, layer = %layer, "confinement layer not applied: {state}")
                         }
                         _ => tracing::debug!(pid = st.pid, layer = %layer, state = %state, "confinement"),
@@ -117,10 +120,13 @@ impl Supervisor {
                     sigsys: None,
                     started: Instant::now(),
                     channel_down: false,
+                    killed: false,
                     watching: None,
                 });
                 let pid = slot.run.as_ref().map_or(0, |r| r.pid);
-                tracing::info!(pid, services = %slot.services.join(","), %layers, filter, "worker ready");
+                // The service names are the worker's words (checked against nothing yet).
+                let services = printable(&slot.services.join(","), 500);
+                tracing::info!(pid, %services, %layers, filter, "worker ready");
             }
             Err(e) => {
                 let fatal = matches!(
@@ -132,10 +138,12 @@ impl Supervisor {
                 if let SpawnError::WorkerLayerFailed { report, .. } = &e {
                     self.slots[i].report = Some(report.clone());
                 }
+                // A start that failed may quote the worker (a layer's reason, its report).
+                let error = printable(&e.to_string(), 1000);
                 if matches!(e, SpawnError::Verification(_)) {
-                    security::event(&name, None, format_args!("worker killed: {e}"));
+                    security::event(&name, None, format_args!("worker killed: {error}"));
                 } else {
-                    tracing::error!(worker = %name, error = %e, "worker did not start");
+                    tracing::error!(worker = %name, %error, "worker did not start");
                 }
                 if fatal {
                     self.slots[i].state = WorkerState::Failed(e.to_string());
@@ -182,6 +190,8 @@ impl Supervisor {
             }
             self.drain_channel(i);
         }
+        // What its rate limits suppressed is told before its exit.
+        self.summarise_noise(i, true);
         let Some(r) = self.slots[i].run.take() else { return };
         let status = match sys::reap(r.pidfd.as_fd()) {
             Ok(Some(s)) => s,
@@ -215,7 +225,8 @@ impl Supervisor {
     }
 
     pub(super) fn kill(&mut self, i: usize) {
-        if let Some(r) = &self.slots[i].run {
+        if let Some(r) = self.slots[i].run.as_mut() {
+            r.killed = true;
             let _ = sys::pidfd_send_signal(r.pidfd.as_fd(), libc::SIGKILL);
         }
     }
@@ -273,20 +284,19 @@ impl Supervisor {
     }
 }
 
-/// Describes an exit: code, signal, and for SIGSYS the syscall and policy.
+/// Describes an exit: code, signal, and for SIGSYS the policy. The cause is what the
+/// supervisor knows itself (the signal from `waitid`, the policy it compiled); which syscall it
+/// was comes only from the worker, so it is labelled as the worker's report (`sigsys`: the
+/// first `airlock-sigsys` line of its stderr, which a compromised worker can write itself).
 pub fn describe_exit(status: ExitStatus, sigsys: Option<&str>, policy: &str) -> String {
     match status {
         ExitStatus::Code(c) => format!("exit code {c}"),
         ExitStatus::Signal(libc::SIGSYS) => {
-            let detail = sigsys.and_then(parse_sigsys).map_or_else(
-                || {
-                    format!(
-                        "a syscall forbidden by policy {policy} (the kernel killed it before it could report which)"
-                    )
-                },
-                |(nr, name)| format!("syscall {name} ({nr}) forbidden by policy {policy}"),
-            );
-            format!("killed by SIGSYS: {detail}")
+            let report = match sigsys.and_then(parse_sigsys) {
+                Some((nr, name)) => format!("the worker reported: syscall {name} ({nr})"),
+                None => "the worker did not report which syscall".to_string(),
+            };
+            format!("killed by SIGSYS under policy {policy} ({report})")
         }
         ExitStatus::Signal(s) => format!("killed by signal {s} ({})", signal_name(s)),
     }
@@ -373,15 +383,24 @@ mod tests {
     }
 
     #[test]
-    fn sigsys_exit_names_the_syscall_and_policy() {
+    fn sigsys_exit_names_the_policy_and_labels_the_workers_report() {
         let d = describe_exit(ExitStatus::Signal(libc::SIGSYS), Some("nr=101 arch=3221225534 policy=echo"), "echo");
-        assert!(d.contains("ptrace") && d.contains("101") && d.contains("echo"), "{d}");
+        assert_eq!(d, "killed by SIGSYS under policy echo (the worker reported: syscall ptrace (101))");
     }
 
     #[test]
     fn sigsys_without_report_says_so() {
         let d = describe_exit(ExitStatus::Signal(libc::SIGSYS), None, "ui");
-        assert!(d.contains("policy ui") && d.contains("before it could report"), "{d}");
+        assert_eq!(d, "killed by SIGSYS under policy ui (the worker did not report which syscall)");
+        let garbled = describe_exit(ExitStatus::Signal(libc::SIGSYS), Some("nr=ptrace"), "ui");
+        assert_eq!(garbled, d, "a report without a number is no report");
+    }
+
+    #[test]
+    fn a_report_is_believed_only_for_a_sigsys_death() {
+        let d = describe_exit(ExitStatus::Signal(libc::SIGKILL), Some("nr=101"), "ui");
+        assert_eq!(d, "killed by signal 9 (SIGKILL)");
+        assert_eq!(describe_exit(ExitStatus::Code(0), Some("nr=101"), "ui"), "exit code 0");
     }
 
     #[test]

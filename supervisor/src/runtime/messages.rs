@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use airlock_protocol::control::WorkerState;
 use airlock_protocol::wire::{Delivery, Message, Refusal, ToWorker};
 
+use super::io::printable;
+use super::noise::Noise;
 use super::{RuntimeError, Supervisor};
 use crate::config::Quota;
 use crate::permits::{self, Decision, Kind};
@@ -36,9 +38,14 @@ impl Supervisor {
     /// (after the turn's group fsync when durable).
     pub(super) fn send_from_worker(&mut self, i: usize, msg: Message) {
         let name = self.slots[i].name.clone();
-        let _span =
-            tracing::debug_span!("send", from = %name, service = %msg.service, method = %msg.method, seq = msg.seq)
-                .entered();
+        let _span = tracing::debug_span!(
+            "send",
+            from = %name,
+            service = %printable(&msg.service, 100),
+            method = %printable(&msg.method, 100),
+            seq = msg.seq
+        )
+        .entered();
         let refuse = |s: &mut Self, r: Refusal| {
             if let Some(run) = s.slots[i].run.as_mut() {
                 let _ = run.channel.send(&ToWorker::Refused { seq: msg.seq, refusal: r });
@@ -176,7 +183,9 @@ impl Supervisor {
 
     pub(super) fn acknowledged(&mut self, i: usize, id: u64) {
         let Some(e) = self.slots[i].delivered.remove(&id) else {
-            tracing::warn!(worker = %self.slots[i].name, id, "acknowledgement for a message not delivered to it; ignored");
+            if self.admit(i, Noise::UnknownAck) {
+                tracing::warn!(worker = %self.slots[i].name, id, "acknowledgement for a message not delivered to it; ignored");
+            }
             return;
         };
         if let Err(err) = self.journal.done(id) {

@@ -7,13 +7,14 @@
 //! stop), [`io`] (what is watched, reading channels and stderr), [`calls`] (routing calls and
 //! their bookkeeping), [`messages`] (journaled messages and delivery), [`resources`]
 //! (reopening brokered connections), [`control`] (the control socket), [`security`]
-//! (security events and violations). Decisions are plain functions with their own tests.
+//! (security events and violations), [`noise`] (rate limits on what a worker makes us log). Decisions are plain functions with their own tests.
 
 mod calls;
 mod control;
 mod io;
 mod lifecycle;
 mod messages;
+mod noise;
 mod resources;
 mod security;
 mod slot;
@@ -144,7 +145,7 @@ impl Supervisor {
                     slots[t].outbox.push_back(e);
                 }
                 None => {
-                    tracing::error!(id = e.id, service = %e.service, "journaled message for a service no worker provides now; kept in the journal");
+                    tracing::error!(id = e.id, service = %io::printable(&e.service, 100), "journaled message for a service no worker provides now; kept in the journal");
                     orphans.push(e);
                 }
             }
@@ -322,6 +323,9 @@ impl Supervisor {
             }
         }
         self.expire_calls(now);
+        for i in 0..self.slots.len() {
+            self.summarise_noise(i, false);
+        }
         if let Some(w) = self.notifier.watchdog {
             if now.duration_since(self.last_watchdog) >= w {
                 self.notifier.send("WATCHDOG=1");

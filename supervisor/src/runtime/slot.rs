@@ -9,6 +9,7 @@ use airlock_protocol::confinement::{ConfinementReport, LayerState};
 use airlock_protocol::control::{LayerStatus, WorkerState, WorkerStatus};
 use airlock_protocol::Channel;
 
+use super::noise::Limiter;
 use crate::config::WorkerConfig;
 use crate::journal::Entry;
 use crate::permits;
@@ -21,10 +22,13 @@ pub(super) struct Running {
     pub channel: Channel,
     pub stderr: std::fs::File,
     pub stderr_buf: Vec<u8>,
+    /// The first `airlock-sigsys` line the worker wrote on stderr: its own word, not evidence.
     pub sigsys: Option<String>,
     pub started: Instant,
     /// The channel failed or closed: stop reading it; the pidfd tells when the worker is gone.
     pub channel_down: bool,
+    /// SIGKILL was sent: what it still sends is handled, but its refusals are no longer logged.
+    pub killed: bool,
     /// What the event loop watches: `None` before the descriptors are registered, then the
     /// events registered for the channel (0: not registered).
     pub watching: Option<u32>,
@@ -49,6 +53,8 @@ pub(super) struct Slot {
     /// Broker state for the permit table; `initial` after every start.
     pub broker_state: String,
     pub violations: u32,
+    /// Rate limits on what this worker makes the supervisor log, and what they suppressed.
+    pub noise: Limiter,
     /// Bytes of this worker's journaled messages not yet handled.
     pub journal_bytes: usize,
     /// Messages for this worker, not yet delivered (journal order).
@@ -61,6 +67,9 @@ pub(super) struct Slot {
     pub reopens: BTreeMap<u32, (Instant, Duration)>,
     pub calls_served: u64,
     pub calls_made: u64,
+    /// Encrypted bulk payloads decrypted, and memfd payloads refused unread (see `WorkerStatus`).
+    pub bulk_decrypted: u64,
+    pub bulk_refused_unread: u64,
 }
 
 impl Slot {
@@ -79,6 +88,7 @@ impl Slot {
             services: Vec::new(),
             broker_state: permits::INITIAL_STATE.into(),
             violations: 0,
+            noise: Limiter::new(Instant::now()),
             journal_bytes: 0,
             outbox: VecDeque::new(),
             delivered: BTreeMap::new(),
@@ -86,6 +96,8 @@ impl Slot {
             reopens: BTreeMap::new(),
             calls_served: 0,
             calls_made: 0,
+            bulk_decrypted: 0,
+            bulk_refused_unread: 0,
         }
     }
 
@@ -115,6 +127,8 @@ impl Slot {
             unacknowledged: self.delivered.len(),
             calls_served: self.calls_served,
             calls_made: self.calls_made,
+            bulk_decrypted: self.bulk_decrypted,
+            bulk_refused_unread: self.bulk_refused_unread,
         }
     }
 }

@@ -1,0 +1,122 @@
+//! The hostile worker: plays a fully compromised worker after its confinement is applied
+//! (attacker code talking raw frames on its channel) and performs one attack on the supervisor,
+//! named by its first argument, then serves `hostile.echo` (so that a test can see it survived
+//! or was killed). Every forged text carries the marker `FORGED`. (A test worker; not packaged.)
+//!
+//! Attacks:
+//! - `forge-log`: log lines forged through every string it chooses: the services it announces,
+//!   an event, its stderr, the service and method of a call and of a message.
+//! - `flood-events COUNT BYTES`: COUNT events of BYTES bytes each.
+//! - `unknown-replies COUNT`: COUNT replies to calls nobody made.
+//! - `unknown-acks COUNT`: COUNT acknowledgements of messages never delivered to it.
+//! - `forge-sigsys`: writes a fake SIGSYS report naming `execve`, closes its stderr so that
+//!   the real report cannot follow, and makes a forbidden call (`ptrace`).
+//! - `bulk-calls SERVICE COUNT BYTES`: COUNT calls to `SERVICE.bulk`, each with an encrypted
+//!   bulk payload of BYTES bytes, one after the other; then an event `bulk done OK BUSY REFUSED`.
+
+use airlock_protocol::wire::{ByteBody, CallFailure, FromWorker, Reply, Request, ToWorker};
+use airlock_protocol::BulkMode;
+use airlock_worker::{Response, Worker};
+
+/// A complete log line as airlockd would write it, after a newline and a carriage return.
+const FORGED_LINE: &str =
+    "\n\r\u{1b}[2K1999-01-01T00:00:00.000000Z  INFO airlock_supervisor::runtime::lifecycle: worker ready pid=1 services=auth FORGED";
+
+fn num(args: &[String], i: usize) -> u64 {
+    args.get(i).and_then(|a| a.parse().ok()).unwrap_or(1)
+}
+
+fn main() {
+    airlock_worker::init_logging();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let attack = args.first().map(String::as_str).unwrap_or("");
+    let forged_service = format!("hostile{FORGED_LINE}");
+    let services: Vec<&str> = if attack == "forge-log" { vec!["hostile", &forged_service] } else { vec!["hostile"] };
+    let mut w = match Worker::start("hostile", &services) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("hostile: start failed: {e}");
+            std::process::exit(1);
+        }
+    };
+    match attack {
+        "forge-log" => forge_log(&mut w),
+        "flood-events" => {
+            let line = format!("{}{FORGED_LINE}", "x".repeat(num(&args, 2) as usize));
+            for _ in 0..num(&args, 1) {
+                if w.event(&line).is_err() {
+                    break;
+                }
+            }
+        }
+        "unknown-replies" => {
+            for k in 0..num(&args, 1) {
+                let rep = FromWorker::Reply(Reply { id: 1_000_000 + k, result: Ok(ByteBody(Vec::new())) });
+                if w.raw_channel().send(&rep).is_err() {
+                    break;
+                }
+            }
+        }
+        "unknown-acks" => {
+            for k in 0..num(&args, 1) {
+                if w.raw_channel().send(&FromWorker::Ack { id: 1_000_000 + k }).is_err() {
+                    break;
+                }
+            }
+        }
+        "forge-sigsys" => {
+            // x86_64's audit arch; the number is execve's there. The call made is ptrace.
+            eprintln!("airlock-sigsys nr=59 arch=3221225534 policy=hostile");
+            let _ = airlock_worker::sys::raw_syscall6(libc::SYS_close, [2, 0, 0, 0, 0, 0]);
+            let _ = airlock_worker::sys::raw_syscall6(
+                libc::SYS_ptrace,
+                [libc::PTRACE_TRACEME as libc::c_long, 0, 0, 0, 0, 0],
+            );
+        }
+        "bulk-calls" => bulk_calls(&mut w, args.get(1).map_or("peer", String::as_str), num(&args, 2), num(&args, 3)),
+        _ => {}
+    }
+    let served = w.serve(|_, req, _| match req.method.as_str() {
+        "echo" => Ok(Response::bytes(req.body.clone())),
+        other => Err(format!("no method {other}")),
+    });
+    if let Err(e) = served {
+        eprintln!("hostile: {e}");
+    }
+}
+
+fn forge_log(w: &mut Worker) {
+    let _ = w.event(&format!("hello{FORGED_LINE}"));
+    eprintln!("stderr{}", FORGED_LINE.replace('\n', "\r"));
+    let _ = w.call("peer", &format!("echo{FORGED_LINE}"), Vec::new());
+    let _ = w.call(&format!("peer{FORGED_LINE}"), "echo", Vec::new());
+    let _ = w.send(&format!("peer{FORGED_LINE}"), "echo", Vec::new(), false);
+}
+
+fn bulk_calls(w: &mut Worker, service: &str, count: u64, bytes: u64) {
+    let (mut ok, mut busy, mut refused) = (0u64, 0u64, 0u64);
+    for id in 1..=count {
+        let Ok(mut writer) = w.bulk_writer(bytes as usize) else { break };
+        writer.as_mut_slice().fill(0x5a);
+        let req = Request { id, service: service.into(), method: "bulk".into(), body: Vec::new(), deadline_ms: 0 };
+        let ch = w.raw_channel();
+        if ch.send_bulk(&FromWorker::Request(req), &[], writer, BulkMode::SealedEncrypted).is_err() {
+            break;
+        }
+        loop {
+            match ch.recv::<ToWorker>().map(|g| g.msg) {
+                Ok(ToWorker::Reply(r)) if r.id == id => {
+                    match r.result {
+                        Ok(_) => ok += 1,
+                        Err(CallFailure::Busy { .. }) => busy += 1,
+                        Err(_) => refused += 1,
+                    }
+                    break;
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    }
+    let _ = w.event(&format!("bulk done {ok} {busy} {refused}"));
+}
