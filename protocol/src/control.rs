@@ -9,8 +9,12 @@ use crate::wire::CallFailure;
 /// The externally visible state of one worker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WorkerState {
+    /// Spawned, confining, being verified: not yet serving (see `airlock status` for long).
+    Starting,
     Running,
-    Restarting { in_ms: u64 },
+    Restarting {
+        in_ms: u64,
+    },
     Failed(String),
     Stopped,
 }

@@ -13,6 +13,11 @@
 //!   broker past its journal quota, versus unloaded (target: at most 2).
 //! - `call_under_durable_64`: the same while another worker streams durable messages (the
 //!   journal's fsyncs must not hold up the event loop).
+//! - `supervisor_cpu_under_bulk_flood`: airlockd's CPU time (all its threads, from
+//!   `/proc/PID/task/*/schedstat`) while a hostile worker makes 2,000 calls, each with an
+//!   encrypted 1 MiB bulk payload, that the permit table refuses, versus the same count of
+//!   refused calls without a payload (target: at most 1.5; a refused payload is never
+//!   decrypted or mapped).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -183,6 +188,61 @@ fn peer(mode: &str) {
     }
 }
 
+/// CPU time of every thread of `pid` so far, in nanoseconds.
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()))
+        .sum()
+}
+
+/// airlockd with a `peer` and a hostile worker that may call nothing of it, never killed for
+/// its violations (the flood goes on).
+fn start_hostile_airlockd(dir: &Path, bins: &Path) -> Child {
+    let cfg = format!(
+        "[supervisor]\nstate-directory = \"{d}/state\"\nruntime-directory = \"{d}/run\"\nworker-directory = \"{b}\"\n\n[defaults.confinement]\nuser-namespace = \"best-effort\"\npid-namespace = \"best-effort\"\nnet-namespace = \"best-effort\"\nmount-namespace = \"best-effort\"\nipc-namespace = \"best-effort\"\nuts-namespace = \"best-effort\"\ncgroup-namespace = \"best-effort\"\nuid = \"best-effort\"\nlandlock = \"best-effort\"\n\n[broker]\nmax-violations = 0\n\n[[worker]]\nname = \"peer\"\nexecutable = \"airlock-worker-echo\"\npolicy = \"echo\"\nuid = \"dynamic\"\nservices = [\"peer\"]\n\n[[worker]]\nname = \"hostile\"\nexecutable = \"airlock-worker-hostile\"\npolicy = \"hostile\"\nuid = \"dynamic\"\nservices = [\"hostile\"]\n",
+        d = dir.display(),
+        b = bins.display()
+    );
+    std::fs::write(dir.join("airlock.toml"), cfg).expect("config");
+    let d = Command::new(bins.join("airlockd"))
+        .arg("--config")
+        .arg(dir.join("airlock.toml"))
+        .env("AIRLOCK_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("airlockd.log")).expect("log"))
+        .spawn()
+        .expect("airlockd");
+    let sock = dir.join("run/control.sock");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let up = sock.exists()
+            && control(
+                &sock,
+                &ControlRequest::Call {
+                    service: "hostile".into(),
+                    method: "echo".into(),
+                    body: "x".into(),
+                    deadline_ms: 0,
+                },
+            )
+            .body
+                == "x";
+        if up {
+            return d;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "airlockd did not start: {}",
+            std::fs::read_to_string(dir.join("airlockd.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn stop(mut d: Child) {
     let pidfd = airlock_supervisor::sys::pidfd_open(d.id() as i32).expect("pidfd");
     let _ = airlock_supervisor::sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGTERM);
@@ -314,6 +374,37 @@ fn main() {
         );
     }
     stop(d);
+
+    if wants("supervisor_cpu_under_bulk_flood") {
+        let dir3 = bins.join(format!("airlock-bench-broker-{}-hostile", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir3);
+        std::fs::create_dir_all(&dir3).expect("dir");
+        std::fs::set_permissions(&dir3, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
+        let d = start_hostile_airlockd(&dir3, &bins);
+        let sock = dir3.join("run/control.sock");
+        const FLOOD: u64 = 2000;
+        let cpu_of = |bytes: u64| -> (f64, String) {
+            let before = cpu_ns(d.id());
+            let outcome = call(&sock, "hostile", "attack", &format!("bulk-calls peer {FLOOD} {bytes}"));
+            ((cpu_ns(d.id()) - before) as f64 / 1e6, outcome)
+        };
+        let (plain_ms, plain) = cpu_of(0);
+        let (bulk_ms, bulk) = cpu_of(1 << 20);
+        assert_eq!(bulk, format!("0 0 {FLOOD}"), "every bulk call refused");
+        assert_eq!(plain, format!("0 0 {FLOOD}"), "every plain call refused");
+        emit(
+            "supervisor_cpu_under_bulk_flood",
+            bulk_ms,
+            plain_ms,
+            "ms",
+            true,
+            &format!(
+                "airlockd CPU for {FLOOD} permit-refused calls with an encrypted 1 MiB bulk payload each, versus without a payload, all CPUs; target 1.5"
+            ),
+        );
+        stop(d);
+        let _ = std::fs::remove_dir_all(&dir3);
+    }
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&dir2);
 }

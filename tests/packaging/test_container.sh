@@ -88,7 +88,12 @@ PY
 done
 [ $answered = 1 ] && ok "the HMI answers on port 8080 of the container" || bad "the HMI does not answer"
 
-status=$(as_user podman exec "$name" airlock status --json 2>&1)
+# Workers start in parallel, off airlockd's event loop: wait until none is still starting.
+for _ in $(seq 50); do
+  status=$(as_user podman exec "$name" airlock status --json 2>&1)
+  grep -q '"Starting"' <<<"$status" || break
+  sleep 0.2
+done
 if python3 - "$status" <<'PY'; then ok "every worker runs, as the non-root airlock user"; else bad "workers: $status"; fi
 import json, sys
 st = json.loads(sys.argv[1])

@@ -257,7 +257,13 @@ def start_like_the_unit(pw, unit_name):
             except Exception:
                 time.sleep(0.2)
         check(ok_page, "the HMI answers on 127.0.0.1:8080")
-        r = run("airlock", "status", "--json", "--socket", "/run/airlock/control.sock")
+        # Workers start in parallel, off airlockd's event loop: the page can be up while another
+        # layer is still starting.
+        for _ in range(100):
+            r = run("airlock", "status", "--json", "--socket", "/run/airlock/control.sock")
+            if r.returncode != 0 or '"Starting"' not in r.stdout:
+                break
+            time.sleep(0.2)
         if check(r.returncode == 0, "airlock status answers (root over SO_PEERCRED)"):
             st = json.loads(r.stdout)
             states = {w["name"]: w["state"] for w in st["workers"]}

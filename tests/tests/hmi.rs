@@ -204,7 +204,19 @@ fn an_operator_logs_in_watches_the_plant_writes_setpoints_and_downloads_the_hist
     std::thread::sleep(Duration::from_millis(600));
     assert_eq!(h.value(&cookie, "heater_sp"), Some(45.5), "a refused setpoint changed the device");
 
-    // A trend and the CSV export of a closed range, row for row what the database holds.
+    // A trend and the CSV export of a closed range, row for row what the database holds. The
+    // range closes once the history holds at least ten polls of the seven tags (a busy machine
+    // may have polled fewer times by now: the plant's pace is not the test's).
+    let db = h.d.dir.join("state/workers/historian/history.sqlite3");
+    let stored = |upto: i64| -> i64 {
+        rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .and_then(|c| c.query_row("SELECT COUNT(*) FROM samples WHERE ts <= ?1", [upto], |r| r.get(0)))
+            .unwrap_or(0)
+    };
+    let patience = Instant::now() + Duration::from_secs(20);
+    while stored(now_ms() - 200) < 7 * 10 && Instant::now() < patience {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let to = now_ms() - 200;
     let from = to - 60_000;
     let trend = h.json(&format!("/api/trend?tag=level&from={from}&to={to}"), &cookie);
@@ -226,7 +238,6 @@ fn an_operator_logs_in_watches_the_plant_writes_setpoints_and_downloads_the_hist
         }
     }
     assert_eq!(setpoint_events, 1, "the accepted setpoint is recorded once, with its operator:\n{text}");
-    let db = h.d.dir.join("state/workers/historian/history.sqlite3");
     let conn = rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).expect("open db");
     let mut st =
         conn.prepare("SELECT ts, tag, value FROM samples WHERE ts >= ?1 AND ts <= ?2 ORDER BY ts, tag").expect("query");

@@ -5,7 +5,7 @@
 
 mod common;
 
-use airlock_protocol::control::WorkerStatus;
+use airlock_protocol::control::{WorkerState, WorkerStatus};
 use common::*;
 
 /// The hostile worker's `[[worker]]` table: `args` name the attack; never restarted.
@@ -166,4 +166,31 @@ fn permitted_encrypted_bulk_is_decrypted_and_counted() {
     assert_eq!((w.bulk_refused_unread, w.bulk_decrypted), (0, 1), "{w:?}");
     assert_eq!(d.worker("peer").calls_served, 1);
     drop(d);
+}
+
+/// A worker that hangs while starting (it never says hello) delays nothing else: the others
+/// start, call each other through the broker, and `airlock status` answers, all while it is
+/// still starting; then its start times out and it is reported.
+#[test]
+fn a_worker_that_hangs_while_starting_delays_nothing_else() {
+    let permit = "\n[[permit]]\nfrom = \"front\"\nto = \"peer.echo\"\nkind = \"call\"\n";
+    let workers = format!(
+        "{}{}{}{permit}",
+        hostile(&["hang-at-start"], ""),
+        echo_worker("front", "front", ""),
+        echo_worker("peer", "peer", "")
+    );
+    let d = Daemon::start_without_waiting(&workers);
+    d.wait_running("front");
+    d.wait_running("peer");
+    assert_eq!(d.worker("hostile").state, WorkerState::Starting, "the hang is still going on");
+    assert_eq!(d.call("front", "relay", "peer echo hi"), (true, "hi".to_string()));
+    // Answered while the hang went on (not after it): the worker is still starting now.
+    assert_eq!(d.worker("hostile").state, WorkerState::Starting, "the call waited for the hang");
+    let w = d.wait_for("hostile", "its start to time out", |w| w.state != WorkerState::Starting);
+    assert_eq!(w.state, WorkerState::Stopped, "{w:?}");
+    let why = w.last_exit.unwrap_or_default();
+    assert!(why.starts_with("start failed: ") && why.contains("handshake"), "{why}");
+    let (st, log) = d.stop();
+    assert!(st.success(), "{log}");
 }

@@ -81,6 +81,7 @@ fn status(sock: &PathBuf, json: bool) -> anyhow::Result<std::process::ExitCode> 
     for w in &st.workers {
         let state = match &w.state {
             WorkerState::Running => "running".to_string(),
+            WorkerState::Starting => "starting".to_string(),
             WorkerState::Restarting { in_ms } => format!("restarting in {in_ms} ms"),
             WorkerState::Failed(why) => format!("failed: {why}"),
             WorkerState::Stopped => "stopped".to_string(),

@@ -12,11 +12,12 @@ use airlock_protocol::wire::{CallFailure, ToWorker};
 
 use super::io::printable;
 use super::slot::{layer_summary, Running};
+use super::starter::Outcome;
 use super::{security, Supervisor};
 use crate::config::{RestartConfig, RestartPolicy};
 use crate::journal::Entry;
 use crate::permits;
-use crate::spawn::{self, SpawnError};
+use crate::spawn::SpawnError;
 use crate::sys::{self, ExitStatus};
 
 /// Whether the installed seccomp filter was read back and compared with the policy, from
@@ -28,6 +29,17 @@ fn filter_summary(notes: &[String]) -> &'static str {
         "not compared (see airlock status)"
     } else {
         "-"
+    }
+}
+
+/// Kills a worker that never served and waits (briefly) for it.
+fn kill_and_reap(pidfd: &std::os::fd::OwnedFd) {
+    let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
+    for _ in 0..200 {
+        if !matches!(sys::reap(pidfd.as_fd()), Ok(None)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -73,10 +85,34 @@ pub(super) fn restart_decision(
 }
 
 impl Supervisor {
+    /// Starts worker `i` on its starter thread; [`Supervisor::started`] takes the result. The
+    /// event loop goes on meanwhile (see `starter`).
     pub(super) fn launch(&mut self, i: usize) {
+        let slot = &mut self.slots[i];
+        slot.attempt += 1;
+        slot.state = WorkerState::Starting;
+        slot.backoff_until = None;
+        if !self.starter.start(i, slot.attempt) {
+            tracing::error!(worker = %slot.name, "the starter thread is gone; not starting");
+            slot.state = WorkerState::Failed("the starter thread is gone".into());
+            self.initial_started();
+        }
+    }
+
+    /// A start finished: the worker serves, or the failure is recorded and a restart planned.
+    pub(super) fn started(&mut self, out: Outcome) {
+        let i = out.slot;
         let name = self.slots[i].name.clone();
         let _span = tracing::info_span!("worker", name = %name).entered();
-        match spawn::spawn(&self.cfg, i, &self.host) {
+        if out.attempt != self.slots[i].attempt || self.slots[i].state != WorkerState::Starting {
+            // Not the start this slot waits for (cannot happen: one start at a time per slot).
+            if let Ok(st) = out.result {
+                kill_and_reap(&st.pidfd);
+            }
+            return;
+        }
+        self.initial_started();
+        match out.result {
             Ok(st) => {
                 let stderr = std::fs::File::from(st.stderr);
                 let _ = sys::set_nonblocking(stderr.as_fd());
@@ -239,6 +275,19 @@ impl Supervisor {
 
     /// `Shutdown` to every worker, SIGKILL for those still running after the timeout.
     pub(super) fn stop_workers(&mut self) {
+        // Workers still starting never served: kill them, and take what their starts return.
+        let starting: Vec<usize> =
+            (0..self.slots.len()).filter(|&i| self.slots[i].state == WorkerState::Starting).collect();
+        for &i in &starting {
+            self.starter.kill_starting(i);
+        }
+        let within = Duration::from_millis(self.cfg.supervisor.shutdown_timeout_ms);
+        for out in self.starter.drain(starting.len(), within) {
+            if let Ok(st) = out.result {
+                kill_and_reap(&st.pidfd);
+            }
+            self.slots[out.slot].state = WorkerState::Stopped;
+        }
         for s in &mut self.slots {
             if let Some(r) = s.run.as_mut() {
                 let _ = r.channel.send(&ToWorker::Shutdown);

@@ -18,6 +18,7 @@ mod noise;
 mod resources;
 mod security;
 mod slot;
+mod starter;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
@@ -39,6 +40,7 @@ use crate::sys;
 use calls::Calls;
 use messages::entry_charge;
 use slot::Slot;
+use starter::Starter;
 
 /// Why the supervisor could not run.
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +59,6 @@ pub enum RuntimeError {
 #[derive(Debug)]
 pub struct Supervisor {
     cfg: Config,
-    host: HostAbilities,
     slots: Vec<Slot>,
     control: UnixListener,
     control_path: PathBuf,
@@ -82,12 +83,17 @@ pub struct Supervisor {
     epoll: sys::Epoll,
     /// Ready `(token, events)` of the last wait, kept to reuse its allocation.
     events: Vec<(u64, u32)>,
+    /// Starts workers off the event loop (one thread per slot).
+    starter: Starter,
+    /// First starts not finished yet: `READY=1` goes out when none is left.
+    initial_pending: usize,
 }
 
 /// Event tokens: the signalfd, the control socket, and per worker `slot << 2 | what`.
 const TOKEN_SIGNAL: u64 = u64::MAX;
 const TOKEN_CONTROL: u64 = u64::MAX - 1;
 const TOKEN_JOURNAL: u64 = u64::MAX - 2;
+const TOKEN_START: u64 = u64::MAX - 3;
 const WHAT_EXIT: u8 = 0;
 const WHAT_CHANNEL: u8 = 1;
 const WHAT_STDERR: u8 = 2;
@@ -160,10 +166,12 @@ impl Supervisor {
         epoll
             .add(journal.sync_events(), TOKEN_JOURNAL, libc::EPOLLIN as u32)
             .map_err(io_err("epoll: journal sync events"))?;
+        let starter = Starter::new(std::sync::Arc::new(cfg.clone()), std::sync::Arc::new(host.clone()))
+            .map_err(io_err("starter threads"))?;
+        epoll.add(starter.events(), TOKEN_START, libc::EPOLLIN as u32).map_err(io_err("epoll: starter events"))?;
         let n = slots.len();
         let mut s = Supervisor {
             cfg,
-            host,
             slots,
             control,
             control_path,
@@ -180,13 +188,29 @@ impl Supervisor {
             orphans,
             epoll,
             events: Vec::with_capacity(64),
+            starter,
+            initial_pending: n,
         };
         for i in 0..s.slots.len() {
             s.launch(i);
         }
-        tracing::info!(control = %s.control_path.display(), "airlockd ready");
-        s.notifier.send("READY=1\nSTATUS=workers started");
+        if n == 0 {
+            s.initial_started();
+        }
         Ok(s)
+    }
+
+    /// One of the first starts finished (served or failed): after the last, airlockd is ready
+    /// (systemd's `READY=1`). The control socket answers from the start.
+    fn initial_started(&mut self) {
+        if self.initial_pending == 0 {
+            return;
+        }
+        self.initial_pending -= 1;
+        if self.initial_pending == 0 {
+            tracing::info!(control = %self.control_path.display(), "airlockd ready");
+            self.notifier.send("READY=1\nSTATUS=workers started");
+        }
     }
 
     pub fn control_path(&self) -> &std::path::Path {
@@ -235,7 +259,7 @@ impl Supervisor {
         self.epoll
             .wait(&mut events, i32::try_from(timeout.as_millis()).unwrap_or(500))
             .map_err(io_err("epoll_wait"))?;
-        let (mut signalled, mut control, mut synced) = (false, false, false);
+        let (mut signalled, mut control, mut synced, mut starts) = (false, false, false, false);
         // Per worker, in slot order: exit, channel, stderr (as a poll set would report them).
         let mut ready: Vec<(usize, u8, u32)> = Vec::with_capacity(events.len());
         for &(tok, ev) in &events {
@@ -243,6 +267,7 @@ impl Supervisor {
                 TOKEN_SIGNAL => signalled = true,
                 TOKEN_CONTROL => control = true,
                 TOKEN_JOURNAL => synced = true,
+                TOKEN_START => starts = true,
                 t => ready.push(((t >> 2) as usize, (t & 3) as u8, ev)),
             }
         }
@@ -287,6 +312,11 @@ impl Supervisor {
         }
         for i in exited {
             self.handle_exit(i);
+        }
+        if starts {
+            for out in self.starter.finished() {
+                self.started(out);
+            }
         }
         if synced {
             self.accept_synced()?;

@@ -41,6 +41,8 @@ pub(super) struct Slot {
     pub cfg: WorkerConfig,
     pub name: String,
     pub state: WorkerState,
+    /// Counts start attempts, so that a start's result is matched with the attempt it is for.
+    pub attempt: u64,
     pub backoff_until: Option<Instant>,
     pub run: Option<Running>,
     /// Restarts within the restart window, oldest first.
@@ -78,6 +80,7 @@ impl Slot {
             cfg: cfg.clone(),
             name: cfg.name.get_ref().clone(),
             state: WorkerState::Stopped,
+            attempt: 0,
             backoff_until: None,
             run: None,
             restarts: VecDeque::new(),

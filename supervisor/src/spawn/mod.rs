@@ -28,6 +28,7 @@ pub use resources::{open_resources, open_tcp_connect, take_activated_sockets};
 use std::ffi::CString;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use airlock_protocol::confinement::{ConfinementReport, Layer, Requirement};
@@ -118,6 +119,23 @@ fn recv_within(
 /// Spawns worker `index` of `cfg` and returns it verified and ready. On any failure after the
 /// clone, the child is killed before returning.
 pub fn spawn(cfg: &Config, index: usize, host: &HostAbilities) -> Result<Started, SpawnError> {
+    spawn_watched(cfg, index, host, &AtomicI32::new(0))
+}
+
+/// As [`spawn`], publishing the child's pid in `child` from the clone until it is returned
+/// (ready) or killed, so that another thread can kill a worker that hangs while it starts.
+pub fn spawn_watched(
+    cfg: &Config,
+    index: usize,
+    host: &HostAbilities,
+    child: &AtomicI32,
+) -> Result<Started, SpawnError> {
+    let result = spawn_inner(cfg, index, host, child);
+    child.store(0, Ordering::SeqCst);
+    result
+}
+
+fn spawn_inner(cfg: &Config, index: usize, host: &HostAbilities, child: &AtomicI32) -> Result<Started, SpawnError> {
     let w = &cfg.workers[index];
     let self_ids = (sys::euid(), sys::egid());
     let mut d = decide(cfg, index, host, self_ids)?;
@@ -179,6 +197,7 @@ pub fn spawn(cfg: &Config, index: usize, host: &HostAbilities) -> Result<Started
         sys::spawn(sys::SpawnPlan { exe, argv, envp, fds, clone_flags: d.clone_flags, become_ns_root: d.use_userns })
             .map_err(|e| SpawnError::Io { step: "clone", source: e })?;
     let pid = pending.pid;
+    child.store(pid, Ordering::SeqCst);
     let pidfd = match sys::pidfd_open(pid) {
         Ok(p) => p,
         Err(e) => {

@@ -90,6 +90,13 @@ impl Daemon {
     }
 
     /// As `start`, with extra environment variables for `airlockd`.
+    /// As `start`, but returns as soon as the control socket is there, while workers may
+    /// still be starting.
+    pub fn start_without_waiting(workers: &str) -> Daemon {
+        let dir = Daemon::prepare(workers);
+        Daemon::launch_with(dir, "airlockd.log", &[], false)
+    }
+
     pub fn start_with_env(workers: &str, env: &[(&str, &str)]) -> Daemon {
         let dir = Daemon::prepare(workers);
         Daemon::launch(dir, "airlockd.log", env)
@@ -158,10 +165,15 @@ impl Daemon {
             assert!(Instant::now() < deadline, "activated airlockd did not start:\n{}", d.log_text());
             std::thread::sleep(Duration::from_millis(20));
         }
+        d.wait_first_starts();
         d
     }
 
     fn launch(dir: PathBuf, log_name: &str, env: &[(&str, &str)]) -> Daemon {
+        Daemon::launch_with(dir, log_name, env, true)
+    }
+
+    fn launch_with(dir: PathBuf, log_name: &str, env: &[(&str, &str)], wait_starts: bool) -> Daemon {
         let cfg_path = dir.join("airlock.toml");
         let log = dir.join(log_name);
         let mut cmd = Command::new(bin("airlockd"));
@@ -190,7 +202,31 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        if wait_starts {
+            d.wait_first_starts();
+        }
         d
+    }
+
+    /// Waits (up to 30 s) until no worker is `Starting`: airlockd answers its control socket
+    /// while workers start, and tests begin where a user's `systemctl start` returns. Returns
+    /// early if airlockd exits or stops answering.
+    pub fn wait_first_starts(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.child.borrow_mut().as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(Some(_)))) {
+                return;
+            }
+            let out = self.airlock(&["status", "--json"]);
+            if out.status.success() {
+                match serde_json::from_slice::<Status>(&out.stdout) {
+                    Ok(st) if !st.workers.iter().any(|w| w.state == WorkerState::Starting) => return,
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn log_text(&self) -> String {

@@ -11,7 +11,10 @@
 //! - `unknown-acks COUNT`: COUNT acknowledgements of messages never delivered to it.
 //! - `forge-sigsys`: writes a fake SIGSYS report naming `execve`, closes its stderr so that
 //!   the real report cannot follow, and makes a forbidden call (`ptrace`).
-//! - `bulk-calls SERVICE COUNT BYTES`: COUNT calls to `SERVICE.bulk`, each with an encrypted
+//! - `hang-at-start`: never says hello: sleeps before taking its channel, as a worker stuck
+//!   (or malicious) at start-up would.
+//! - `bulk-calls SERVICE COUNT BYTES` (also on demand: a call to `hostile.attack` with that
+//!   text as its body answers `OK BUSY REFUSED` when done; BYTES 0 sends no payload): COUNT calls to `SERVICE.bulk`, each with an encrypted
 //!   bulk payload of BYTES bytes, one after the other; then an event `bulk done OK BUSY REFUSED`.
 
 use airlock_protocol::wire::{ByteBody, CallFailure, FromWorker, Reply, Request, ToWorker};
@@ -32,6 +35,9 @@ fn main() {
     let attack = args.first().map(String::as_str).unwrap_or("");
     let forged_service = format!("hostile{FORGED_LINE}");
     let services: Vec<&str> = if attack == "forge-log" { vec!["hostile", &forged_service] } else { vec!["hostile"] };
+    if attack == "hang-at-start" {
+        std::thread::sleep(std::time::Duration::from_secs(600));
+    }
     let mut w = match Worker::start("hostile", &services) {
         Ok(w) => w,
         Err(e) => {
@@ -73,11 +79,23 @@ fn main() {
                 [libc::PTRACE_TRACEME as libc::c_long, 0, 0, 0, 0, 0],
             );
         }
-        "bulk-calls" => bulk_calls(&mut w, args.get(1).map_or("peer", String::as_str), num(&args, 2), num(&args, 3)),
+        "bulk-calls" => {
+            bulk_calls(&mut w, args.get(1).map_or("peer", String::as_str), num(&args, 2), num(&args, 3));
+        }
         _ => {}
     }
-    let served = w.serve(|_, req, _| match req.method.as_str() {
+    let served = w.serve(|w, req, _| match req.method.as_str() {
         "echo" => Ok(Response::bytes(req.body.clone())),
+        // `bulk-calls SERVICE COUNT BYTES` on demand (the broker benchmark times airlockd's CPU
+        // around it); answers `OK BUSY REFUSED`.
+        "attack" => {
+            let text = String::from_utf8_lossy(&req.body).into_owned();
+            let a: Vec<String> = text.split_whitespace().map(str::to_string).collect();
+            if a.first().map(String::as_str) != Some("bulk-calls") {
+                return Err(format!("unknown attack {text:?}"));
+            }
+            Ok(Response::bytes(bulk_calls(w, a.get(1).map_or("peer", String::as_str), num(&a, 2), num(&a, 3)).into_bytes()))
+        }
         other => Err(format!("no method {other}")),
     });
     if let Err(e) = served {
@@ -93,16 +111,22 @@ fn forge_log(w: &mut Worker) {
     let _ = w.send(&format!("peer{FORGED_LINE}"), "echo", Vec::new(), false);
 }
 
-fn bulk_calls(w: &mut Worker, service: &str, count: u64, bytes: u64) {
+fn bulk_calls(w: &mut Worker, service: &str, count: u64, bytes: u64) -> String {
     let (mut ok, mut busy, mut refused) = (0u64, 0u64, 0u64);
     for id in 1..=count {
-        let Ok(mut writer) = w.bulk_writer(bytes as usize) else { break };
-        writer.as_mut_slice().fill(0x5a);
         let req = Request { id, service: service.into(), method: "bulk".into(), body: Vec::new(), deadline_ms: 0 };
-        let ch = w.raw_channel();
-        if ch.send_bulk(&FromWorker::Request(req), &[], writer, BulkMode::SealedEncrypted).is_err() {
+        // BYTES 0: the same call without a payload (the benchmark's baseline).
+        let sent = if bytes == 0 {
+            w.raw_channel().send(&FromWorker::Request(req))
+        } else {
+            let Ok(mut writer) = w.bulk_writer(bytes as usize) else { break };
+            writer.as_mut_slice().fill(0x5a);
+            w.raw_channel().send_bulk(&FromWorker::Request(req), &[], writer, BulkMode::SealedEncrypted)
+        };
+        if sent.is_err() {
             break;
         }
+        let ch = w.raw_channel();
         loop {
             match ch.recv::<ToWorker>().map(|g| g.msg) {
                 Ok(ToWorker::Reply(r)) if r.id == id => {
@@ -114,9 +138,11 @@ fn bulk_calls(w: &mut Worker, service: &str, count: u64, bytes: u64) {
                     break;
                 }
                 Ok(_) => {}
-                Err(_) => return,
+                Err(_) => return format!("{ok} {busy} {refused} (channel closed)"),
             }
         }
     }
-    let _ = w.event(&format!("bulk done {ok} {busy} {refused}"));
+    let done = format!("{ok} {busy} {refused}");
+    let _ = w.event(&format!("bulk done {done}"));
+    done
 }
