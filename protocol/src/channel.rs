@@ -846,6 +846,33 @@ impl Channel {
         self.send_frame(Kind::Message, msg, &[], Some((out, mode)))
     }
 
+    /// Test hook: two connected ends under fixed keys (`[0x11; 32]` from the first to the
+    /// second, `[0x22; 32]` back), both already past the handshake. Fuzz targets use it to
+    /// open frames under a key they know, without a handshake per input. Never use it outside
+    /// tests: the keys are public.
+    #[doc(hidden)]
+    pub fn pair_with_test_keys(limits: Limits, rekey_interval: u64) -> Result<(Channel, Channel), ChannelError> {
+        let (a, b) = sys::seqpacket_pair().map_err(|e| ChannelError::io("socketpair", e))?;
+        let (ab, ba) = (Key::from_bytes([0x11; 32]), Key::from_bytes([0x22; 32]));
+        let ka = ChannelKeys { send: ab.clone(), recv: ba.clone(), rekey_interval };
+        let kb = ChannelKeys { send: ba, recv: ab, rekey_interval };
+        let (mut a, mut b) = (Channel::new(a, ka, limits.clone()), Channel::new(b, kb, limits));
+        a.established = true;
+        b.established = true;
+        Ok((a, b))
+    }
+
+    /// Test hook: seals `plaintext` as the next frame (consuming its sequence number) with
+    /// any `kind`, `flags` and attachment count, unchecked, without sending it. Fuzz targets
+    /// use it to reach the receiver's checks and decoders behind the authentication tag.
+    #[doc(hidden)]
+    pub fn seal_raw_plaintext(&mut self, kind: Kind, flags: u16, attachments: u16, plaintext: &[u8]) -> Vec<u8> {
+        let mut buf = vec![0u8; HEADER_LEN];
+        buf.extend_from_slice(plaintext);
+        self.seal_into(&mut buf, kind, flags, usize::from(attachments));
+        buf
+    }
+
     /// Test hook: builds the next frame exactly as `send` would, without sending it, and
     /// consumes its sequence number. Adversarial tests tamper with it and send it raw.
     #[doc(hidden)]

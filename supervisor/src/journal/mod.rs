@@ -56,6 +56,25 @@ const HEADER: u64 = 4096;
 const END_AAD: &[u8] = b"airlock-journal-end-v1";
 const MARK_SLOTS: [u64; 2] = [0, 512];
 
+#[doc(hidden)]
+pub use recover::replay_for_fuzzing;
+
+/// Fuzzing entry point: appends `plain` to `out` sealed as a journal record (`end_mark`
+/// false) or as a durable-end mark's payload (`end_mark` true) under `key`, with `nonce`; with
+/// [`replay_for_fuzzing`], a harness builds journal files whose records authenticate.
+/// `HEADER` and `MARK_SLOTS` are the file's layout ([`FUZZ_LAYOUT`]).
+#[doc(hidden)]
+pub fn seal_for_fuzzing(out: &mut Vec<u8>, key: &[u8; 32], end_mark: bool, nonce: [u8; 12], plain: &[u8]) {
+    use chacha20poly1305::aead::KeyInit;
+    let cipher = ChaCha20Poly1305::new(key.into());
+    let _ = seal_into(out, &cipher, if end_mark { END_AAD } else { AAD }, nonce, plain);
+}
+
+/// The journal file's layout for fuzz harnesses: where the records start, and the offsets of
+/// the two durable-end mark slots.
+#[doc(hidden)]
+pub const FUZZ_LAYOUT: (u64, [u64; 2]) = (HEADER, MARK_SLOTS);
+
 /// A journaled message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {

@@ -285,3 +285,37 @@ fn a_journal_under_another_key_is_refused() {
     assert!(matches!(Journal::open(&d), Err(JournalError::Corrupt { .. })));
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[test]
+fn synced_records_cut_off_or_zeroed_before_the_durable_mark_are_refused() {
+    // Found by the `journal` fuzz target: a file that ends (or turns to zeros) before its
+    // durable-end mark has lost records a completed sync had put on disk. Recovery used to
+    // take the shorter log as complete and silently drop them.
+    let d = dir("cut");
+    let (mut j, _) = Journal::open(&d).expect("open");
+    j.enqueue("w", "s", "m", b"one".to_vec()).expect("e");
+    let second_at = j.end;
+    j.enqueue("w", "s", "m", b"two".to_vec()).expect("e");
+    j.sync().expect("sync");
+    drop(j);
+    let path = d.join("journal");
+    let raw = std::fs::read(&path).expect("read");
+    // Truncated inside the second (synced) record.
+    std::fs::write(&path, &raw[..second_at as usize + 10]).expect("truncate");
+    match Journal::open(&d) {
+        Err(JournalError::Corrupt { offset, .. }) => assert_eq!(offset, second_at),
+        other => panic!("a truncated journal was accepted: {other:?}"),
+    }
+    // Truncated exactly at the second record: every record left is whole.
+    std::fs::write(&path, &raw[..second_at as usize]).expect("truncate");
+    assert!(matches!(Journal::open(&d), Err(JournalError::Corrupt { .. })), "a journal cut at a record boundary");
+    // Zeroed from the second record on (pages lost), file size unchanged.
+    let mut zeroed = raw.clone();
+    zeroed[second_at as usize..].fill(0);
+    std::fs::write(&path, &zeroed).expect("zero");
+    match Journal::open(&d) {
+        Err(JournalError::Corrupt { offset, .. }) => assert_eq!(offset, second_at),
+        other => panic!("a journal zeroed before its durable end was accepted: {other:?}"),
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}

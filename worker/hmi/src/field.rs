@@ -195,9 +195,28 @@ fn read_by(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> Result<(), S
     Ok(())
 }
 
-/// The `count` registers of a read answer (function 3 or 4, already checked by `parse_ok`),
-/// refusing an answer whose byte count or length disagrees with what was asked.
-fn registers(frame: &[u8], count: u16) -> Result<Vec<u16>, String> {
+/// The length of the answer whose 6-byte MBAP head is `head`, refused unless it is a
+/// plausible Modbus TCP frame (8..=260 bytes).
+pub fn answer_len(head: &[u8; 6]) -> Result<usize, String> {
+    let len = guess_response_frame_len(head, ModbusProto::TcpUdp)
+        .map_err(|e| format!("device sent a malformed frame header: {e:?}"))?;
+    let len = usize::from(len);
+    if !(8..=260).contains(&len) {
+        return Err(format!("device sent a frame of {len} bytes"));
+    }
+    Ok(len)
+}
+
+/// Checks a whole answer `frame` (its length from [`answer_len`]) against the request
+/// `mreq` it answers: transaction and unit ids, function, no exception.
+pub fn check_answer(mreq: &ModbusRequest, frame: &[u8]) -> Result<(), String> {
+    mreq.parse_ok(frame).map_err(|e| format!("device answered with an error or garbage: {e:?}"))
+}
+
+/// The `count` registers of a read answer (function 3 or 4, already checked by
+/// [`check_answer`]), refusing an answer whose byte count or length disagrees with what was
+/// asked.
+pub fn registers(frame: &[u8], count: u16) -> Result<Vec<u16>, String> {
     let want = 2 * usize::from(count);
     let Some(&bytes) = frame.get(8) else {
         return Err("the device's answer has no byte count".into());
@@ -255,16 +274,11 @@ impl Device {
             s.write_all(req).map_err(|e| format!("writing to the device: {e}"))?;
             let mut head = [0u8; 6];
             read_by(s, &mut head, deadline)?;
-            let len = guess_response_frame_len(&head, ModbusProto::TcpUdp)
-                .map_err(|e| format!("device sent a malformed frame header: {e:?}"))?;
-            let len = usize::from(len);
-            if !(8..=260).contains(&len) {
-                return Err(format!("device sent a frame of {len} bytes"));
-            }
+            let len = answer_len(&head)?;
             let mut frame = head.to_vec();
             frame.resize(len, 0);
             read_by(s, &mut frame[6..], deadline)?;
-            mreq.parse_ok(&frame).map_err(|e| format!("device answered with an error or garbage: {e:?}"))?;
+            check_answer(mreq, &frame)?;
             Ok(frame)
         })();
         r.map_err(|why| self.fail(why))
