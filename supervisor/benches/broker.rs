@@ -216,24 +216,17 @@ fn start_hostile_airlockd(dir: &Path, bins: &Path) -> Child {
         .stderr(std::fs::File::create(dir.join("airlockd.log")).expect("log"))
         .spawn()
         .expect("airlockd");
+    wait_hostile_up(dir);
+    d
+}
+
+/// Waits until the hostile worker answers through the control socket.
+fn wait_hostile_up(dir: &Path) {
     let sock = dir.join("run/control.sock");
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let up = sock.exists()
-            && control(
-                &sock,
-                &ControlRequest::Call {
-                    service: "hostile".into(),
-                    method: "echo".into(),
-                    body: "x".into(),
-                    deadline_ms: 0,
-                },
-            )
-            .body
-                == "x";
-        if up {
-            return d;
-        }
+    let echo =
+        ControlRequest::Call { service: "hostile".into(), method: "echo".into(), body: "x".into(), deadline_ms: 0 };
+    while !(sock.exists() && control(&sock, &echo).body == "x") {
         assert!(
             Instant::now() < deadline,
             "airlockd did not start: {}",

@@ -94,7 +94,9 @@ fn main() {
             if a.first().map(String::as_str) != Some("bulk-calls") {
                 return Err(format!("unknown attack {text:?}"));
             }
-            Ok(Response::bytes(bulk_calls(w, a.get(1).map_or("peer", String::as_str), num(&a, 2), num(&a, 3)).into_bytes()))
+            Ok(Response::bytes(
+                bulk_calls(w, a.get(1).map_or("peer", String::as_str), num(&a, 2), num(&a, 3)).into_bytes(),
+            ))
         }
         other => Err(format!("no method {other}")),
     });
