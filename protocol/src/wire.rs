@@ -202,6 +202,23 @@ pub enum FromWorker {
     },
 }
 
+impl FromWorker {
+    /// The message's kind, for errors and logs (never its contents).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            FromWorker::Confined(_) => "Confined",
+            FromWorker::ConfineFailed { .. } => "ConfineFailed",
+            FromWorker::Ready { .. } => "Ready",
+            FromWorker::Request(_) => "Request",
+            FromWorker::Reply(_) => "Reply",
+            FromWorker::Send(_) => "Send",
+            FromWorker::Ack { .. } => "Ack",
+            FromWorker::Event(_) => "Event",
+            FromWorker::Reopen { .. } => "Reopen",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,6 +31,11 @@ impl Journal {
             f.read_to_end(&mut data).map_err(io("reading", &path))?;
             (pending, max_id) = replay(&cipher, &data, &path)?;
         }
+        // Ids only grow; a journal whose ids are used up cannot take another message.
+        let Some(next_id) = max_id.checked_add(1) else {
+            let what = "message ids are used up (the largest id is u64::MAX)".to_string();
+            return Err(JournalError::Corrupt { path, offset: 0, what });
+        };
         // Compaction: rewrite with only the pending entries, atomically.
         let (tmp, file) = create_fresh(dir)?;
         let syncer = Syncer::start(cipher.clone()).map_err(io("starting the sync thread for", &path))?;
@@ -40,7 +45,7 @@ impl Journal {
             end: HEADER,
             allocated: 0,
             cipher,
-            next_id: max_id + 1,
+            next_id,
             live: 0,
             dead: 0,
             dirty: false,

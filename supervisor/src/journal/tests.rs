@@ -319,3 +319,18 @@ fn synced_records_cut_off_or_zeroed_before_the_durable_mark_are_refused() {
     }
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[test]
+fn a_journal_whose_ids_are_used_up_is_refused_not_wrapped() {
+    let d = dir("ids-used-up");
+    let (mut j, _) = Journal::open(&d).expect("open");
+    j.write(&RecordRef::NextId(u64::MAX)).expect("next id");
+    j.write(&RecordRef::Done(u64::MAX)).expect("done");
+    j.sync().expect("sync");
+    drop(j);
+    match Journal::open(&d) {
+        Err(JournalError::Corrupt { what, .. }) => assert!(what.contains("ids are used up"), "{what}"),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -48,21 +48,6 @@ pub(super) fn stderr_level(line: &str) -> tracing::Level {
     }
 }
 
-/// A worker-to-supervisor message's kind, for reports (never its content).
-fn kind(msg: &FromWorker) -> &'static str {
-    match msg {
-        FromWorker::Confined(_) => "Confined",
-        FromWorker::ConfineFailed { .. } => "ConfineFailed",
-        FromWorker::Ready { .. } => "Ready",
-        FromWorker::Request(_) => "Request",
-        FromWorker::Reply(_) => "Reply",
-        FromWorker::Send(_) => "Send",
-        FromWorker::Ack { .. } => "Ack",
-        FromWorker::Event(_) => "Event",
-        FromWorker::Reopen { .. } => "Reopen",
-    }
-}
-
 impl Supervisor {
     pub(super) fn flush_queued(&mut self, i: usize) {
         let Some(r) = self.slots[i].run.as_mut() else { return };
@@ -247,7 +232,7 @@ impl Supervisor {
                 FromWorker::Ack { id } => self.acknowledged(i, id),
                 FromWorker::Reopen { index } => self.reopen(i, index),
                 other => {
-                    let what = format_args!("unexpected message from a running worker ({}); killing it", kind(&other));
+                    let what = format_args!("unexpected message from a running worker ({}); killing it", other.kind());
                     security::event(&self.slots[i].name, self.slots[i].run.as_ref().map(|r| r.pid), what);
                     self.kill(i);
                     return;

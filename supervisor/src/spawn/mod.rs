@@ -243,7 +243,7 @@ fn spawn_inner(cfg: &Config, index: usize, host: &HostAbilities, child: &AtomicI
             FromWorker::ConfineFailed { layer, reason, report } => {
                 return Err(SpawnError::WorkerLayerFailed { layer, reason, report })
             }
-            other => return Err(SpawnError::Protocol { step: "confine", got: kind_of(&other).into() }),
+            other => return Err(SpawnError::Protocol { step: "confine", got: other.kind().into() }),
         };
         let expect =
             verify::Expectations::from_report(&report, &d.plan, (d.host_uid, d.host_gid), host.root || d.use_userns);
@@ -252,7 +252,7 @@ fn spawn_inner(cfg: &Config, index: usize, host: &HostAbilities, child: &AtomicI
             .map_err(|e| SpawnError::Channel { step: "start", source: e })?;
         let services = match recv_within(&mut ch, "start", deadline, timeout_ms)?.msg {
             FromWorker::Ready { services } => services,
-            other => return Err(SpawnError::Protocol { step: "start", got: kind_of(&other).into() }),
+            other => return Err(SpawnError::Protocol { step: "start", got: other.kind().into() }),
         };
         Ok((report, services, notes))
     })();
@@ -273,21 +273,6 @@ fn spawn_inner(cfg: &Config, index: usize, host: &HostAbilities, child: &AtomicI
             }
             Err(e)
         }
-    }
-}
-
-/// The kind of a worker message, for errors and logs (never its contents).
-fn kind_of(m: &FromWorker) -> &'static str {
-    match m {
-        FromWorker::Confined(_) => "Confined",
-        FromWorker::ConfineFailed { .. } => "ConfineFailed",
-        FromWorker::Ready { .. } => "Ready",
-        FromWorker::Request(_) => "Request",
-        FromWorker::Reply(_) => "Reply",
-        FromWorker::Send(_) => "Send",
-        FromWorker::Ack { .. } => "Ack",
-        FromWorker::Event(_) => "Event",
-        FromWorker::Reopen { .. } => "Reopen",
     }
 }
 
