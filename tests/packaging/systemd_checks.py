@@ -378,6 +378,8 @@ def check_stop_and_activation(mode):
     t = time.time()
     status = wait(lambda: request("GET", "/", timeout=30)[0], 30)
     check(status == 200, f"the first request starts {unit} and is answered (HTTP {status}, {time.time() - t:.1f} s)")
+    # The ui answers before every worker has started; the unit is "activating" until READY=1.
+    wait(lambda: active(unit) == "active", 30)
     check(active(unit) == "active" and active(other) == "inactive",
           f"socket activation started this mode's unit only ({unit} {active(unit)}, {other} {active(other)})")
 
@@ -413,7 +415,7 @@ def check_requests_never_switch():
     run(["systemctl", "kill", "-s", "KILL", PRIV])
     time.sleep(0.3)
     status = wait(lambda: request("GET", "/", timeout=30)[0], 30)
-    time.sleep(3)
+    wait(lambda: active(PRIV) == "active", 30)
     check(status == 200 and active(PRIV) == "active" and active(UNPRIV) == "inactive" and prop(PRIV, "MainPID") != pid,
           f"a request during the restart after a crash is answered by {PRIV} ({status}, {active(PRIV)}, {UNPRIV} {active(UNPRIV)})")
 
