@@ -29,6 +29,10 @@ pub enum Layer {
     IpcNamespace,
     UtsNamespace,
     CgroupNamespace,
+    /// A cgroup of its own with memory, pids and CPU limits (applied by the supervisor).
+    Cgroup,
+    /// Its scheduling priority and OOM score (applied by the supervisor before exec).
+    Priority,
     Uid,
     Capabilities,
     NoNewPrivs,
@@ -40,7 +44,7 @@ pub enum Layer {
 }
 
 impl Layer {
-    pub const ALL: [Layer; 15] = [
+    pub const ALL: [Layer; 17] = [
         Layer::UserNamespace,
         Layer::PidNamespace,
         Layer::NetNamespace,
@@ -48,6 +52,8 @@ impl Layer {
         Layer::IpcNamespace,
         Layer::UtsNamespace,
         Layer::CgroupNamespace,
+        Layer::Cgroup,
+        Layer::Priority,
         Layer::Uid,
         Layer::Capabilities,
         Layer::NoNewPrivs,
@@ -67,6 +73,8 @@ impl Layer {
             Layer::IpcNamespace => "ipc-namespace",
             Layer::UtsNamespace => "uts-namespace",
             Layer::CgroupNamespace => "cgroup-namespace",
+            Layer::Cgroup => "cgroup",
+            Layer::Priority => "priority",
             Layer::Uid => "uid",
             Layer::Capabilities => "capabilities",
             Layer::NoNewPrivs => "no-new-privs",

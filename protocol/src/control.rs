@@ -65,6 +65,10 @@ pub struct WorkerStatus {
     /// reply nobody waits for) and closed unread: never verified, mapped or decrypted.
     #[serde(default)]
     pub bulk_refused_unread: u64,
+    /// Which bounds hold this worker's memory, CPU and processes, one line each
+    /// (`memory: cgroup v1 limit 256 MiB, swap included`, or the rlimit ceiling without one).
+    #[serde(default)]
+    pub bounds: Vec<String>,
 }
 
 /// The answer to `status`.

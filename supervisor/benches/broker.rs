@@ -63,7 +63,7 @@ fn start_airlockd(dir: &Path, bins: &Path) -> Child {
         format!("[[worker]]\nname = \"{name}\"\nexecutable = \"airlock-worker-echo\"\npolicy = \"echo\"\nuid = \"dynamic\"\nservices = [\"{name}\"]\n{extra}\n")
     };
     let cfg = format!(
-        "[supervisor]\nstate-directory = \"{d}/state\"\nruntime-directory = \"{d}/run\"\nworker-directory = \"{b}\"\n\n[defaults.confinement]\nuser-namespace = \"best-effort\"\npid-namespace = \"best-effort\"\nnet-namespace = \"best-effort\"\nmount-namespace = \"best-effort\"\nipc-namespace = \"best-effort\"\nuts-namespace = \"best-effort\"\ncgroup-namespace = \"best-effort\"\nuid = \"best-effort\"\nlandlock = \"best-effort\"\n\n{}{}{}{}{}{}\n[[permit]]\nfrom = \"flooder\"\nto = \"stuck.*\"\nkind = \"send\"\n[[permit]]\nfrom = \"pinger\"\nto = \"peer.echo\"\nkind = \"call\"\n[[permit]]\nfrom = \"writer\"\nto = \"receiver.*\"\nkind = \"send\"\n",
+        "[supervisor]\nstate-directory = \"{d}/state\"\nruntime-directory = \"{d}/run\"\nworker-directory = \"{b}\"\n\n[defaults.confinement]\nuser-namespace = \"best-effort\"\npid-namespace = \"best-effort\"\nnet-namespace = \"best-effort\"\nmount-namespace = \"best-effort\"\nipc-namespace = \"best-effort\"\nuts-namespace = \"best-effort\"\ncgroup-namespace = \"best-effort\"\ncgroup = \"best-effort\"\nuid = \"best-effort\"\nlandlock = \"best-effort\"\n\n{}{}{}{}{}{}\n[[permit]]\nfrom = \"flooder\"\nto = \"stuck.*\"\nkind = \"send\"\n[[permit]]\nfrom = \"pinger\"\nto = \"peer.echo\"\nkind = \"call\"\n[[permit]]\nfrom = \"writer\"\nto = \"receiver.*\"\nkind = \"send\"\n",
         worker("pinger", ""),
         worker("peer", ""),
         worker("writer", "[worker.quota]\njournal-bytes = 268435456"),
@@ -202,7 +202,7 @@ fn cpu_ns(pid: u32) -> u64 {
 /// its violations (the flood goes on).
 fn start_hostile_airlockd(dir: &Path, bins: &Path) -> Child {
     let cfg = format!(
-        "[supervisor]\nstate-directory = \"{d}/state\"\nruntime-directory = \"{d}/run\"\nworker-directory = \"{b}\"\n\n[defaults.confinement]\nuser-namespace = \"best-effort\"\npid-namespace = \"best-effort\"\nnet-namespace = \"best-effort\"\nmount-namespace = \"best-effort\"\nipc-namespace = \"best-effort\"\nuts-namespace = \"best-effort\"\ncgroup-namespace = \"best-effort\"\nuid = \"best-effort\"\nlandlock = \"best-effort\"\n\n[broker]\nmax-violations = 0\n\n[[worker]]\nname = \"peer\"\nexecutable = \"airlock-worker-echo\"\npolicy = \"echo\"\nuid = \"dynamic\"\nservices = [\"peer\"]\n\n[[worker]]\nname = \"hostile\"\nexecutable = \"airlock-worker-hostile\"\npolicy = \"hostile\"\nuid = \"dynamic\"\nservices = [\"hostile\"]\n",
+        "[supervisor]\nstate-directory = \"{d}/state\"\nruntime-directory = \"{d}/run\"\nworker-directory = \"{b}\"\n\n[defaults.confinement]\nuser-namespace = \"best-effort\"\npid-namespace = \"best-effort\"\nnet-namespace = \"best-effort\"\nmount-namespace = \"best-effort\"\nipc-namespace = \"best-effort\"\nuts-namespace = \"best-effort\"\ncgroup-namespace = \"best-effort\"\ncgroup = \"best-effort\"\nuid = \"best-effort\"\nlandlock = \"best-effort\"\n\n[broker]\nmax-violations = 0\n\n[[worker]]\nname = \"peer\"\nexecutable = \"airlock-worker-echo\"\npolicy = \"echo\"\nuid = \"dynamic\"\nservices = [\"peer\"]\n\n[[worker]]\nname = \"hostile\"\nexecutable = \"airlock-worker-hostile\"\npolicy = \"hostile\"\nuid = \"dynamic\"\nservices = [\"hostile\"]\n",
         d = dir.display(),
         b = bins.display()
     );

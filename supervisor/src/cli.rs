@@ -30,11 +30,13 @@ pub struct AirlockdArgs {
 fn parse_layer(s: &str) -> Result<airlock_protocol::confinement::Layer, String> {
     use airlock_protocol::confinement::Layer;
     // Only what a host can lack: namespaces (refused by a container runtime or a sysctl), an
-    // own uid (needs a privileged supervisor), Landlock (needs a kernel with it). Seccomp,
+    // own uid (needs a privileged supervisor), Landlock (needs a kernel with it), a cgroup
+    // (needs a delegated cgroup v2 subtree or writable v1 hierarchies). Seccomp,
     // no_new_privs, capabilities, rlimits, not-dumpable and the parent-death signal need no
     // privilege anywhere, so there is never a reason to downgrade them.
     let may = |l: Layer| {
-        matches!(l, Layer::Uid | Layer::Landlock) || crate::spawn::NAMESPACE_FLAGS.iter().any(|(n, _)| *n == l)
+        matches!(l, Layer::Uid | Layer::Landlock | Layer::Cgroup)
+            || crate::spawn::NAMESPACE_FLAGS.iter().any(|(n, _)| *n == l)
     };
     let names = || Layer::ALL.into_iter().filter(|l| may(*l)).map(|l| l.name()).collect::<Vec<_>>().join(", ");
     match Layer::ALL.into_iter().find(|l| l.name() == s) {

@@ -8,6 +8,7 @@
 //! [`sys`] (every raw syscall, and so every `// SAFETY:` block, lives there).
 #![deny(unsafe_code)]
 
+pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod dirs;

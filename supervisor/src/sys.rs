@@ -7,7 +7,8 @@
 //!   calls on memory prepared before the clone);
 //! - `pidfd_open` and `pidfd_send_signal`, which nix 0.29 does not wrap;
 //! - `waitid(P_PIDFD)`: nix's `WaitStatus` cannot hold a death by a real-time signal and would
-//!   turn an exit already reaped into an error.
+//!   turn an exit already reaped into an error;
+//! - `setpriority` and `sched_setscheduler(SCHED_IDLE)` on a child, which nix 0.29 lacks.
 //!
 //! No policy decisions here.
 #![allow(unsafe_code)]
@@ -203,6 +204,22 @@ pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, sig: i32) -> io::Result<()> {
     Errno::result(unsafe {
         libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), sig, ptr::null::<libc::siginfo_t>(), 0)
     })?;
+    Ok(())
+}
+
+/// Sets the nice value of thread `pid` (a child not yet released to exec is single-threaded,
+/// and every thread it creates inherits the value).
+pub fn set_nice(pid: i32, nice: i32) -> io::Result<()> {
+    // SAFETY: integer arguments only.
+    Errno::result(unsafe { libc::setpriority(libc::PRIO_PROCESS, pid as libc::id_t, nice) })?;
+    Ok(())
+}
+
+/// Moves thread `pid` to `SCHED_IDLE` (inherited by the threads it creates).
+pub fn set_sched_idle(pid: i32) -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param for the call; the other arguments are integers.
+    Errno::result(unsafe { libc::sched_setscheduler(pid, libc::SCHED_IDLE, &param) })?;
     Ok(())
 }
 

@@ -108,6 +108,9 @@ fn status(sock: &PathBuf, json: bool) -> anyhow::Result<std::process::ExitCode> 
         for l in &w.confinement {
             airlock_supervisor::outln!("  {:<20} {l}", l.layer.to_string());
         }
+        for b in &w.bounds {
+            airlock_supervisor::outln!("  bound: {b}");
+        }
         for n in &w.notes {
             airlock_supervisor::outln!("  note: {n}");
         }

@@ -170,6 +170,8 @@ pub struct Confinement {
     pub ipc_namespace: Option<Requirement>,
     pub uts_namespace: Option<Requirement>,
     pub cgroup_namespace: Option<Requirement>,
+    pub cgroup: Option<Requirement>,
+    pub priority: Option<Requirement>,
     pub uid: Option<Requirement>,
     pub capabilities: Option<Requirement>,
     pub no_new_privs: Option<Requirement>,
@@ -190,6 +192,8 @@ impl Confinement {
             Layer::IpcNamespace => self.ipc_namespace,
             Layer::UtsNamespace => self.uts_namespace,
             Layer::CgroupNamespace => self.cgroup_namespace,
+            Layer::Cgroup => self.cgroup,
+            Layer::Priority => self.priority,
             Layer::Uid => self.uid,
             Layer::Capabilities => self.capabilities,
             Layer::NoNewPrivs => self.no_new_privs,
@@ -209,6 +213,42 @@ pub struct Defaults {
     pub confinement: Confinement,
     #[serde(default)]
     pub rlimits: RlimitConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// A worker's share of the machine: its cgroup's limits (the `cgroup` layer) and its
+/// scheduling priority and OOM score (the `priority` layer). Each key left out of a worker's
+/// `[worker.limits]` comes from `[defaults.limits]`, else from the built-in value.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct LimitsConfig {
+    /// Memory of the worker's cgroup, swap included (built-in 512 MiB).
+    pub memory_mib: Option<u64>,
+    /// Processes and threads in the worker's cgroup (built-in 256).
+    pub pids: Option<u64>,
+    /// Relative CPU share, 1 to 10000 (cgroup v2 `cpu.weight`; built-in 100).
+    pub cpu_weight: Option<u64>,
+    /// A CPU ceiling in percent of one CPU (`cpu.max`); none by default.
+    pub cpu_max_percent: Option<u64>,
+    /// Nice value 0 to 19 (built-in 0): raising it needs no privilege, lowering it does.
+    pub nice: Option<i32>,
+    /// Run only when a CPU has nothing else to do (`SCHED_IDLE`): for the least trusted layers.
+    pub sched_idle: Option<bool>,
+    /// The kernel's OOM killer picks this worker before airlockd: 0 to 1000 (built-in 500).
+    pub oom_score_adj: Option<i32>,
+}
+
+/// [`LimitsConfig`] with every value decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerLimits {
+    pub memory_bytes: u64,
+    pub pids: u64,
+    pub cpu_weight: u64,
+    pub cpu_max_percent: Option<u64>,
+    pub nice: i32,
+    pub sched_idle: bool,
+    pub oom_score_adj: i32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -237,6 +277,8 @@ pub struct WorkerConfig {
     #[serde(default)]
     pub landlock: LandlockConfig,
     pub rlimits: Option<RlimitConfig>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
     #[serde(default)]
     pub restart: RestartConfig,
     #[serde(default, rename = "resource")]
@@ -410,5 +452,19 @@ impl Config {
 
     pub fn rlimits<'a>(&'a self, w: &'a WorkerConfig) -> &'a RlimitConfig {
         w.rlimits.as_ref().unwrap_or(&self.defaults.rlimits)
+    }
+
+    /// `w`'s limits: its own keys, else `[defaults.limits]`, else the built-in values.
+    pub fn limits(&self, w: &WorkerConfig) -> WorkerLimits {
+        let (o, d) = (&w.limits, &self.defaults.limits);
+        WorkerLimits {
+            memory_bytes: o.memory_mib.or(d.memory_mib).unwrap_or(512) << 20,
+            pids: o.pids.or(d.pids).unwrap_or(256),
+            cpu_weight: o.cpu_weight.or(d.cpu_weight).unwrap_or(100),
+            cpu_max_percent: o.cpu_max_percent.or(d.cpu_max_percent),
+            nice: o.nice.or(d.nice).unwrap_or(0),
+            sched_idle: o.sched_idle.or(d.sched_idle).unwrap_or(false),
+            oom_score_adj: o.oom_score_adj.or(d.oom_score_adj).unwrap_or(500),
+        }
     }
 }

@@ -182,6 +182,9 @@ pub fn parse(text: &str, source_name: &str, known_policies: &[String]) -> Result
         if rl.nofile < 16 {
             bad(line, "rlimits.nofile below 16 cannot run a worker".into());
         }
+        for m in limit_problems(&cfg.limits(w)) {
+            bad(line, m);
+        }
     }
     let names: Vec<String> = cfg.workers.iter().map(|w| w.name.get_ref().clone()).collect();
     for p in &cfg.permits {
@@ -194,4 +197,36 @@ pub fn parse(text: &str, source_name: &str, known_policies: &[String]) -> Result
     } else {
         Err(ConfigError { source_name: source_name.into(), problems })
     }
+}
+
+/// What is wrong with a worker's decided limits (each value's range).
+fn limit_problems(l: &WorkerLimits) -> Vec<String> {
+    let mut out = Vec::new();
+    if l.memory_bytes < 16 << 20 {
+        out.push(format!("limits.memory-mib {} is below 16: no worker starts in that", l.memory_bytes >> 20));
+    }
+    if l.memory_bytes >> 20 > 1 << 30 {
+        out.push("limits.memory-mib is larger than any machine".into());
+    }
+    if l.pids < 4 || l.pids > 4_194_304 {
+        out.push(format!("limits.pids {} must lie in 4..=4194304", l.pids));
+    }
+    if !(1..=10_000).contains(&l.cpu_weight) {
+        out.push(format!("limits.cpu-weight {} must lie in 1..=10000", l.cpu_weight));
+    }
+    if let Some(p) = l.cpu_max_percent {
+        if !(1..=100_000).contains(&p) {
+            out.push(format!("limits.cpu-max-percent {p} must lie in 1..=100000"));
+        }
+    }
+    if !(0..=19).contains(&l.nice) {
+        out.push(format!("limits.nice {} must lie in 0..=19 (a worker never gets more than airlockd)", l.nice));
+    }
+    if !(0..=1000).contains(&l.oom_score_adj) {
+        out.push(format!(
+            "limits.oom-score-adj {} must lie in 0..=1000 (a worker is never a worse OOM victim than airlockd)",
+            l.oom_score_adj
+        ));
+    }
+    out
 }

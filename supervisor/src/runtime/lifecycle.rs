@@ -108,6 +108,7 @@ impl Supervisor {
             // Not the start this slot waits for (cannot happen: one start at a time per slot).
             if let Ok(st) = out.result {
                 kill_and_reap(&st.pidfd);
+                st.cgroup.inspect(|c| c.remove());
             }
             return;
         }
@@ -141,6 +142,7 @@ impl Supervisor {
                 let slot = &mut self.slots[i];
                 slot.report = Some(st.report);
                 slot.notes = st.notes;
+                slot.bounds = st.bounds;
                 slot.services = st.services;
                 slot.state = WorkerState::Running;
                 slot.backoff_until = None;
@@ -158,6 +160,7 @@ impl Supervisor {
                     channel_down: false,
                     killed: false,
                     watching: None,
+                    cgroup: st.cgroup,
                 });
                 let pid = slot.run.as_ref().map_or(0, |r| r.pid);
                 // The service names are the worker's words (checked against nothing yet).
@@ -242,7 +245,19 @@ impl Supervisor {
             }
         };
         let policy = self.slots[i].cfg.policy.get_ref().clone();
-        let reason = describe_exit(status, r.sigsys.as_deref(), &policy);
+        let mut reason = describe_exit(status, r.sigsys.as_deref(), &policy);
+        if let Some(cg) = &r.cgroup {
+            // The kernel counts its OOM kills in the worker's own cgroup: only a SIGKILL with a
+            // count is a death by the memory limit (a hostile worker cannot forge the count).
+            let kills = cg.oom_kills();
+            if status == ExitStatus::Signal(libc::SIGKILL) && kills > 0 {
+                reason = format!(
+                    "killed by its memory limit ({} MiB): the kernel's OOM killer in its own cgroup",
+                    cg.limits.memory_bytes >> 20
+                );
+            }
+            cg.remove();
+        }
         let ran = r.started.elapsed();
         tracing::warn!(worker = %self.slots[i].name, pid = r.pid, ran_ms = ran.as_millis() as u64, "worker exited: {reason}");
         self.slots[i].last_exit = Some(reason);
@@ -285,6 +300,7 @@ impl Supervisor {
         for out in self.starter.drain(starting.len(), within) {
             if let Ok(st) = out.result {
                 kill_and_reap(&st.pidfd);
+                st.cgroup.inspect(|c| c.remove());
             }
             self.slots[out.slot].state = WorkerState::Stopped;
         }
@@ -301,6 +317,9 @@ impl Supervisor {
                 match sys::reap(r.pidfd.as_fd()) {
                     Ok(Some(st)) => {
                         tracing::info!(worker = %self.slots[i].name, "stopped: {}", describe_exit(st, None, ""));
+                        if let Some(cg) = r.cgroup.as_ref() {
+                            cg.remove();
+                        }
                         self.slots[i].run = None;
                         self.slots[i].state = WorkerState::Stopped;
                     }
@@ -321,6 +340,9 @@ impl Supervisor {
                             }
                             std::thread::sleep(Duration::from_millis(5));
                         }
+                        if let Some(cg) = r.cgroup.as_ref() {
+                            cg.remove();
+                        }
                         s.state = WorkerState::Stopped;
                     }
                 }
@@ -328,6 +350,7 @@ impl Supervisor {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+        self.cgroups.remove_all();
         let _ = std::fs::remove_file(&self.control_path);
         tracing::info!("airlockd stopped");
     }

@@ -87,6 +87,8 @@ pub struct Supervisor {
     starter: Starter,
     /// First starts not finished yet: `READY=1` goes out when none is left.
     initial_pending: usize,
+    /// The workers' cgroups (removed at shutdown), or why there are none.
+    cgroups: crate::cgroup::Cgroups,
 }
 
 /// Event tokens: the signalfd, the control socket, and per worker `slot << 2 | what`.
@@ -113,6 +115,10 @@ impl Supervisor {
         let sigfd = sys::signalfd(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP]).map_err(io_err("signalfd"))?;
         let host = HostAbilities::probe();
         tracing::info!(root = host.root, namespaces = ?host.namespaces, "host abilities");
+        match (host.cgroups.version(), host.cgroups.unavailable_reason()) {
+            (Some(v), _) => tracing::info!(version = v, "workers get cgroups of their own"),
+            (None, why) => tracing::info!(why = why.unwrap_or(""), "no cgroups for workers"),
+        }
         let run_dir = cfg.runtime_directory();
         crate::dirs::secure_dir(&run_dir).map_err(io_err(format!("runtime directory {}", run_dir.display())))?;
         let state_dir = cfg.state_directory();
@@ -190,6 +196,7 @@ impl Supervisor {
             events: Vec::with_capacity(64),
             starter,
             initial_pending: n,
+            cgroups: host.cgroups.clone(),
         };
         for i in 0..s.slots.len() {
             s.launch(i);

@@ -32,6 +32,8 @@ pub(super) struct Running {
     /// What the event loop watches: `None` before the descriptors are registered, then the
     /// events registered for the channel (0: not registered).
     pub watching: Option<u32>,
+    /// Its own cgroup: tells a death by its memory limit, and is removed after the exit.
+    pub cgroup: Option<crate::cgroup::WorkerCgroup>,
 }
 
 /// One configured worker, running or not.
@@ -72,6 +74,8 @@ pub(super) struct Slot {
     /// Encrypted bulk payloads decrypted, and memfd payloads refused unread (see `WorkerStatus`).
     pub bulk_decrypted: u64,
     pub bulk_refused_unread: u64,
+    /// Which bounds hold its memory, CPU and processes (from its last start).
+    pub bounds: Vec<String>,
 }
 
 impl Slot {
@@ -101,6 +105,7 @@ impl Slot {
             calls_made: 0,
             bulk_decrypted: 0,
             bulk_refused_unread: 0,
+            bounds: Vec::new(),
         }
     }
 
@@ -132,6 +137,7 @@ impl Slot {
             calls_made: self.calls_made,
             bulk_decrypted: self.bulk_decrypted,
             bulk_refused_unread: self.bulk_refused_unread,
+            bounds: self.bounds.clone(),
         }
     }
 }

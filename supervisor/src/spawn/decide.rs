@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use airlock_protocol::confinement::{ConfinementPlan, Layer, LayerState, Requirement, Rlimits};
 
-use crate::config::{Config, UidSpec};
+use crate::cgroup::Cgroups;
+use crate::config::{Config, UidSpec, WorkerLimits};
 use crate::sys;
 
 use super::SpawnError;
@@ -16,6 +17,8 @@ pub struct HostAbilities {
     pub root: bool,
     /// For each namespace layer: usable (Ok) or the errno that refused it.
     pub namespaces: BTreeMap<Layer, Result<(), i32>>,
+    /// Per-worker cgroups, or why there are none.
+    pub cgroups: Cgroups,
 }
 
 pub const NAMESPACE_FLAGS: [(Layer, libc::c_int); 7] = [
@@ -41,7 +44,11 @@ impl HostAbilities {
             let r = if with_user || alone.is_ok() { Ok(()) } else { alone };
             namespaces.insert(*layer, r);
         }
-        HostAbilities { root, namespaces }
+        let (cgroups, cleaned) = Cgroups::probe();
+        for c in cleaned {
+            tracing::info!(cgroup = %c, "removed a stale worker cgroup left by an airlockd that is gone");
+        }
+        HostAbilities { root, namespaces, cgroups }
     }
 }
 
@@ -57,6 +64,11 @@ pub struct Decision {
     pub host_uid: u32,
     pub host_gid: u32,
     pub plan: ConfinementPlan,
+    /// The worker gets its own cgroup (the `cgroup` layer is wanted and the host has them).
+    pub cgroup: bool,
+    /// Its priority and OOM score are set (the `priority` layer is wanted).
+    pub priority: bool,
+    pub limits: WorkerLimits,
 }
 
 /// Decides namespaces, ids and the plan for `w`. Pure: testable without spawning.
@@ -115,6 +127,25 @@ pub fn decide(cfg: &Config, index: usize, host: &HostAbilities, self_ids: (u32, 
         }
         (Requirement::BestEffort, Err(why)) => from_sup.push((Layer::Uid, LayerState::Unavailable(why))),
     }
+    // The cgroup and the priority are applied after the clone, and their states added then.
+    let cgroup = match (req(Layer::Cgroup), host.cgroups.unavailable_reason()) {
+        (Requirement::Off, _) => {
+            from_sup.push((Layer::Cgroup, LayerState::Off));
+            false
+        }
+        (_, None) => true,
+        (Requirement::Required, Some(why)) => {
+            return Err(SpawnError::LayerUnavailable { layer: Layer::Cgroup, reason: why.to_string() })
+        }
+        (Requirement::BestEffort, Some(why)) => {
+            from_sup.push((Layer::Cgroup, LayerState::Unavailable(why.to_string())));
+            false
+        }
+    };
+    let priority = req(Layer::Priority) != Requirement::Off;
+    if !priority {
+        from_sup.push((Layer::Priority, LayerState::Off));
+    }
     let rl = cfg.rlimits(w);
     let plan = ConfinementPlan {
         worker: w.name.get_ref().clone(),
@@ -139,5 +170,5 @@ pub fn decide(cfg: &Config, index: usize, host: &HostAbilities, self_ids: (u32, 
     if let Some(dir) = &plan.state_directory {
         plan.landlock_write.push(dir.clone());
     }
-    Ok(Decision { clone_flags: flags, use_userns, host_uid, host_gid, plan })
+    Ok(Decision { clone_flags: flags, use_userns, host_uid, host_gid, plan, cgroup, priority, limits: cfg.limits(w) })
 }

@@ -31,11 +31,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
-use airlock_protocol::confinement::{ConfinementReport, Layer, Requirement};
+use airlock_protocol::confinement::{ConfinementReport, Layer, LayerState, Requirement};
 use airlock_protocol::wire::{FromWorker, ToWorker};
 use airlock_protocol::{handoff, Channel, ChannelError, Hello, Limits, Role, DEFAULT_REKEY_INTERVAL};
 
-use crate::config::Config;
+use crate::cgroup::WorkerCgroup;
+use crate::config::{Config, WorkerLimits};
 use crate::sys;
 use crate::verify;
 
@@ -89,6 +90,78 @@ pub struct Started {
     pub report: ConfinementReport,
     pub services: Vec<String>,
     pub notes: Vec<String>,
+    /// Its own cgroup, removed when it is gone.
+    pub cgroup: Option<WorkerCgroup>,
+    /// Which bounds hold its memory, CPU and processes (for `airlock status`).
+    pub bounds: Vec<String>,
+}
+
+/// Removes a worker's cgroup unless the spawn succeeds and takes it.
+struct CgroupGuard(Option<WorkerCgroup>);
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        if let Some(cg) = self.0.take() {
+            cg.remove();
+        }
+    }
+}
+
+/// Sets the priority and OOM score of `pid` (cloned, not yet exec'd).
+fn apply_priority(pid: i32, l: &WorkerLimits) -> Result<(), String> {
+    let errno = |e: std::io::Error| {
+        e.raw_os_error().map_or(e.to_string(), |n| format!("{} ({e})", airlock_protocol::confinement::errno_name(n)))
+    };
+    if l.nice != 0 {
+        sys::set_nice(pid, l.nice).map_err(|e| format!("setpriority(nice {}): {}", l.nice, errno(e)))?;
+    }
+    if l.sched_idle {
+        sys::set_sched_idle(pid).map_err(|e| format!("sched_setscheduler(SCHED_IDLE): {}", errno(e)))?;
+    }
+    std::fs::write(format!("/proc/{pid}/oom_score_adj"), l.oom_score_adj.to_string())
+        .map_err(|e| format!("writing /proc/{pid}/oom_score_adj: {}", errno(e)))?;
+    Ok(())
+}
+
+/// Checks from `/proc` that `pid` runs with the priority and OOM score it was given.
+pub fn verify_priority(pid: i32, l: &WorkerLimits) -> Result<(), String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
+    // Fields after the command (which may hold spaces and parentheses): state is field 3.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or("/proc/PID/stat malformed")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| f.get(n - 3).and_then(|v| v.parse::<i64>().ok());
+    let (nice, policy) = (field(19), field(41));
+    if nice != Some(i64::from(l.nice)) {
+        return Err(format!("nice is {nice:?}, not {}", l.nice));
+    }
+    let want_policy = if l.sched_idle { libc::SCHED_IDLE } else { libc::SCHED_OTHER };
+    if policy != Some(i64::from(want_policy)) {
+        return Err(format!("scheduling policy is {policy:?}, not {want_policy}"));
+    }
+    let adj =
+        std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj")).map_err(|e| format!("oom_score_adj: {e}"))?;
+    if adj.trim() != l.oom_score_adj.to_string() {
+        return Err(format!("oom_score_adj is {}, not {}", adj.trim(), l.oom_score_adj));
+    }
+    Ok(())
+}
+
+/// What bounds a worker without its own cgroup: its rlimits (heap and mappings by the address
+/// space; unmapped memfds by descriptors times file size) and its priority.
+fn bounds_without_cgroup(why: &str, rl: &airlock_protocol::confinement::Rlimits) -> Vec<String> {
+    let mib = |v: Option<u64>| v.map_or("unlimited".to_string(), |b| format!("{} MiB", b >> 20));
+    let memfds = match (rl.nofile, rl.fsize) {
+        (Some(n), Some(f)) => format!("{n} descriptors × {} = {} MiB", mib(Some(f)), (n * f) >> 20),
+        _ => "unbounded".to_string(),
+    };
+    vec![
+        format!(
+            "memory: no cgroup ({why}): mappings ≤ address space {}, unmapped memfds ≤ {memfds}",
+            mib(rl.address_space)
+        ),
+        format!("pids: no cgroup: RLIMIT_NPROC {} for its uid", rl.nproc.map_or("unlimited".into(), |n| n.to_string())),
+        "cpu: no cgroup: bounded only by its priority".to_string(),
+    ]
 }
 
 fn write_maps(pid: i32, d: &Decision, self_ids: (u32, u32)) -> std::io::Result<()> {
@@ -149,6 +222,16 @@ fn spawn_inner(cfg: &Config, index: usize, host: &HostAbilities, child: &AtomicI
     if let Some(dir) = &d.plan.state_directory {
         prepare_state_directory(dir, d.host_uid, d.host_gid)
             .map_err(|e| SpawnError::Io { step: "preparing the state directory", source: e })?;
+    }
+    let mut cgroup = CgroupGuard(None);
+    if d.cgroup {
+        match host.cgroups.create(w.name.get_ref(), &d.limits) {
+            Ok(cg) => cgroup.0 = Some(cg),
+            Err(why) if d.plan.requirement(Layer::Cgroup) == Requirement::Required => {
+                return Err(SpawnError::LayerUnavailable { layer: Layer::Cgroup, reason: why })
+            }
+            Err(why) => d.plan.from_supervisor.push((Layer::Cgroup, LayerState::Unavailable(why))),
+        }
     }
     let brokered = open_resources(w)?;
     let exe_path = cfg.resolve_executable(w);
@@ -220,6 +303,27 @@ fn spawn_inner(cfg: &Config, index: usize, host: &HostAbilities, child: &AtomicI
             return Err(SpawnError::Io { step: "writing uid/gid maps", source: e });
         }
     }
+    // Its cgroup and priority before it runs a single instruction of its own.
+    let placed = [
+        (Layer::Cgroup, cgroup.0.as_ref().map(|cg| cg.attach(pid))),
+        (Layer::Priority, d.priority.then(|| apply_priority(pid, &d.limits))),
+    ];
+    for (layer, result) in placed {
+        match result {
+            None => {}
+            Some(Ok(())) => d.plan.from_supervisor.push((layer, LayerState::Applied)),
+            Some(Err(why)) if d.plan.requirement(layer) == Requirement::Required => {
+                kill(&pidfd);
+                return Err(SpawnError::LayerUnavailable { layer, reason: why });
+            }
+            Some(Err(why)) => {
+                if layer == Layer::Cgroup {
+                    cgroup.0.take().map(|cg| cg.remove());
+                }
+                d.plan.from_supervisor.push((layer, LayerState::Unavailable(why)));
+            }
+        }
+    }
     if let Err(e) = pending.release() {
         kill(&pidfd);
         return Err(SpawnError::Exec { path: exe_path.display().to_string(), source: e });
@@ -248,6 +352,12 @@ fn spawn_inner(cfg: &Config, index: usize, host: &HostAbilities, child: &AtomicI
         let expect =
             verify::Expectations::from_report(&report, &d.plan, (d.host_uid, d.host_gid), host.root || d.use_userns);
         let notes = verify::verify(pid, &expect).map_err(SpawnError::Verification)?;
+        if let Some(cg) = &cgroup.0 {
+            cg.verify(pid).map_err(|e| SpawnError::Verification(format!("cgroup: {e}")))?;
+        }
+        if matches!(report.get(Layer::Priority), Some(LayerState::Applied)) {
+            verify_priority(pid, &d.limits).map_err(|e| SpawnError::Verification(format!("priority: {e}")))?;
+        }
         ch.send(&ToWorker::Start { settings: cfg.settings_for(w) })
             .map_err(|e| SpawnError::Channel { step: "start", source: e })?;
         let services = match recv_within(&mut ch, "start", deadline, timeout_ms)?.msg {
@@ -258,7 +368,26 @@ fn spawn_inner(cfg: &Config, index: usize, host: &HostAbilities, child: &AtomicI
     })();
     match result {
         Ok((report, services, notes)) => {
-            Ok(Started { pid, pidfd, channel: ch, stderr: err_r.into(), report, services, notes })
+            let mut bounds = match (&cgroup.0, report.get(Layer::Cgroup)) {
+                (Some(cg), _) => cg.describe(),
+                (None, state) => {
+                    let why = state.and_then(|s| s.why()).unwrap_or("turned off by the configuration");
+                    bounds_without_cgroup(why, &d.plan.rlimits)
+                }
+            };
+            let l = &d.limits;
+            bounds.push(match report.get(Layer::Priority) {
+                Some(LayerState::Applied) => format!(
+                    "priority: nice {}{}, oom_score_adj {} (chosen by the OOM killer before airlockd)",
+                    l.nice,
+                    if l.sched_idle { ", SCHED_IDLE" } else { "" },
+                    l.oom_score_adj
+                ),
+                Some(s) => format!("priority: {s}"),
+                None => "priority: not reported".into(),
+            });
+            let cgroup = cgroup.0.take();
+            Ok(Started { pid, pidfd, channel: ch, stderr: err_r.into(), report, services, notes, cgroup, bounds })
         }
         Err(e) => {
             kill(&pidfd);

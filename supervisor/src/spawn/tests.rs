@@ -16,7 +16,7 @@ fn config(confinement: &str) -> Config {
 fn host(root: bool, userns: Result<(), i32>) -> HostAbilities {
     let mut namespaces: BTreeMap<Layer, Result<(), i32>> = NAMESPACE_FLAGS.iter().map(|(l, _)| (*l, Ok(()))).collect();
     namespaces.insert(Layer::UserNamespace, userns);
-    HostAbilities { root, namespaces }
+    HostAbilities { root, namespaces, cgroups: crate::cgroup::Cgroups::unavailable("no v1 memory hierarchy") }
 }
 
 fn state(d: &Decision, l: Layer) -> Option<&LayerState> {
@@ -85,4 +85,30 @@ fn a_root_supervisor_gives_each_worker_its_dynamic_uid() {
     assert_eq!(state(&d, Layer::UserNamespace), Some(&LayerState::Off));
     assert_eq!(d.clone_flags & libc::CLONE_NEWUSER, 0);
     assert_ne!(d.clone_flags & libc::CLONE_NEWPID, 0, "root needs no user namespace for the others");
+}
+
+#[test]
+fn a_required_cgroup_the_host_lacks_names_the_layer_and_why() {
+    let cfg = config("cgroup = \"required\"\nuid = \"off\"");
+    match decide(&cfg, 0, &host(false, Ok(())), (1000, 1000)) {
+        Err(SpawnError::LayerUnavailable { layer: Layer::Cgroup, reason }) => {
+            assert!(reason.contains("no v1 memory hierarchy"), "{reason}")
+        }
+        other => panic!("expected the cgroup layer to stop the spawn: {other:?}"),
+    }
+}
+
+#[test]
+fn a_best_effort_cgroup_is_reported_unavailable_and_priority_stays_wanted() {
+    let cfg = config("cgroup = \"best-effort\"\nuid = \"off\"");
+    let d = decide(&cfg, 0, &host(false, Ok(())), (1000, 1000)).expect("decides");
+    assert!(!d.cgroup && d.priority);
+    assert!(matches!(state(&d, Layer::Cgroup), Some(LayerState::Unavailable(w)) if w.contains("no v1 memory")));
+    assert_eq!(state(&d, Layer::Priority), None, "applied after the clone, not decided here");
+    let off = config("cgroup = \"off\"\npriority = \"off\"\nuid = \"off\"");
+    let d = decide(&off, 0, &host(false, Ok(())), (1000, 1000)).expect("decides");
+    assert_eq!(
+        (state(&d, Layer::Cgroup), state(&d, Layer::Priority)),
+        (Some(&LayerState::Off), Some(&LayerState::Off))
+    );
 }

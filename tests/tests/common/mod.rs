@@ -66,6 +66,7 @@ mount-namespace = "best-effort"
 ipc-namespace = "best-effort"
 uts-namespace = "best-effort"
 cgroup-namespace = "best-effort"
+cgroup = "best-effort"
 uid = "best-effort"
 landlock = "best-effort"
 
