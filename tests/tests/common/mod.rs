@@ -435,6 +435,11 @@ pub fn assert_report_is_truthful(w: &WorkerStatus, supervisor: i32, nofile: u64)
         }
     }
     let applied = |l: Layer| w.state(l) == Some(LayerWord::Applied);
+    if applied(Layer::Cgroup) {
+        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("read cgroup");
+        let mine = format!("/airlock.{supervisor}/{name}");
+        assert!(cg.lines().any(|l| l.ends_with(&mine)), "{name}: cgroup applied, but /proc/{pid}/cgroup is {cg}");
+    }
     if applied(Layer::Seccomp) {
         assert_eq!(status_field(&st, "Seccomp"), "2", "{name}");
     }

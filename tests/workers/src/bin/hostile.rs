@@ -16,6 +16,13 @@
 //! - `bulk-calls SERVICE COUNT BYTES` (also on demand: a call to `hostile.attack` with that
 //!   text as its body answers `OK BUSY REFUSED` when done; BYTES 0 sends no payload): COUNT calls to `SERVICE.bulk`, each with an encrypted
 //!   bulk payload of BYTES bytes, one after the other; then an event `bulk done OK BUSY REFUSED`.
+//! - `memhog MEMFD_MIB HEAP_MIB`: takes memory the way the address-space limit does not see:
+//!   memfds of MEMFD_MIB MiB each (filled through a mapping, unmapped, kept open) until it may open or grow
+//!   no more, then heap in 1 MiB blocks (touched) up to HEAP_MIB MiB or the first refusal; an
+//!   event `memhog memfds M MiB heap H MiB` says what it held; then it serves, holding it all.
+//!   With a cgroup of its own, the kernel kills it long before.
+//! - `spin THREADS` (also on demand through `hostile.attack`): THREADS threads that spin
+//!   forever, competing for the CPU with every other worker.
 
 use airlock_protocol::wire::{ByteBody, CallFailure, FromWorker, Reply, Request, ToWorker};
 use airlock_protocol::BulkMode;
@@ -82,6 +89,11 @@ fn main() {
         "bulk-calls" => {
             bulk_calls(&mut w, args.get(1).map_or("peer", String::as_str), num(&args, 2), num(&args, 3));
         }
+        "memhog" => {
+            let held = memhog(num(&args, 1), num(&args, 2));
+            let _ = w.event(&held);
+        }
+        "spin" => spin(num(&args, 1)),
         _ => {}
     }
     let served = w.serve(|w, req, _| match req.method.as_str() {
@@ -91,6 +103,10 @@ fn main() {
         "attack" => {
             let text = String::from_utf8_lossy(&req.body).into_owned();
             let a: Vec<String> = text.split_whitespace().map(str::to_string).collect();
+            if a.first().map(String::as_str) == Some("spin") {
+                spin(num(&a, 1));
+                return Ok(Response::bytes(b"spinning".to_vec()));
+            }
             if a.first().map(String::as_str) != Some("bulk-calls") {
                 return Err(format!("unknown attack {text:?}"));
             }
@@ -147,4 +163,56 @@ fn bulk_calls(w: &mut Worker, service: &str, count: u64, bytes: u64) -> String {
     let done = format!("{ok} {busy} {refused}");
     let _ = w.event(&format!("bulk done {done}"));
     done
+}
+
+/// Threads that spin until the process ends.
+fn spin(threads: u64) {
+    for _ in 0..threads {
+        std::thread::spawn(|| {
+            let mut x = 0u64;
+            loop {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        });
+    }
+}
+
+/// Memory in unmapped memfds, then on the heap (see `memhog` above). Returns the event text.
+/// Only what its policy allows any worker with a channel: memfd_create, ftruncate, mmap.
+fn memhog(memfd_mib: u64, heap_mib: u64) -> String {
+    use airlock_protocol::sys::{ftruncate, memfd_create, MapMode, Mapping};
+    use std::os::fd::AsFd;
+    let len = (memfd_mib << 20) as usize;
+    let mut fds = Vec::new();
+    let mut memfd_bytes = 0u64;
+    while let Ok(fd) = memfd_create(c"hog", false) {
+        if ftruncate(fd.as_fd(), len as u64).is_err() {
+            break;
+        }
+        let Ok(mut map) = Mapping::map(fd.as_fd(), len, MapMode::SharedWrite) else { break };
+        // Touched through the mapping, then unmapped: the pages stay in the file and count
+        // against no address space.
+        if let Some(s) = map.as_mut_slice() {
+            for i in (0..s.len()).step_by(4096) {
+                s[i] = 0x5a;
+            }
+        }
+        drop(map);
+        memfd_bytes += len as u64;
+        fds.push(fd);
+    }
+    let mut heap: Vec<Vec<u8>> = Vec::new();
+    for _ in 0..heap_mib {
+        let mut block: Vec<u8> = Vec::new();
+        if block.try_reserve_exact(1 << 20).is_err() {
+            break;
+        }
+        block.resize(1 << 20, 0x5a);
+        heap.push(block);
+    }
+    let text = format!("memhog memfds {} MiB in {} files heap {} MiB", memfd_bytes >> 20, fds.len(), heap.len());
+    // Held until the process ends.
+    std::mem::forget(heap);
+    std::mem::forget(fds);
+    text
 }
