@@ -213,10 +213,15 @@ fn durable_messages_survive_a_supervisor_kill_and_none_arrive_twice() {
     }
     let (dir, first_log) = d.kill9();
     let out = sender.join().expect("sender");
-    assert!(!out.status.success(), "the call cannot have completed: its supervisor was killed");
     // What the sender had been told was accepted (journaled and fsynced) before the kill.
-    let accepted = accepted_in(&first_log);
+    let mut accepted = accepted_in(&first_log);
     assert!(accepted >= 500, "accepted {accepted}");
+    // Usually the kill interrupts the sender; on a busy machine it may have finished first,
+    // and then every message was accepted before the kill and must arrive.
+    if out.status.success() {
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "sent 5000");
+        accepted = 5000;
+    }
     let d = restart_and_drain(dir, accepted);
     assert!(d.log_text().contains("recovered journaled messages"), "{}", d.log_text());
     let (st, log) = d.stop();

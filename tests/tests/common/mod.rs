@@ -70,6 +70,10 @@ cgroup = "best-effort"
 uid = "best-effort"
 landlock = "best-effort"
 
+# Above the address space below: the escape tests see the rlimit refuse first.
+[defaults.limits]
+memory-mib = 2048
+
 [defaults.rlimits]
 nofile = 64
 nproc = 512
