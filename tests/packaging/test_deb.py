@@ -282,7 +282,7 @@ def start_like_the_unit(pw, unit_name):
             for w in st["workers"]:
                 missing = {l["layer"]: l for l in w["confinement"] if l["state"] != "applied" and l["layer"] not in relaxed}
                 check(not missing, f"{w['name']}: every layer the unit requires is applied ({missing})")
-            check(privileged or relaxed == {"uid", "mount-namespace"}, f"the unprivileged unit relaxes uid and mount-namespace only: {relaxed}")
+            check(privileged or relaxed == {"uid", "mount-namespace", "cgroup"}, f"the unprivileged unit relaxes uid, mount-namespace and cgroup only: {relaxed}")
             if privileged:
                 def host_uid(pid):
                     if pid is None:
