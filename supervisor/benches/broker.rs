@@ -18,11 +18,19 @@
 //!   encrypted 1 MiB bulk payload, that the permit table refuses, versus the same count of
 //!   refused calls without a payload (target: at most 1.5; a refused payload is never
 //!   decrypted or mapped).
+//! - `call_under_cpu_attack_64`: `call_via_broker_64`'s median (and p99 in the note) while a
+//!   hostile worker spins 64 threads, versus the same calls before the attack in the same run,
+//!   unpinned; the hostile worker has the ui's limits (cpu-weight 25, nice 10) and its own cgroup
+//!   where the host gives one (target: at most 2.0 with the cgroup layer applied; the note says
+//!   whether it was). `call_under_cpu_attack_64_priority_only`: the same with the cgroup layer
+//!   off, as on a host without cgroups: only the nice value holds the attacker back.
+//! - `supervisor_rss_under_attack`: airlockd's RSS after a CPU attack, a memory hog and a
+//!   flood of refused 1 MiB bulk calls, versus its RSS at rest before them (bounded).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -236,6 +244,95 @@ fn wait_hostile_up(dir: &Path) {
     }
 }
 
+/// airlockd with `pinger` calling `peer`, and a hostile worker with the ui's limits; `cgroup` is
+/// that layer's requirement.
+fn start_attack_airlockd(dir: &Path, bins: &Path, cgroup: &str) -> Child {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).expect("dir");
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
+    let echo = |name: &str| {
+        format!("[[worker]]\nname = \"{name}\"\nexecutable = \"airlock-worker-echo\"\npolicy = \"echo\"\nuid = \"dynamic\"\nservices = [\"{name}\"]\n")
+    };
+    let cfg = format!(
+        "[supervisor]\nstate-directory = \"{d}/state\"\nruntime-directory = \"{d}/run\"\nworker-directory = \"{b}\"\n\n[defaults.confinement]\nuser-namespace = \"best-effort\"\npid-namespace = \"best-effort\"\nnet-namespace = \"best-effort\"\nmount-namespace = \"best-effort\"\nipc-namespace = \"best-effort\"\nuts-namespace = \"best-effort\"\ncgroup-namespace = \"best-effort\"\ncgroup = \"{cgroup}\"\nuid = \"best-effort\"\nlandlock = \"best-effort\"\n\n[broker]\nmax-violations = 0\n\n{}{}[[worker]]\nname = \"hostile\"\nexecutable = \"airlock-worker-hostile\"\npolicy = \"hostile\"\nuid = \"dynamic\"\nservices = [\"hostile\"]\n[worker.limits]\ncpu-weight = 25\nnice = 10\nmemory-mib = 128\n[worker.rlimits]\nnofile = 64\nnproc = 512\naddress-space-mib = 1024\nfile-size-mib = 4\n\n[[permit]]\nfrom = \"pinger\"\nto = \"peer.echo\"\nkind = \"call\"\n",
+        echo("pinger"),
+        echo("peer"),
+        d = dir.display(),
+        b = bins.display()
+    );
+    std::fs::write(dir.join("airlock.toml"), cfg).expect("config");
+    let d = Command::new(bins.join("airlockd"))
+        .arg("--config")
+        .arg(dir.join("airlock.toml"))
+        .env("AIRLOCK_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("airlockd.log")).expect("log"))
+        .spawn()
+        .expect("airlockd");
+    wait_hostile_up(dir);
+    let sock = dir.join("run/control.sock");
+    for w in ["pinger", "peer"] {
+        let echo = ControlRequest::Call { service: w.into(), method: "echo".into(), body: "x".into(), deadline_ms: 0 };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while control(&sock, &echo).body != "x" {
+            assert!(Instant::now() < deadline, "{w} did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    d
+}
+
+/// Resident memory of `pid` in KiB.
+fn rss_kib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.split_whitespace().next()?.parse().ok()))
+        })
+        .unwrap_or(0.0)
+}
+
+/// `call_under_cpu_attack_64` (or its `_priority_only` twin): returns airlockd's RSS at rest.
+fn cpu_attack(bins: &Path, scenario: &str, cgroup: &str) -> (Child, PathBuf, f64) {
+    // Short: the control socket's path must fit in sun_path.
+    let dir = bins.join(format!("airlock-bench-broker-{}-cpu-{cgroup}", std::process::id()));
+    let d = start_attack_airlockd(&dir, bins, cgroup);
+    let sock = dir.join("run/control.sock");
+    let applied = {
+        let mut s = UnixStream::connect(&sock).expect("connect control socket");
+        writeln!(s, "{}", serde_json::to_string(&ControlRequest::Status).expect("json")).expect("write");
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).expect("read");
+        let st: airlock_protocol::control::Status = serde_json::from_str(&line).expect("status");
+        st.workers
+            .iter()
+            .find(|w| w.name == "hostile")
+            .and_then(|w| w.state(airlock_protocol::confinement::Layer::Cgroup))
+            == Some(airlock_protocol::control::LayerWord::Applied)
+    };
+    let _ = call(&sock, "pinger", "ping_many", "peer 500");
+    let rest_rss = rss_kib(d.id());
+    let unloaded: f64 = call(&sock, "pinger", "ping_many", "peer 2000").parse().expect("median");
+    let unloaded_p99: f64 = call(&sock, "pinger", "ping_many", "peer 2000 99").parse().expect("p99");
+    assert_eq!(call(&sock, "hostile", "attack", "spin 64"), "spinning");
+    std::thread::sleep(Duration::from_millis(300));
+    let loaded: f64 = call(&sock, "pinger", "ping_many", "peer 2000").parse().expect("median");
+    let loaded_p99: f64 = call(&sock, "pinger", "ping_many", "peer 2000 99").parse().expect("p99");
+    let layer = if applied { "its own cgroup (weight 25) and nice 10" } else { "no cgroup, nice 10 only" };
+    emit(
+        scenario,
+        loaded,
+        unloaded,
+        "us",
+        true,
+        &format!(
+            "call median while a hostile worker spins 64 threads ({layer}), versus before the attack, all CPUs; 99th percentile {loaded_p99} us versus {unloaded_p99} us; target 2.0 with a cgroup"
+        ),
+    );
+    (d, dir, rest_rss)
+}
+
 fn stop(mut d: Child) {
     let pidfd = airlock_supervisor::sys::pidfd_open(d.id() as i32).expect("pidfd");
     let _ = airlock_supervisor::sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGTERM);
@@ -397,6 +494,36 @@ fn main() {
         );
         stop(d);
         let _ = std::fs::remove_dir_all(&dir3);
+    }
+
+    if wants("call_under_cpu_attack_64") || wants("supervisor_rss_under_attack") {
+        let (d, dir4, rest_rss) = cpu_attack(&bins, "call_under_cpu_attack_64", "best-effort");
+        if wants("supervisor_rss_under_attack") {
+            let sock = dir4.join("run/control.sock");
+            let after_cpu = rss_kib(d.id());
+            let _ = call(&sock, "hostile", "attack", "bulk-calls peer 500 1048576");
+            let after_bulk = rss_kib(d.id());
+            let worst = after_cpu.max(after_bulk);
+            emit(
+                "supervisor_rss_under_attack",
+                worst / 1024.0,
+                rest_rss / 1024.0,
+                "MiB",
+                true,
+                &format!(
+                    "airlockd's RSS after 64 spinning threads ({:.1} MiB) and 500 refused encrypted 1 MiB bulk calls ({:.1} MiB) from a hostile worker, versus at rest; bounded",
+                    after_cpu / 1024.0,
+                    after_bulk / 1024.0
+                ),
+            );
+        }
+        stop(d);
+        let _ = std::fs::remove_dir_all(&dir4);
+    }
+    if wants("call_under_cpu_attack_64_priority_only") {
+        let (d, dir5, _) = cpu_attack(&bins, "call_under_cpu_attack_64_priority_only", "off");
+        stop(d);
+        let _ = std::fs::remove_dir_all(&dir5);
     }
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&dir2);

@@ -525,7 +525,7 @@ mod tests {
         let m = parse_mountinfo(HYBRID);
         assert_eq!(m.len(), 5, "{m:?}");
         let own = parse_proc_cgroup(HYBRID_OWN);
-        let l = choose_layout(&m, &own, Some("hugetlb\n")).unwrap();
+        let l = choose_layout(&m, &own, Some("hugetlb\n")).expect("a layout");
         assert_eq!(
             l,
             Layout::V1 {
@@ -539,14 +539,14 @@ mod tests {
     #[test]
     fn a_delegated_unified_cgroup_uses_v2() {
         let own = parse_proc_cgroup("0::/system.slice/airlockd.service\n");
-        let l = choose_layout(&parse_mountinfo(UNIFIED), &own, Some("cpuset cpu io memory pids")).unwrap();
+        let l = choose_layout(&parse_mountinfo(UNIFIED), &own, Some("cpuset cpu io memory pids")).expect("a layout");
         assert_eq!(l, Layout::V2 { base: "/sys/fs/cgroup/system.slice/airlockd.service".into() });
     }
 
     #[test]
     fn an_undelegated_unified_cgroup_says_which_controllers_are_missing() {
         let own = parse_proc_cgroup("0::/system.slice/airlockd.service\n");
-        let e = choose_layout(&parse_mountinfo(UNIFIED), &own, Some("cpu pids")).unwrap_err();
+        let e = choose_layout(&parse_mountinfo(UNIFIED), &own, Some("cpu pids")).expect_err("no layout");
         assert!(e.contains("lacks the memory controller") && e.contains("not delegated"), "{e}");
         assert!(e.contains("no v1 memory hierarchy"), "{e}");
     }
@@ -555,7 +555,7 @@ mod tests {
     fn read_only_mounts_are_refused_with_the_reason() {
         let ro =
             HYBRID.replace("rw,nosuid,nodev,noexec,relatime shared:15", "ro,nosuid,nodev,noexec,relatime shared:15");
-        let e = choose_layout(&parse_mountinfo(&ro), &parse_proc_cgroup(HYBRID_OWN), None).unwrap_err();
+        let e = choose_layout(&parse_mountinfo(&ro), &parse_proc_cgroup(HYBRID_OWN), None).expect_err("no layout");
         assert!(e.contains("v1 memory hierarchy at /sys/fs/cgroup/memory is read-only"), "{e}");
     }
 

@@ -318,7 +318,9 @@ fn spawn_inner(cfg: &Config, index: usize, host: &HostAbilities, child: &AtomicI
             }
             Some(Err(why)) => {
                 if layer == Layer::Cgroup {
-                    cgroup.0.take().map(|cg| cg.remove());
+                    if let Some(cg) = cgroup.0.take() {
+                        cg.remove();
+                    }
                 }
                 d.plan.from_supervisor.push((layer, LayerState::Unavailable(why)));
             }
