@@ -31,6 +31,9 @@ pub const CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mount {
     pub point: PathBuf,
+    /// The cgroup the mount shows at its mount point (`/` on a host; a container's own cgroup
+    /// where it mounts only its part of a v1 hierarchy).
+    pub root: String,
     pub fstype: String,
     pub read_only: bool,
     /// Super options (for cgroup v1: the controllers of the hierarchy).
@@ -51,6 +54,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<Mount> {
         let read_only = l[5].split(',').any(|o| o == "ro");
         out.push(Mount {
             point,
+            root: unescape(l[3]),
             fstype: r[0].to_string(),
             read_only,
             super_options: r[2].split(',').map(str::to_string).collect(),
@@ -106,8 +110,20 @@ pub enum Layout {
     V2 { base: PathBuf },
 }
 
-fn join_cgroup(mount: &Path, path: &str) -> PathBuf {
-    mount.join(path.trim_start_matches('/'))
+/// Where cgroup `path` (as `/proc/PID/cgroup` names it) is under mount `m`; `None` when the
+/// mount does not show it (a container's mount of its own part of a hierarchy).
+pub fn cgroup_dir(m: &Mount, path: &str) -> Option<PathBuf> {
+    let root = m.root.trim_end_matches('/');
+    let rel = if root.is_empty() {
+        path
+    } else {
+        let rest = path.strip_prefix(root)?;
+        if !rest.is_empty() && !rest.starts_with('/') {
+            return None;
+        }
+        rest
+    };
+    Some(m.point.join(rel.trim_start_matches('/')))
 }
 
 /// Decides the layout from the mounts, airlockd's memberships and each candidate's available
@@ -124,8 +140,10 @@ pub fn choose_layout(mounts: &[Mount], own: &[Membership], v2_controllers: Optio
             let missing: Vec<&str> = CONTROLLERS.iter().copied().filter(|c| !have.contains(c)).collect();
             if m.read_only {
                 why.push(format!("cgroup2 at {} is read-only", m.point.display()));
+            } else if let (true, Some(base)) = (missing.is_empty(), cgroup_dir(m, &o.path)) {
+                return Ok(Layout::V2 { base });
             } else if missing.is_empty() {
-                return Ok(Layout::V2 { base: join_cgroup(&m.point, &o.path) });
+                why.push(format!("airlockd's cgroup {} is outside the cgroup2 mount at {}", o.path, m.point.display()));
             } else {
                 why.push(format!(
                     "cgroup2 at {} lacks the {} controller(s) in airlockd's cgroup {} (not delegated)",
@@ -146,7 +164,18 @@ pub fn choose_layout(mounts: &[Mount], own: &[Membership], v2_controllers: Optio
                 why.push(format!("the v1 {c} hierarchy at {} is read-only", m.point.display()));
                 break;
             }
-            (Some(m), Some(o)) => v1.push(join_cgroup(&m.point, &o.path)),
+            (Some(m), Some(o)) => match cgroup_dir(m, &o.path) {
+                Some(d) => v1.push(d),
+                None => {
+                    why.push(format!(
+                        "airlockd's {c} cgroup {} is outside the mount at {} (root {})",
+                        o.path,
+                        m.point.display(),
+                        m.root
+                    ));
+                    break;
+                }
+            },
             _ => {
                 why.push(format!("no v1 {c} hierarchy"));
                 break;
@@ -236,7 +265,7 @@ impl Cgroups {
         let own = parse_proc_cgroup(&read("/proc/self/cgroup"));
         let v2 = mounts.iter().find(|m| m.fstype == "cgroup2").and_then(|m| {
             let o = own.iter().find(|o| o.hierarchy == 0)?;
-            fs::read_to_string(join_cgroup(&m.point, &o.path).join("cgroup.controllers")).ok()
+            fs::read_to_string(cgroup_dir(m, &o.path)?.join("cgroup.controllers")).ok()
         });
         let layout = match choose_layout(&mounts, &own, v2.as_deref()) {
             Ok(l) => l,
@@ -557,6 +586,21 @@ mod tests {
             HYBRID.replace("rw,nosuid,nodev,noexec,relatime shared:15", "ro,nosuid,nodev,noexec,relatime shared:15");
         let e = choose_layout(&parse_mountinfo(&ro), &parse_proc_cgroup(HYBRID_OWN), None).expect_err("no layout");
         assert!(e.contains("v1 memory hierarchy at /sys/fs/cgroup/memory is read-only"), "{e}");
+    }
+
+    #[test]
+    fn a_container_mount_of_its_own_part_of_a_hierarchy_is_joined_at_its_root() {
+        let m = parse_mountinfo(
+            "33 27 0:30 /libpod_parent/libpod-05a5 /sys/fs/cgroup/memory rw,nosuid - cgroup cgroup rw,memory\n",
+        );
+        assert_eq!(m[0].root, "/libpod_parent/libpod-05a5");
+        assert_eq!(
+            cgroup_dir(&m[0], "/libpod_parent/libpod-05a5/system.slice/a.service"),
+            Some(PathBuf::from("/sys/fs/cgroup/memory/system.slice/a.service"))
+        );
+        assert_eq!(cgroup_dir(&m[0], "/libpod_parent/libpod-05a5"), Some(PathBuf::from("/sys/fs/cgroup/memory")));
+        assert_eq!(cgroup_dir(&m[0], "/libpod_parent/libpod-05a5x"), None);
+        assert_eq!(cgroup_dir(&m[0], "/other"), None);
     }
 
     #[test]

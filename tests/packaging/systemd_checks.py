@@ -471,7 +471,10 @@ def check_package_change(mode, what, debs, password, key):
     s = wait(lambda: (lambda j: j if j and all(w["state"] == "Running" for w in j["workers"]) else None)(status_json()), 20)
     check(s is not None and prop(unit, "NRestarts") == n, f"the six workers run, no restart loop (NRestarts {n} -> {prop(unit, 'NRestarts')})")
     log = journal(cur)
-    bad = [l for l in log.splitlines() if "Permission denied" in l or "crash loop" in l]
+    # The unprivileged unit's cgroup layer is unavailable on a host with cgroup v1 controllers
+    # (systemd delegates v1 to root only): its reason quotes EACCES, and that is expected.
+    bad = [l for l in log.splitlines()
+           if ("Permission denied" in l and "/sys/fs/cgroup/" not in l) or "crash loop" in l]
     check(not bad, "no 'Permission denied' or crash loop in the journal", "\n".join(bad[:5]))
     check(sha(KEY) == key, "the journal key survives")
     if mode == "privileged":

@@ -21,7 +21,7 @@ fn expected_layout() -> Option<Layout> {
     let own = parse_proc_cgroup(&std::fs::read_to_string("/proc/self/cgroup").ok()?);
     let v2 = mounts.iter().find(|m| m.fstype == "cgroup2").and_then(|m| {
         let o = own.iter().find(|o| o.hierarchy == 0)?;
-        std::fs::read_to_string(m.point.join(o.path.trim_start_matches('/')).join("cgroup.controllers")).ok()
+        std::fs::read_to_string(airlock_supervisor::cgroup::cgroup_dir(m, &o.path)?.join("cgroup.controllers")).ok()
     });
     match choose_layout(&mounts, &own, v2.as_deref()).ok()? {
         l @ Layout::V1 { .. } if is_root() => Some(l),
@@ -38,16 +38,15 @@ fn cgroup_dir(pid: i32, controller: &str) -> PathBuf {
     let own = parse_proc_cgroup(&std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup"));
     let v1 = mounts.iter().find(|m| m.fstype == "cgroup" && m.super_options.iter().any(|o| o == controller));
     let (mount, path) = match v1 {
-        Some(m) => (
-            m.point.clone(),
-            own.iter().find(|o| o.controllers.iter().any(|c| c == controller)).expect("member").path.clone(),
-        ),
+        Some(m) => {
+            (m, own.iter().find(|o| o.controllers.iter().any(|c| c == controller)).expect("member").path.clone())
+        }
         None => (
-            mounts.iter().find(|m| m.fstype == "cgroup2").expect("cgroup2").point.clone(),
+            mounts.iter().find(|m| m.fstype == "cgroup2").expect("cgroup2"),
             own.iter().find(|o| o.hierarchy == 0).expect("v2 member").path.clone(),
         ),
     };
-    mount.join(path.trim_start_matches('/'))
+    airlock_supervisor::cgroup::cgroup_dir(mount, &path).expect("visible")
 }
 
 fn read(p: &Path) -> String {
