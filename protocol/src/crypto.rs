@@ -2,7 +2,8 @@
 //!
 //! One 256-bit ChaCha20-Poly1305 key per direction. The nonce is `domain (4 bytes) || sequence
 //! (8 bytes)`, so a (key, nonce) pair is never reused: frames use domain 0, bulk payloads domain
-//! 1, and the key ratchet domain 2. Every `rekey_interval` frames both sides replace the key
+//! 1, and the key ratchet domain 2; stream records (`crate::stream`, under a per-stream key of
+//! their own) use domain 3. Every `rekey_interval` frames both sides replace the key
 //! with `ChaCha20(key, nonce = 2 || epoch)` keystream, a one-way step: a captured new key does
 //! not reveal the old one. Keys are zeroized when replaced or dropped and never formatted.
 
@@ -16,6 +17,8 @@ pub const KEY_LEN: usize = 32;
 const DOMAIN_FRAME: u32 = 0;
 const DOMAIN_BULK: u32 = 1;
 const DOMAIN_RATCHET: u32 = 2;
+/// Stream records: a per-stream key, the record's sequence number as the counter.
+pub(crate) const DOMAIN_STREAM: u32 = 3;
 
 /// A 256-bit key. Its `Debug` prints nothing of the key.
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]
@@ -49,7 +52,7 @@ impl Key {
     }
 }
 
-fn nonce(domain: u32, counter: u64) -> Nonce {
+pub(crate) fn nonce(domain: u32, counter: u64) -> Nonce {
     let mut n = [0u8; 12];
     n[..4].copy_from_slice(&domain.to_le_bytes());
     n[4..].copy_from_slice(&counter.to_le_bytes());

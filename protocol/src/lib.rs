@@ -5,6 +5,8 @@
 //!
 //! - [`Channel`]: authenticated, encrypted, replay-proof frames over `SOCK_SEQPACKET`.
 //! - [`BulkWriter`] / [`Bulk`]: payloads in sealed memfds, mapped read-only by the receiver.
+//! - [`stream`]: single-producer, single-consumer record rings in a shared memfd between two
+//!   processes, futex-signalled, validated against a hostile peer, encrypted per record.
 //! - [`handoff`]: how a spawner gives a child its channel and keys before it reads input.
 //! - [`wire`]: the messages between the supervisor and a worker, typed call failures.
 //! - [`confinement`]: the confinement plan a worker is sent and the report it answers with.
@@ -19,6 +21,7 @@ pub mod crypto;
 pub mod error;
 pub mod frame;
 pub mod handoff;
+pub mod stream;
 pub mod sys;
 pub mod wire;
 
@@ -32,3 +35,4 @@ pub use channel::{
 };
 pub use crypto::Key;
 pub use error::{BulkError, ChannelError, HandoffError};
+pub use stream::{StreamControl, StreamError, StreamKey, StreamParams, StreamReader, StreamWriter};

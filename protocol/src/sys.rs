@@ -11,7 +11,10 @@
 //!   number) as an `OwnedFd`;
 //! - the memory mapping (`mmap`, `munmap`, `madvise` are `unsafe fn`s in nix too), and
 //!   `MADV_POPULATE_WRITE`, `SCHED_IDLE` and `close_range`, which nix 0.29 lacks;
-//! - the `pre_exec` hook that installs a child's descriptors.
+//! - the `pre_exec` hook that installs a child's descriptors;
+//! - [`SharedArea`]: a mapping another process writes concurrently (stream rings), reached only
+//!   through atomics and raw-pointer copies, and the shared `futex` calls on its words, which
+//!   nix 0.29 lacks.
 //!
 //! Each wrapper owns its file descriptors as `OwnedFd` the moment the kernel hands them out, so
 //! no error path can leak one. Nothing here knows about frames, keys or policy: it moves bytes
@@ -25,6 +28,7 @@ use std::mem;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag, SealFlag};
@@ -474,6 +478,182 @@ impl Drop for Mapping {
             // SAFETY: unmaps exactly the region mapped in `map`; no reference outlives `self`.
             let _ = unsafe { mman::munmap(p, self.len) };
         }
+    }
+}
+
+// ----------------------------------------------------------------------------- shared areas
+
+/// A read-write `MAP_SHARED` mapping of a file that another, untrusted process maps too and may
+/// write at any moment (a stream's memfd).
+///
+/// It never hands out a `&[u8]`/`&mut [u8]` to the mapped bytes: the peer can change them while
+/// such a reference lives, which Rust's aliasing rules forbid. Bytes move only by raw-pointer
+/// copies into or out of private memory ([`SharedArea::copy_out`], [`SharedArea::copy_in`]),
+/// and words are reached only as atomics ([`SharedArea::u64_at`], [`SharedArea::u32_at`]),
+/// which are made for memory changed behind the compiler's back. A copy racing with the peer's
+/// writes yields whatever bytes were there (callers validate copies, never the shared bytes).
+#[derive(Debug)]
+pub struct SharedArea {
+    map: Mapping,
+}
+
+/// How a [`SharedArea::futex_wait`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FutexWait {
+    /// Woken by `FUTEX_WAKE` (or spuriously: the kernel does not promise the word changed).
+    Woken,
+    /// The word no longer held the expected value when the kernel checked it (`EAGAIN`).
+    Changed,
+    /// The timeout passed.
+    TimedOut,
+    /// A signal interrupted the wait (`EINTR`).
+    Interrupted,
+}
+
+impl SharedArea {
+    /// Maps `len` bytes of `fd` read-write and shared, pages faulted in now (`MAP_POPULATE`).
+    pub fn map(fd: BorrowedFd<'_>, len: usize) -> io::Result<SharedArea> {
+        if len == 0 {
+            return Err(io::Error::from(Errno::EINVAL));
+        }
+        Ok(SharedArea { map: Mapping::map(fd, len, MapMode::SharedWrite)? })
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.len == 0
+    }
+
+    fn word_ptr(&self, off: usize, size: usize) -> *mut u8 {
+        // Offsets are compile-time constants of the caller's layout, never values read from the
+        // area: a failure here is a bug in this crate, not something a peer can cause.
+        assert!(
+            off.is_multiple_of(size) && off.checked_add(size).is_some_and(|end| end <= self.map.len),
+            "word {off} out of the area"
+        );
+        // SAFETY: `off + size <= len` was just checked, so the result stays inside the mapping.
+        unsafe { self.map.ptr.cast::<u8>().add(off) }
+    }
+
+    /// The 64-bit word at byte offset `off` (a multiple of 8 inside the area) as an atomic.
+    ///
+    /// # Panics
+    /// If `off` is misaligned or out of range: callers pass constants of their layout.
+    pub fn u64_at(&self, off: usize) -> &AtomicU64 {
+        let p = self.word_ptr(off, 8).cast::<u64>();
+        // SAFETY: `p` is 8-aligned (mmap returns page-aligned memory and `off % 8 == 0`), valid
+        // for reads and writes for as long as `self` (the borrow's lifetime), and every access
+        // this process makes to it goes through atomics. The peer process may write it with
+        // plain stores; the hardware makes aligned 8-byte accesses single-copy atomic either way.
+        unsafe { AtomicU64::from_ptr(p) }
+    }
+
+    /// The 32-bit word at byte offset `off` (a multiple of 4 inside the area) as an atomic.
+    ///
+    /// # Panics
+    /// If `off` is misaligned or out of range: callers pass constants of their layout.
+    pub fn u32_at(&self, off: usize) -> &AtomicU32 {
+        let p = self.word_ptr(off, 4).cast::<u32>();
+        // SAFETY: as in `u64_at`, with 4-byte alignment.
+        unsafe { AtomicU32::from_ptr(p) }
+    }
+
+    fn range_ptr(&self, off: usize, len: usize) -> io::Result<*mut u8> {
+        match off.checked_add(len) {
+            Some(end) if end <= self.map.len => {
+                // SAFETY: `off + len <= map.len`, so the pointer (and `len` bytes after it)
+                // stays inside the mapping.
+                Ok(unsafe { self.map.ptr.cast::<u8>().add(off) })
+            }
+            _ => Err(io::Error::from(Errno::EFAULT)),
+        }
+    }
+
+    /// Copies `dst.len()` bytes at `off` out of the area into private memory. Fails (`EFAULT`)
+    /// when the range does not lie inside the area.
+    pub fn copy_out(&self, off: usize, dst: &mut [u8]) -> io::Result<()> {
+        let src = self.range_ptr(off, dst.len())?;
+        // SAFETY: `src..src+len` lies inside the live mapping (checked above) and `dst` is private
+        // memory, so the two cannot overlap. No reference to the shared bytes is created; if the
+        // peer writes concurrently, `dst` receives some mixture of old and new bytes, which the
+        // caller validates as untrusted input.
+        unsafe { ptr::copy_nonoverlapping(src.cast_const(), dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
+    /// Copies `src` into the area at `off`. Fails (`EFAULT`) when the range does not lie inside
+    /// the area.
+    pub fn copy_in(&self, off: usize, src: &[u8]) -> io::Result<()> {
+        let dst = self.range_ptr(off, src.len())?;
+        // SAFETY: `dst..dst+len` lies inside the live, writable mapping (checked above) and `src`
+        // is private memory, so they cannot overlap. No reference to the shared bytes is created.
+        unsafe { ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) };
+        Ok(())
+    }
+
+    /// `FUTEX_WAIT` (shared, not `FUTEX_PRIVATE_FLAG`: another process maps the same file) on
+    /// the 32-bit word at `off`: sleeps while it holds `expected`, at most `timeout`.
+    ///
+    /// # Panics
+    /// If `off` is misaligned or out of range, as [`SharedArea::u32_at`].
+    pub fn futex_wait(&self, off: usize, expected: u32, timeout: std::time::Duration) -> io::Result<FutexWait> {
+        let word = self.u32_at(off).as_ptr();
+        let ts = libc::timespec {
+            tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: `word` is a 4-aligned word inside the live mapping; `ts` is a valid relative
+        // timespec on our stack; the kernel only reads both, and uaddr2/val3 are unused by
+        // FUTEX_WAIT.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                word,
+                libc::FUTEX_WAIT,
+                expected,
+                &ts as *const libc::timespec,
+                ptr::null::<u32>(),
+                0u32,
+            )
+        };
+        if rc == 0 {
+            return Ok(FutexWait::Woken);
+        }
+        match Errno::last() {
+            Errno::EAGAIN => Ok(FutexWait::Changed),
+            Errno::ETIMEDOUT => Ok(FutexWait::TimedOut),
+            Errno::EINTR => Ok(FutexWait::Interrupted),
+            e => Err(e.into()),
+        }
+    }
+
+    /// `FUTEX_WAKE` (shared) on the 32-bit word at `off`: wakes up to `n` waiters; returns how
+    /// many were woken.
+    ///
+    /// # Panics
+    /// If `off` is misaligned or out of range, as [`SharedArea::u32_at`].
+    pub fn futex_wake(&self, off: usize, n: i32) -> io::Result<usize> {
+        let word = self.u32_at(off).as_ptr();
+        // SAFETY: `word` is a 4-aligned word inside the live mapping; FUTEX_WAKE reads no other
+        // argument memory (timeout, uaddr2 and val3 are unused).
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                word,
+                libc::FUTEX_WAKE,
+                n,
+                ptr::null::<libc::timespec>(),
+                ptr::null::<u32>(),
+                0u32,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(rc as usize)
     }
 }
 
