@@ -31,6 +31,25 @@ pub enum ControlRequest {
         #[serde(default)]
         deadline_ms: u32,
     },
+    /// Revokes stream `stream` (see `Status::streams`).
+    RevokeStream {
+        stream: u64,
+    },
+}
+
+/// One open stream in `airlock status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamStatus {
+    pub stream: u64,
+    pub producer: String,
+    pub consumer: String,
+    /// `service.name`.
+    pub to: String,
+    pub ring_bytes: u32,
+    pub max_record: u32,
+    pub encrypted: bool,
+    /// Set once revoked: why, while airlockd waits for both ends to let go of it.
+    pub revoked: Option<String>,
 }
 
 /// One worker in `airlock status`.
@@ -79,6 +98,9 @@ pub struct Status {
     pub workers: Vec<WorkerStatus>,
     /// Journaled messages not yet handled by their receiver.
     pub journal_pending: usize,
+    /// Open streams.
+    #[serde(default)]
+    pub streams: Vec<StreamStatus>,
 }
 
 /// The answer to `call`.

@@ -139,6 +139,16 @@ pub struct Reply {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct ByteBody(#[serde(with = "serde_bytes")] pub Vec<u8>);
 
+/// What an end needs to use a stream (the area's memfd travels attached to the message).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StreamGrant {
+    /// airlockd's id for the stream (in `airlock status` and revocations).
+    pub stream: u64,
+    pub params: crate::stream::StreamParams,
+    /// The per-stream key, for an encrypted stream (it travels inside the encrypted channel).
+    pub key: Option<crate::stream::StreamKey>,
+}
+
 /// Supervisor to worker.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ToWorker {
@@ -167,6 +177,26 @@ pub enum ToWorker {
     Reopened {
         index: u32,
         result: Result<(), String>,
+    },
+    /// The answer to `OpenStream` (same id): on success this worker is the stream's producer
+    /// and the area's memfd is attached.
+    StreamOpened {
+        id: u64,
+        result: Result<StreamGrant, CallFailure>,
+    },
+    /// Worker `from` opened stream `name` to one of this worker's services: this worker is its
+    /// consumer; the area's memfd is attached.
+    StreamIncoming {
+        from: String,
+        service: String,
+        name: String,
+        grant: StreamGrant,
+    },
+    /// airlockd revoked the stream (an end died, or the operator asked): unmap and close it.
+    /// An end that still holds the area after a deadline is killed.
+    StreamRevoked {
+        stream: u64,
+        reason: String,
     },
 }
 
@@ -200,6 +230,13 @@ pub enum FromWorker {
     Reopen {
         index: u32,
     },
+    /// Asks for a stream to `service` named `name` under a `stream` permit; answered by
+    /// `StreamOpened` with the same id.
+    OpenStream {
+        id: u64,
+        service: String,
+        name: String,
+    },
 }
 
 impl FromWorker {
@@ -215,6 +252,7 @@ impl FromWorker {
             FromWorker::Ack { .. } => "Ack",
             FromWorker::Event(_) => "Event",
             FromWorker::Reopen { .. } => "Reopen",
+            FromWorker::OpenStream { .. } => "OpenStream",
         }
     }
 }

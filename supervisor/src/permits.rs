@@ -18,6 +18,8 @@ pub const INITIAL_STATE: &str = "initial";
 pub enum Kind {
     Call,
     Send,
+    /// A shared-memory stream of records (`to` = `service.name`), set up by airlockd.
+    Stream,
 }
 
 impl std::fmt::Display for Kind {
@@ -25,6 +27,7 @@ impl std::fmt::Display for Kind {
         f.write_str(match self {
             Kind::Call => "call",
             Kind::Send => "send",
+            Kind::Stream => "stream",
         })
     }
 }
@@ -43,6 +46,40 @@ pub struct Permit {
     pub state: String,
     /// The state a successful call moves the caller to.
     pub grant: Option<String>,
+    /// Streams only: the ring's size in KiB (a power of two, 4 to 65536; default 256).
+    pub ring_kib: Option<u32>,
+    /// Streams only: the largest record in bytes (at most a quarter of the ring; default 16384).
+    pub max_record: Option<u32>,
+    /// Streams only: records travel unencrypted and unauthenticated (default: encrypted with a
+    /// per-stream key). Shown in `airlock permits`.
+    #[serde(default)]
+    pub plaintext: bool,
+}
+
+impl Default for Permit {
+    fn default() -> Permit {
+        Permit {
+            from: String::new(),
+            to: String::new(),
+            kind: Kind::Call,
+            state: any_state(),
+            grant: None,
+            ring_kib: None,
+            max_record: None,
+            plaintext: false,
+        }
+    }
+}
+
+impl Permit {
+    /// A stream permit's sizes and mode (defaults filled in); `None` for other kinds.
+    pub fn stream_params(&self) -> Option<airlock_protocol::stream::StreamParams> {
+        (self.kind == Kind::Stream).then(|| airlock_protocol::stream::StreamParams {
+            ring_bytes: self.ring_kib.unwrap_or(256).saturating_mul(1024),
+            max_record: self.max_record.unwrap_or(16 * 1024),
+            encrypted: !self.plaintext,
+        })
+    }
 }
 
 fn any_state() -> String {
@@ -101,8 +138,23 @@ pub fn validate(table: &[Permit], workers: &[String]) -> Vec<String> {
             Some((s, m)) if !s.is_empty() && !m.is_empty() => {}
             _ => out.push(format!("permit to {:?}: must be service.method or service.*", p.to)),
         }
-        if p.grant.is_some() && p.kind == Kind::Send {
-            out.push(format!("permit {} -> {}: only a call can grant a state (a send has no reply)", p.from, p.to));
+        if p.grant.is_some() && p.kind != Kind::Call {
+            out.push(format!(
+                "permit {} -> {}: only a call can grant a state (a {} has no reply)",
+                p.from, p.to, p.kind
+            ));
+        }
+        match p.stream_params() {
+            Some(params) => {
+                if let Err(e) = params.validate() {
+                    out.push(format!("permit {} -> {}: {e}", p.from, p.to));
+                }
+            }
+            None if p.ring_kib.is_some() || p.max_record.is_some() || p.plaintext => out.push(format!(
+                "permit {} -> {}: ring-kib, max-record and plaintext belong to kind = \"stream\"",
+                p.from, p.to
+            )),
+            None => {}
         }
     }
     out
@@ -112,15 +164,23 @@ pub fn validate(table: &[Permit], workers: &[String]) -> Vec<String> {
 pub fn render(table: &[Permit]) -> String {
     let mut rows: Vec<&Permit> = table.iter().collect();
     rows.sort_by(|a, b| (&a.from, &a.to, a.kind as u8, &a.state).cmp(&(&b.from, &b.to, b.kind as u8, &b.state)));
-    let mut s = format!("{:<12} {:<5} {:<28} {:<12} {}\n", "FROM", "KIND", "TO", "STATE", "GRANTS");
+    let mut s = format!("{:<12} {:<6} {:<28} {:<12} {}\n", "FROM", "KIND", "TO", "STATE", "GRANTS / STREAM");
     for p in rows {
         s.push_str(&format!(
-            "{:<12} {:<5} {:<28} {:<12} {}\n",
+            "{:<12} {:<6} {:<28} {:<12} {}\n",
             p.from,
             p.kind,
             p.to,
             p.state,
-            p.grant.as_deref().unwrap_or("-")
+            match p.stream_params() {
+                Some(sp) => format!(
+                    "ring {} KiB, records <= {} B, {}",
+                    sp.ring_bytes / 1024,
+                    sp.max_record,
+                    if sp.encrypted { "encrypted" } else { "PLAINTEXT" }
+                ),
+                None => p.grant.clone().unwrap_or_else(|| "-".into()),
+            }
         ));
     }
     if table.is_empty() {
@@ -141,6 +201,7 @@ mod tests {
                 kind: Kind::Call,
                 state: "*".into(),
                 grant: Some("operator".into()),
+                ..Permit::default()
             },
             Permit {
                 from: "ui".into(),
@@ -148,8 +209,16 @@ mod tests {
                 kind: Kind::Call,
                 state: "operator".into(),
                 grant: None,
+                ..Permit::default()
             },
-            Permit { from: "field".into(), to: "logic.*".into(), kind: Kind::Send, state: "*".into(), grant: None },
+            Permit {
+                from: "field".into(),
+                to: "logic.*".into(),
+                kind: Kind::Send,
+                state: "*".into(),
+                grant: None,
+                ..Permit::default()
+            },
         ]
     }
 
@@ -200,14 +269,29 @@ mod tests {
     #[test]
     fn validation_catches_bad_rows() {
         let bad = vec![
-            Permit { from: "ghost".into(), to: "a.b".into(), kind: Kind::Call, state: "*".into(), grant: None },
-            Permit { from: "ui".into(), to: "nodot".into(), kind: Kind::Call, state: "*".into(), grant: None },
+            Permit {
+                from: "ghost".into(),
+                to: "a.b".into(),
+                kind: Kind::Call,
+                state: "*".into(),
+                grant: None,
+                ..Permit::default()
+            },
+            Permit {
+                from: "ui".into(),
+                to: "nodot".into(),
+                kind: Kind::Call,
+                state: "*".into(),
+                grant: None,
+                ..Permit::default()
+            },
             Permit {
                 from: "ui".into(),
                 to: "a.b".into(),
                 kind: Kind::Send,
                 state: "*".into(),
                 grant: Some("x".into()),
+                ..Permit::default()
             },
         ];
         let p = validate(&bad, &["ui".into()]);
@@ -221,5 +305,43 @@ mod tests {
         assert_eq!(lines.len(), 4);
         assert!(lines[1].starts_with("field"));
         assert!(lines[2].contains("auth.login") && lines[2].contains("operator"));
+    }
+}
+
+#[cfg(test)]
+mod stream_tests {
+    use super::*;
+
+    fn stream(extra: Permit) -> Permit {
+        Permit { from: "field".into(), to: "historian.samples".into(), kind: Kind::Stream, ..extra }
+    }
+
+    #[test]
+    fn a_stream_permit_allows_only_its_stream_and_has_defaults() {
+        let t = vec![stream(Permit::default())];
+        assert!(matches!(
+            decide(&t, "field", INITIAL_STATE, "historian", "samples", Kind::Stream),
+            Decision::Allow { .. }
+        ));
+        assert!(matches!(decide(&t, "field", INITIAL_STATE, "historian", "samples", Kind::Send), Decision::Refuse(_)));
+        assert!(matches!(decide(&t, "ui", INITIAL_STATE, "historian", "samples", Kind::Stream), Decision::Refuse(_)));
+        let sp = t[0].stream_params().expect("a stream");
+        assert_eq!((sp.ring_bytes, sp.max_record, sp.encrypted), (256 * 1024, 16 * 1024, true));
+        assert!(validate(&t, &["field".into()]).is_empty());
+        assert!(render(&t).contains("ring 256 KiB, records <= 16384 B, encrypted"), "{}", render(&t));
+    }
+
+    #[test]
+    fn stream_sizes_are_checked_and_belong_to_streams_only() {
+        let bad = vec![
+            stream(Permit { ring_kib: Some(3), ..Permit::default() }),
+            stream(Permit { ring_kib: Some(4), max_record: Some(2048), ..Permit::default() }),
+            Permit { from: "field".into(), to: "a.b".into(), kind: Kind::Send, plaintext: true, ..Permit::default() },
+            stream(Permit { grant: Some("x".into()), ..Permit::default() }),
+        ];
+        let p = validate(&bad, &["field".into()]);
+        assert_eq!(p.len(), 4, "{p:?}");
+        let plain = vec![stream(Permit { plaintext: true, ..Permit::default() })];
+        assert!(render(&plain).contains("PLAINTEXT"));
     }
 }

@@ -12,6 +12,7 @@
 #![deny(unsafe_code)]
 
 pub mod sandbox;
+pub mod streams;
 pub mod sys;
 
 use airlock_protocol::{handoff, Bulk, BulkMode, BulkWriter, Channel, ChannelError, Hello, Limits, Role};
@@ -44,6 +45,10 @@ pub enum WorkerError {
     Settings(String),
     #[error("reopening brokered resource {index}: {reason}")]
     Reopen { index: u32, reason: String },
+    #[error("stream to {service}.{name}: {failure}")]
+    StreamRefused { service: String, name: String, failure: CallFailure },
+    #[error("stream to {service}.{name}: {reason}")]
+    Stream { service: String, name: String, reason: String },
 }
 
 /// What a handler returns: a body and, optionally, a bulk payload.
@@ -60,7 +65,6 @@ impl Response {
 }
 
 /// A confined, running worker.
-#[derive(Debug)]
 pub struct Worker {
     ch: Channel,
     name: String,
@@ -78,6 +82,21 @@ pub struct Worker {
     /// Acknowledgements not yet sent (see [`Worker::serve_all`]).
     acks: Vec<FromWorker>,
     shutdown: bool,
+    /// This worker's stream ends, released by the library when airlockd revokes them.
+    stream_ends: Vec<streams::EndRef>,
+    /// Streams other workers opened to this one, not yet taken by the application.
+    incoming: Vec<streams::StreamIn>,
+    /// Where incoming streams go instead of `incoming`, if the application said so.
+    on_stream: Option<Box<dyn FnMut(streams::StreamIn) + Send>>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("name", &self.name)
+            .field("streams", &self.stream_ends.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// What [`Worker::pump`] found.
@@ -135,6 +154,9 @@ impl Worker {
             state_directory: plan.state_directory.clone(),
             acks: Vec::new(),
             shutdown: false,
+            stream_ends: Vec::new(),
+            incoming: Vec::new(),
+            on_stream: None,
         })
     }
 
@@ -179,6 +201,56 @@ impl Worker {
             Ok(()) => Err(WorkerError::Reopen { index, reason: format!("{} descriptors attached", fds.len()) }),
             Err(reason) => Err(WorkerError::Reopen { index, reason }),
         }
+    }
+
+    /// Opens stream `name` to `service` under a `stream` permit: this worker becomes its
+    /// producer. The consumer (the worker providing `service`) finds it in
+    /// [`Worker::take_incoming_streams`]. The stream lives while both ends do: when either
+    /// dies, airlockd revokes it and the other end's handle answers `Revoked`; what must
+    /// survive a consumer's absence goes through [`Worker::send`] (journaled) instead.
+    pub fn open_stream(&mut self, service: &str, name: &str) -> Result<streams::StreamOut, WorkerError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.ch.send(&FromWorker::OpenStream { id, service: service.into(), name: name.into() })?;
+        let (result, mut fds) = self.wait_for(
+            |m| matches!(m, ToWorker::StreamOpened { id: i, .. } if *i == id),
+            |g| match g.msg {
+                ToWorker::StreamOpened { result, .. } => (Some(result), g.fds),
+                _ => (None, Vec::new()),
+            },
+        )?;
+        let err = |reason: String| WorkerError::Stream { service: service.into(), name: name.into(), reason };
+        let grant = match result {
+            Some(Ok(g)) => g,
+            Some(Err(failure)) => {
+                return Err(WorkerError::StreamRefused { service: service.into(), name: name.into(), failure })
+            }
+            None => return Err(err("no answer".into())),
+        };
+        if fds.len() != 1 {
+            return Err(err(format!("{} descriptors attached", fds.len())));
+        }
+        let w = airlock_protocol::stream::StreamWriter::attach(fds.remove(0), grant.params, grant.key)
+            .map_err(|e| err(e.to_string()))?;
+        let (out, end) = streams::StreamOut::new(grant.stream, w);
+        self.stream_ends.retain(streams::EndRef::alive);
+        self.stream_ends.push(end);
+        Ok(out)
+    }
+
+    /// Streams other workers opened to this worker's services since the last call (handled as
+    /// the channel is read: [`Worker::pump`], [`Worker::serve`]).
+    pub fn take_incoming_streams(&mut self) -> Vec<streams::StreamIn> {
+        std::mem::take(&mut self.incoming)
+    }
+
+    /// Hands every incoming stream to `f` as it arrives (for example to read it on a thread of
+    /// its own) instead of keeping it for [`Worker::take_incoming_streams`].
+    pub fn on_incoming_stream(&mut self, mut f: impl FnMut(streams::StreamIn) + Send + 'static) {
+        for h in std::mem::take(&mut self.incoming) {
+            f(h);
+        }
+        self.on_stream = Some(Box::new(f));
     }
 
     /// Handles every message already available on the channel without blocking: requests
@@ -336,6 +408,36 @@ impl Worker {
             }
             ToWorker::Reply(r) => tracing::warn!(id = r.id, "dropping a reply nobody waits for"),
             ToWorker::Reopened { index, .. } => tracing::warn!(index, "dropping a reopened resource nobody waits for"),
+            ToWorker::StreamIncoming { from, service, name, grant } => {
+                let stream = grant.stream;
+                let mut fds = got.fds;
+                match fds.pop() {
+                    Some(fd) if fds.is_empty() => {
+                        match airlock_protocol::stream::StreamReader::attach(fd, grant.params, grant.key) {
+                            Ok(r) => {
+                                tracing::info!(stream, from = %from, name = %name, "incoming stream");
+                                let (h, end) = streams::StreamIn::new(stream, from, service, name, r);
+                                self.stream_ends.retain(streams::EndRef::alive);
+                                self.stream_ends.push(end);
+                                match self.on_stream.as_mut() {
+                                    Some(f) => f(h),
+                                    None => self.incoming.push(h),
+                                }
+                            }
+                            Err(e) => tracing::warn!(stream, error = %e, "refusing an incoming stream's area"),
+                        }
+                    }
+                    _ => tracing::warn!(stream, "an incoming stream without exactly one area attached"),
+                }
+            }
+            ToWorker::StreamRevoked { stream, reason } => {
+                tracing::info!(stream, reason = %reason, "stream revoked: released");
+                for e in self.stream_ends.iter().filter(|e| e.stream() == stream) {
+                    e.release();
+                }
+                self.stream_ends.retain(|e| e.stream() != stream && e.alive());
+                self.incoming.retain(|h| h.stream != stream);
+            }
             other => {
                 return Err(WorkerError::Unexpected {
                     expected: "Request, Deliver or Shutdown",
@@ -346,7 +448,8 @@ impl Worker {
         Ok(())
     }
 
-    /// Waits for a message matching `pick`, keeping everything else for `serve_all`.
+    /// Waits for a message matching `pick`, keeping everything else for `serve_all`. A stream
+    /// revocation is acted on at once (the deadline to release it runs while we wait).
     fn wait_for<T>(
         &mut self,
         mut pick: impl FnMut(&ToWorker) -> bool,
@@ -359,6 +462,12 @@ impl Worker {
             }
             if pick(&got.msg) {
                 return Ok(take(got));
+            }
+            if let ToWorker::StreamRevoked { stream, .. } = &got.msg {
+                let stream = *stream;
+                for e in self.stream_ends.iter().filter(|e| e.stream() == stream) {
+                    e.release();
+                }
             }
             self.backlog.push_back(got);
         }

@@ -56,6 +56,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Status { json } => status(&sock, json),
         Cmd::Call { service, method, body, deadline_ms } => call(&sock, service, method, body, deadline_ms),
         Cmd::Permits { config } => permits(config),
+        Cmd::RevokeStream { stream } => revoke_stream(&sock, stream),
     };
     match r {
         Ok(code) => code,
@@ -115,6 +116,19 @@ fn status(sock: &PathBuf, json: bool) -> anyhow::Result<std::process::ExitCode> 
             airlock_supervisor::outln!("  note: {n}");
         }
     }
+    for t in &st.streams {
+        airlock_supervisor::outln!(
+            "\nstream {} {} -> {} ({}): ring {} KiB, records <= {} B, {}{}",
+            t.stream,
+            t.producer,
+            t.consumer,
+            t.to,
+            t.ring_bytes / 1024,
+            t.max_record,
+            if t.encrypted { "encrypted" } else { "PLAINTEXT" },
+            t.revoked.as_ref().map_or(String::new(), |why| format!(", revoked: {why}"))
+        );
+    }
     Ok(std::process::ExitCode::SUCCESS)
 }
 
@@ -140,6 +154,12 @@ fn permits(config: Option<PathBuf>) -> anyhow::Result<std::process::ExitCode> {
         "# permit table of {name}; every worker starts in state `initial`; anything not listed is refused"
     );
     airlock_supervisor::out!("{}", airlock_supervisor::permits::render(&cfg.permit_table()));
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn revoke_stream(sock: &PathBuf, stream: u64) -> anyhow::Result<std::process::ExitCode> {
+    let _: serde_json::Value = request(sock, &ControlRequest::RevokeStream { stream })?;
+    airlock_supervisor::outln!("stream {stream} revoked");
     Ok(std::process::ExitCode::SUCCESS)
 }
 

@@ -418,6 +418,7 @@ mod tests {
             kind: Kind::Call,
             state: "*".into(),
             grant: Some("operator".into()),
+            ..permits::Permit::default()
         }];
         let q = Quota { in_flight_calls: 2, journal_bytes: 100, max_body_bytes: 10, bulk_bytes: 1 << 20 };
         let req = |method: &str| Request {

@@ -70,6 +70,15 @@ impl Supervisor {
                     let req = Request { id: 0, service, method, body: body.into_bytes(), deadline_ms };
                     self.route(Caller::Control(stream), req, None, None);
                 }
+                Ok(ControlRequest::RevokeStream { stream: id }) => {
+                    let found = self.revoke_stream(id, "revoked by the operator");
+                    let answer = if found {
+                        format!("{{\"ok\":true,\"stream\":{id}}}")
+                    } else {
+                        format!("{{\"error\":\"no stream {id}\"}}")
+                    };
+                    let _ = writeln!(stream, "{answer}");
+                }
                 Err(e) => {
                     let _ = writeln!(
                         stream,
@@ -89,6 +98,7 @@ impl Supervisor {
             uid: sys::euid(),
             workers: self.slots.iter().map(|s| s.status(now)).collect(),
             journal_pending: self.journal.live(),
+            streams: self.stream_status(),
         }
     }
 }

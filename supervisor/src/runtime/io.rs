@@ -231,6 +231,7 @@ impl Supervisor {
                 FromWorker::Send(msg) => self.send_from_worker(i, msg),
                 FromWorker::Ack { id } => self.acknowledged(i, id),
                 FromWorker::Reopen { index } => self.reopen(i, index),
+                FromWorker::OpenStream { id, service, name } => self.open_stream(i, id, service, name),
                 other => {
                     let what = format_args!("unexpected message from a running worker ({}); killing it", other.kind());
                     security::event(&self.slots[i].name, self.slots[i].run.as_ref().map(|r| r.pid), what);

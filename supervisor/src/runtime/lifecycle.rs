@@ -261,6 +261,7 @@ impl Supervisor {
         let ran = r.started.elapsed();
         tracing::warn!(worker = %self.slots[i].name, pid = r.pid, ran_ms = ran.as_millis() as u64, "worker exited: {reason}");
         self.slots[i].last_exit = Some(reason);
+        self.revoke_streams_of(i);
         for p in self.calls.drain_target(i) {
             let worker = self.slots[i].name.clone();
             self.answer(p.caller, Err(CallFailure::CalleeDied { worker }), None);

@@ -19,6 +19,7 @@ mod resources;
 mod security;
 mod slot;
 mod starter;
+mod streams;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
@@ -89,6 +90,8 @@ pub struct Supervisor {
     initial_pending: usize,
     /// The workers' cgroups (removed at shutdown), or why there are none.
     cgroups: crate::cgroup::Cgroups,
+    /// Streams set up between workers.
+    streams: streams::Streams,
 }
 
 /// Event tokens: the signalfd, the control socket, and per worker `slot << 2 | what`.
@@ -197,6 +200,7 @@ impl Supervisor {
             starter,
             initial_pending: n,
             cgroups: host.cgroups.clone(),
+            streams: streams::Streams::default(),
         };
         for i in 0..s.slots.len() {
             s.launch(i);
@@ -252,6 +256,9 @@ impl Supervisor {
             }
         }
         if let Some(d) = self.calls.next_deadline() {
+            timeout = timeout.min(d.saturating_duration_since(now));
+        }
+        if let Some(d) = self.next_stream_deadline() {
             timeout = timeout.min(d.saturating_duration_since(now));
         }
         if let Some(w) = self.notifier.watchdog {
@@ -360,6 +367,7 @@ impl Supervisor {
             }
         }
         self.expire_calls(now);
+        self.enforce_stream_releases(now);
         for i in 0..self.slots.len() {
             self.summarise_noise(i, false);
         }

@@ -5,6 +5,13 @@
 //! 8 little-endian bytes), `make_bulk` (body: a decimal length, optionally followed by `encrypted`; returns a sealed bulk payload of
 //! that many bytes), `exit` (body: a decimal exit code; exits with it), `forbidden` (issues `ptrace`,
 //! which every worker policy forbids).
+//!
+//! Streams: every incoming stream is read on a thread of its own, checking each record (`seq`
+//! as 8 little-endian bytes, then bytes equal to `seq as u8`); `stream_stats` answers
+//! `records N bad B ended WHY`. `stream_to` (body `SERVICE NAME COUNT SIZE [keep]`) opens a
+//! stream and sends COUNT such records of SIZE bytes (waiting up to 5 s for space each),
+//! answering `sent N` (or `failed after N: WHY`); with `keep` it holds the stream afterwards,
+//! and `stream_send_held` sends one more record on it, answering `ok` or the error.
 
 use airlock_protocol::BulkMode;
 use airlock_worker::{Response, Worker};
@@ -19,10 +26,69 @@ fn main() {
         }
     };
     let received = std::cell::Cell::new(0u64);
+    let stats = std::sync::Arc::new(std::sync::Mutex::new((0u64, 0u64, String::from("-"))));
+    let reader_stats = stats.clone();
+    w.on_incoming_stream(move |h| {
+        let st = reader_stats.clone();
+        std::thread::spawn(move || loop {
+            match h.recv(std::time::Duration::from_secs(1)) {
+                Ok(Some(rec)) => {
+                    let mut g = st.lock().unwrap_or_else(|e| e.into_inner());
+                    let seq = rec.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+                    let good = seq.is_some_and(|q| q == g.0 && rec[8..].iter().all(|&b| b == q as u8));
+                    g.0 += 1;
+                    if !good {
+                        g.1 += 1;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    st.lock().unwrap_or_else(|e| e.into_inner()).2 = e.to_string();
+                    return;
+                }
+            }
+        });
+    });
+    let held: std::cell::RefCell<Option<airlock_worker::streams::StreamOut>> = Default::default();
     let inherited: std::cell::RefCell<std::collections::BTreeMap<i32, std::os::fd::OwnedFd>> = Default::default();
     let r = w.serve_all(
         |w, req, bulk| match req.method.as_str() {
             "received" => Ok(Response::bytes(received.get().to_string().into_bytes())),
+            "stream_stats" => {
+                let g = stats.lock().unwrap_or_else(|e| e.into_inner());
+                Ok(Response::bytes(format!("records {} bad {} ended {}", g.0, g.1, g.2).into_bytes()))
+            }
+            "stream_to" => {
+                let text = String::from_utf8_lossy(&req.body).into_owned();
+                let a: Vec<&str> = text.split_whitespace().collect();
+                let (Some(service), Some(name)) = (a.first(), a.get(1)) else {
+                    return Err("SERVICE NAME COUNT SIZE".into());
+                };
+                let count: u64 = a.get(2).and_then(|v| v.parse().ok()).unwrap_or(1);
+                let size: usize = a.get(3).and_then(|v| v.parse().ok()).unwrap_or(64).max(8);
+                let out = w.open_stream(service, name).map_err(|e| e.to_string())?;
+                let mut rec = vec![0u8; size];
+                for seq in 0..count {
+                    rec[..8].copy_from_slice(&seq.to_le_bytes());
+                    rec[8..].fill(seq as u8);
+                    if let Err(e) = out.send(&rec, Some(std::time::Duration::from_secs(5))) {
+                        return Ok(Response::bytes(format!("failed after {seq}: {e}").into_bytes()));
+                    }
+                }
+                if a.get(4) == Some(&"keep") {
+                    *held.borrow_mut() = Some(out);
+                } else {
+                    out.close();
+                }
+                Ok(Response::bytes(format!("sent {count}").into_bytes()))
+            }
+            "stream_send_held" => match held.borrow().as_ref() {
+                Some(out) => Ok(Response::bytes(match out.send(&[0u8; 8], None) {
+                    Ok(()) => b"ok".to_vec(),
+                    Err(e) => e.to_string().into_bytes(),
+                })),
+                None => Err("no stream held".into()),
+            },
             "echo" => Ok(Response::bytes(req.body.clone())),
             "sum" => {
                 let s = bulk.map(|b| b.iter().fold(0u64, |a, &x| a.wrapping_add(u64::from(x)))).unwrap_or(0);

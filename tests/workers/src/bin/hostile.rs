@@ -23,6 +23,10 @@
 //!   With a cgroup of its own, the kernel kills it long before.
 //! - `spin THREADS` (also on demand through `hostile.attack`): THREADS threads that spin
 //!   forever, competing for the CPU with every other worker.
+//! - `stream-hold SERVICE NAME`: opens a stream on the raw channel and keeps its area (a
+//!   descriptor and a mapping) whatever airlockd says: after a revocation it must be killed.
+//! - `stream-garbage SERVICE NAME`: opens a stream and writes an impossible `head` into the
+//!   shared area: the consumer's end must be poisoned, nothing else harmed.
 
 use airlock_protocol::wire::{ByteBody, CallFailure, FromWorker, Reply, Request, ToWorker};
 use airlock_protocol::BulkMode;
@@ -94,6 +98,12 @@ fn main() {
             let _ = w.event(&held);
         }
         "spin" => spin(num(&args, 1)),
+        "stream-hold" | "stream-garbage" => {
+            let service = args.get(1).map_or("peer", String::as_str);
+            let name = args.get(2).map_or("samples", String::as_str);
+            let outcome = raw_stream(&mut w, service, name, attack == "stream-garbage");
+            let _ = w.event(&outcome);
+        }
         _ => {}
     }
     let served = w.serve(|w, req, _| match req.method.as_str() {
@@ -215,4 +225,52 @@ fn memhog(memfd_mib: u64, heap_mib: u64) -> String {
     std::mem::forget(heap);
     std::mem::forget(fds);
     text
+}
+
+/// Opens a stream on the raw channel, keeps its descriptor and a writable mapping for the life
+/// of the process, and with `garbage` writes a `head` no honest producer could (past the ring).
+fn raw_stream(w: &mut Worker, service: &str, name: &str, garbage: bool) -> String {
+    // The consumer may still be starting: ask again while it is not running.
+    let mut last = String::new();
+    for _ in 0..100 {
+        last = raw_stream_once(w, service, name, garbage);
+        if !last.contains("NotRunning") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    last
+}
+
+fn raw_stream_once(w: &mut Worker, service: &str, name: &str, garbage: bool) -> String {
+    use airlock_protocol::sys::{MapMode, Mapping};
+    use std::os::fd::AsFd;
+    let ch = w.raw_channel();
+    if ch.send(&FromWorker::OpenStream { id: 77, service: service.into(), name: name.into() }).is_err() {
+        return "stream: send failed".into();
+    }
+    loop {
+        match ch.recv::<ToWorker>() {
+            Ok(g) => {
+                if let ToWorker::StreamOpened { id: 77, result } = g.msg {
+                    let Ok(grant) = result else { return format!("stream refused: {result:?}") };
+                    let Some(fd) = g.fds.into_iter().next() else { return "stream: no area".into() };
+                    let len = grant.params.ring_bytes as usize + 4096;
+                    let Ok(mut map) = Mapping::map(fd.as_fd(), len, MapMode::SharedWrite) else {
+                        return "stream: cannot map".into();
+                    };
+                    if garbage {
+                        if let Some(s) = map.as_mut_slice() {
+                            // `head` (offset 128): far past anything the consumer released.
+                            s[128..136].copy_from_slice(&u64::MAX.to_le_bytes());
+                        }
+                    }
+                    std::mem::forget(map);
+                    std::mem::forget(fd);
+                    return format!("stream {} held", grant.stream);
+                }
+            }
+            Err(e) => return format!("stream: {e}"),
+        }
+    }
 }
