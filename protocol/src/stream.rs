@@ -382,12 +382,17 @@ pub struct StreamControl {
 }
 
 impl StreamControl {
-    /// Maps the header page of a stream memfd (it checks the memfd is one of the right kind:
-    /// the supervisor created it).
+    /// Maps the header page of a stream memfd the supervisor created ([`create_area`]); refuses
+    /// one that could shrink under the mapping.
     pub fn attach(fd: BorrowedFd<'_>) -> Result<StreamControl, StreamError> {
         let (_, size) = sys::file_mode_and_size(fd).map_err(io("fstat stream fd"))?;
         if size < HEADER_LEN as u64 {
             return Err(StreamError::BadArea(format!("holds {size} bytes, less than a header page")));
+        }
+        // A mapping of a file that can shrink can SIGBUS its holder: never map one.
+        let seals = sys::get_seals(fd).map_err(|e| StreamError::BadArea(format!("F_GET_SEALS refused: {e}")))?;
+        if seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(StreamError::BadArea(format!("not sealed against shrinking (seals {seals:#x})")));
         }
         let area = SharedArea::map(fd, HEADER_LEN).map_err(io("mmap stream header"))?;
         Ok(StreamControl { area })
