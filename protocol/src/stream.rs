@@ -1360,6 +1360,30 @@ mod tests {
     }
 
     #[test]
+    fn tail_moving_by_more_than_published_poisons_producer() {
+        let (mut w, peer) = writer_and_peer(params(4096, 1024, false));
+        for _ in 0..4 {
+            w.send(&[3u8; 1000], None).expect("send");
+        }
+        // Four records of 1008 bytes are published; the "consumer" releases one word more.
+        peer.u64_at(OFF_TAIL).store(4 * 1008 + 8, SeqCst);
+        assert_poisoned(Err::<(), _>(send_until_error(&mut w)), "past the 4032 bytes published");
+    }
+
+    #[test]
+    fn send_to_busy_consumer_makes_no_wake_up() {
+        let (mut w, mut r, fd) = pair(params(64 * 1024, 1024, true));
+        let peer = SharedArea::map(fd.as_fd(), HEADER_LEN).expect("map");
+        let before = peer.u32_at(OFF_DATA).load(SeqCst);
+        for i in 0..500u64 {
+            w.send(&content(i), None).expect("send");
+            assert_eq!(r.try_recv().expect("recv"), Some(content(i)));
+        }
+        assert_eq!(peer.u32_at(OFF_DATA).load(SeqCst), before, "no futex bump without a sleeper");
+        assert_eq!(peer.u32_at(OFF_SPACE).load(SeqCst), 0);
+    }
+
+    #[test]
     fn tail_going_backwards_poisons_producer() {
         let (mut w, peer) = writer_and_peer(params(4096, 1024, false));
         for _ in 0..4 {
