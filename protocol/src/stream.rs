@@ -72,7 +72,14 @@
 //!
 //! Revocation: the supervisor maps the header page only ([`StreamControl`]), sets `revoked`, and
 //! bumps and wakes both futex words; both ends then answer [`StreamError::Revoked`]. It never
-//! reads the ring.
+//! reads the ring. The word is shared, so a peer can fake a revocation (or a close) of its own
+//! stream: that only ends what it could end anyway by not reading or not writing; the
+//! supervisor's own word to each end (over its channel) is what to believe.
+//!
+//! System calls on the hot path: none while both ends are busy. A sleeping end costs `futex`
+//! (`FUTEX_WAIT`/`FUTEX_WAKE`, shared, i.e. without `FUTEX_PRIVATE_FLAG`: ops 0 and 1) and the
+//! consumer's one `sched_yield` before it sleeps; a seccomp policy tightening `futex` must
+//! allow these two operations besides the private ones the standard library uses.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering::SeqCst;
