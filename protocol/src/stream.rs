@@ -72,7 +72,14 @@
 //!
 //! Revocation: the supervisor maps the header page only ([`StreamControl`]), sets `revoked`, and
 //! bumps and wakes both futex words; both ends then answer [`StreamError::Revoked`]. It never
-//! reads the ring.
+//! reads the ring. The word is shared, so a peer can fake a revocation (or a close) of its own
+//! stream: that only ends what it could end anyway by not reading or not writing; the
+//! supervisor's own word to each end (over its channel) is what to believe.
+//!
+//! System calls on the hot path: none while both ends are busy. A sleeping end costs `futex`
+//! (`FUTEX_WAIT`/`FUTEX_WAKE`, shared, i.e. without `FUTEX_PRIVATE_FLAG`: ops 0 and 1) and the
+//! consumer's one `sched_yield` before it sleeps; a seccomp policy tightening `futex` must
+//! allow these two operations besides the private ones the standard library uses.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering::SeqCst;
@@ -382,12 +389,17 @@ pub struct StreamControl {
 }
 
 impl StreamControl {
-    /// Maps the header page of a stream memfd (it checks the memfd is one of the right kind:
-    /// the supervisor created it).
+    /// Maps the header page of a stream memfd the supervisor created ([`create_area`]); refuses
+    /// one that could shrink under the mapping.
     pub fn attach(fd: BorrowedFd<'_>) -> Result<StreamControl, StreamError> {
         let (_, size) = sys::file_mode_and_size(fd).map_err(io("fstat stream fd"))?;
         if size < HEADER_LEN as u64 {
             return Err(StreamError::BadArea(format!("holds {size} bytes, less than a header page")));
+        }
+        // A mapping of a file that can shrink can SIGBUS its holder: never map one.
+        let seals = sys::get_seals(fd).map_err(|e| StreamError::BadArea(format!("F_GET_SEALS refused: {e}")))?;
+        if seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(StreamError::BadArea(format!("not sealed against shrinking (seals {seals:#x})")));
         }
         let area = SharedArea::map(fd, HEADER_LEN).map_err(io("mmap stream header"))?;
         Ok(StreamControl { area })
@@ -1352,6 +1364,30 @@ mod tests {
         assert_poisoned(Err::<(), _>(send_until_error(&mut w)), "past the");
         assert_poisoned(w.send(b"x", None), "past the");
         assert_eq!(peer.u32_at(OFF_PRODUCER_CLOSED).load(SeqCst), 1);
+    }
+
+    #[test]
+    fn tail_moving_by_more_than_published_poisons_producer() {
+        let (mut w, peer) = writer_and_peer(params(4096, 1024, false));
+        for _ in 0..4 {
+            w.send(&[3u8; 1000], None).expect("send");
+        }
+        // Four records of 1008 bytes are published; the "consumer" releases one word more.
+        peer.u64_at(OFF_TAIL).store(4 * 1008 + 8, SeqCst);
+        assert_poisoned(Err::<(), _>(send_until_error(&mut w)), "past the 4032 bytes published");
+    }
+
+    #[test]
+    fn send_to_busy_consumer_makes_no_wake_up() {
+        let (mut w, mut r, fd) = pair(params(64 * 1024, 1024, true));
+        let peer = SharedArea::map(fd.as_fd(), HEADER_LEN).expect("map");
+        let before = peer.u32_at(OFF_DATA).load(SeqCst);
+        for i in 0..500u64 {
+            w.send(&content(i), None).expect("send");
+            assert_eq!(r.try_recv().expect("recv"), Some(content(i)));
+        }
+        assert_eq!(peer.u32_at(OFF_DATA).load(SeqCst), before, "no futex bump without a sleeper");
+        assert_eq!(peer.u32_at(OFF_SPACE).load(SeqCst), 0);
     }
 
     #[test]
