@@ -157,6 +157,11 @@ fn raising_a_capability_kills_with_sigsys() {
 }
 
 #[test]
+fn a_priority_inheritance_futex_kills_with_sigsys() {
+    assert_killed_for(&probe("futex-pi", None), "futex");
+}
+
+#[test]
 fn fork_bomb_kills_with_sigsys_at_the_first_fork() {
     assert_killed_for(&probe("fork-bomb", None), "clone");
 }

@@ -71,6 +71,14 @@ fn attempt(what: &str, arg: Option<&str>) -> String {
             Ok(_) => "ok connected".into(),
             Err(e) => errno(&e),
         },
+        // A priority-inheritance futex operation (the family of CVE-2014-3153): never allowed.
+        "futex-pi" => {
+            let word = 0u32;
+            sys_result(raw_syscall6(
+                libc::SYS_futex,
+                [&word as *const u32 as libc::c_long, libc::FUTEX_LOCK_PI as libc::c_long, 0, 0, 0, 0],
+            ))
+        }
         "unshare" => sys_result(raw_syscall6(libc::SYS_unshare, [libc::CLONE_NEWUSER as libc::c_long, 0, 0, 0, 0, 0])),
         "raise-cap" => {
             // capset(v3, all caps): header {version, pid=0}, two data structs.
