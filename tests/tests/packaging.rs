@@ -1,5 +1,6 @@
 //! The systemd units as administrators will judge them: `systemd-analyze security` must score
-//! the unprivileged unit at most 1.5 and the privileged one at most 3.0, and `systemd-analyze
+//! the unprivileged unit at most 1.7 and the privileged one at most 3.2 (0.2 more than before
+//! each: `Delegate=yes` and `ProtectControlGroups=no` give airlockd per-worker cgroups), and `systemd-analyze
 //! verify` must be clean. (PID 1 here is not systemd: both run offline.)
 
 use std::path::{Path, PathBuf};
@@ -38,19 +39,19 @@ fn exposure(tool: &Path, unit: &str) -> f64 {
 }
 
 #[test]
-fn unprivileged_unit_scores_at_most_1_5() {
+fn unprivileged_unit_scores_at_most_1_7() {
     let Some(tool) = analyze() else { return };
     let score = exposure(&tool, "airlockd.service");
     println!("airlockd.service exposure {score}");
-    assert!(score <= 1.5, "airlockd.service exposure {score} > 1.5");
+    assert!(score <= 1.7, "airlockd.service exposure {score} > 1.7");
 }
 
 #[test]
-fn privileged_unit_scores_at_most_3_0() {
+fn privileged_unit_scores_at_most_3_2() {
     let Some(tool) = analyze() else { return };
     let score = exposure(&tool, "airlockd-privileged.service");
     println!("airlockd-privileged.service exposure {score}");
-    assert!(score <= 3.0, "airlockd-privileged.service exposure {score} > 3.0");
+    assert!(score <= 3.2, "airlockd-privileged.service exposure {score} > 3.2");
 }
 
 #[test]
