@@ -237,6 +237,11 @@ pub enum FromWorker {
         service: String,
         name: String,
     },
+    /// This worker unmapped and closed revoked stream `stream`. airlockd checks it in
+    /// `/proc` where it may read the worker's maps, and takes the word only where it may not.
+    StreamReleased {
+        stream: u64,
+    },
 }
 
 impl FromWorker {
@@ -253,6 +258,7 @@ impl FromWorker {
             FromWorker::Event(_) => "Event",
             FromWorker::Reopen { .. } => "Reopen",
             FromWorker::OpenStream { .. } => "OpenStream",
+            FromWorker::StreamReleased { .. } => "StreamReleased",
         }
     }
 }

@@ -238,6 +238,21 @@ impl Worker {
         Ok(out)
     }
 
+    /// Unmaps and closes every end of `stream` and tells airlockd so (once).
+    fn release_stream(&mut self, stream: u64) -> Result<(), WorkerError> {
+        let held =
+            self.stream_ends.iter().any(|e| e.stream() == stream) || self.incoming.iter().any(|h| h.stream == stream);
+        for e in self.stream_ends.iter().filter(|e| e.stream() == stream) {
+            e.release();
+        }
+        self.stream_ends.retain(|e| e.stream() != stream && e.alive());
+        self.incoming.retain(|h| h.stream != stream);
+        if held {
+            self.ch.send(&FromWorker::StreamReleased { stream })?;
+        }
+        Ok(())
+    }
+
     /// Streams other workers opened to this worker's services since the last call (handled as
     /// the channel is read: [`Worker::pump`], [`Worker::serve`]).
     pub fn take_incoming_streams(&mut self) -> Vec<streams::StreamIn> {
@@ -432,11 +447,7 @@ impl Worker {
             }
             ToWorker::StreamRevoked { stream, reason } => {
                 tracing::info!(stream, reason = %reason, "stream revoked: released");
-                for e in self.stream_ends.iter().filter(|e| e.stream() == stream) {
-                    e.release();
-                }
-                self.stream_ends.retain(|e| e.stream() != stream && e.alive());
-                self.incoming.retain(|h| h.stream != stream);
+                self.release_stream(stream)?;
             }
             other => {
                 return Err(WorkerError::Unexpected {
@@ -464,10 +475,8 @@ impl Worker {
                 return Ok(take(got));
             }
             if let ToWorker::StreamRevoked { stream, .. } = &got.msg {
-                let stream = *stream;
-                for e in self.stream_ends.iter().filter(|e| e.stream() == stream) {
-                    e.release();
-                }
+                // Released now: the deadline runs while we wait (handled again later: idempotent).
+                self.release_stream(*stream)?;
             }
             self.backlog.push_back(got);
         }

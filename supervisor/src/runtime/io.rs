@@ -232,6 +232,7 @@ impl Supervisor {
                 FromWorker::Ack { id } => self.acknowledged(i, id),
                 FromWorker::Reopen { index } => self.reopen(i, index),
                 FromWorker::OpenStream { id, service, name } => self.open_stream(i, id, service, name),
+                FromWorker::StreamReleased { stream } => self.stream_released(i, stream),
                 other => {
                     let what = format_args!("unexpected message from a running worker ({}); killing it", other.kind());
                     security::event(&self.slots[i].name, self.slots[i].run.as_ref().map(|r| r.pid), what);

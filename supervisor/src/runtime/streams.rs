@@ -1,6 +1,9 @@
 //! Streams between workers: set up after a `stream` permit check, revoked when an end dies or
 //! the operator asks, and enforced from outside: an end that still maps or holds the area after
-//! the release deadline is killed (airlockd cannot unmap a peer's mapping itself).
+//! the release deadline is killed (airlockd cannot unmap a peer's mapping itself). Where airlockd
+//! may not read a worker's maps (a container runtime without `CAP_SYS_PTRACE`, workers without a
+//! user namespace), the end's own `StreamReleased` is taken instead, and an end that never says
+//! it is killed.
 //!
 //! airlockd creates the area (a sealed memfd, `airlock_protocol::stream`), keeps only a mapping
 //! of its header page to revoke it, and never reads what the ends write.
@@ -33,6 +36,8 @@ pub(super) struct Stream {
     pub identity: (u64, u64),
     /// Revoked: why, and when the ends must have let go of it.
     pub revoked: Option<(String, Instant)>,
+    /// Each end said it released the area (`StreamReleased`): (producer, consumer).
+    pub released: (bool, bool),
 }
 
 /// The streams, by id.
@@ -42,27 +47,28 @@ pub(super) struct Streams {
     pub next_id: u64,
 }
 
-/// Whether process `pid` maps or holds the file `identity` (from `/proc`); `true` when that
-/// cannot be read (fail closed: the caller kills).
-fn holds(pid: i32, identity: (u64, u64)) -> bool {
-    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { return true };
+/// Whether process `pid` maps or holds the file `identity`, from `/proc`; `None` when this
+/// airlockd may not read the worker's maps (a non-dumpable worker of its own uid without a
+/// user namespace, under a container runtime that dropped `CAP_SYS_PTRACE`).
+fn holds(pid: i32, identity: (u64, u64)) -> Option<bool> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
     for line in maps.lines() {
         // address perms offset dev inode path
         let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() >= 5 && f[4].parse::<u64>().ok() == Some(identity.1) && f[4] != "0" {
-            return true;
+        if f.len() >= 5 && f[4] != "0" && f[4].parse::<u64>().ok() == Some(identity.1) {
+            return Some(true);
         }
     }
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return true };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
     for e in fds.flatten() {
         if let Ok(m) = std::fs::metadata(e.path()) {
             use std::os::unix::fs::MetadataExt;
             if (m.dev(), m.ino()) == identity {
-                return true;
+                return Some(true);
             }
         }
     }
-    false
+    Some(false)
 }
 
 impl Supervisor {
@@ -158,6 +164,7 @@ impl Supervisor {
                 control,
                 identity,
                 revoked: None,
+                released: (false, false),
             },
         );
         tracing::info!(
@@ -220,13 +227,19 @@ impl Supervisor {
             .collect();
         for id in due {
             let Some(s) = self.streams.open.remove(&id) else { continue };
-            for (slot, inc) in [(s.producer, s.incarnations.0), (s.consumer, s.incarnations.1)] {
+            let ends = [(s.producer, s.incarnations.0, s.released.0), (s.consumer, s.incarnations.1, s.released.1)];
+            for (slot, inc, said) in ends {
                 let Some(pid) =
                     self.slots[slot].run.as_ref().filter(|_| self.slots[slot].incarnation == inc).map(|r| r.pid)
                 else {
                     continue;
                 };
-                if holds(pid, s.identity) {
+                // What /proc shows wins; only where it cannot be read is the worker's word taken.
+                let seen = holds(pid, s.identity);
+                if seen.is_none() {
+                    tracing::debug!(stream = id, pid, released = said, "cannot read the end's maps: its word is taken");
+                }
+                if seen.unwrap_or(!said) {
                     let name = self.slots[slot].name.clone();
                     security::event(
                         &name,
@@ -239,6 +252,19 @@ impl Supervisor {
                     );
                     self.kill(slot);
                 }
+            }
+        }
+    }
+
+    /// `StreamReleased` from worker `i`.
+    pub(super) fn stream_released(&mut self, i: usize, id: u64) {
+        let inc = self.slots[i].incarnation;
+        if let Some(s) = self.streams.open.get_mut(&id) {
+            if s.producer == i && s.incarnations.0 == inc {
+                s.released.0 = true;
+            }
+            if s.consumer == i && s.incarnations.1 == inc {
+                s.released.1 = true;
             }
         }
     }
