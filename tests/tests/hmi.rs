@@ -454,3 +454,45 @@ fn airlock_hmi_user_add_manages_the_operators_auth_checks_without_a_restart() {
         .expect("list");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "operator\nalice\nbob\n");
 }
+
+#[test]
+fn at_the_fastest_poll_every_sample_reaches_the_history_through_streams() {
+    let (ui, device) = (free_port(), free_port());
+    let cfg = hmi_config(ui, device).replace("poll-ms = 200", "poll-ms = 20");
+    assert!(cfg.contains("stream-samples = true"), "the default streams its samples");
+    let d = Daemon::start_config(&cfg);
+    for w in ["plcsim", "field", "logic", "historian", "auth", "ui"] {
+        d.wait_running(w);
+    }
+    // Both sample streams open (field -> logic, field -> historian).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while d.status().streams.len() < 2 {
+        assert!(Instant::now() < deadline, "streams: {:?}\n{}", d.status().streams, d.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut tos: Vec<String> = d.status().streams.iter().map(|s| s.to.clone()).collect();
+    tos.sort();
+    assert_eq!(tos, ["historian.samples", "logic.samples"]);
+    std::thread::sleep(Duration::from_secs(3));
+    let db = d.dir.join("state/workers/historian/history.sqlite3");
+    let conn = rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).expect("open db");
+    let polls: i64 = conn.query_row("SELECT COUNT(DISTINCT ts) FROM samples", [], |r| r.get(0)).expect("count");
+    let (first, last): (i64, i64) =
+        conn.query_row("SELECT MIN(ts), MAX(ts) FROM samples", [], |r| Ok((r.get(0)?, r.get(1)?))).expect("span");
+    // Every poll field made is stored: consecutive samples are one poll apart (field's poll may
+    // run late on a busy machine, never twice per slot), and none is missing between them.
+    assert!(polls >= 50, "only {polls} polls stored in 3 s");
+    let expected = (last - first) / 20 + 1;
+    assert!(
+        polls * 10 >= expected * 9,
+        "{polls} polls stored over {} ms (one per 20 ms would be {expected})",
+        last - first
+    );
+    let log = d.log_text();
+    assert!(!log.contains("samples are being dropped"), "{log}");
+    assert!(!log.contains("sample stream down"), "{log}");
+    // No journaled sample: airlockd did no work per sample.
+    assert_eq!(d.status().journal_pending, 0);
+    let (st, log) = d.stop();
+    assert!(st.success(), "{log}");
+}

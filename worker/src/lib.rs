@@ -378,6 +378,56 @@ impl Worker {
         }
     }
 
+    /// As [`Worker::serve_all`], calling `on_tick` at least every `tick` (sooner when the
+    /// channel is idle): for a worker that also reads streams on its serving thread.
+    pub fn serve_all_ticking<F, G, T>(
+        &mut self,
+        tick: std::time::Duration,
+        mut on_request: F,
+        mut on_message: G,
+        mut on_tick: T,
+    ) -> Result<(), WorkerError>
+    where
+        F: FnMut(&mut Worker, &Request, Option<&Bulk>) -> Result<Response, String>,
+        G: FnMut(&mut Worker, &Delivery, Option<&Bulk>),
+        T: FnMut(&mut Worker),
+    {
+        let tick_ms = i32::try_from(tick.as_millis()).unwrap_or(i32::MAX);
+        let mut last_tick = std::time::Instant::now();
+        loop {
+            if self.backlog.is_empty() && !self.ch.has_buffered() {
+                self.flush_acks()?;
+            }
+            if self.shutdown {
+                return Ok(());
+            }
+            if last_tick.elapsed() >= tick {
+                on_tick(self);
+                last_tick = std::time::Instant::now();
+            }
+            let got = match self.backlog.pop_front() {
+                Some(g) => g,
+                None => {
+                    if !self.ch.has_buffered() {
+                        let wait = tick_ms.saturating_sub(i32::try_from(last_tick.elapsed().as_millis()).unwrap_or(0));
+                        let readable = airlock_protocol::sys::poll_readable(self.ch.as_fd(), wait.max(0))
+                            .map_err(|source| WorkerError::Channel(ChannelError::Io { op: "poll", source }))?;
+                        if !readable {
+                            continue;
+                        }
+                    }
+                    match self.ch.try_recv::<ToWorker>() {
+                        Ok(Some(g)) => g,
+                        Ok(None) => continue,
+                        Err(ChannelError::Closed) => return Ok(()),
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            };
+            self.handle(got, &mut on_request, &mut on_message)?;
+        }
+    }
+
     fn handle<F, G>(
         &mut self,
         got: airlock_protocol::Received<ToWorker>,
@@ -430,7 +480,7 @@ impl Worker {
                     Some(fd) if fds.is_empty() => {
                         match airlock_protocol::stream::StreamReader::attach(fd, grant.params, grant.key) {
                             Ok(r) => {
-                                tracing::info!(stream, from = %from, name = %name, "incoming stream");
+                                tracing::debug!(stream, from = %from, name = %name, "incoming stream");
                                 let (h, end) = streams::StreamIn::new(stream, from, service, name, r);
                                 self.stream_ends.retain(streams::EndRef::alive);
                                 self.stream_ends.push(end);

@@ -22,6 +22,10 @@ struct FieldSettings {
     poll_ms: u64,
     #[serde(default = "d_timeout")]
     timeout_ms: u64,
+    /// Publish samples to logic and the historian through streams (`docs/hmi.md`), falling
+    /// back to journaled messages while a stream is down.
+    #[serde(default)]
+    stream_samples: bool,
 }
 fn d_poll() -> u64 {
     500
@@ -60,7 +64,7 @@ pub fn main() -> ExitCode {
         }
     };
     let settings = w.settings::<Settings>().map_err(|e| e.to_string()).and_then(|s| {
-        let fs = s.field.unwrap_or(FieldSettings { poll_ms: d_poll(), timeout_ms: d_timeout() });
+        let fs = s.field.unwrap_or(FieldSettings { poll_ms: d_poll(), timeout_ms: d_timeout(), stream_samples: false });
         Ok((s.plant.validated()?, fs))
     });
     let settings = settings.and_then(|(plant, fs)| {
@@ -90,6 +94,8 @@ pub fn main() -> ExitCode {
     let poll_every = Duration::from_millis(fs.poll_ms.max(20));
     let mut next_poll = Instant::now();
     let mut dropped = [0u64; 2];
+    let mut streams = [crate::samples::SampleOut::new("logic"), crate::samples::SampleOut::new("historian")];
+    let stream_samples = fs.stream_samples;
     loop {
         let wait = next_poll.saturating_duration_since(Instant::now());
         let wait_ms = if w.has_pending() { 0 } else { wait.as_millis() as i32 };
@@ -153,9 +159,16 @@ pub fn main() -> ExitCode {
             };
             let body = hmi::encode(&sample);
             for (k, to) in ["logic", "historian"].into_iter().enumerate() {
-                // Samples are periodic: one the broker cannot take now is dropped, said once
-                // when dropping starts and once, with the count, when it stops.
-                match w.send(to, "sample", body.clone(), false) {
+                // Samples are periodic: one the broker (or the stream's ring) cannot take now is
+                // dropped, said once when dropping starts and once, with the count, when it stops.
+                let sent = match stream_samples.then(|| streams[k].publish(&mut w, &body)) {
+                    Some(crate::samples::Published::Streamed) => Ok(()),
+                    Some(crate::samples::Published::Dropped) => Err("the stream's ring is full".to_string()),
+                    Some(crate::samples::Published::NotStreamed) | None => {
+                        w.send(to, "sample", body.clone(), false).map_err(|e| e.to_string())
+                    }
+                };
+                match sent {
                     Ok(()) if dropped[k] > 0 => {
                         tracing::warn!(to, dropped = dropped[k], "samples flow again");
                         dropped[k] = 0;

@@ -81,7 +81,9 @@ pub fn main() -> ExitCode {
         }
     }
     let h = std::cell::RefCell::new(Historian { db, plant, retention_days, stored: 0 });
-    let served = w.serve_all(
+    let mut streamed = crate::samples::SampleIn::default();
+    let served = w.serve_all_ticking(
+        std::time::Duration::from_millis(20),
         |w, req, _bulk| match req.method.as_str() {
             "trend" => Ok(Response::bytes(hmi::encode(&h.borrow().trend(&hmi::decode(&req.body)?)?))),
             "export" => {
@@ -100,7 +102,7 @@ pub fn main() -> ExitCode {
             // A body no one can store is acknowledged (and said), not retried forever.
             let stored = match d.method.as_str() {
                 "sample" => match hmi::decode::<Sample>(&d.body) {
-                    Ok(s) => h.borrow_mut().store_sample(d.id, &s),
+                    Ok(s) => h.borrow_mut().store_sample(Some(d.id), &s),
                     Err(e) => {
                         tracing::error!(from = %d.from, id = d.id, "sample dropped: {e}");
                         Ok(())
@@ -124,6 +126,15 @@ pub fn main() -> ExitCode {
                 tracing::error!(from = %d.from, method = %d.method, id = d.id, "not stored, exiting so it is redelivered: {e}");
                 std::process::exit(3);
             }
+        },
+        |w| {
+            streamed.drain(w, |_w, sample| {
+                // A live sample that cannot be stored is lost (a stream is not redelivered);
+                // said, and the next one tried.
+                if let Err(e) = h.borrow_mut().store_sample(None, &sample) {
+                    tracing::error!("a streamed sample was not stored: {e}");
+                }
+            })
         },
     );
     match served {
@@ -163,7 +174,9 @@ struct Historian {
 }
 
 impl Historian {
-    fn store_sample(&mut self, id: u64, s: &Sample) -> Result<(), String> {
+    /// Stores a sample; `delivery` (a journaled message's id) is marked handled in the same
+    /// transaction. A streamed sample has none: a stream is live data, never redelivered.
+    fn store_sample(&mut self, delivery: Option<u64>, s: &Sample) -> Result<(), String> {
         let tx = self.db.transaction().map_err(|e| e.to_string())?;
         {
             let mut ins = tx
@@ -174,7 +187,9 @@ impl Historian {
                 ins.execute(params![s.ts_ms, tag, raw, def.to_eng(*raw)]).map_err(|e| e.to_string())?;
             }
         }
-        mark(&tx, id)?;
+        if let Some(id) = delivery {
+            mark(&tx, id)?;
+        }
         tx.commit().map_err(|e| e.to_string())?;
         self.stored += 1;
         if self.stored % PRUNE_EVERY == 1 {
@@ -358,7 +373,8 @@ mod tests {
         let day = 86_400_000;
         let now = 10 * day;
         for (id, ts) in [(1, now - 3 * day), (2, now - 2 * day), (3, now - 1000), (4, now)] {
-            h.store_sample(id, &Sample { ts_ms: ts, values: vec![("level".into(), 421)], fault: None }).expect("store");
+            h.store_sample(Some(id), &Sample { ts_ms: ts, values: vec![("level".into(), 421)], fault: None })
+                .expect("store");
         }
         h.store_event(
             5,

@@ -21,5 +21,6 @@ pub mod historian;
 pub mod logic;
 pub mod operators;
 pub mod plcsim;
+pub mod samples;
 pub mod types;
 pub mod ui;

@@ -54,9 +54,12 @@ pub fn main() -> ExitCode {
         last_write: BTreeMap::new(),
         last_sample_ms: 0,
     });
-    let mut events: Vec<Event> = Vec::new();
+    let events: Vec<Event> = Vec::new();
     let pending = std::cell::RefCell::new(std::collections::VecDeque::new());
-    let served = w.serve_all(
+    let mut streamed = crate::samples::SampleIn::default();
+    let events = std::cell::RefCell::new(events);
+    let served = w.serve_all_ticking(
+        std::time::Duration::from_millis(20),
         |w, req, _bulk| {
             let mut logic = logic.borrow_mut();
             let body = match req.method.as_str() {
@@ -98,6 +101,7 @@ pub fn main() -> ExitCode {
             }
             match hmi::decode::<Sample>(&d.body) {
                 Ok(s) => {
+                    let mut events = events.borrow_mut();
                     logic.borrow_mut().sample(&s, &mut events);
                     for ev in events.drain(..) {
                         record(w, &pending, ev);
@@ -105,6 +109,15 @@ pub fn main() -> ExitCode {
                 }
                 Err(e) => tracing::warn!(from = %d.from, "dropping a sample: {e}"),
             }
+        },
+        |w| {
+            streamed.drain(w, |w, s| {
+                let mut events = events.borrow_mut();
+                logic.borrow_mut().sample(&s, &mut events);
+                for ev in events.drain(..) {
+                    record(w, &pending, ev);
+                }
+            })
         },
     );
     match served {
