@@ -479,15 +479,13 @@ fn at_the_fastest_poll_every_sample_reaches_the_history_through_streams() {
     let polls: i64 = conn.query_row("SELECT COUNT(DISTINCT ts) FROM samples", [], |r| r.get(0)).expect("count");
     let (first, last): (i64, i64) =
         conn.query_row("SELECT MIN(ts), MAX(ts) FROM samples", [], |r| Ok((r.get(0)?, r.get(1)?))).expect("span");
-    // Every poll field made is stored: consecutive samples are one poll apart (field's poll may
-    // run late on a busy machine, never twice per slot), and none is missing between them.
+    // Every poll field made is stored: field says when it drops one (a full ring, a stream
+    // down), and it never does. The pace itself is the machine's: field's polls run late on a
+    // busy machine, so the count is only checked to be of the right order.
     assert!(polls >= 50, "only {polls} polls stored in 3 s");
     let expected = (last - first) / 20 + 1;
-    assert!(
-        polls * 10 >= expected * 9,
-        "{polls} polls stored over {} ms (one per 20 ms would be {expected})",
-        last - first
-    );
+    assert!(polls * 2 >= expected, "{polls} polls stored over {} ms (one per 20 ms would be {expected})", last - first);
+    println!("{polls} polls stored over {} ms", last - first);
     let log = d.log_text();
     assert!(!log.contains("samples are being dropped"), "{log}");
     assert!(!log.contains("sample stream down"), "{log}");
