@@ -24,6 +24,10 @@
 //!   where the host gives one (target: at most 2.0 with the cgroup layer applied; the note says
 //!   whether it was). `call_under_cpu_attack_64_priority_only`: the same with the cgroup layer
 //!   off, as on a host without cgroups: only the nice value holds the attacker back.
+//! - `hmi_sample_cpu`: airlockd's CPU time per second while the default HMI polls its device
+//!   every 20 ms and field's samples reach logic and the historian through streams, versus the
+//!   same HMI with `stream-samples = false` (each sample journaled twice through airlockd), in
+//!   the same run; per sample = per second / 50 (target: at least 5 times less).
 //! - `supervisor_rss_under_attack`: airlockd's RSS after a CPU attack, a memory hog and a
 //!   flood of refused 1 MiB bulk calls, versus its RSS at rest before them (bounded).
 
@@ -333,6 +337,69 @@ fn cpu_attack(bins: &Path, scenario: &str, cgroup: &str) -> (Child, PathBuf, f64
     (d, dir, rest_rss)
 }
 
+/// The embedded default HMI polling every 20 ms, with or without sample streams; returns
+/// airlockd's CPU milliseconds over `secs` seconds after a second of warm-up.
+fn hmi_cpu(bins: &Path, streams: bool, secs: u64) -> f64 {
+    let dir = bins.join(format!("airlock-bench-broker-{}-hmi-{streams}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
+    let port = |_: ()| {
+        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")
+    };
+    let cfg = airlock_supervisor::config::EMBEDDED_DEFAULT
+        .replace(
+            "[supervisor]\n",
+            &format!(
+                "[supervisor]\nstate-directory = \"{d}/state\"\nruntime-directory = \"{d}/run\"\nworker-directory = \"{b}\"\n",
+                d = dir.display(),
+                b = bins.display()
+            ),
+        )
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{}", port(())))
+        .replace("127.0.0.1:1502", &format!("127.0.0.1:{}", port(())))
+        .replace("poll-ms = 500", "poll-ms = 20")
+        .replace("stream-samples = true", &format!("stream-samples = {streams}"));
+    std::fs::write(dir.join("airlock.toml"), cfg).expect("config");
+    let d = Command::new(bins.join("airlockd"))
+        .arg("--config")
+        .arg(dir.join("airlock.toml"))
+        .env("AIRLOCK_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("airlockd.log")).expect("log"))
+        .spawn()
+        .expect("airlockd");
+    let sock = dir.join("run/control.sock");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(sock.exists()
+        && control(
+            &sock,
+            &ControlRequest::Call {
+                service: "logic".into(),
+                method: "values".into(),
+                body: String::new(),
+                deadline_ms: 0,
+            },
+        )
+        .ok)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the HMI did not start: {}",
+            std::fs::read_to_string(dir.join("airlockd.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let before = cpu_ns(d.id());
+    std::thread::sleep(Duration::from_secs(secs));
+    let ms = (cpu_ns(d.id()) - before) as f64 / 1e6;
+    stop(d);
+    let _ = std::fs::remove_dir_all(&dir);
+    ms
+}
+
 fn stop(mut d: Child) {
     let pidfd = airlock_supervisor::sys::pidfd_open(d.id() as i32).expect("pidfd");
     let _ = airlock_supervisor::sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGTERM);
@@ -351,7 +418,7 @@ fn main() {
     // `cargo bench --bench broker -- NAME`: only the scenario NAME.
     let filter = args.iter().skip(1).find(|a| !a.starts_with('-')).cloned().unwrap_or_default();
     let wants = |name: &str| filter.is_empty() || name == filter;
-    build_binaries(&["airlock-test-workers", "airlock-supervisor"]);
+    build_binaries(&["airlock-test-workers", "airlock-supervisor", "airlock-hmi"]);
     let bins = target_dir();
     // On the target's file system (not /tmp, which may be tmpfs where fsync is free).
     let dir = bins.join(format!("airlock-bench-broker-{}", std::process::id()));
@@ -494,6 +561,23 @@ fn main() {
         );
         stop(d);
         let _ = std::fs::remove_dir_all(&dir3);
+    }
+
+    if wants("hmi_sample_cpu") {
+        let secs = if std::env::var_os("AIRLOCK_BENCH_QUICK").is_some() { 3 } else { 10 };
+        let journaled = hmi_cpu(&bins, false, secs);
+        let streamed = hmi_cpu(&bins, true, secs);
+        let per = |ms: f64| ms * 1000.0 / (secs as f64 * 50.0);
+        emit(
+            "hmi_sample_cpu",
+            per(streamed),
+            per(journaled),
+            "us/sample",
+            true,
+            &format!(
+                "airlockd CPU per sample (nominal: one per 20 ms) of the default HMI over {secs} s: samples through streams ({streamed:.1} ms), versus journaled through airlockd ({journaled:.1} ms); target at most 0.2"
+            ),
+        );
     }
 
     if wants("call_under_cpu_attack_64") || wants("supervisor_rss_under_attack") {

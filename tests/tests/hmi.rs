@@ -489,8 +489,6 @@ fn at_the_fastest_poll_every_sample_reaches_the_history_through_streams() {
     let log = d.log_text();
     assert!(!log.contains("samples are being dropped"), "{log}");
     assert!(!log.contains("sample stream down"), "{log}");
-    // No journaled sample: airlockd did no work per sample.
-    assert_eq!(d.status().journal_pending, 0);
     let (st, log) = d.stop();
     assert!(st.success(), "{log}");
 }
