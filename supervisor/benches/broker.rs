@@ -302,6 +302,8 @@ fn cpu_attack(bins: &Path, scenario: &str, cgroup: &str) -> (Child, PathBuf, f64
     // Short: the control socket's path must fit in sun_path.
     let dir = bins.join(format!("airlock-bench-broker-{}-cpu-{cgroup}", std::process::id()));
     let d = start_attack_airlockd(&dir, bins, cgroup);
+    // A panic below must not leave airlockd and 64 spinning threads behind.
+    let guard = KillOnPanic(d.id());
     let sock = dir.join("run/control.sock");
     let applied = {
         let mut s = UnixStream::connect(&sock).expect("connect control socket");
@@ -334,7 +336,19 @@ fn cpu_attack(bins: &Path, scenario: &str, cgroup: &str) -> (Child, PathBuf, f64
             "call median while a hostile worker spins 64 threads ({layer}), versus before the attack, all CPUs; 99th percentile {loaded_p99} us versus {unloaded_p99} us; target 2.0 with a cgroup"
         ),
     );
+    std::mem::forget(guard);
     (d, dir, rest_rss)
+}
+
+/// Kills airlockd `pid` (and so its workers) when dropped during a panic.
+struct KillOnPanic(u32);
+
+impl Drop for KillOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0 as i32), nix::sys::signal::SIGKILL);
+        }
+    }
 }
 
 /// The embedded default HMI polling every 20 ms, with or without sample streams; returns
@@ -370,6 +384,7 @@ fn hmi_cpu(bins: &Path, streams: bool, secs: u64) -> f64 {
         .stderr(std::fs::File::create(dir.join("airlockd.log")).expect("log"))
         .spawn()
         .expect("airlockd");
+    let guard = KillOnPanic(d.id());
     let sock = dir.join("run/control.sock");
     let deadline = Instant::now() + Duration::from_secs(60);
     while !(sock.exists()
@@ -395,6 +410,7 @@ fn hmi_cpu(bins: &Path, streams: bool, secs: u64) -> f64 {
     let before = cpu_ns(d.id());
     std::thread::sleep(Duration::from_secs(secs));
     let ms = (cpu_ns(d.id()) - before) as f64 / 1e6;
+    std::mem::forget(guard);
     stop(d);
     let _ = std::fs::remove_dir_all(&dir);
     ms
