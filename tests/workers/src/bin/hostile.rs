@@ -97,7 +97,10 @@ fn main() {
             let held = memhog(num(&args, 1), num(&args, 2));
             let _ = w.event(&held);
         }
-        "spin" => spin(num(&args, 1)),
+        "spin" => {
+            let n = spin(num(&args, 1));
+            let _ = w.event(&format!("spinning {n}"));
+        }
         "stream-hold" | "stream-garbage" => {
             let service = args.get(1).map_or("peer", String::as_str);
             let name = args.get(2).map_or("samples", String::as_str);
@@ -114,8 +117,7 @@ fn main() {
             let text = String::from_utf8_lossy(&req.body).into_owned();
             let a: Vec<String> = text.split_whitespace().map(str::to_string).collect();
             if a.first().map(String::as_str) == Some("spin") {
-                spin(num(&a, 1));
-                return Ok(Response::bytes(b"spinning".to_vec()));
+                return Ok(Response::bytes(format!("spinning {}", spin(num(&a, 1))).into_bytes()));
             }
             if a.first().map(String::as_str) != Some("bulk-calls") {
                 return Err(format!("unknown attack {text:?}"));
@@ -175,16 +177,26 @@ fn bulk_calls(w: &mut Worker, service: &str, count: u64, bytes: u64) -> String {
     done
 }
 
-/// Threads that spin until the process ends.
-fn spin(threads: u64) {
+/// Threads that spin until the process ends; returns how many it could start (a limit on
+/// processes may stop it first).
+fn spin(threads: u64) -> u64 {
+    let mut started = 0;
     for _ in 0..threads {
-        std::thread::spawn(|| {
+        let spawned = std::thread::Builder::new().spawn(|| {
             let mut x = 0u64;
             loop {
                 x = std::hint::black_box(x.wrapping_add(1));
             }
         });
+        match spawned {
+            Ok(_) => started += 1,
+            Err(e) => {
+                eprintln!("hostile: spin: thread {} not started: {e}", started + 1);
+                break;
+            }
+        }
     }
+    started
 }
 
 /// Memory in unmapped memfds, then on the heap (see `memhog` above). Returns the event text.
