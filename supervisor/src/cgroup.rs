@@ -388,6 +388,19 @@ impl WorkerCgroup {
         Ok(())
     }
 
+    /// Moves `pid` back where it came from (airlockd's own cgroup; on v2 its `supervisor` leaf),
+    /// so that removing this cgroup does not kill it: after a partial attach.
+    pub fn detach(&self, pid: i32) {
+        for (_, d) in &self.dirs {
+            let Some(base) = d.parent().and_then(Path::parent) else { continue };
+            let home = match self.layout {
+                Layout::V1 { .. } => base.to_path_buf(),
+                Layout::V2 { .. } => base.join("supervisor"),
+            };
+            let _ = fs::write(home.join("cgroup.procs"), pid.to_string());
+        }
+    }
+
     /// How many times the kernel's OOM killer killed a process here (its memory limit).
     pub fn oom_kills(&self) -> u64 {
         let (file, key) = match self.layout {
@@ -421,7 +434,7 @@ impl WorkerCgroup {
             let got = got.trim();
             // The kernel rounds memory limits down to whole pages.
             let same = got == value
-                || matches!((got.parse::<u64>(), value.parse::<u64>()), (Ok(g), Ok(v)) if file.starts_with("memory") && v - g < 4096 && g <= v);
+                || matches!((got.parse::<u64>(), value.parse::<u64>()), (Ok(g), Ok(v)) if file.starts_with("memory") && g <= v && v - g < 4096);
             if !same {
                 return Err(format!("{} holds {got}, not {value}", path.display()));
             }

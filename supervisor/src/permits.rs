@@ -109,6 +109,19 @@ pub enum Decision {
 }
 
 /// Decides whether `from` (in `state`) may `kind` `service.method`.
+/// The row that allows the request, if any: the one [`decide`] allows by (for a stream, its
+/// sizes and mode come from exactly this row).
+pub fn matching<'a>(
+    table: &'a [Permit],
+    from: &str,
+    state: &str,
+    service: &str,
+    method: &str,
+    kind: Kind,
+) -> Option<&'a Permit> {
+    table.iter().find(|p| p.matches(from, state, service, method, kind))
+}
+
 pub fn decide(table: &[Permit], from: &str, state: &str, service: &str, method: &str, kind: Kind) -> Decision {
     match table.iter().find(|p| p.matches(from, state, service, method, kind)) {
         Some(p) => Decision::Allow { grant: p.grant.clone() },

@@ -168,3 +168,26 @@ fn a_producer_writing_garbage_poisons_only_the_consumers_end() {
     let (st, log) = d.stop();
     assert!(st.success(), "{log}");
 }
+
+#[test]
+fn a_producer_has_one_stream_per_name_and_at_most_sixteen() {
+    let d =
+        start("\n[[permit]]\nfrom = \"front\"\nto = \"peer.*\"\nkind = \"stream\"\nring-kib = 4\nmax-record = 1024\n");
+    // The same name again replaces the stream: the first is revoked.
+    assert_eq!(d.call("front", "stream_to", "peer a 1 64 keep"), (true, "sent 1".into()));
+    assert_eq!(d.call("front", "stream_to", "peer a 1 64 keep"), (true, "sent 1".into()));
+    let st = d.status().streams;
+    assert_eq!(st.len(), 2, "{st:?}");
+    assert_eq!(st[0].revoked.as_deref(), Some("replaced by a new stream of the same name"));
+    assert_eq!(st[1].revoked, None);
+    for k in 0..14 {
+        assert_eq!(d.call("front", "stream_to", &format!("peer n{k} 1 64")), (true, "sent 1".into()));
+    }
+    let (ok, out) = d.call("front", "stream_to", "peer one-too-many 1 64");
+    assert!(!ok && out.contains("busy: front has 16 streams (at most 16"), "{out}");
+    // A name airlockd would have to log or print is refused.
+    let (ok, out) = d.call("front", "stream_to", "peer bad\u{1b}name 1 64");
+    assert!(!ok && out.contains("1 to 64 ASCII letters"), "{out}");
+    assert_eq!(d.worker("front").violations, 1, "the bad name counts; the busy one does not");
+    d.stop();
+}

@@ -238,18 +238,15 @@ impl Worker {
         Ok(out)
     }
 
-    /// Unmaps and closes every end of `stream` and tells airlockd so (once).
+    /// Unmaps and closes every end of `stream` and tells airlockd so.
     fn release_stream(&mut self, stream: u64) -> Result<(), WorkerError> {
-        let held =
-            self.stream_ends.iter().any(|e| e.stream() == stream) || self.incoming.iter().any(|h| h.stream == stream);
         for e in self.stream_ends.iter().filter(|e| e.stream() == stream) {
             e.release();
         }
         self.stream_ends.retain(|e| e.stream() != stream && e.alive());
         self.incoming.retain(|h| h.stream != stream);
-        if held {
-            self.ch.send(&FromWorker::StreamReleased { stream })?;
-        }
+        // Always answered, even for an end closed earlier: it says "I hold nothing of it".
+        self.ch.send(&FromWorker::StreamReleased { stream })?;
         Ok(())
     }
 

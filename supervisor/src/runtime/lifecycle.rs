@@ -108,7 +108,9 @@ impl Supervisor {
             // Not the start this slot waits for (cannot happen: one start at a time per slot).
             if let Ok(st) = out.result {
                 kill_and_reap(&st.pidfd);
-                st.cgroup.inspect(|c| c.remove());
+                if let Some(c) = &st.cgroup {
+                    c.remove();
+                }
             }
             return;
         }
@@ -250,7 +252,7 @@ impl Supervisor {
             // The kernel counts its OOM kills in the worker's own cgroup: only a SIGKILL with a
             // count is a death by the memory limit (a hostile worker cannot forge the count).
             let kills = cg.oom_kills();
-            if status == ExitStatus::Signal(libc::SIGKILL) && kills > 0 {
+            if status == ExitStatus::Signal(libc::SIGKILL) && kills > 0 && !r.killed {
                 reason = format!(
                     "killed by its memory limit ({} MiB): the kernel's OOM killer in its own cgroup",
                     cg.limits.memory_bytes >> 20
@@ -301,7 +303,9 @@ impl Supervisor {
         for out in self.starter.drain(starting.len(), within) {
             if let Ok(st) = out.result {
                 kill_and_reap(&st.pidfd);
-                st.cgroup.inspect(|c| c.remove());
+                if let Some(c) = &st.cgroup {
+                    c.remove();
+                }
             }
             self.slots[out.slot].state = WorkerState::Stopped;
         }

@@ -22,6 +22,15 @@ use crate::permits::{self, Kind};
 /// How long an end gets to unmap and close a revoked stream before it is killed.
 pub(super) const RELEASE_DEADLINE: Duration = Duration::from_secs(2);
 
+/// Streams one worker may have as producer at once, revoked ones not yet released included:
+/// each holds a descriptor and a mapping in airlockd until both ends let go.
+pub(super) const MAX_STREAMS_PER_PRODUCER: usize = 16;
+
+/// A stream's service or name as `OpenStream` may carry it (it reaches logs and `airlock status`).
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// One stream airlockd set up.
 #[derive(Debug)]
 pub(super) struct Stream {
@@ -55,7 +64,12 @@ fn holds(pid: i32, identity: (u64, u64)) -> Option<bool> {
     for line in maps.lines() {
         // address perms offset dev inode path
         let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() >= 5 && f[4] != "0" && f[4].parse::<u64>().ok() == Some(identity.1) {
+        let dev = f
+            .get(3)
+            .and_then(|d| d.split_once(':'))
+            .and_then(|(ma, mi)| Some((u64::from_str_radix(ma, 16).ok()?, u64::from_str_radix(mi, 16).ok()?)));
+        let want = (nix::sys::stat::major(identity.0), nix::sys::stat::minor(identity.0));
+        if f.len() >= 5 && f[4] != "0" && f[4].parse::<u64>().ok() == Some(identity.1) && dev == Some(want) {
             return Some(true);
         }
     }
@@ -98,22 +112,44 @@ impl Supervisor {
 
     fn set_up_stream(&mut self, i: usize, service: &str, name: &str) -> Result<(StreamGrant, OwnedFd), CallFailure> {
         let from = self.slots[i].name.clone();
+        if self.slots[i].run.as_ref().is_none_or(|r| r.channel_down || r.killed) {
+            return Err(CallFailure::Busy { why: format!("{from} is being stopped") });
+        }
+        if !valid_name(service) || !valid_name(name) {
+            return Err(CallFailure::NotPermitted {
+                rule: "a stream's service and name are 1 to 64 ASCII letters, digits, '-' or '_'".into(),
+            });
+        }
         let state = self.slots[i].broker_state.clone();
-        let permit = match permits::decide(&self.permits, &from, &state, service, name, Kind::Stream) {
-            permits::Decision::Allow { .. } => self
-                .permits
-                .iter()
-                .find(|p| {
-                    p.kind == Kind::Stream
-                        && p.from == from
-                        && p.to.split_once('.').is_some_and(|(s, m)| s == service && (m == name || m == "*"))
-                })
-                .cloned(),
+        let params = match permits::decide(&self.permits, &from, &state, service, name, Kind::Stream) {
+            permits::Decision::Allow { .. } => {
+                permits::matching(&self.permits, &from, &state, service, name, Kind::Stream)
+                    .and_then(|p| p.stream_params())
+            }
             permits::Decision::Refuse(rule) => return Err(CallFailure::NotPermitted { rule }),
-        };
-        let params = permit
-            .and_then(|p| p.stream_params())
-            .ok_or_else(|| CallFailure::NotPermitted { rule: format!("{from} may not stream to {service}.{name}") })?;
+        }
+        .ok_or_else(|| CallFailure::NotPermitted { rule: format!("{from} may not stream to {service}.{name}") })?;
+        // One stream per (producer, service.name): a new one replaces the old (revoked).
+        let to = format!("{service}.{name}");
+        let inc = self.slots[i].incarnation;
+        let old: Vec<u64> = self
+            .streams
+            .open
+            .iter()
+            .filter(|(_, s)| s.producer == i && s.incarnations.0 == inc && s.to == to && s.revoked.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in old {
+            self.revoke_stream(id, "replaced by a new stream of the same name");
+        }
+        let held = self.streams.open.values().filter(|s| s.producer == i).count();
+        if held >= MAX_STREAMS_PER_PRODUCER {
+            return Err(CallFailure::Busy {
+                why: format!(
+                    "{from} has {held} streams (at most {MAX_STREAMS_PER_PRODUCER}, revoked ones until released)"
+                ),
+            });
+        }
         let Some(&c) = self.providers.get(service) else {
             return Err(CallFailure::NoSuchService { service: service.to_string() });
         };
@@ -159,7 +195,7 @@ impl Supervisor {
                 producer: i,
                 consumer: c,
                 incarnations: (self.slots[i].incarnation, self.slots[c].incarnation),
-                to: format!("{service}.{name}"),
+                to,
                 params,
                 control,
                 identity,

@@ -319,6 +319,8 @@ fn spawn_inner(cfg: &Config, index: usize, host: &HostAbilities, child: &AtomicI
             Some(Err(why)) => {
                 if layer == Layer::Cgroup {
                     if let Some(cg) = cgroup.0.take() {
+                        // Partly attached: back home first, or removing it would kill the child.
+                        cg.detach(pid);
                         cg.remove();
                     }
                 }

@@ -93,10 +93,12 @@ impl SampleIn {
             }
         }
         let mut i = 0;
+        // Bounded per turn over all streams, so requests are never starved by a fast producer.
+        let mut budget = 256usize;
         while i < self.streams.len() {
             let mut ended = None;
-            // Bounded per turn, so requests are never starved by a fast producer.
-            for _ in 0..256 {
+            while budget > 0 {
+                budget -= 1;
                 match self.streams[i].try_recv() {
                     Ok(Some(rec)) => match crate::types::decode::<Sample>(&rec) {
                         Ok(s) => f(w, s),
