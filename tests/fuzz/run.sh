@@ -3,6 +3,7 @@
 # installed here if missing) and runs each from its checked-in corpus for a bounded time
 # (FUZZ_SECONDS, default 20). A crash, leak, timeout or out-of-memory fails the lane; the
 # artifact's path is in libFuzzer's output. Prints 'fuzz: N passed, M failed'.
+# Targets with a libFuzzer dictionary (dict/, see dict_for) get -dict=.
 # Usage: tests/fuzz/run.sh [TARGET...]   (default: every target)
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -24,13 +25,24 @@ cargo +nightly fetch --locked >/dev/null || { echo "tests/fuzz/Cargo.lock is out
 if ! cargo +nightly fuzz build -O >/dev/null 2>&1; then
   echo "building the fuzz targets failed"; echo "fuzz: 0 passed, ${#targets[@]} failed"; exit 1
 fi
+# The dictionary a target runs with, if any (checked-in, under dict/).
+dict_for() {
+  case "$1" in
+    ui_http) echo "$PWD"/dict/http.dict ;;
+    config) echo "$PWD"/dict/config.dict ;;
+    policy) echo "$PWD"/dict/policy.dict ;;
+    control) echo "$PWD"/dict/control.dict ;;
+    credentials) echo "$PWD"/dict/credentials.dict ;;
+  esac
+}
 pass=0; fail=0
 for t in "${targets[@]}"; do
   log=$(mktemp)
   mkdir -p "corpus/$t"
   # A scratch corpus: new inputs found here are not written into the repository's.
   scratch=$(mktemp -d)
-  cargo +nightly fuzz run -O "$t" "$scratch" "corpus/$t" -- \
+  dict=$(dict_for "$t")
+  cargo +nightly fuzz run -O "$t" "$scratch" "corpus/$t" -- ${dict:+-dict="$dict"} \
     -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -max_len=8192 -print_final_stats=1 >"$log" 2>&1
   rc=$?
   done_line=$(grep -E '^#[0-9]+[[:space:]]+DONE' "$log" | tail -n1)

@@ -128,6 +128,24 @@ impl PolicySet {
         PolicySet::from_loaded(loaded, display_root.to_string())
     }
 
+    /// Loads in-memory sources `(key, text)` on top of this set's files, which are not parsed
+    /// again (a file checked against the shipped groups, as the policy fuzz target does it once
+    /// per input). Includes resolve among both; a source with the key of a file already in the
+    /// set is left out. Returns the usable part of the new set and every problem of the sources.
+    pub fn with_sources(&self, sources: &[(&str, &str)], display_root: &str) -> (PolicySet, Vec<Finding>) {
+        let inputs = sources
+            .iter()
+            .map(|(key, text)| Input {
+                key: key.to_string(),
+                display: display_join(display_root, key),
+                name: name_of(key),
+                text: text.to_string(),
+            })
+            .collect();
+        let loaded = model::load_onto(&self.files, inputs, &mut |_| None);
+        PolicySet::from_loaded(loaded, display_root.to_string())
+    }
+
     /// Like [`PolicySet::load_dir`], but returns the usable part of the set with the loading
     /// problems instead of failing on them (what `check` needs).
     pub fn load_dir_lenient(dir: &Path) -> Result<(PolicySet, Vec<Finding>), PolicyError> {
@@ -275,5 +293,38 @@ impl PolicySet {
             }
         }
         Ok(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GROUP: &str = "[group]\ndescription = \"g\"\n\n[[rule]]\nsyscall = \"read\"\nreason = \"r\"\n";
+    const WORKER: &str = "[policy]\ndescription = \"w\"\ndefault_action = \"trap\"\ninclude = [\"common/g.toml\"]\n\n\
+                          [[rule]]\nsyscall = \"write\"\nreason = \"w\"\nargs = [{ arg = 0, eq = 2 }]\n";
+
+    #[test]
+    fn sources_on_top_of_a_set_load_as_if_loaded_together() {
+        let (base, findings) = PolicySet::from_sources(&[("common/g.toml", GROUP)], "p");
+        assert!(findings.is_empty(), "{findings:?}");
+        let (onto, f1) = base.with_sources(&[("w.toml", WORKER)], "p");
+        let (together, f2) = PolicySet::from_sources(&[("common/g.toml", GROUP), ("w.toml", WORKER)], "p");
+        assert_eq!(f1, f2);
+        assert_eq!(format!("{:?}", onto.get("w")), format!("{:?}", together.get("w")));
+        assert_eq!(onto.check(), together.check());
+        for arch in Arch::ALL {
+            let (a, b) = (onto.compile("w", arch).expect("compiles"), together.compile("w", arch).expect("compiles"));
+            assert_eq!(format!("{a:?}"), format!("{b:?}"));
+        }
+        // A source with a missing include is refused the same way, and a key already in the
+        // set is not parsed again.
+        let bad = "[policy]\ndefault_action = \"trap\"\ninclude = [\"nope.toml\"]\n";
+        assert_eq!(
+            base.with_sources(&[("b.toml", bad)], "p").1,
+            PolicySet::from_sources(&[("common/g.toml", GROUP), ("b.toml", bad)], "p").1
+        );
+        let (same, _) = base.with_sources(&[("common/g.toml", "not toml [")], "p");
+        assert_eq!(same.file("common/g.toml").map(|f| f.rules.len()), Some(1));
     }
 }

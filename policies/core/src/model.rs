@@ -846,9 +846,16 @@ pub type Fetch<'a> = dyn FnMut(&str) -> Option<Result<Input, String>> + 'a;
 /// Parses `inputs` and everything they include, resolves every worker policy, and collects
 /// every problem met on the way. Never stops at the first problem.
 pub fn load(inputs: Vec<Input>, fetch: &mut Fetch<'_>) -> Loaded {
-    let mut out = Loaded::default();
+    load_onto(&BTreeMap::new(), inputs, fetch)
+}
+
+/// Like [`load`], with `parsed` (files an earlier load parsed) already in the set: inputs may
+/// include them, and every worker policy is resolved again, but those files are not parsed
+/// again. An input with the key of a parsed file is left out.
+pub fn load_onto(parsed: &BTreeMap<String, PolicyFile>, inputs: Vec<Input>, fetch: &mut Fetch<'_>) -> Loaded {
+    let mut out = Loaded { files: parsed.clone(), ..Loaded::default() };
     let mut findings: BTreeSet<Finding> = BTreeSet::new();
-    let mut known: BTreeSet<String> = inputs.iter().map(|i| i.key.clone()).collect();
+    let mut known: BTreeSet<String> = inputs.iter().map(|i| i.key.clone()).chain(parsed.keys().cloned()).collect();
     let mut queue: VecDeque<Input> = inputs.into();
     while let Some(input) = queue.pop_front() {
         if out.files.contains_key(&input.key) {
