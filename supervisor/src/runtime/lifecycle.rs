@@ -249,10 +249,11 @@ impl Supervisor {
         let policy = self.slots[i].cfg.policy.get_ref().clone();
         let mut reason = describe_exit(status, r.sigsys.as_deref(), &policy);
         if let Some(cg) = &r.cgroup {
-            // The kernel counts its OOM kills in the worker's own cgroup: only a SIGKILL with a
+            // (A worker whose channel closed is marked killed by airlockd too, so `killed` cannot
+            // tell the two apart.) The kernel counts its OOM kills in the worker's own cgroup: only a SIGKILL with a
             // count is a death by the memory limit (a hostile worker cannot forge the count).
             let kills = cg.oom_kills();
-            if status == ExitStatus::Signal(libc::SIGKILL) && kills > 0 && !r.killed {
+            if status == ExitStatus::Signal(libc::SIGKILL) && kills > 0 {
                 reason = format!(
                     "killed by its memory limit ({} MiB): the kernel's OOM killer in its own cgroup",
                     cg.limits.memory_bytes >> 20
