@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The fuzz-smoke lane: builds every fuzz target once (cargo-fuzz on the nightly toolchain,
 # installed here if missing) and runs each from its checked-in corpus for a bounded time
-# (FUZZ_SECONDS, default 20). A crash, leak, timeout or out-of-memory fails the lane; the
-# artifact's path is in libFuzzer's output. Prints 'fuzz: N passed, M failed'.
-# Targets with a libFuzzer dictionary (dict/, see dict_for) get -dict=.
+# (FUZZ_SECONDS, default 10; the lane's timings are in docs/fuzzing.md). Targets with a
+# libFuzzer dictionary (dict/, see dict_for) get -dict=. A crash, leak, timeout or
+# out-of-memory fails the lane; the artifact's path is in libFuzzer's output. Prints the
+# build's and the lane's time and 'fuzz: N passed, M failed'.
 # Usage: tests/fuzz/run.sh [TARGET...]   (default: every target)
 set -uo pipefail
 cd "$(dirname "$0")"
-secs=${FUZZ_SECONDS:-20}
+secs=${FUZZ_SECONDS:-10}
 export CARGO_TERM_COLOR=never
 if ! cargo +nightly --version >/dev/null 2>&1; then
   echo "no nightly toolchain: the fuzz targets cannot build"; echo "fuzz: 0 passed, 1 failed"; exit 1
@@ -22,9 +23,11 @@ targets=("$@")
 echo "building ${#targets[@]} targets"
 # cargo-fuzz has no --locked: check the lockfile is current first (CI builds locked).
 cargo +nightly fetch --locked >/dev/null || { echo "tests/fuzz/Cargo.lock is out of date"; echo "fuzz: 0 passed, 1 failed"; exit 1; }
+started=$SECONDS
 if ! cargo +nightly fuzz build -O >/dev/null 2>&1; then
   echo "building the fuzz targets failed"; echo "fuzz: 0 passed, ${#targets[@]} failed"; exit 1
 fi
+echo "built in $((SECONDS - started)) s"
 # The dictionary a target runs with, if any (checked-in, under dict/).
 dict_for() {
   case "$1" in
@@ -56,5 +59,6 @@ for t in "${targets[@]}"; do
   fi
   rm -rf "$scratch" "$log"
 done
+echo "fuzz-smoke: ${SECONDS} s in all (build and ${#targets[@]} runs of ${secs} s)"
 echo "fuzz: $pass passed, $fail failed"
 [ $fail -eq 0 ]
