@@ -17,6 +17,7 @@
 pub mod auth;
 pub mod credentials;
 pub mod field;
+#[cfg(feature = "history")]
 pub mod historian;
 pub mod logic;
 pub mod operators;
