@@ -188,8 +188,13 @@ pub fn choose_layout(mounts: &[Mount], own: &[Membership], v2_controllers: Optio
     Err(why.join("; "))
 }
 
+/// Control files of a cgroup v1 directory whose names have no dot, so a worker could be named
+/// like them (every other control file, and every v2 one, has a dot; worker names have none).
+pub const V1_CONTROL_FILES: [&str; 3] = ["tasks", "notify_on_release", "release_agent"];
+
 /// The files a worker's cgroup gets, in the order written: `(controller, file, value)`.
-/// `memsw`: the v1 memory controller accounts swap (`memory.memsw.*` exists).
+/// `memsw`: the memory controller accounts swap (v1 `memory.memsw.*`, v2 `memory.swap.max`
+/// exist: not on kernels built or booted without swap accounting).
 pub fn limit_files(layout: &Layout, l: &WorkerLimits, memsw: bool) -> Vec<(&'static str, &'static str, String)> {
     let mut out = Vec::new();
     match layout {
@@ -209,7 +214,9 @@ pub fn limit_files(layout: &Layout, l: &WorkerLimits, memsw: bool) -> Vec<(&'sta
         Layout::V2 { .. } => {
             out.push(("memory", "memory.max", l.memory_bytes.to_string()));
             // Swap included: nothing of this worker may go to swap beyond its limit.
-            out.push(("memory", "memory.swap.max", "0".into()));
+            if memsw {
+                out.push(("memory", "memory.swap.max", "0".into()));
+            }
             out.push(("pids", "pids.max", l.pids.to_string()));
             out.push(("cpu", "cpu.weight", l.cpu_weight.to_string()));
             let max = l.cpu_max_percent.map_or("max".to_string(), |p| (p * 1000).to_string());
@@ -309,7 +316,7 @@ impl Cgroups {
         }
         let memsw = match &layout {
             Layout::V1 { .. } => instance[0].1.join("memory.memsw.limit_in_bytes").exists(),
-            Layout::V2 { .. } => true,
+            Layout::V2 { .. } => instance[0].1.join("memory.swap.max").exists(),
         };
         Ok((Active { layout, instance, memsw }, cleaned))
     }
@@ -656,6 +663,8 @@ mod tests {
         assert_eq!(get("memory.swap.max").as_deref(), Some("0"));
         assert_eq!(get("cpu.weight").as_deref(), Some("25"));
         assert_eq!(get("cpu.max").as_deref(), Some("max 100000"));
+        // Without swap accounting the file does not exist, and writing it would fail the layer.
+        assert!(limit_files(&l, &limits(), false).iter().all(|(_, f, _)| !f.contains("swap")));
     }
 
     #[test]

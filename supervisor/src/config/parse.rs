@@ -96,6 +96,9 @@ pub fn parse(text: &str, source_name: &str, known_policies: &[String]) -> Result
             |line: usize, m: String| problems.push(ConfigProblem { line, message: format!("worker {name}: {m}") });
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
             bad(line, "name must be non-empty ASCII letters, digits, '-' or '_'".into());
+        } else if crate::cgroup::V1_CONTROL_FILES.contains(&name.as_str()) {
+            // A worker's cgroup is a directory named after it beside these files.
+            bad(line, format!("name {name:?} is a cgroup v1 control file's name: choose another"));
         }
         if let Some(prev) = seen.insert(name.clone(), line) {
             bad(line, format!("duplicate worker name (first defined on line {prev})"));

@@ -111,3 +111,12 @@ fn relaxing_downgrades_required_layers_only() {
     assert_eq!(c.requirement(w, Layer::Seccomp), Requirement::Off, "off stays off");
     assert_eq!(c.requirement(w, Layer::Landlock), Requirement::Required, "not named");
 }
+
+#[test]
+fn a_worker_named_like_a_cgroup_v1_control_file_is_refused() {
+    for name in ["tasks", "notify_on_release", "release_agent"] {
+        let t = format!("[[worker]]\nname = \"{name}\"\nexecutable = \"x\"\npolicy = \"echo\"\n");
+        let e = parse(&t, "t.toml", &policies()).expect_err("bad");
+        assert!(e.to_string().contains("is a cgroup v1 control file's name"), "{e}");
+    }
+}
