@@ -9,12 +9,24 @@
 //! re-executed peer, which gets the stream's memfd at fd 3 and a SEQPACKET control socket at
 //! fd 4 (its parameters and key arrive on the socket, as the supervisor's wire message would
 //! carry them); the baselines are raw SEQPACKET sockets measured in the same run.
+//!
+//! The `shm_call_*` scenarios make calls answered in place in a shared region
+//! (`airlock_protocol::region`): the callee, in the re-executed peer (region memfd at fd 3,
+//! control socket at fd 4 as for streams), adds 1 to every byte of each request and writes the
+//! result back as the answer. `shm_call_64`: median microseconds of an encrypted 64-byte call
+//! round trip, against a raw SEQPACKET 64-byte ping-pong (the baseline of `rtt_64`); target
+//! ratio at most 1.0. `shm_call_1m_plain`: median microseconds of a 1 MiB call in a plaintext
+//! region, against the same exchange through a sealed memfd each way (the caller creates a
+//! memfd, writes the request, seals it and sends it with `SCM_RIGHTS`; the peer maps it,
+//! computes the answer into a fresh sealed memfd and sends that back; the caller maps it and
+//! copies the answer out); target ratio at most 0.5.
 
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use airlock_protocol::region::{self, RegionCallee, RegionCaller, RegionParams};
 use airlock_protocol::stream::{self, StreamError, StreamKey, StreamParams, StreamReader, StreamWriter};
 use airlock_protocol::sys;
 use airlock_protocol::{handoff, BulkMode, BulkPool, BulkWriter, Channel, Hello, Limits, Role};
@@ -78,6 +90,12 @@ fn main() {
         }
         if want("stream_wakeup") {
             stream_wakeup(sfx, quick);
+        }
+        if want("shm_call_64") {
+            shm_call_64(sfx, quick);
+        }
+        if want("shm_call_1m_plain") {
+            shm_call_1m_plain(sfx, quick);
         }
         if pinned && want("memcpy_16m_reference") {
             memcpy_16m();
@@ -169,7 +187,14 @@ fn rtt_64(sfx: &str, quick: bool) {
     drop(ch);
     finish(child);
     let airlock = median(times);
+    emit(&format!("rtt_64{sfx}"), airlock, raw_rtt_64(iters), "us", true, None);
+}
 
+/// Median microseconds of a 64-byte round trip over a raw SEQPACKET pair to an echoing peer
+/// process (`iters` measured after `iters / 10` of warm-up): the baseline of `rtt_64` and
+/// `shm_call_64`.
+fn raw_rtt_64(iters: usize) -> f64 {
+    let payload = vec![0x5au8; 64];
     let (sock, child) = spawn_raw("raw-echo", false);
     let mut buf = [0u8; 256];
     let mut times = Vec::with_capacity(iters);
@@ -184,7 +209,7 @@ fn rtt_64(sfx: &str, quick: bool) {
     }
     drop(sock);
     finish(child);
-    emit(&format!("rtt_64{sfx}"), airlock, median(times), "us", true, None);
+    median(times)
 }
 
 /// What the channel itself costs per 64-byte round trip, without any scheduling: both ends in
@@ -591,6 +616,129 @@ fn stream_peer_attach() -> Result<(OwnedFd, StreamReader), String> {
     Ok((ctl, reader))
 }
 
+// ------------------------------------------------------------------ region calls
+
+/// What the region callee is told on its control socket, as a supervisor's wire message would.
+#[derive(Debug, Serialize, Deserialize)]
+struct RegionSetup {
+    params: RegionParams,
+    key: Option<StreamKey>,
+}
+
+const CALL_WAIT: Duration = Duration::from_secs(10);
+const MIB: usize = 1 << 20;
+
+/// Creates a region, spawns `mode` as its callee (memfd at fd 3, control socket at fd 4) and
+/// attaches the caller here.
+fn spawn_region(mode: &str, params: RegionParams) -> (RegionCaller, OwnedFd, Child) {
+    let area = region::create_area(&params).expect("create region area");
+    let key = params.encrypted.then(|| StreamKey::generate().expect("region key"));
+    let (ctl, peer_ctl) = sys::seqpacket_pair().expect("socketpair");
+    let setup = postcard::to_allocvec(&RegionSetup { params, key: key.clone() }).expect("encode setup");
+    sys::send_bytes(ctl.as_fd(), &setup).expect("send setup");
+    let caller = RegionCaller::attach(area.try_clone().expect("dup"), params, key).expect("attach caller");
+    let child = spawn(mode, vec![(area, 3), (peer_ctl, 4)]);
+    (caller, ctl, child)
+}
+
+fn plus_one(b: &mut [u8]) {
+    for x in b.iter_mut() {
+        *x = x.wrapping_add(1);
+    }
+}
+
+/// An encrypted 64-byte call answered in place by a callee in another process, against a raw
+/// SEQPACKET 64-byte round trip.
+fn shm_call_64(sfx: &str, quick: bool) {
+    let iters = if quick { 2000 } else { 20000 };
+    let params = RegionParams { region_bytes: 4096, encrypted: true };
+    let (mut caller, ctl, child) = spawn_region("region-callee", params);
+    let mut request = [0u8; 64];
+    let mut answer = Vec::with_capacity(params.max_message());
+    let mut times = Vec::with_capacity(iters);
+    for i in 0..iters + iters / 10 {
+        request.fill(i as u8);
+        let t = Instant::now();
+        caller.call(&request, &mut answer, CALL_WAIT).expect("region call");
+        if i >= iters / 10 {
+            times.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        assert!(answer.len() == 64 && answer.iter().all(|&b| b == (i as u8).wrapping_add(1)), "answer {i}");
+    }
+    caller.close();
+    drop(ctl);
+    finish(child);
+    let airlock = median(times);
+    emit(
+        &format!("shm_call_64{sfx}"),
+        airlock,
+        raw_rtt_64(iters),
+        "us",
+        true,
+        Some(("note", "encrypted 64-byte call answered in place (callee adds 1 to each byte), median round trip; baseline: raw SEQPACKET 64-byte ping-pong".into())),
+    );
+}
+
+/// A 1 MiB call in a plaintext region, every byte rewritten by the callee, against the same
+/// exchange through a fresh sealed memfd each way.
+fn shm_call_1m_plain(sfx: &str, quick: bool) {
+    let iters = if quick { 30 } else { 300 };
+    let warm = 5;
+    let data = pattern(MIB);
+    let mut want = data.clone();
+    plus_one(&mut want);
+    let params = RegionParams { region_bytes: MIB as u32, encrypted: false };
+    let (mut caller, ctl, child) = spawn_region("region-callee", params);
+    let mut answer = Vec::with_capacity(MIB);
+    let mut times = Vec::with_capacity(iters);
+    for i in 0..iters + warm {
+        let t = Instant::now();
+        caller.call(&data, &mut answer, CALL_WAIT).expect("region call");
+        if i >= warm {
+            times.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        assert!(answer == want, "answer {i}");
+    }
+    caller.close();
+    drop(ctl);
+    finish(child);
+    let airlock = median(times);
+
+    let (sock, child) = spawn_raw("memfd-callee", false);
+    let mut slot = sys::RecvSlot::new(64, 1);
+    let mut times = Vec::with_capacity(iters);
+    for i in 0..iters + warm {
+        let t = Instant::now();
+        let fd = sys::memfd_create(c"bench-request", false).expect("memfd");
+        sys::pwrite_all(fd.as_fd(), &data, 0).expect("write request");
+        sys::add_seals(fd.as_fd(), sys::SEAL_SET).expect("seal request");
+        sys::send_datagram(sock.as_fd(), &(MIB as u64).to_le_bytes(), &[fd.as_raw_fd()]).expect("send");
+        drop(fd);
+        let mut got = sys::recv_datagram(sock.as_fd(), &mut slot, false).expect("recv").expect("datagram");
+        let fd = got.fds.pop().expect("answer memfd");
+        airlock_protocol::bulk::verify_sealed_memfd(fd.as_fd(), MIB as u64, MIB as u64).expect("sealed answer");
+        let map = sys::Mapping::map(fd.as_fd(), MIB, sys::MapMode::SharedRead).expect("map answer");
+        answer.clear();
+        answer.extend_from_slice(map.as_slice());
+        drop(map);
+        drop(fd);
+        if i >= warm {
+            times.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        assert!(answer == want, "memfd answer {i}");
+    }
+    drop(sock);
+    finish(child);
+    emit(
+        &format!("shm_call_1m_plain{sfx}"),
+        airlock,
+        median(times),
+        "us",
+        true,
+        Some(("note", "1 MiB call, plaintext region, callee rewrites every byte in place, median round trip; baseline: a fresh sealed memfd each way over SEQPACKET (write + seal + SCM_RIGHTS; map, compute into a new memfd, seal, send; map and copy out)".into())),
+    );
+}
+
 // ------------------------------------------------------------------ peers
 
 fn peer(mode: &str) -> Result<(), String> {
@@ -705,6 +853,59 @@ fn peer(mode: &str) -> Result<(), String> {
                     Err(StreamError::Closed) => return Ok(()),
                     Err(e) => return Err(e.to_string()),
                 }
+            }
+        }
+        "region-callee" => {
+            let area = sys::claim_inherited_fd(3).map_err(|e| e.to_string())?;
+            let ctl = sys::claim_inherited_fd(4).map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 256];
+            let n = sys::recv_bytes(ctl.as_fd(), &mut buf).map_err(|e| e.to_string())?;
+            let setup: RegionSetup = postcard::from_bytes(&buf[..n]).map_err(|e| e.to_string())?;
+            let mut callee = RegionCallee::attach(area, setup.params, setup.key).map_err(|e| e.to_string())?;
+            loop {
+                let served = callee.serve(Duration::from_secs(30), |b| {
+                    plus_one(b);
+                    Ok(())
+                });
+                match served {
+                    Ok(true) => {}
+                    Ok(false) => return Err("no call for 30 s".into()),
+                    Err(StreamError::Closed) => return Ok(()),
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        }
+        "memfd-callee" => {
+            let s = sys::claim_inherited_fd(3).map_err(|e| e.to_string())?;
+            let mut slot = sys::RecvSlot::new(64, 1);
+            loop {
+                let Some(mut got) = sys::recv_datagram(s.as_fd(), &mut slot, false).map_err(|e| e.to_string())? else {
+                    continue;
+                };
+                if got.len == 0 {
+                    return Ok(());
+                }
+                let mut len = [0u8; 8];
+                len.copy_from_slice(&slot.buf[..8]);
+                let len = u64::from_le_bytes(len);
+                let fd = got.fds.pop().ok_or("no memfd")?;
+                airlock_protocol::bulk::verify_sealed_memfd(fd.as_fd(), len, MIB as u64).map_err(|e| e.to_string())?;
+                let len = len as usize;
+                let input = sys::Mapping::map(fd.as_fd(), len, sys::MapMode::SharedRead).map_err(|e| e.to_string())?;
+                let out = sys::memfd_create(c"bench-answer", false).map_err(|e| e.to_string())?;
+                sys::ftruncate(out.as_fd(), len as u64).map_err(|e| e.to_string())?;
+                let mut map =
+                    sys::Mapping::map(out.as_fd(), len, sys::MapMode::SharedWrite).map_err(|e| e.to_string())?;
+                let dst = map.as_mut_slice().ok_or("answer mapping not writable")?;
+                for (d, s) in dst.iter_mut().zip(input.as_slice()) {
+                    *d = s.wrapping_add(1);
+                }
+                drop(map);
+                drop(input);
+                drop(fd);
+                sys::add_seals(out.as_fd(), sys::SEAL_SET).map_err(|e| e.to_string())?;
+                sys::send_datagram(s.as_fd(), &(len as u64).to_le_bytes(), &[out.as_raw_fd()])
+                    .map_err(|e| e.to_string())?;
             }
         }
         "raw-latency" => {

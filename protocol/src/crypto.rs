@@ -3,7 +3,8 @@
 //! One 256-bit ChaCha20-Poly1305 key per direction. The nonce is `domain (4 bytes) || sequence
 //! (8 bytes)`, so a (key, nonce) pair is never reused: frames use domain 0, bulk payloads domain
 //! 1, and the key ratchet domain 2; stream records (`crate::stream`, under a per-stream key of
-//! their own) use domain 3. Every `rekey_interval` frames both sides replace the key
+//! their own) use domain 3, and the requests and answers of region calls (`crate::region`, under
+//! a per-region key) domains 4 and 5. Every `rekey_interval` frames both sides replace the key
 //! with `ChaCha20(key, nonce = 2 || epoch)` keystream, a one-way step: a captured new key does
 //! not reveal the old one. Keys are zeroized when replaced or dropped and never formatted.
 
@@ -19,6 +20,10 @@ const DOMAIN_BULK: u32 = 1;
 const DOMAIN_RATCHET: u32 = 2;
 /// Stream records: a per-stream key, the record's sequence number as the counter.
 pub(crate) const DOMAIN_STREAM: u32 = 3;
+/// A region call's request (`crate::region`): a per-region key, the call's number as the counter.
+pub(crate) const DOMAIN_REGION_REQUEST: u32 = 4;
+/// A region call's answer or refusal, under the same key and call number as its request.
+pub(crate) const DOMAIN_REGION_ANSWER: u32 = 5;
 
 /// A 256-bit key. Its `Debug` prints nothing of the key.
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]

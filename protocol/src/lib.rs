@@ -7,6 +7,8 @@
 //! - [`BulkWriter`] / [`Bulk`]: payloads in sealed memfds, mapped read-only by the receiver.
 //! - [`stream`]: single-producer, single-consumer record rings in a shared memfd between two
 //!   processes, futex-signalled, validated against a hostile peer, encrypted per record.
+//! - [`region`]: calls answered in place in a shared memfd (the caller writes a request and
+//!   signals, the callee writes the answer back and signals), validated and encrypted likewise.
 //! - [`handoff`]: how a spawner gives a child its channel and keys before it reads input.
 //! - [`wire`]: the messages between the supervisor and a worker, typed call failures.
 //! - [`confinement`]: the confinement plan a worker is sent and the report it answers with.
@@ -21,6 +23,7 @@ pub mod crypto;
 pub mod error;
 pub mod frame;
 pub mod handoff;
+pub mod region;
 pub mod stream;
 pub mod sys;
 pub mod wire;
@@ -35,4 +38,5 @@ pub use channel::{
 };
 pub use crypto::Key;
 pub use error::{BulkError, ChannelError, HandoffError};
+pub use region::{RegionCallee, RegionCaller, RegionParams};
 pub use stream::{StreamControl, StreamError, StreamKey, StreamParams, StreamReader, StreamWriter};

@@ -118,13 +118,13 @@ const OFF_MAX_RECORD: usize = 16;
 const OFF_FLAGS: usize = 20;
 const OFF_HEAD: usize = 128;
 const OFF_TAIL: usize = 256;
-const OFF_DATA: usize = 384;
+pub(crate) const OFF_DATA: usize = 384;
 const OFF_CONSUMER_WAITING: usize = 388;
-const OFF_SPACE: usize = 512;
+pub(crate) const OFF_SPACE: usize = 512;
 const OFF_PRODUCER_WAITING: usize = 516;
 const OFF_PRODUCER_CLOSED: usize = 640;
 const OFF_CONSUMER_CLOSED: usize = 644;
-const OFF_REVOKED: usize = 648;
+pub(crate) const OFF_REVOKED: usize = 648;
 
 /// Bytes of a record's header.
 pub const RECORD_HEADER: usize = 8;
@@ -142,7 +142,7 @@ const MEMFD_NAME: &std::ffi::CStr = c"airlock-stream";
 pub enum StreamError {
     #[error("the ring is full")]
     Busy,
-    #[error("timed out waiting for space in the ring")]
+    #[error("timed out waiting for the peer (for space in the ring, or for a call's answer)")]
     TimedOut,
     #[error("the stream is closed")]
     Closed,
@@ -162,9 +162,13 @@ pub enum StreamError {
         #[source]
         source: std::io::Error,
     },
+    /// A call in a shared region ([`crate::region`]) that the callee refused; the caller's end
+    /// stays usable.
+    #[error("the callee refused the call: {0}")]
+    Refused(String),
 }
 
-fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> StreamError {
+pub(crate) fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> StreamError {
     move |source| StreamError::Io { what, source }
 }
 
@@ -247,12 +251,14 @@ fn align8(n: usize) -> usize {
     (n + 7) & !7
 }
 
-fn check_key(params: &StreamParams, key: Option<StreamKey>) -> Result<Option<ChaCha20Poly1305>, StreamError> {
-    match (params.encrypted, key) {
-        (true, Some(k)) => Ok(Some(k.cipher())),
+/// The cipher for an area in `encrypted` mode; refuses a key that the mode does not call for
+/// and a missing one that it does.
+pub(crate) fn check_key(encrypted: bool, key: Option<StreamKey>) -> Result<Option<Cipher>, StreamError> {
+    match (encrypted, key) {
+        (true, Some(k)) => Ok(Some(Cipher(k.cipher()))),
         (false, None) => Ok(None),
-        (true, None) => Err(StreamError::BadParams("an encrypted stream needs a key".into())),
-        (false, Some(_)) => Err(StreamError::BadParams("a plaintext stream takes no key".into())),
+        (true, None) => Err(StreamError::BadParams("an encrypted area needs a key".into())),
+        (false, Some(_)) => Err(StreamError::BadParams("a plaintext area takes no key".into())),
     }
 }
 
@@ -277,7 +283,7 @@ pub fn create_area(params: &StreamParams) -> Result<OwnedFd, StreamError> {
 
 /// Checks that `fd` is a memfd of exactly `len` bytes that cannot shrink or grow, and that a
 /// writable mapping is possible.
-fn verify_memfd(fd: BorrowedFd<'_>, len: usize) -> Result<(), StreamError> {
+pub(crate) fn verify_memfd(fd: BorrowedFd<'_>, len: usize) -> Result<(), StreamError> {
     let (mode, size) = sys::file_mode_and_size(fd).map_err(io("fstat stream fd"))?;
     if mode & libc::S_IFMT != libc::S_IFREG {
         return Err(StreamError::BadArea(format!("not a regular file (mode {mode:#o})")));
@@ -344,41 +350,58 @@ impl Ring {
         self.word(off).load(SeqCst) != 0
     }
 
-    /// Bumps the futex word at `off` and wakes whoever sleeps on it.
     fn bump_and_wake(&self, off: usize) {
-        self.word(off).fetch_add(1, SeqCst);
-        // A wake that fails (it cannot, on a valid address) only costs the sleeper a MAX_SLEEP.
-        let _ = self.area.futex_wake(off, i32::MAX);
+        bump_and_wake(&self.area, off);
     }
 
-    /// The other end sleeps (its flag at `waiting` is set): clear the flag and wake it on `word`.
     fn wake_if_waiting(&self, waiting: usize, word: usize) {
-        let w = self.word(waiting);
-        if w.load(SeqCst) != 0 && w.swap(0, SeqCst) != 0 {
-            self.bump_and_wake(word);
-        }
+        wake_if_waiting(&self.area, waiting, word);
     }
 
-    /// Sleeps on the futex word at `word` while it holds `seen`, until `deadline` and at most
-    /// [`MAX_SLEEP`]. Returns whether the sleep ended by a wake-up or a changed word (rather
-    /// than a timeout or a signal).
     fn sleep(&self, word: usize, seen: u32, deadline: Option<Instant>) -> Result<bool, StreamError> {
-        let mut d = MAX_SLEEP;
-        if let Some(deadline) = deadline {
-            d = d.min(deadline.saturating_duration_since(Instant::now()));
-        }
-        match self.area.futex_wait(word, seen, d).map_err(io("futex wait"))? {
-            FutexWait::Woken | FutexWait::Changed => Ok(true),
-            FutexWait::TimedOut | FutexWait::Interrupted => Ok(false),
-        }
+        sleep(&self.area, word, seen, deadline)
     }
 }
 
-fn deadline_after(d: Duration) -> Option<Instant> {
+// The signalling both shared-memory modules use (this one and `crate::region`), on words of a
+// mapping's header page.
+
+/// Bumps the futex word at `off` and wakes whoever sleeps on it.
+pub(crate) fn bump_and_wake(area: &SharedArea, off: usize) {
+    area.u32_at(off).fetch_add(1, SeqCst);
+    // A wake that fails (it cannot, on a valid address) only costs the sleeper a MAX_SLEEP.
+    let _ = area.futex_wake(off, i32::MAX);
+}
+
+/// The other end sleeps (its flag at `waiting` is set): clear the flag and wake it on `word`.
+/// The second half of the Dekker handshake: call it after the `SeqCst` store that publishes.
+pub(crate) fn wake_if_waiting(area: &SharedArea, waiting: usize, word: usize) {
+    let w = area.u32_at(waiting);
+    if w.load(SeqCst) != 0 && w.swap(0, SeqCst) != 0 {
+        bump_and_wake(area, word);
+    }
+}
+
+/// Sleeps on the futex word at `word` while it holds `seen`, until `deadline` and at most
+/// [`MAX_SLEEP`]. Returns whether the sleep ended by a wake-up or a changed word (rather
+/// than a timeout or a signal).
+pub(crate) fn sleep(area: &SharedArea, word: usize, seen: u32, deadline: Option<Instant>) -> Result<bool, StreamError> {
+    let mut d = MAX_SLEEP;
+    if let Some(deadline) = deadline {
+        d = d.min(deadline.saturating_duration_since(Instant::now()));
+    }
+    match area.futex_wait(word, seen, d).map_err(io("futex wait"))? {
+        FutexWait::Woken | FutexWait::Changed => Ok(true),
+        FutexWait::TimedOut | FutexWait::Interrupted => Ok(false),
+    }
+}
+
+/// `now + d`, or `None` (no deadline) when that is not representable.
+pub(crate) fn deadline_after(d: Duration) -> Option<Instant> {
     Instant::now().checked_add(d)
 }
 
-fn expired(deadline: Option<Instant>) -> bool {
+pub(crate) fn expired(deadline: Option<Instant>) -> bool {
     deadline.is_some_and(|d| Instant::now() >= d)
 }
 
@@ -431,7 +454,7 @@ pub struct StreamWriter {
 }
 
 /// A ChaCha20-Poly1305 instance (it zeroizes its expanded key on drop); `Debug` shows nothing.
-struct Cipher(ChaCha20Poly1305);
+pub(crate) struct Cipher(pub(crate) ChaCha20Poly1305);
 
 impl std::fmt::Debug for Cipher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -444,7 +467,7 @@ impl StreamWriter {
     /// growing, header magic and sizes matching `params`, nothing published yet) and maps it.
     /// `key` must be `Some` exactly when `params.encrypted`.
     pub fn attach(fd: OwnedFd, params: StreamParams, key: Option<StreamKey>) -> Result<StreamWriter, StreamError> {
-        let cipher = check_key(&params, key)?.map(Cipher);
+        let cipher = check_key(params.encrypted, key)?;
         let ring = Ring::attach(fd, params)?;
         let head = ring.area.u64_at(OFF_HEAD).load(SeqCst);
         let tail = ring.area.u64_at(OFF_TAIL).load(SeqCst);
@@ -649,7 +672,7 @@ pub struct StreamReader {
 impl StreamReader {
     /// Verifies the memfd as [`StreamWriter::attach`] does (nothing consumed yet) and maps it.
     pub fn attach(fd: OwnedFd, params: StreamParams, key: Option<StreamKey>) -> Result<StreamReader, StreamError> {
-        let cipher = check_key(&params, key)?.map(Cipher);
+        let cipher = check_key(params.encrypted, key)?;
         let ring = Ring::attach(fd, params)?;
         let tail = ring.area.u64_at(OFF_TAIL).load(SeqCst);
         if tail != 0 || ring.flag(OFF_CONSUMER_CLOSED) {
