@@ -31,16 +31,21 @@ pub enum ControlRequest {
         #[serde(default)]
         deadline_ms: u32,
     },
-    /// Revokes stream `stream` (see `Status::streams`).
+    /// Revokes stream or call region `stream` (see `Status::streams`).
     RevokeStream {
         stream: u64,
     },
 }
 
-/// One open stream in `airlock status`.
+/// One open stream or call region in `airlock status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamStatus {
     pub stream: u64,
+    /// A region for in-place calls rather than a stream: `producer` is its caller, `consumer`
+    /// its callee, `to` the `service.method`, `ring_bytes` the region's size and `max_record`
+    /// the largest message.
+    #[serde(default)]
+    pub call_region: bool,
     pub producer: String,
     pub consumer: String,
     /// `service.name`.

@@ -149,6 +149,18 @@ pub struct StreamGrant {
     pub key: Option<crate::stream::StreamKey>,
 }
 
+/// What an end needs to use a call region (the area's memfd travels attached to the message).
+/// Regions and streams share one id space, and their revocation and release messages
+/// (`StreamRevoked`, `StreamReleased`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegionGrant {
+    /// airlockd's id for the region (in `airlock status` and revocations).
+    pub region: u64,
+    pub params: crate::region::RegionParams,
+    /// The per-region key, for an encrypted region (it travels inside the encrypted channel).
+    pub key: Option<crate::stream::StreamKey>,
+}
+
 /// Supervisor to worker.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ToWorker {
@@ -198,6 +210,20 @@ pub enum ToWorker {
         stream: u64,
         reason: String,
     },
+    /// The answer to `OpenRegion` (same id): on success this worker is the region's caller and
+    /// the area's memfd is attached.
+    RegionOpened {
+        id: u64,
+        result: Result<RegionGrant, CallFailure>,
+    },
+    /// Worker `from` opened a call region for `service.method` of this worker: this worker is
+    /// its callee; the area's memfd is attached.
+    RegionIncoming {
+        from: String,
+        service: String,
+        method: String,
+        grant: RegionGrant,
+    },
 }
 
 /// Worker to supervisor.
@@ -242,6 +268,13 @@ pub enum FromWorker {
     StreamReleased {
         stream: u64,
     },
+    /// Asks for a region for in-place calls of `service.method` under a `shm-call` permit;
+    /// answered by `RegionOpened` with the same id.
+    OpenRegion {
+        id: u64,
+        service: String,
+        method: String,
+    },
 }
 
 impl FromWorker {
@@ -259,6 +292,7 @@ impl FromWorker {
             FromWorker::Reopen { .. } => "Reopen",
             FromWorker::OpenStream { .. } => "OpenStream",
             FromWorker::StreamReleased { .. } => "StreamReleased",
+            FromWorker::OpenRegion { .. } => "OpenRegion",
         }
     }
 }

@@ -77,8 +77,8 @@ pub enum Cmd {
         #[arg(long, default_value_t = 0)]
         deadline_ms: u32,
     },
-    /// Revoke stream ID (from `airlock status`): both ends are told to let go of it, and an
-    /// end that still holds it after the deadline is killed.
+    /// Revoke stream or call region ID (from `airlock status`): both ends are told to let go of
+    /// it, and an end that still holds it after the deadline is killed.
     RevokeStream { stream: u64 },
     /// Print the permit table (who may call or send what, in which state) for audit.
     Permits {

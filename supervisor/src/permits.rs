@@ -20,6 +20,9 @@ pub enum Kind {
     Send,
     /// A shared-memory stream of records (`to` = `service.name`), set up by airlockd.
     Stream,
+    /// A shared region for calls answered in place (`to` = `service.method`), set up by
+    /// airlockd.
+    ShmCall,
 }
 
 impl std::fmt::Display for Kind {
@@ -28,6 +31,7 @@ impl std::fmt::Display for Kind {
             Kind::Call => "call",
             Kind::Send => "send",
             Kind::Stream => "stream",
+            Kind::ShmCall => "shm-call",
         })
     }
 }
@@ -50,8 +54,11 @@ pub struct Permit {
     pub ring_kib: Option<u32>,
     /// Streams only: the largest record in bytes (at most a quarter of the ring; default 16384).
     pub max_record: Option<u32>,
-    /// Streams only: records travel unencrypted and unauthenticated (default: encrypted with a
-    /// per-stream key). Shown in `airlock permits`.
+    /// Shm-calls only: the region's size in KiB (4 to 65536; default 64). A request or an
+    /// answer is at most the region (less a 16-byte tag when encrypted).
+    pub region_kib: Option<u32>,
+    /// Streams and shm-calls only: records or messages travel unencrypted and unauthenticated
+    /// (default: encrypted with a per-stream or per-region key). Shown in `airlock permits`.
     #[serde(default)]
     pub plaintext: bool,
 }
@@ -66,6 +73,7 @@ impl Default for Permit {
             grant: None,
             ring_kib: None,
             max_record: None,
+            region_kib: None,
             plaintext: false,
         }
     }
@@ -77,6 +85,16 @@ impl Permit {
         (self.kind == Kind::Stream).then(|| airlock_protocol::stream::StreamParams {
             ring_bytes: self.ring_kib.unwrap_or(256).saturating_mul(1024),
             max_record: self.max_record.unwrap_or(16 * 1024),
+            encrypted: !self.plaintext,
+        })
+    }
+}
+
+impl Permit {
+    /// A shm-call permit's region size and mode (defaults filled in); `None` for other kinds.
+    pub fn region_params(&self) -> Option<airlock_protocol::region::RegionParams> {
+        (self.kind == Kind::ShmCall).then(|| airlock_protocol::region::RegionParams {
+            region_bytes: self.region_kib.unwrap_or(64).saturating_mul(1024),
             encrypted: !self.plaintext,
         })
     }
@@ -163,11 +181,24 @@ pub fn validate(table: &[Permit], workers: &[String]) -> Vec<String> {
                     out.push(format!("permit {} -> {}: {e}", p.from, p.to));
                 }
             }
-            None if p.ring_kib.is_some() || p.max_record.is_some() || p.plaintext => out.push(format!(
-                "permit {} -> {}: ring-kib, max-record and plaintext belong to kind = \"stream\"",
-                p.from, p.to
-            )),
+            None if p.ring_kib.is_some() || p.max_record.is_some() => {
+                out.push(format!("permit {} -> {}: ring-kib and max-record belong to kind = \"stream\"", p.from, p.to))
+            }
             None => {}
+        }
+        match p.region_params() {
+            Some(params) => {
+                if let Err(e) = params.validate() {
+                    out.push(format!("permit {} -> {}: {e}", p.from, p.to));
+                }
+            }
+            None if p.region_kib.is_some() => {
+                out.push(format!("permit {} -> {}: region-kib belongs to kind = \"shm-call\"", p.from, p.to))
+            }
+            None => {}
+        }
+        if p.plaintext && !matches!(p.kind, Kind::Stream | Kind::ShmCall) {
+            out.push(format!("permit {} -> {}: plaintext belongs to kind = \"stream\" or \"shm-call\"", p.from, p.to));
         }
     }
     out
@@ -177,22 +208,28 @@ pub fn validate(table: &[Permit], workers: &[String]) -> Vec<String> {
 pub fn render(table: &[Permit]) -> String {
     let mut rows: Vec<&Permit> = table.iter().collect();
     rows.sort_by(|a, b| (&a.from, &a.to, a.kind as u8, &a.state).cmp(&(&b.from, &b.to, b.kind as u8, &b.state)));
-    let mut s = format!("{:<12} {:<6} {:<28} {:<12} {}\n", "FROM", "KIND", "TO", "STATE", "GRANTS / STREAM");
+    let mut s = format!("{:<12} {:<8} {:<28} {:<12} {}\n", "FROM", "KIND", "TO", "STATE", "GRANTS / AREA");
     for p in rows {
         s.push_str(&format!(
-            "{:<12} {:<6} {:<28} {:<12} {}\n",
+            "{:<12} {:<8} {:<28} {:<12} {}\n",
             p.from,
             p.kind,
             p.to,
             p.state,
-            match p.stream_params() {
-                Some(sp) => format!(
+            match (p.stream_params(), p.region_params()) {
+                (Some(sp), _) => format!(
                     "ring {} KiB, records <= {} B, {}",
                     sp.ring_bytes / 1024,
                     sp.max_record,
                     if sp.encrypted { "encrypted" } else { "PLAINTEXT" }
                 ),
-                None => p.grant.clone().unwrap_or_else(|| "-".into()),
+                (None, Some(rp)) => format!(
+                    "region {} KiB, messages <= {} B, {}",
+                    rp.region_bytes / 1024,
+                    rp.max_message(),
+                    if rp.encrypted { "encrypted" } else { "PLAINTEXT" }
+                ),
+                (None, None) => p.grant.clone().unwrap_or_else(|| "-".into()),
             }
         ));
     }
@@ -356,5 +393,57 @@ mod stream_tests {
         assert_eq!(p.len(), 4, "{p:?}");
         let plain = vec![stream(Permit { plaintext: true, ..Permit::default() })];
         assert!(render(&plain).contains("PLAINTEXT"));
+    }
+}
+
+#[cfg(test)]
+mod region_tests {
+    use super::*;
+
+    fn region(extra: Permit) -> Permit {
+        Permit { from: "ui".into(), to: "historian.export".into(), kind: Kind::ShmCall, ..extra }
+    }
+
+    #[test]
+    fn a_shm_call_permit_allows_only_its_region_and_has_defaults() {
+        let t = vec![region(Permit::default())];
+        assert!(matches!(
+            decide(&t, "ui", INITIAL_STATE, "historian", "export", Kind::ShmCall),
+            Decision::Allow { .. }
+        ));
+        // Neither a call nor a stream of the same name, nor another method.
+        for (m, k) in [("export", Kind::Call), ("export", Kind::Stream), ("trend", Kind::ShmCall)] {
+            assert!(matches!(decide(&t, "ui", INITIAL_STATE, "historian", m, k), Decision::Refuse(_)), "{m} {k}");
+        }
+        let rp = t[0].region_params().expect("a region");
+        assert_eq!((rp.region_bytes, rp.encrypted), (64 * 1024, true));
+        assert!(t[0].stream_params().is_none());
+        assert!(validate(&t, &["ui".into()]).is_empty());
+        let text = render(&t);
+        assert!(text.contains("shm-call") && text.contains("region 64 KiB, messages <= 65520 B, encrypted"), "{text}");
+        let plain = vec![region(Permit { plaintext: true, region_kib: Some(1025), ..Permit::default() })];
+        assert!(render(&plain).contains("region 1025 KiB, messages <= 1049600 B, PLAINTEXT"), "{}", render(&plain));
+    }
+
+    #[test]
+    fn region_sizes_are_checked_and_belong_to_shm_calls_only() {
+        let bad = vec![
+            region(Permit { region_kib: Some(2), ..Permit::default() }),
+            region(Permit { region_kib: Some(65537), ..Permit::default() }),
+            region(Permit { ring_kib: Some(64), ..Permit::default() }),
+            Permit {
+                from: "ui".into(),
+                to: "a.b".into(),
+                kind: Kind::Stream,
+                region_kib: Some(64),
+                ..Permit::default()
+            },
+            region(Permit { grant: Some("x".into()), ..Permit::default() }),
+        ];
+        let p = validate(&bad, &["ui".into()]);
+        assert_eq!(p.len(), 5, "{p:?}");
+        let toml = "from = \"ui\"\nto = \"historian.export\"\nkind = \"shm-call\"\nregion-kib = 256\n";
+        let parsed: Permit = toml::from_str(toml).expect("a shm-call permit parses");
+        assert_eq!(parsed.region_params().map(|r| r.region_bytes), Some(256 * 1024));
     }
 }

@@ -221,6 +221,19 @@ fn an_operator_logs_in_watches_the_plant_writes_setpoints_and_downloads_the_hist
     let from = to - 60_000;
     let trend = h.json(&format!("/api/trend?tag=level&from={from}&to={to}"), &cookie);
     assert!(!trend["points"].as_array().expect("points").is_empty(), "{trend}");
+    // The trend was answered in place, in a call region between ui and historian, and the
+    // same query through airlockd answers the same points.
+    let regions: Vec<_> = h.d.status().streams.into_iter().filter(|s| s.call_region).collect();
+    assert_eq!(regions.len(), 1, "{regions:?}");
+    assert_eq!(
+        (regions[0].producer.as_str(), regions[0].consumer.as_str(), regions[0].to.as_str(), regions[0].encrypted),
+        ("ui", "historian", "historian.trend", true)
+    );
+    assert_eq!(h.json(&format!("/api/trend?tag=level&from={from}&to={to}"), &cookie), trend);
+    // Revoked (as if the historian restarted): the next trend goes through airlockd, answered the same.
+    let out = h.d.airlock(&["revoke-stream", &regions[0].stream.to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(h.json(&format!("/api/trend?tag=level&from={from}&to={to}"), &cookie), trend);
     let csv = h.get(&format!("/api/export.csv?from={from}&to={to}"), &cookie);
     assert_eq!(csv.status, 200, "{}", csv.text());
     assert!(csv.header("content-type").is_some_and(|t| t.starts_with("text/csv")));

@@ -195,7 +195,7 @@ fn a_producer_has_one_stream_per_name_and_at_most_sixteen() {
         assert_eq!(d.call("front", "stream_to", &format!("peer n{k} 1 64")), (true, "sent 1".into()));
     }
     let (ok, out) = d.call("front", "stream_to", "peer one-too-many 1 64");
-    assert!(!ok && out.contains("busy: front has 16 streams (at most 16"), "{out}");
+    assert!(!ok && out.contains("busy: front has 16 streams or call regions (at most 16"), "{out}");
     // A name airlockd would have to log or print is refused.
     let (ok, out) = d.call("front", "stream_to", "peer bad\u{1b}name 1 64");
     assert!(!ok && out.contains("1 to 64 ASCII letters"), "{out}");

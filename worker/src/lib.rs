@@ -49,6 +49,10 @@ pub enum WorkerError {
     StreamRefused { service: String, name: String, failure: CallFailure },
     #[error("stream to {service}.{name}: {reason}")]
     Stream { service: String, name: String, reason: String },
+    #[error("call region for {service}.{method}: {failure}")]
+    RegionRefused { service: String, method: String, failure: CallFailure },
+    #[error("call region for {service}.{method}: {reason}")]
+    Region { service: String, method: String, reason: String },
 }
 
 /// What a handler returns: a body and, optionally, a bulk payload.
@@ -88,6 +92,10 @@ pub struct Worker {
     incoming: Vec<streams::StreamIn>,
     /// Where incoming streams go instead of `incoming`, if the application said so.
     on_stream: Option<Box<dyn FnMut(streams::StreamIn) + Send>>,
+    /// Call regions other workers opened to this one, not yet taken by the application.
+    incoming_regions: Vec<streams::RegionServer>,
+    /// Where incoming call regions go instead, if the application said so.
+    on_region: Option<Box<dyn FnMut(streams::RegionServer) + Send>>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -157,6 +165,8 @@ impl Worker {
             stream_ends: Vec::new(),
             incoming: Vec::new(),
             on_stream: None,
+            incoming_regions: Vec::new(),
+            on_region: None,
         })
     }
 
@@ -238,6 +248,54 @@ impl Worker {
         Ok(out)
     }
 
+    /// Opens a region for calls of `service.method` answered in place, under a `shm-call`
+    /// permit: this worker becomes its caller. The callee (the worker providing `service`)
+    /// finds it in [`Worker::take_incoming_regions`] and serves it. The region lives while both
+    /// ends do; when either dies airlockd revokes it and the other end answers `Revoked`.
+    pub fn open_region(&mut self, service: &str, method: &str) -> Result<streams::RegionClient, WorkerError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.ch.send(&FromWorker::OpenRegion { id, service: service.into(), method: method.into() })?;
+        let (result, mut fds) = self.wait_for(
+            |m| matches!(m, ToWorker::RegionOpened { id: i, .. } if *i == id),
+            |g| match g.msg {
+                ToWorker::RegionOpened { result, .. } => (Some(result), g.fds),
+                _ => (None, Vec::new()),
+            },
+        )?;
+        let err = |reason: String| WorkerError::Region { service: service.into(), method: method.into(), reason };
+        let grant = match result {
+            Some(Ok(g)) => g,
+            Some(Err(failure)) => {
+                return Err(WorkerError::RegionRefused { service: service.into(), method: method.into(), failure })
+            }
+            None => return Err(err("no answer".into())),
+        };
+        if fds.len() != 1 {
+            return Err(err(format!("{} descriptors attached", fds.len())));
+        }
+        let c = airlock_protocol::region::RegionCaller::attach(fds.remove(0), grant.params, grant.key)
+            .map_err(|e| err(e.to_string()))?;
+        let (client, end) = streams::RegionClient::new(grant.region, c);
+        self.stream_ends.retain(streams::EndRef::alive);
+        self.stream_ends.push(end);
+        Ok(client)
+    }
+
+    /// Call regions other workers opened to this worker's services since the last call.
+    pub fn take_incoming_regions(&mut self) -> Vec<streams::RegionServer> {
+        std::mem::take(&mut self.incoming_regions)
+    }
+
+    /// Hands every incoming call region to `f` as it arrives (for example to serve it on a
+    /// thread of its own) instead of keeping it for [`Worker::take_incoming_regions`].
+    pub fn on_incoming_region(&mut self, mut f: impl FnMut(streams::RegionServer) + Send + 'static) {
+        for h in std::mem::take(&mut self.incoming_regions) {
+            f(h);
+        }
+        self.on_region = Some(Box::new(f));
+    }
+
     /// Unmaps and closes every end of `stream` and tells airlockd so.
     fn release_stream(&mut self, stream: u64) -> Result<(), WorkerError> {
         for e in self.stream_ends.iter().filter(|e| e.stream() == stream) {
@@ -245,6 +303,7 @@ impl Worker {
         }
         self.stream_ends.retain(|e| e.stream() != stream && e.alive());
         self.incoming.retain(|h| h.stream != stream);
+        self.incoming_regions.retain(|h| h.region != stream);
         // Always answered, even for an end closed earlier: it says "I hold nothing of it".
         self.ch.send(&FromWorker::StreamReleased { stream })?;
         Ok(())
@@ -492,8 +551,30 @@ impl Worker {
                     _ => tracing::warn!(stream, "an incoming stream without exactly one area attached"),
                 }
             }
+            ToWorker::RegionIncoming { from, service, method, grant } => {
+                let region = grant.region;
+                let mut fds = got.fds;
+                match fds.pop() {
+                    Some(fd) if fds.is_empty() => {
+                        match airlock_protocol::region::RegionCallee::attach(fd, grant.params, grant.key) {
+                            Ok(c) => {
+                                tracing::debug!(region, from = %from, method = %method, "incoming call region");
+                                let (h, end) = streams::RegionServer::new(region, from, service, method, c);
+                                self.stream_ends.retain(streams::EndRef::alive);
+                                self.stream_ends.push(end);
+                                match self.on_region.as_mut() {
+                                    Some(f) => f(h),
+                                    None => self.incoming_regions.push(h),
+                                }
+                            }
+                            Err(e) => tracing::warn!(region, error = %e, "refusing an incoming call region's area"),
+                        }
+                    }
+                    _ => tracing::warn!(region, "an incoming call region without exactly one area attached"),
+                }
+            }
             ToWorker::StreamRevoked { stream, reason } => {
-                tracing::info!(stream, reason = %reason, "stream revoked: released");
+                tracing::info!(stream, reason = %reason, "stream or call region revoked: released");
                 self.release_stream(stream)?;
             }
             other => {

@@ -1,5 +1,7 @@
 //! A worker's ends of streams (`airlock_protocol::stream`): what [`crate::Worker::open_stream`]
-//! returns to a producer and [`crate::Worker::take_incoming_streams`] to a consumer.
+//! returns to a producer and [`crate::Worker::take_incoming_streams`] to a consumer; and of
+//! call regions (`airlock_protocol::region`): [`crate::Worker::open_region`] for a caller,
+//! [`crate::Worker::take_incoming_regions`] for a callee.
 //!
 //! The library keeps a weak reference to each end: when airlockd revokes a stream (the other
 //! end died, or the operator asked), the library unmaps and closes it at once, whatever the
@@ -10,6 +12,7 @@
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
+use airlock_protocol::region::{RegionCallee, RegionCaller};
 use airlock_protocol::stream::{StreamError, StreamReader, StreamWriter};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -89,33 +92,113 @@ impl StreamIn {
     }
 }
 
+/// The caller's end of a call region: each call writes the request into the shared region,
+/// and the callee answers in place.
+#[derive(Debug, Clone)]
+pub struct RegionClient {
+    /// airlockd's id for the region.
+    pub region: u64,
+    end: Arc<Mutex<Option<RegionCaller>>>,
+}
+
+impl RegionClient {
+    pub(crate) fn new(region: u64, c: RegionCaller) -> (RegionClient, EndRef) {
+        let end = Arc::new(Mutex::new(Some(c)));
+        let r = EndRef::Caller(region, Arc::downgrade(&end));
+        (RegionClient { region, end }, r)
+    }
+
+    /// One call: `request` in, the callee's answer into `answer`, within `timeout` (a call
+    /// that times out poisons the region: open a new one).
+    pub fn call(&self, request: &[u8], answer: &mut Vec<u8>, timeout: Duration) -> Result<(), StreamError> {
+        match lock(&self.end).as_mut() {
+            Some(c) => c.call(request, answer, timeout),
+            None => Err(StreamError::Revoked),
+        }
+    }
+
+    pub fn close(&self) {
+        if let Some(mut c) = lock(&self.end).take() {
+            c.close();
+        }
+    }
+}
+
+/// The callee's end of a call region.
+#[derive(Debug, Clone)]
+pub struct RegionServer {
+    pub region: u64,
+    /// The calling worker, and the service and method it opened the region for.
+    pub from: String,
+    pub service: String,
+    pub method: String,
+    end: Arc<Mutex<Option<RegionCallee>>>,
+}
+
+impl RegionServer {
+    pub(crate) fn new(
+        region: u64,
+        from: String,
+        service: String,
+        method: String,
+        c: RegionCallee,
+    ) -> (RegionServer, EndRef) {
+        let end = Arc::new(Mutex::new(Some(c)));
+        let r = EndRef::Callee(region, Arc::downgrade(&end));
+        (RegionServer { region, from, service, method, end }, r)
+    }
+
+    /// Waits up to `timeout` for the next call and answers it with `f`, which turns the
+    /// request (a private copy, checked) into the answer in place, or refuses it. Ok(false)
+    /// when no call came.
+    pub fn serve(
+        &self,
+        timeout: Duration,
+        f: impl FnOnce(&mut Vec<u8>) -> Result<(), String>,
+    ) -> Result<bool, StreamError> {
+        match lock(&self.end).as_mut() {
+            Some(c) => c.serve(timeout, f),
+            None => Err(StreamError::Revoked),
+        }
+    }
+
+    pub fn close(&self) {
+        if let Some(mut c) = lock(&self.end).take() {
+            c.close();
+        }
+    }
+}
+
 /// The library's reference to an end.
 #[derive(Debug)]
 pub(crate) enum EndRef {
     Out(u64, Weak<Mutex<Option<StreamWriter>>>),
     In(u64, Weak<Mutex<Option<StreamReader>>>),
+    Caller(u64, Weak<Mutex<Option<RegionCaller>>>),
+    Callee(u64, Weak<Mutex<Option<RegionCallee>>>),
+}
+
+/// Drops what `w` still points to, if anything.
+fn release_weak<T>(w: &Weak<Mutex<Option<T>>>) {
+    if let Some(e) = w.upgrade() {
+        drop(lock(&e).take());
+    }
 }
 
 impl EndRef {
     pub(crate) fn stream(&self) -> u64 {
         match self {
-            EndRef::Out(s, _) | EndRef::In(s, _) => *s,
+            EndRef::Out(s, _) | EndRef::In(s, _) | EndRef::Caller(s, _) | EndRef::Callee(s, _) => *s,
         }
     }
 
     /// Unmaps and closes the end now (the application's handle answers `Revoked` from then on).
     pub(crate) fn release(&self) {
         match self {
-            EndRef::Out(_, w) => {
-                if let Some(e) = w.upgrade() {
-                    drop(lock(&e).take());
-                }
-            }
-            EndRef::In(_, r) => {
-                if let Some(e) = r.upgrade() {
-                    drop(lock(&e).take());
-                }
-            }
+            EndRef::Out(_, w) => release_weak(w),
+            EndRef::In(_, r) => release_weak(r),
+            EndRef::Caller(_, c) => release_weak(c),
+            EndRef::Callee(_, c) => release_weak(c),
         }
     }
 
@@ -123,6 +206,8 @@ impl EndRef {
         match self {
             EndRef::Out(_, w) => w.strong_count() > 0,
             EndRef::In(_, r) => r.strong_count() > 0,
+            EndRef::Caller(_, c) => c.strong_count() > 0,
+            EndRef::Callee(_, c) => c.strong_count() > 0,
         }
     }
 }

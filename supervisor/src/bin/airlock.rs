@@ -117,6 +117,20 @@ fn status(sock: &PathBuf, json: bool) -> anyhow::Result<std::process::ExitCode> 
         }
     }
     for t in &st.streams {
+        if t.call_region {
+            airlock_supervisor::outln!(
+                "\ncall region {} {} -> {} ({}): {} KiB, messages <= {} B, {}{}",
+                t.stream,
+                t.producer,
+                t.consumer,
+                t.to,
+                t.ring_bytes / 1024,
+                t.max_record,
+                if t.encrypted { "encrypted" } else { "PLAINTEXT" },
+                t.revoked.as_ref().map_or(String::new(), |why| format!(", revoked: {why}"))
+            );
+            continue;
+        }
         airlock_supervisor::outln!(
             "\nstream {} {} -> {} ({}): ring {} KiB, records <= {} B, {}{}",
             t.stream,

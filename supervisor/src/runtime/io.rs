@@ -231,7 +231,12 @@ impl Supervisor {
                 FromWorker::Send(msg) => self.send_from_worker(i, msg),
                 FromWorker::Ack { id } => self.acknowledged(i, id),
                 FromWorker::Reopen { index } => self.reopen(i, index),
-                FromWorker::OpenStream { id, service, name } => self.open_stream(i, id, service, name),
+                FromWorker::OpenStream { id, service, name } => {
+                    self.open_area(i, id, service, name, super::streams::Want::Stream)
+                }
+                FromWorker::OpenRegion { id, service, method } => {
+                    self.open_area(i, id, service, method, super::streams::Want::Region)
+                }
                 FromWorker::StreamReleased { stream } => self.stream_released(i, stream),
                 other => {
                     let what = format_args!("unexpected message from a running worker ({}); killing it", other.kind());

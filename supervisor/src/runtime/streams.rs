@@ -5,16 +5,22 @@
 //! user namespace), the end's own `StreamReleased` is taken instead, and an end that never says
 //! it is killed.
 //!
-//! airlockd creates the area (a sealed memfd, `airlock_protocol::stream`), keeps only a mapping
-//! of its header page to revoke it, and never reads what the ends write.
+//! Regions for in-place calls (`airlock_protocol::region`, a `shm-call` permit) are set up,
+//! revoked and enforced the same way, in the same table and id space: the caller in the
+//! producer's place, the callee in the consumer's.
+//!
+//! airlockd creates the area (a sealed memfd), keeps only a mapping of its header page to
+//! revoke it (a region's revocation words sit where a stream's do), and never reads what the
+//! ends write.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use airlock_protocol::control::StreamStatus;
-use airlock_protocol::stream::{create_area, StreamControl, StreamKey, StreamParams};
-use airlock_protocol::wire::{CallFailure, StreamGrant, ToWorker};
+use airlock_protocol::region::RegionParams;
+use airlock_protocol::stream::{create_area, StreamControl, StreamError, StreamKey, StreamParams};
+use airlock_protocol::wire::{CallFailure, RegionGrant, StreamGrant, ToWorker};
 
 use super::{io::printable, security, Supervisor};
 use crate::permits::{self, Kind};
@@ -31,15 +37,54 @@ fn valid_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// One stream airlockd set up.
+/// What kind of shared area, with its sizes and mode (from the permit row that allowed it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Area {
+    Stream(StreamParams),
+    Region(RegionParams),
+}
+
+impl Area {
+    fn word(&self) -> &'static str {
+        match self {
+            Area::Stream(_) => "stream",
+            Area::Region(_) => "call region",
+        }
+    }
+
+    fn encrypted(&self) -> bool {
+        match self {
+            Area::Stream(p) => p.encrypted,
+            Area::Region(p) => p.encrypted,
+        }
+    }
+
+    fn create(&self) -> Result<OwnedFd, StreamError> {
+        match self {
+            Area::Stream(p) => create_area(p),
+            Area::Region(p) => airlock_protocol::region::create_area(p),
+        }
+    }
+}
+
+/// Which kind of area a worker asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Want {
+    Stream,
+    Region,
+}
+
+/// One stream or call region airlockd set up.
 #[derive(Debug)]
 pub(super) struct Stream {
+    /// The producer of a stream, the caller of a region.
     pub producer: usize,
+    /// The consumer of a stream, the callee of a region.
     pub consumer: usize,
     /// The ends' incarnations when it was opened: a restarted end is a new process.
     pub incarnations: (u64, u64),
     pub to: String,
-    pub params: StreamParams,
+    pub area: Area,
     pub control: StreamControl,
     /// `(st_dev, st_ino)` of the area: how it is found in an end's maps and descriptors.
     pub identity: (u64, u64),
@@ -49,7 +94,14 @@ pub(super) struct Stream {
     pub released: (bool, bool),
 }
 
-/// The streams, by id.
+/// What `set_up_area` grants the asking end.
+#[derive(Debug)]
+pub(super) enum Grant {
+    Stream(StreamGrant),
+    Region(RegionGrant),
+}
+
+/// The streams and call regions, by id.
 #[derive(Debug, Default)]
 pub(super) struct Streams {
     pub open: BTreeMap<u64, Stream>,
@@ -86,12 +138,15 @@ fn holds(pid: i32, identity: (u64, u64)) -> Option<bool> {
 }
 
 impl Supervisor {
-    /// `OpenStream` from worker `i`: the permit table, then the consumer, then the area.
-    pub(super) fn open_stream(&mut self, i: usize, id: u64, service: String, name: String) {
+    /// `OpenStream` or `OpenRegion` from worker `i`: the permit table, then the other end,
+    /// then the area.
+    pub(super) fn open_area(&mut self, i: usize, id: u64, service: String, name: String, want: Want) {
         let from = self.slots[i].name.clone();
+        let what = if want == Want::Stream { "stream" } else { "region" };
         let _span =
-            tracing::info_span!("stream", from = %from, to = %printable(&format!("{service}.{name}"), 200)).entered();
-        let result = self.set_up_stream(i, &service, &name);
+            tracing::info_span!("area", kind = what, from = %from, to = %printable(&format!("{service}.{name}"), 200))
+                .entered();
+        let result = self.set_up_area(i, &service, &name, want);
         let (answer, fd) = match result {
             Ok((grant, fd)) => (Ok(grant), Some(fd)),
             Err(f) => (Err(f), None),
@@ -100,53 +155,73 @@ impl Supervisor {
             self.violation(i, &printable(rule, 300));
         }
         let Some(run) = self.slots[i].run.as_mut() else { return };
-        let msg = ToWorker::StreamOpened { id, result: answer };
+        let msg = match (want, answer) {
+            (Want::Stream, Ok(Grant::Stream(g))) => ToWorker::StreamOpened { id, result: Ok(g) },
+            (Want::Region, Ok(Grant::Region(g))) => ToWorker::RegionOpened { id, result: Ok(g) },
+            (Want::Stream, Err(e)) => ToWorker::StreamOpened { id, result: Err(e) },
+            (Want::Region, Err(e)) => ToWorker::RegionOpened { id, result: Err(e) },
+            (_, Ok(_)) => unreachable!("set_up_area grants the kind asked for"),
+        };
         let sent = match &fd {
             Some(fd) => run.channel.send_with(&msg, &[fd.as_fd()]),
             None => run.channel.send(&msg),
         };
         if let Err(e) = sent {
-            tracing::warn!(error = %e, "could not answer OpenStream");
+            tracing::warn!(error = %e, "could not answer OpenStream or OpenRegion");
         }
     }
 
-    fn set_up_stream(&mut self, i: usize, service: &str, name: &str) -> Result<(StreamGrant, OwnedFd), CallFailure> {
+    fn set_up_area(
+        &mut self,
+        i: usize,
+        service: &str,
+        name: &str,
+        want: Want,
+    ) -> Result<(Grant, OwnedFd), CallFailure> {
         let from = self.slots[i].name.clone();
         if self.slots[i].run.as_ref().is_none_or(|r| r.channel_down || r.killed) {
             return Err(CallFailure::Busy { why: format!("{from} is being stopped") });
         }
         if !valid_name(service) || !valid_name(name) {
             return Err(CallFailure::NotPermitted {
-                rule: "a stream's service and name are 1 to 64 ASCII letters, digits, '-' or '_'".into(),
+                rule: "a stream's or region's service and name are 1 to 64 ASCII letters, digits, '-' or '_'".into(),
             });
         }
         let state = self.slots[i].broker_state.clone();
-        let params = match permits::decide(&self.permits, &from, &state, service, name, Kind::Stream) {
-            permits::Decision::Allow { .. } => {
-                permits::matching(&self.permits, &from, &state, service, name, Kind::Stream)
-                    .and_then(|p| p.stream_params())
-            }
+        let kind = if want == Want::Stream { Kind::Stream } else { Kind::ShmCall };
+        let area = match permits::decide(&self.permits, &from, &state, service, name, kind) {
+            permits::Decision::Allow { .. } => permits::matching(&self.permits, &from, &state, service, name, kind)
+                .and_then(|p| match want {
+                    Want::Stream => p.stream_params().map(Area::Stream),
+                    Want::Region => p.region_params().map(Area::Region),
+                }),
             permits::Decision::Refuse(rule) => return Err(CallFailure::NotPermitted { rule }),
         }
-        .ok_or_else(|| CallFailure::NotPermitted { rule: format!("{from} may not stream to {service}.{name}") })?;
-        // One stream per (producer, service.name): a new one replaces the old (revoked).
+        .ok_or_else(|| CallFailure::NotPermitted { rule: format!("{from} may not {kind} {service}.{name}") })?;
+        // One area per (producer, service.name): a new one replaces the old (revoked).
         let to = format!("{service}.{name}");
         let inc = self.slots[i].incarnation;
         let old: Vec<u64> = self
             .streams
             .open
             .iter()
-            .filter(|(_, s)| s.producer == i && s.incarnations.0 == inc && s.to == to && s.revoked.is_none())
+            .filter(|(_, s)| {
+                s.producer == i
+                    && s.incarnations.0 == inc
+                    && s.to == to
+                    && s.revoked.is_none()
+                    && std::mem::discriminant(&s.area) == std::mem::discriminant(&area)
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in old {
-            self.revoke_stream(id, "replaced by a new stream of the same name");
+            self.revoke_stream(id, &format!("replaced by a new {} of the same name", area.word()));
         }
         let held = self.streams.open.values().filter(|s| s.producer == i).count();
         if held >= MAX_STREAMS_PER_PRODUCER {
             return Err(CallFailure::Busy {
                 why: format!(
-                    "{from} has {held} streams (at most {MAX_STREAMS_PER_PRODUCER}, revoked ones until released)"
+                    "{from} has {held} streams or call regions (at most {MAX_STREAMS_PER_PRODUCER}, revoked ones until released)"
                 ),
             });
         }
@@ -157,37 +232,50 @@ impl Supervisor {
         if self.slots[c].run.as_ref().is_none_or(|r| r.channel_down || r.killed) {
             return Err(CallFailure::NotRunning { service: service.to_string() });
         }
-        let fail = |e: airlock_protocol::stream::StreamError| CallFailure::Unreachable {
+        let word = area.word();
+        let fail = |e: StreamError| CallFailure::Unreachable {
             worker: "airlockd".into(),
-            why: format!("setting up the stream: {e}"),
+            why: format!("setting up the {word}: {e}"),
         };
-        let area = create_area(&params).map_err(fail)?;
-        let control = StreamControl::attach(area.as_fd()).map_err(fail)?;
-        let key = if params.encrypted { Some(StreamKey::generate().map_err(fail)?) } else { None };
+        let fd = area.create().map_err(fail)?;
+        let control = StreamControl::attach(fd.as_fd()).map_err(fail)?;
+        let key = if area.encrypted() { Some(StreamKey::generate().map_err(fail)?) } else { None };
         let identity = {
             use std::os::unix::fs::MetadataExt;
-            let m = std::fs::File::from(
-                area.try_clone()
-                    .map_err(|e| fail(airlock_protocol::stream::StreamError::Io { what: "dup", source: e }))?,
-            )
-            .metadata()
-            .map_err(|e| fail(airlock_protocol::stream::StreamError::Io { what: "fstat", source: e }))?;
+            let m = std::fs::File::from(fd.try_clone().map_err(|e| fail(StreamError::Io { what: "dup", source: e }))?)
+                .metadata()
+                .map_err(|e| fail(StreamError::Io { what: "fstat", source: e }))?;
             (m.dev(), m.ino())
         };
         self.streams.next_id += 1;
         let stream = self.streams.next_id;
-        let grant = StreamGrant { stream, params, key };
-        let incoming = ToWorker::StreamIncoming {
-            from: from.clone(),
-            service: service.to_string(),
-            name: name.to_string(),
-            grant: grant.clone(),
+        let (grant, incoming) = match area {
+            Area::Stream(params) => {
+                let grant = StreamGrant { stream, params, key };
+                let incoming = ToWorker::StreamIncoming {
+                    from: from.clone(),
+                    service: service.to_string(),
+                    name: name.to_string(),
+                    grant: grant.clone(),
+                };
+                (Grant::Stream(grant), incoming)
+            }
+            Area::Region(params) => {
+                let grant = RegionGrant { region: stream, params, key };
+                let incoming = ToWorker::RegionIncoming {
+                    from: from.clone(),
+                    service: service.to_string(),
+                    method: name.to_string(),
+                    grant: grant.clone(),
+                };
+                (Grant::Region(grant), incoming)
+            }
         };
         let consumer_run =
             self.slots[c].run.as_mut().ok_or_else(|| CallFailure::NotRunning { service: service.to_string() })?;
         consumer_run
             .channel
-            .send_with(&incoming, &[area.as_fd()])
+            .send_with(&incoming, &[fd.as_fd()])
             .map_err(|e| CallFailure::Unreachable { worker: worker.clone(), why: e.to_string() })?;
         self.streams.open.insert(
             stream,
@@ -196,22 +284,31 @@ impl Supervisor {
                 consumer: c,
                 incarnations: (self.slots[i].incarnation, self.slots[c].incarnation),
                 to,
-                params,
+                area,
                 control,
                 identity,
                 revoked: None,
                 released: (false, false),
             },
         );
-        tracing::info!(
-            stream,
-            consumer = %worker,
-            ring_bytes = params.ring_bytes,
-            max_record = params.max_record,
-            encrypted = params.encrypted,
-            "stream opened"
-        );
-        Ok((grant, area))
+        match area {
+            Area::Stream(p) => tracing::info!(
+                stream,
+                consumer = %worker,
+                ring_bytes = p.ring_bytes,
+                max_record = p.max_record,
+                encrypted = p.encrypted,
+                "stream opened"
+            ),
+            Area::Region(p) => tracing::info!(
+                region = stream,
+                callee = %worker,
+                region_bytes = p.region_bytes,
+                encrypted = p.encrypted,
+                "call region opened"
+            ),
+        }
+        Ok((grant, fd))
     }
 
     /// Revokes stream `id`: both ends see `revoked` at once (the shared word, woken), are told
@@ -224,7 +321,7 @@ impl Supervisor {
         s.control.revoke();
         s.revoked = Some((reason.to_string(), Instant::now() + RELEASE_DEADLINE));
         let ends = [(s.producer, s.incarnations.0), (s.consumer, s.incarnations.1)];
-        tracing::info!(stream = id, reason, "stream revoked");
+        tracing::info!(stream = id, kind = s.area.word(), reason, "stream or region revoked");
         for (slot, inc) in ends {
             if self.slots[slot].incarnation == inc {
                 if let Some(run) = self.slots[slot].run.as_mut() {
@@ -246,7 +343,13 @@ impl Supervisor {
             .map(|(id, s)| (*id, s.producer == i))
             .collect();
         for (id, producer) in ids {
-            let end = if producer { "producer" } else { "consumer" };
+            let region = self.streams.open.get(&id).is_some_and(|s| matches!(s.area, Area::Region(_)));
+            let end = match (producer, region) {
+                (true, false) => "producer",
+                (false, false) => "consumer",
+                (true, true) => "caller",
+                (false, true) => "callee",
+            };
             self.revoke_stream(id, &format!("its {end} {name} exited"));
         }
     }
@@ -281,7 +384,8 @@ impl Supervisor {
                         &name,
                         Some(pid),
                         format_args!(
-                            "still holds revoked stream {id} ({}) {} ms after revocation; killing the worker",
+                            "still holds revoked {} {id} ({}) {} ms after revocation; killing the worker",
+                            s.area.word(),
                             s.to,
                             RELEASE_DEADLINE.as_millis()
                         ),
@@ -315,15 +419,22 @@ impl Supervisor {
         self.streams
             .open
             .iter()
-            .map(|(id, s)| StreamStatus {
-                stream: *id,
-                producer: self.slots[s.producer].name.clone(),
-                consumer: self.slots[s.consumer].name.clone(),
-                to: s.to.clone(),
-                ring_bytes: s.params.ring_bytes,
-                max_record: s.params.max_record,
-                encrypted: s.params.encrypted,
-                revoked: s.revoked.as_ref().map(|(why, _)| why.clone()),
+            .map(|(id, s)| {
+                let (call_region, ring_bytes, max_record) = match s.area {
+                    Area::Stream(p) => (false, p.ring_bytes, p.max_record),
+                    Area::Region(p) => (true, p.region_bytes, u32::try_from(p.max_message()).unwrap_or(u32::MAX)),
+                };
+                StreamStatus {
+                    stream: *id,
+                    call_region,
+                    producer: self.slots[s.producer].name.clone(),
+                    consumer: self.slots[s.consumer].name.clone(),
+                    to: s.to.clone(),
+                    ring_bytes,
+                    max_record,
+                    encrypted: s.area.encrypted(),
+                    revoked: s.revoked.as_ref().map(|(why, _)| why.clone()),
+                }
             })
             .collect()
     }

@@ -80,14 +80,17 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    let h = std::cell::RefCell::new(Historian { db, plant, retention_days, stored: 0 });
+    // Shared with the threads that answer trend queries in call regions (see `serve_regions`).
+    let h = std::sync::Arc::new(std::sync::Mutex::new(Historian { db, plant, retention_days, stored: 0 }));
+    let served_by_regions = h.clone();
+    w.on_incoming_region(move |r| serve_region(r, served_by_regions.clone()));
     let mut streamed = crate::samples::SampleIn::default();
     let served = w.serve_all_ticking(
         std::time::Duration::from_millis(20),
         |w, req, _bulk| match req.method.as_str() {
-            "trend" => Ok(Response::bytes(hmi::encode(&h.borrow().trend(&hmi::decode(&req.body)?)?))),
+            "trend" => Ok(Response::bytes(hmi::encode(&lock(&h).trend(&hmi::decode(&req.body)?)?))),
             "export" => {
-                let csv = h.borrow().export(&hmi::decode(&req.body)?)?;
+                let csv = lock(&h).export(&hmi::decode(&req.body)?)?;
                 let rows = csv.lines().count().saturating_sub(1) as u64;
                 let mut bulk = w.bulk_writer(csv.len().max(1)).map_err(|e| e.to_string())?;
                 bulk.as_mut_slice()[..csv.len()].copy_from_slice(csv.as_bytes());
@@ -102,14 +105,14 @@ pub fn main() -> ExitCode {
             // A body no one can store is acknowledged (and said), not retried forever.
             let stored = match d.method.as_str() {
                 "sample" => match hmi::decode::<Sample>(&d.body) {
-                    Ok(s) => h.borrow_mut().store_sample(Some(d.id), &s),
+                    Ok(s) => lock(&h).store_sample(Some(d.id), &s),
                     Err(e) => {
                         tracing::error!(from = %d.from, id = d.id, "sample dropped: {e}");
                         Ok(())
                     }
                 },
                 "event" => match hmi::decode::<Event>(&d.body) {
-                    Ok(e) => h.borrow_mut().store_event(d.id, &e),
+                    Ok(e) => lock(&h).store_event(d.id, &e),
                     Err(e) => {
                         tracing::error!(from = %d.from, id = d.id, "event dropped: {e}");
                         Ok(())
@@ -131,7 +134,7 @@ pub fn main() -> ExitCode {
             streamed.drain(w, |_w, sample| {
                 // A live sample that cannot be stored is lost (a stream is not redelivered);
                 // said, and the next one tried.
-                if let Err(e) = h.borrow_mut().store_sample(None, &sample) {
+                if let Err(e) = lock(&h).store_sample(None, &sample) {
                     tracing::error!("a streamed sample was not stored: {e}");
                 }
             })
@@ -143,6 +146,44 @@ pub fn main() -> ExitCode {
             tracing::error!("{e}");
             ExitCode::from(1)
         }
+    }
+}
+
+fn lock(h: &std::sync::Mutex<Historian>) -> std::sync::MutexGuard<'_, Historian> {
+    // A panic while holding it cannot leave the database half-written (SQLite's transactions
+    // do not depend on this lock), so a poisoned lock is taken over.
+    h.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How long a call region's thread waits for a call before it looks again (and notices a
+/// closed or revoked region).
+const REGION_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Answers trend queries that arrive in call region `r` (a `shm-call` permit for
+/// `historian.trend`; the ui's `[settings.ui] trend-in-place`), on a thread of its own until
+/// the region ends. The request is the library's private copy, already checked; the answer
+/// is written in place, without the supervisor's hop.
+fn serve_region(r: airlock_worker::streams::RegionServer, h: std::sync::Arc<std::sync::Mutex<Historian>>) {
+    if r.method != "trend" {
+        tracing::warn!(region = r.region, from = %r.from, method = %r.method, "a call region for a method answered only through airlockd: closed");
+        r.close();
+        return;
+    }
+    let spawned = std::thread::Builder::new().name("trend-region".into()).spawn(move || loop {
+        let served = r.serve(REGION_POLL, |buf| {
+            let q: TrendQuery = hmi::decode(buf)?;
+            let points = lock(&h).trend(&q)?;
+            *buf = hmi::encode(&points);
+            Ok(())
+        });
+        if let Err(e) = served {
+            tracing::info!(region = r.region, from = %r.from, "call region ended: {e}");
+            r.close();
+            return;
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::error!("no thread for a call region: {e}");
     }
 }
 

@@ -12,6 +12,14 @@
 //! stream and sends COUNT such records of SIZE bytes (waiting up to 5 s for space each),
 //! answering `sent N` (or `failed after N: WHY`); with `keep` it holds the stream afterwards,
 //! and `stream_send_held` sends one more record on it, answering `ok` or the error.
+//!
+//! Call regions: every incoming region is served on a thread of its own, answering each request
+//! with its bytes plus one (wrapping), or refusing one that starts with `refuse`;
+//! `region_stats` answers `calls N ended WHY`. `region_call` (body `SERVICE METHOD COUNT SIZE
+//! [keep]`) opens a region and makes COUNT calls of SIZE bytes (2 s each), checking every
+//! answer, and answers `called N` (or `failed after N: WHY`); with `keep` it holds the region,
+//! and `region_call_held` makes one more call with the request's body, answering the answer
+//! or the error.
 
 use airlock_protocol::BulkMode;
 use airlock_worker::{Response, Worker};
@@ -49,6 +57,31 @@ fn main() {
             }
         });
     });
+    let region_stats = std::sync::Arc::new(std::sync::Mutex::new((0u64, String::from("-"))));
+    let server_stats = region_stats.clone();
+    w.on_incoming_region(move |h| {
+        let st = server_stats.clone();
+        std::thread::spawn(move || loop {
+            let served = h.serve(std::time::Duration::from_secs(1), |buf| {
+                if buf.starts_with(b"refuse") {
+                    return Err("refused by echo".into());
+                }
+                for b in buf.iter_mut() {
+                    *b = b.wrapping_add(1);
+                }
+                Ok(())
+            });
+            match served {
+                Ok(true) => st.lock().unwrap_or_else(|e| e.into_inner()).0 += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    st.lock().unwrap_or_else(|e| e.into_inner()).1 = e.to_string();
+                    return;
+                }
+            }
+        });
+    });
+    let held_region: std::cell::RefCell<Option<airlock_worker::streams::RegionClient>> = Default::default();
     let held: std::cell::RefCell<Option<airlock_worker::streams::StreamOut>> = Default::default();
     let inherited: std::cell::RefCell<std::collections::BTreeMap<i32, std::os::fd::OwnedFd>> = Default::default();
     let r = w.serve_all(
@@ -82,6 +115,51 @@ fn main() {
                 }
                 Ok(Response::bytes(format!("sent {count}").into_bytes()))
             }
+            "region_stats" => {
+                let g = region_stats.lock().unwrap_or_else(|e| e.into_inner());
+                Ok(Response::bytes(format!("calls {} ended {}", g.0, g.1).into_bytes()))
+            }
+            "region_call" => {
+                let text = String::from_utf8_lossy(&req.body).into_owned();
+                let a: Vec<&str> = text.split_whitespace().collect();
+                let (Some(service), Some(method)) = (a.first(), a.get(1)) else {
+                    return Err("SERVICE METHOD COUNT SIZE [keep]".into());
+                };
+                let count: u64 = a.get(2).and_then(|v| v.parse().ok()).unwrap_or(1);
+                let size: usize = a.get(3).and_then(|v| v.parse().ok()).unwrap_or(64);
+                let client = w.open_region(service, method).map_err(|e| e.to_string())?;
+                let (mut request, mut answer) = (vec![0u8; size], Vec::new());
+                let mut outcome = format!("called {count}");
+                for seq in 0..count {
+                    for (k, b) in request.iter_mut().enumerate() {
+                        *b = (seq as usize + k) as u8;
+                    }
+                    if let Err(e) = client.call(&request, &mut answer, std::time::Duration::from_secs(2)) {
+                        outcome = format!("failed after {seq}: {e}");
+                        break;
+                    }
+                    if answer.len() != size || answer.iter().zip(&request).any(|(x, y)| *x != y.wrapping_add(1)) {
+                        outcome = format!("failed after {seq}: a wrong answer");
+                        break;
+                    }
+                }
+                if a.get(4) == Some(&"keep") {
+                    *held_region.borrow_mut() = Some(client);
+                } else {
+                    client.close();
+                }
+                Ok(Response::bytes(outcome.into_bytes()))
+            }
+            "region_call_held" => match held_region.borrow().as_ref() {
+                Some(c) => {
+                    let mut answer = Vec::new();
+                    Ok(Response::bytes(match c.call(&req.body, &mut answer, std::time::Duration::from_secs(2)) {
+                        Ok(()) => answer,
+                        Err(e) => e.to_string().into_bytes(),
+                    }))
+                }
+                None => Err("no region held".into()),
+            },
             "stream_send_held" => match held.borrow().as_ref() {
                 Some(out) => Ok(Response::bytes(match out.send(&[0u8; 8], None) {
                     Ok(()) => b"ok".to_vec(),

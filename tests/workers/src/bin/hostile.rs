@@ -27,6 +27,14 @@
 //!   descriptor and a mapping) whatever airlockd says: after a revocation it must be killed.
 //! - `stream-garbage SERVICE NAME`: opens a stream and writes an impossible `head` into the
 //!   shared area: the consumer's end must be poisoned, nothing else harmed.
+//! - `region-hold SERVICE METHOD`: opens a call region on the raw channel and keeps its area
+//!   whatever airlockd says (killed after a revocation).
+//! - `region-rewrite SERVICE METHOD`: a caller that makes 200 calls of 64 KiB while a thread of
+//!   its keeps rewriting the region's data, so the callee copies requests that change under
+//!   it; an event `region-rewrite answered N, then: WHY` says how far it got.
+//! - `region-callee-mute` and `region-callee-garbage`: waits (on the raw channel, until a
+//!   shutdown) for a call region another worker opens to `hostile`, then never answers, or answers its
+//!   first call with an authentic-looking header and garbage bytes.
 
 use airlock_protocol::wire::{ByteBody, CallFailure, FromWorker, Reply, Request, ToWorker};
 use airlock_protocol::BulkMode;
@@ -105,6 +113,16 @@ fn main() {
             let service = args.get(1).map_or("peer", String::as_str);
             let name = args.get(2).map_or("samples", String::as_str);
             let outcome = raw_stream(&mut w, service, name, attack == "stream-garbage");
+            let _ = w.event(&outcome);
+        }
+        "region-hold" | "region-rewrite" => {
+            let service = args.get(1).map_or("peer", String::as_str);
+            let method = args.get(2).map_or("calc", String::as_str);
+            let outcome = raw_region(&mut w, service, method, attack == "region-rewrite");
+            let _ = w.event(&outcome);
+        }
+        "region-callee-mute" | "region-callee-garbage" => {
+            let outcome = hostile_callee(&mut w, attack == "region-callee-garbage");
             let _ = w.event(&outcome);
         }
         _ => {}
@@ -284,5 +302,119 @@ fn raw_stream_once(w: &mut Worker, service: &str, name: &str, garbage: bool) -> 
             }
             Err(e) => return format!("stream: {e}"),
         }
+    }
+}
+
+/// Opens a call region on the raw channel (asking again while the callee is not running yet),
+/// keeps its descriptor and a writable mapping for the life of the process, and with `rewrite`
+/// calls through it while a thread keeps rewriting the region's data.
+fn raw_region(w: &mut Worker, service: &str, method: &str, rewrite: bool) -> String {
+    use airlock_protocol::sys::SharedArea;
+    use std::os::fd::AsFd;
+    let mut last = String::new();
+    for attempt in 0..100u64 {
+        let ch = w.raw_channel();
+        let id = 900 + attempt;
+        if ch.send(&FromWorker::OpenRegion { id, service: service.into(), method: method.into() }).is_err() {
+            return "region: send failed".into();
+        }
+        let got = loop {
+            match ch.recv::<ToWorker>() {
+                Ok(g) => {
+                    if let ToWorker::RegionOpened { id: i, .. } = &g.msg {
+                        if *i == id {
+                            break g;
+                        }
+                    }
+                }
+                Err(e) => return format!("region: {e}"),
+            }
+        };
+        let ToWorker::RegionOpened { result, .. } = got.msg else { continue };
+        let grant = match result {
+            Ok(g) => g,
+            Err(f) => {
+                last = format!("region refused: {f:?}");
+                if last.contains("NotRunning") {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    continue;
+                }
+                return last;
+            }
+        };
+        let Some(fd) = got.fds.into_iter().next() else { return "region: no area".into() };
+        let len = grant.params.region_bytes as usize + 4096;
+        let Ok(area) = SharedArea::map(fd.as_fd(), len) else { return "region: cannot map".into() };
+        if !rewrite {
+            std::mem::forget(area);
+            std::mem::forget(fd);
+            return format!("region {} held", grant.region);
+        }
+        let Ok(dup) = fd.try_clone() else { return "region: dup failed".into() };
+        let mut caller = match airlock_protocol::region::RegionCaller::attach(dup, grant.params, grant.key) {
+            Ok(c) => c,
+            Err(e) => return format!("region: {e}"),
+        };
+        let area = std::sync::Arc::new(area);
+        let scribbler = area.clone();
+        std::thread::spawn(move || {
+            let mut k = 0u8;
+            loop {
+                k = k.wrapping_add(1);
+                let _ = scribbler.copy_in(4096 + usize::from(k) * 64, &[k; 4096]);
+            }
+        });
+        let request = vec![7u8; 64 * 1024];
+        let mut answer = Vec::new();
+        for n in 0..200 {
+            if let Err(e) = caller.call(&request, &mut answer, std::time::Duration::from_secs(2)) {
+                std::mem::forget(fd);
+                return format!("region-rewrite answered {n}, then: {e}");
+            }
+        }
+        std::mem::forget(fd);
+        return "region-rewrite answered 200, then: -".into();
+    }
+    last
+}
+
+/// Waits for a call region opened to this worker, then never answers (`garbage` false) or
+/// answers the first call with garbage under a well-formed header.
+fn hostile_callee(w: &mut Worker, garbage: bool) -> String {
+    use airlock_protocol::sys::SharedArea;
+    use std::os::fd::AsFd;
+    use std::sync::atomic::Ordering::SeqCst;
+    let ch = w.raw_channel();
+    loop {
+        let g = match ch.recv::<ToWorker>() {
+            Ok(g) => g,
+            Err(e) => return format!("region callee: {e}"),
+        };
+        if matches!(g.msg, ToWorker::Shutdown) {
+            std::process::exit(0);
+        }
+        let ToWorker::RegionIncoming { grant, .. } = g.msg else { continue };
+        let Some(fd) = g.fds.into_iter().next() else { return "region callee: no area".into() };
+        let len = grant.params.region_bytes as usize + 4096;
+        let Ok(area) = SharedArea::map(fd.as_fd(), len) else { return "region callee: cannot map".into() };
+        std::mem::forget(fd);
+        if !garbage {
+            std::mem::forget(area);
+            return format!("region {} taken, never answered", grant.region);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while area.u64_at(128).load(SeqCst) != 1 {
+            if std::time::Instant::now() > deadline {
+                return "region callee: no call came".into();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let _ = area.copy_in(4096, &[0x5a; 80]);
+        area.u32_at(264).store(64, SeqCst);
+        area.u32_at(268).store(0, SeqCst);
+        area.u64_at(256).store(1, SeqCst);
+        area.u32_at(512).fetch_add(1, SeqCst);
+        std::mem::forget(area);
+        return format!("region {} answered with garbage", grant.region);
     }
 }

@@ -16,6 +16,8 @@ use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
+use airlock_protocol::stream::StreamError;
+use airlock_protocol::wire::CallFailure;
 use airlock_protocol::Bulk;
 use airlock_worker::{sys, Pump, Worker, WorkerError};
 
@@ -89,13 +91,74 @@ fn claim_listener() -> Result<OwnedFd, UiError> {
     Ok(fd)
 }
 
+/// `[settings.ui]`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct UiSettings {
+    /// Trend queries go through a call region shared with the historian (a `shm-call` permit
+    /// for `historian.trend`), answered in place without the supervisor's hop.
+    #[serde(default)]
+    trend_in_place: bool,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Settings {
+    #[serde(default)]
+    ui: Option<UiSettings>,
+}
+
+/// How long the ui goes through the supervisor after a call region failed, before it opens
+/// a new one.
+const REGION_RETRY: Duration = Duration::from_secs(5);
+
+/// The call regions the ui uses, by `service.method`: opened on first use, dropped (and the
+/// call made through the supervisor) when one fails.
+#[derive(Debug, Default)]
+struct Regions {
+    /// `service.method`s configured to be called in place.
+    wanted: Vec<String>,
+    open: std::collections::BTreeMap<String, airlock_worker::streams::RegionClient>,
+    retry_at: std::collections::BTreeMap<String, Instant>,
+    /// Reused for every answer.
+    answer: Vec<u8>,
+}
+
 /// The worker's channel as the handlers' [`Backend`]. A failure of the channel itself (not
 /// of a call) is kept: the loop stops after the turn.
 struct Calls<'a> {
     w: &'a mut Worker,
+    regions: &'a mut Regions,
     fatal: Option<WorkerError>,
     /// A call was made: replies may have brought other messages along, to pump.
     called: bool,
+}
+
+impl Calls<'_> {
+    /// The region for `service.method`, opened if configured and not failing lately.
+    fn region(&mut self, to: &str, service: &str, method: &str) -> Option<airlock_worker::streams::RegionClient> {
+        if !self.regions.wanted.iter().any(|w| w == to) {
+            return None;
+        }
+        if let Some(c) = self.regions.open.get(to) {
+            return Some(c.clone());
+        }
+        if self.regions.retry_at.get(to).is_some_and(|t| Instant::now() < *t) {
+            return None;
+        }
+        self.called = true;
+        match self.w.open_region(service, method) {
+            Ok(c) => {
+                tracing::info!(region = c.region, to, "calling in place");
+                self.regions.open.insert(to.to_string(), c.clone());
+                Some(c)
+            }
+            Err(e) => {
+                tracing::warn!(to, error = %e, "no call region: calling through airlockd");
+                self.regions.retry_at.insert(to.to_string(), Instant::now() + REGION_RETRY);
+                None
+            }
+        }
+    }
 }
 
 impl Backend for Calls<'_> {
@@ -119,6 +182,42 @@ impl Backend for Calls<'_> {
             }
         }
     }
+
+    fn call_in_place(
+        &mut self,
+        service: &str,
+        method: &str,
+        body: Vec<u8>,
+        deadline_ms: u32,
+    ) -> Result<Vec<u8>, CallError> {
+        let to = format!("{service}.{method}");
+        if self.fatal.is_none() {
+            if let Some(c) = self.region(&to, service, method) {
+                let deadline = Duration::from_millis(u64::from(deadline_ms.max(1)));
+                let mut answer = std::mem::take(&mut self.regions.answer);
+                let r = c.call(&body, &mut answer, deadline);
+                let out = match r {
+                    Ok(()) => Some(Ok(answer.clone())),
+                    // The callee's own refusal, as through the supervisor.
+                    Err(StreamError::Refused(why)) => Some(Err(CallError::Failed(CallFailure::Callee(why)))),
+                    Err(e) => {
+                        // Revoked (the historian restarted), poisoned or timed out: this call
+                        // goes through the supervisor, and the region is opened again later.
+                        tracing::warn!(region = c.region, error = %e, "call region failed: calling through airlockd");
+                        c.close();
+                        self.regions.open.remove(&to);
+                        self.regions.retry_at.insert(to.clone(), Instant::now() + REGION_RETRY);
+                        None
+                    }
+                };
+                self.regions.answer = answer;
+                if let Some(out) = out {
+                    return out;
+                }
+            }
+        }
+        self.call(service, method, body, deadline_ms).map(|(reply, _)| reply)
+    }
 }
 
 /// Serves until the supervisor says `Shutdown` or closes the channel.
@@ -131,6 +230,10 @@ fn serve(w: &mut Worker, listener: &OwnedFd) -> Result<(), UiError> {
     let mut last_accept_warning: Option<Instant> = None;
     let mut pump_due = true;
     let mut more = false;
+    let mut regions = Regions::default();
+    if w.settings::<Settings>()?.ui.is_some_and(|u| u.trend_in_place) {
+        regions.wanted.push("historian.trend".into());
+    }
     tracing::info!("ui serving HTTP on its listening socket");
     loop {
         if pump_due {
@@ -179,7 +282,7 @@ fn serve(w: &mut Worker, listener: &OwnedFd) -> Result<(), UiError> {
             pump_due = true;
         }
         more = false;
-        let mut calls = Calls { w: &mut *w, fatal: None, called: false };
+        let mut calls = Calls { w: &mut *w, regions: &mut regions, fatal: None, called: false };
         for (c, p) in conns.iter_mut().zip(&fds[2..]) {
             more |= turn(c, p.revents, &mut calls, now, &mut scratch);
         }
