@@ -327,6 +327,16 @@ def check_plant(mode, password):
     check(raw == round(sp * 10), f"it reaches the device: plcsim's holding register 101 = {modbus_holding(101, pid)} (want {round(sp * 10)})")
     back = wait(lambda: (lambda v: v if v and abs(v["heater_sp"]["value"] - sp) < 0.05 else None)(values(cookie)), 10)
     check(back is not None, "and reads back from the device through the HMI")
+    # A trend of the last minute, answered in place in the ui-historian call region
+    # (docs/hmi.md, "Trends answered in place"), which airlock status lists.
+    now = int(time.time() * 1000)
+    status, _, body = request("GET", f"/api/trend?tag=level&from={now - 60000}&to={now}", cookie=cookie)
+    points = json.loads(body).get("points", []) if status == 200 else []
+    check(status == 200 and len(points) > 0, f"a trend of the level has points ({status}, {len(points)} points)")
+    regions = [t for t in (status_json() or {}).get("streams", []) if t.get("call_region")]
+    check(len(regions) == 1 and (regions[0]["producer"], regions[0]["consumer"], regions[0]["to"], regions[0]["encrypted"]) ==
+          ("ui", "historian", "historian.trend", True),
+          f"it was answered in an encrypted ui -> historian call region ({regions})")
 
 
 def check_security(mode):
