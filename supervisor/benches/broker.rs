@@ -28,6 +28,9 @@
 //!   every 20 ms and field's samples reach logic and the historian through streams, versus the
 //!   same HMI with `stream-samples = false` (each sample journaled twice through airlockd), in
 //!   the same run; per sample = per second / 50 (target: at least 5 times less).
+//! - `hmi_trend_in_place`: median latency of a trend query from an HTTP client to the default
+//!   HMI, the ui asking the historian in a call region shared with it (`[settings.ui]
+//!   trend-in-place = true`), versus through airlockd (`false`), in the same run; reported.
 //! - `supervisor_rss_under_attack`: airlockd's RSS after a CPU attack, a memory hog and a
 //!   flood of refused 1 MiB bulk calls, versus its RSS at rest before them (bounded).
 
@@ -354,15 +357,19 @@ impl Drop for KillOnPanic {
 
 /// The embedded default HMI polling every 20 ms, with or without sample streams; returns
 /// airlockd's CPU milliseconds over `secs` seconds after a second of warm-up.
-fn hmi_cpu(bins: &Path, streams: bool, secs: u64) -> f64 {
-    let dir = bins.join(format!("airlock-bench-broker-{}-hmi-{streams}", std::process::id()));
+/// The default HMI under airlockd in a directory of its own, with `edits` applied to the
+/// embedded configuration (after its ports are made free ones): (airlockd, its directory, the
+/// ui's port). Waits until logic answers.
+fn start_hmi(bins: &Path, tag: &str, edits: &[(&str, &str)]) -> (Child, PathBuf, u16) {
+    let dir = bins.join(format!("airlock-bench-broker-{}-hmi-{tag}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
     let port = |_: ()| {
         std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")
     };
-    let cfg = airlock_supervisor::config::EMBEDDED_DEFAULT
+    let ui = port(());
+    let mut cfg = airlock_supervisor::config::EMBEDDED_DEFAULT
         .replace(
             "[supervisor]\n",
             &format!(
@@ -371,15 +378,17 @@ fn hmi_cpu(bins: &Path, streams: bool, secs: u64) -> f64 {
                 b = bins.display()
             ),
         )
-        .replace("127.0.0.1:8080", &format!("127.0.0.1:{}", port(())))
-        .replace("127.0.0.1:1502", &format!("127.0.0.1:{}", port(())))
-        .replace("poll-ms = 500", "poll-ms = 20")
-        .replace("stream-samples = true", &format!("stream-samples = {streams}"));
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{ui}"))
+        .replace("127.0.0.1:1502", &format!("127.0.0.1:{}", port(())));
+    for (from, to) in edits {
+        assert!(cfg.contains(from), "the embedded default has no {from:?}");
+        cfg = cfg.replace(from, to);
+    }
     std::fs::write(dir.join("airlock.toml"), cfg).expect("config");
     let d = Command::new(bins.join("airlockd"))
         .arg("--config")
         .arg(dir.join("airlock.toml"))
-        .env("AIRLOCK_LOG", "warn")
+        .env("AIRLOCK_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("airlockd.log")).expect("log"))
@@ -407,6 +416,18 @@ fn hmi_cpu(bins: &Path, streams: bool, secs: u64) -> f64 {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    std::mem::forget(guard);
+    (d, dir, ui)
+}
+
+fn hmi_cpu(bins: &Path, streams: bool, secs: u64) -> f64 {
+    let samples = format!("stream-samples = {streams}");
+    let (d, dir, _) = start_hmi(
+        bins,
+        &format!("cpu-{streams}"),
+        &[("poll-ms = 500", "poll-ms = 20"), ("stream-samples = true", &samples)],
+    );
+    let guard = KillOnPanic(d.id());
     std::thread::sleep(Duration::from_secs(1));
     let before = cpu_ns(d.id());
     std::thread::sleep(Duration::from_secs(secs));
@@ -415,6 +436,97 @@ fn hmi_cpu(bins: &Path, streams: bool, secs: u64) -> f64 {
     stop(d);
     let _ = std::fs::remove_dir_all(&dir);
     ms
+}
+
+/// One HTTP/1.1 request on a kept-alive connection: (status, body).
+fn http(conn: &mut std::net::TcpStream, method: &str, path: &str, cookie: Option<&str>, body: &str) -> (u16, Vec<u8>) {
+    use std::io::Read;
+    let cookie = cookie.map_or(String::new(), |c| format!("Cookie: airlock_session={c}\r\n"));
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: bench\r\n{cookie}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(req.as_bytes()).expect("write request");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = conn.read(&mut chunk).expect("read response");
+        assert!(n > 0, "the ui closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let status = head.get(9..12).and_then(|s| s.parse().ok()).expect("status");
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().expect("length")))
+        .expect("content-length");
+    while buf.len() < head_end + len {
+        let n = conn.read(&mut chunk).expect("read body");
+        assert!(n > 0, "the ui closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let session = head.lines().find_map(|l| l.strip_prefix("set-cookie: airlock_session=").map(str::to_string));
+    if let Some(s) = session {
+        let token = s.split(';').next().unwrap_or("").to_string();
+        return (status, token.into_bytes());
+    }
+    (status, buf[head_end..head_end + len].to_vec())
+}
+
+/// Median and p99 microseconds of `n` trend queries of the last minute through the HMI's ui,
+/// with `[settings.ui] trend-in-place` as given: the query answered in a call region shared
+/// with the historian, or through airlockd.
+fn hmi_trend(bins: &Path, in_place: bool, n: usize) -> (f64, f64) {
+    let setting = format!("trend-in-place = {in_place}");
+    let (d, dir, ui) = start_hmi(bins, &format!("trend-{in_place}"), &[("trend-in-place = true", &setting)]);
+    let guard = KillOnPanic(d.id());
+    let log = dir.join("airlockd.log");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let password = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(p) =
+            text.split("created operator \"operator\" with password ").nth(1).and_then(|r| r.split_whitespace().next())
+        {
+            break p.to_string();
+        }
+        assert!(Instant::now() < deadline, "no operator password in the log: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // A minute of history (the default polls every 500 ms) for every query to read.
+    std::thread::sleep(Duration::from_secs(5));
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", ui)).expect("connect to the ui");
+    conn.set_nodelay(true).expect("nodelay");
+    let (st, token) =
+        http(&mut conn, "POST", "/api/login", None, &format!(r#"{{"user":"operator","password":"{password}"}}"#));
+    assert_eq!(st, 200, "login");
+    let cookie = String::from_utf8(token).expect("token");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64;
+    let path = format!("/api/trend?tag=level&from={}&to={now}", now - 60_000);
+    let (st, first) = http(&mut conn, "GET", &path, Some(&cookie), "");
+    assert_eq!(st, 200, "trend: {}", String::from_utf8_lossy(&first));
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let (st, body) = http(&mut conn, "GET", &path, Some(&cookie), "");
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+        assert!(st == 200 && body == first, "a trend query failed or changed: {st}");
+    }
+    if in_place {
+        let mut s = UnixStream::connect(dir.join("run/control.sock")).expect("connect control socket");
+        writeln!(s, "{}", serde_json::to_string(&ControlRequest::Status).expect("json")).expect("write");
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).expect("read");
+        assert!(line.contains("\"call_region\":true"), "no call region was used: {line}");
+    }
+    std::mem::forget(guard);
+    stop(d);
+    let _ = std::fs::remove_dir_all(&dir);
+    times.sort_by(f64::total_cmp);
+    let p99 = times[(times.len() * 99 / 100).min(times.len() - 1)];
+    (median(times), p99)
 }
 
 fn stop(mut d: Child) {
@@ -593,6 +705,22 @@ fn main() {
             true,
             &format!(
                 "airlockd CPU per sample (nominal: one per 20 ms) of the default HMI over {secs} s: samples through streams ({streamed:.1} ms), versus journaled through airlockd ({journaled:.1} ms); target at most 0.2"
+            ),
+        );
+    }
+
+    if wants("hmi_trend_in_place") {
+        let n = if std::env::var_os("AIRLOCK_BENCH_QUICK").is_some() { 200 } else { 2000 };
+        let (via_airlockd, p99_via) = hmi_trend(&bins, false, n);
+        let (in_place, p99_in_place) = hmi_trend(&bins, true, n);
+        emit(
+            "hmi_trend_in_place",
+            in_place,
+            via_airlockd,
+            "us",
+            true,
+            &format!(
+                "median of {n} trend queries (the last minute of one tag) from an HTTP client to the default HMI: the ui asks the historian in a call region shared with it (p99 {p99_in_place:.0} us), versus through airlockd (p99 {p99_via:.0} us), the same history; reported"
             ),
         );
     }
