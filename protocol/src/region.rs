@@ -275,6 +275,7 @@ enum Waited {
 struct Region {
     area: SharedArea,
     params: RegionParams,
+    local: stream::LocalRevoke,
 }
 
 impl Region {
@@ -299,11 +300,11 @@ impl Region {
                 "header says (version, region, flags) = {got:?}, the parameters {want:?}"
             )));
         }
-        Ok(Region { area, params })
+        Ok(Region { area, params, local: stream::LocalRevoke::default() })
     }
 
     fn flag(&self, off: usize) -> bool {
-        self.area.u32_at(off).load(SeqCst) != 0
+        self.area.u32_at(off).load(SeqCst) != 0 || (off == OFF_REVOKED && self.local.is_set())
     }
 
     fn seq(&self, off: usize) -> u64 {
@@ -400,6 +401,11 @@ impl RegionCaller {
         }
         let scratch = Vec::with_capacity(if params.encrypted { params.region_bytes as usize } else { 0 });
         Ok(RegionCaller { region, seq: 0, cipher, scratch, poisoned: None, closed: false, idle_wakes: 0 })
+    }
+
+    /// A handle that revokes this end from within this process (see [`stream::LocalRevoke`]).
+    pub fn local_revoke(&self) -> stream::LocalRevoke {
+        self.region.local.clone()
     }
 
     pub fn params(&self) -> RegionParams {
@@ -603,6 +609,11 @@ impl RegionCallee {
         Ok(RegionCallee { region, seq: 0, cipher, buf: Vec::new(), poisoned: None, closed: false, idle_wakes: 0 })
     }
 
+    /// A handle that revokes this end from within this process (see [`stream::LocalRevoke`]).
+    pub fn local_revoke(&self) -> stream::LocalRevoke {
+        self.region.local.clone()
+    }
+
     pub fn params(&self) -> RegionParams {
         self.region.params
     }
@@ -785,6 +796,37 @@ mod tests {
         let caller = RegionCaller::attach(fd.try_clone().expect("dup"), p, key.clone()).expect("caller");
         let callee = RegionCallee::attach(fd.try_clone().expect("dup"), p, key).expect("callee");
         (caller, callee, fd)
+    }
+
+    /// A revocation made in this process ends a caller waiting for an answer and a callee
+    /// waiting for a call, whatever the shared `revoked` word says.
+    #[test]
+    fn a_local_revocation_ends_waits_whatever_the_shared_word_says() {
+        let (mut caller, mut callee, _fd) = pair(params(4096, true));
+        let (cl, sl) = (caller.local_revoke(), callee.local_revoke());
+        let t = std::thread::spawn(move || {
+            let start = Instant::now();
+            let res = callee.serve(Duration::from_secs(10), |_| Ok(()));
+            (res, start.elapsed(), callee)
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        sl.revoke();
+        // The callee is kept (not closed): only the local revocation ends the caller's wait.
+        let (res, took, _callee) = t.join().expect("callee thread");
+        assert!(matches!(res, Err(StreamError::Revoked)), "{res:?}");
+        assert!(took < Duration::from_secs(1), "{took:?}");
+        // No callee serves any more: the caller's wait ends by the local revocation.
+        let t = std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut answer = Vec::new();
+            let res = caller.call(b"x", &mut answer, Duration::from_secs(10));
+            (res, start.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        cl.revoke();
+        let (res, took) = t.join().expect("caller thread");
+        assert!(matches!(res, Err(StreamError::Revoked)), "{res:?}");
+        assert!(took < Duration::from_secs(1), "{took:?}");
     }
 
     /// A caller alone; the test is its (hostile) callee, through a mapping of its own.

@@ -313,6 +313,7 @@ struct Ring {
     params: StreamParams,
     ring: u64,
     mask: u64,
+    local: LocalRevoke,
 }
 
 impl Ring {
@@ -339,7 +340,7 @@ impl Ring {
             )));
         }
         let ring = u64::from(params.ring_bytes);
-        Ok(Ring { area, params, ring, mask: ring - 1 })
+        Ok(Ring { area, params, ring, mask: ring - 1, local: LocalRevoke::default() })
     }
 
     fn word(&self, off: usize) -> &std::sync::atomic::AtomicU32 {
@@ -347,7 +348,7 @@ impl Ring {
     }
 
     fn flag(&self, off: usize) -> bool {
-        self.word(off).load(SeqCst) != 0
+        self.word(off).load(SeqCst) != 0 || (off == OFF_REVOKED && self.local.is_set())
     }
 
     fn bump_and_wake(&self, off: usize) {
@@ -403,6 +404,25 @@ pub(crate) fn deadline_after(d: Duration) -> Option<Instant> {
 
 pub(crate) fn expired(deadline: Option<Instant>) -> bool {
     deadline.is_some_and(|d| Instant::now() >= d)
+}
+
+/// A revocation of one end made in this process, beside the shared `revoked` word (which the
+/// peer can clear): set by whoever must make the end let go (the worker library, when airlockd
+/// revokes the area), it makes every call and wait of that end answer
+/// [`StreamError::Revoked`], a sleeping one within [`MAX_SLEEP`], so the end's owner returns and
+/// the area can be unmapped in time. Shared by [`StreamWriter`], [`StreamReader`] and the
+/// region ends (`crate::region`).
+#[derive(Debug, Clone, Default)]
+pub struct LocalRevoke(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl LocalRevoke {
+    pub fn revoke(&self) {
+        self.0.store(true, SeqCst);
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.load(SeqCst)
+    }
 }
 
 /// Supervisor side: the header page of a stream, mapped to revoke it. Never reads the ring.
@@ -478,6 +498,11 @@ impl StreamWriter {
         }
         let scratch = Vec::with_capacity(params.max_stored());
         Ok(StreamWriter { ring, head: 0, tail: 0, seq: 0, cipher, scratch, poisoned: None, closed: false })
+    }
+
+    /// A handle that revokes this end from within this process (see [`LocalRevoke`]).
+    pub fn local_revoke(&self) -> LocalRevoke {
+        self.ring.local.clone()
     }
 
     pub fn params(&self) -> StreamParams {
@@ -681,6 +706,11 @@ impl StreamReader {
             )));
         }
         Ok(StreamReader { ring, tail: 0, head: 0, seq: 0, cipher, poisoned: None, closed: false, idle_wakes: 0 })
+    }
+
+    /// A handle that revokes this end from within this process (see [`LocalRevoke`]).
+    pub fn local_revoke(&self) -> LocalRevoke {
+        self.ring.local.clone()
     }
 
     pub fn params(&self) -> StreamParams {
@@ -924,6 +954,38 @@ mod tests {
         let w = StreamWriter::attach(fd.try_clone().expect("dup"), p, key.clone()).expect("writer");
         let r = StreamReader::attach(fd.try_clone().expect("dup"), p, key).expect("reader");
         (w, r, fd)
+    }
+
+    /// A peer that clears the shared `revoked` word cannot keep an end waiting: a revocation
+    /// made in this process ends a sleeping send and receive within a sleep or two.
+    #[test]
+    fn a_local_revocation_ends_waits_whatever_the_shared_word_says() {
+        let (mut w, mut r, _fd) = pair(params(4096, 1024, true));
+        while w.send(&[1u8; 1000], None).is_ok() {}
+        let (wl, rl) = (w.local_revoke(), r.local_revoke());
+        let t = std::thread::spawn(move || {
+            let start = Instant::now();
+            let res = w.send(&[1u8; 1000], Some(Duration::from_secs(10)));
+            (res, start.elapsed(), w)
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        wl.revoke();
+        // The writer is kept (not closed): only the local revocation ends the reader's wait.
+        let (res, took, _w) = t.join().expect("writer thread");
+        assert!(matches!(res, Err(StreamError::Revoked)), "{res:?}");
+        assert!(took < Duration::from_secs(1), "{took:?}");
+        // The reader drains what is there, then waits: the local revocation ends that too.
+        while matches!(r.try_recv(), Ok(Some(_))) {}
+        let t = std::thread::spawn(move || {
+            let start = Instant::now();
+            let res = r.recv(Duration::from_secs(10));
+            (res, start.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        rl.revoke();
+        let (res, took) = t.join().expect("reader thread");
+        assert!(matches!(res, Err(StreamError::Revoked)), "{res:?}");
+        assert!(took < Duration::from_secs(1), "{took:?}");
     }
 
     /// A reader alone; the test is its (hostile) producer, through a mapping of its own.

@@ -7,13 +7,15 @@
 //! end died, or the operator asked), the library unmaps and closes it at once, whatever the
 //! application is doing with its handle, so a worker never holds a revoked area past the
 //! supervisor's deadline (an end that does is killed). The handle then answers
-//! [`StreamError::Revoked`].
+//! [`StreamError::Revoked`]. An application thread waiting in the end (a send waiting for space,
+//! a call for its answer) is ended first by the end's in-process revocation, within a sleep
+//! (`MAX_SLEEP`), whatever the peer does to the shared words.
 
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use airlock_protocol::region::{RegionCallee, RegionCaller};
-use airlock_protocol::stream::{StreamError, StreamReader, StreamWriter};
+use airlock_protocol::stream::{LocalRevoke, StreamError, StreamReader, StreamWriter};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -29,8 +31,9 @@ pub struct StreamOut {
 
 impl StreamOut {
     pub(crate) fn new(stream: u64, w: StreamWriter) -> (StreamOut, EndRef) {
+        let local = w.local_revoke();
         let end = Arc::new(Mutex::new(Some(w)));
-        let r = EndRef::Out(stream, Arc::downgrade(&end));
+        let r = EndRef::Out(stream, local, Arc::downgrade(&end));
         (StreamOut { stream, end }, r)
     }
 
@@ -64,8 +67,9 @@ pub struct StreamIn {
 
 impl StreamIn {
     pub(crate) fn new(stream: u64, from: String, service: String, name: String, r: StreamReader) -> (StreamIn, EndRef) {
+        let local = r.local_revoke();
         let end = Arc::new(Mutex::new(Some(r)));
-        let er = EndRef::In(stream, Arc::downgrade(&end));
+        let er = EndRef::In(stream, local, Arc::downgrade(&end));
         (StreamIn { stream, from, service, name, end }, er)
     }
 
@@ -103,8 +107,9 @@ pub struct RegionClient {
 
 impl RegionClient {
     pub(crate) fn new(region: u64, c: RegionCaller) -> (RegionClient, EndRef) {
+        let local = c.local_revoke();
         let end = Arc::new(Mutex::new(Some(c)));
-        let r = EndRef::Caller(region, Arc::downgrade(&end));
+        let r = EndRef::Caller(region, local, Arc::downgrade(&end));
         (RegionClient { region, end }, r)
     }
 
@@ -143,8 +148,9 @@ impl RegionServer {
         method: String,
         c: RegionCallee,
     ) -> (RegionServer, EndRef) {
+        let local = c.local_revoke();
         let end = Arc::new(Mutex::new(Some(c)));
-        let r = EndRef::Callee(region, Arc::downgrade(&end));
+        let r = EndRef::Callee(region, local, Arc::downgrade(&end));
         (RegionServer { region, from, service, method, end }, r)
     }
 
@@ -169,13 +175,15 @@ impl RegionServer {
     }
 }
 
-/// The library's reference to an end.
+/// The library's reference to an end: its id, its in-process revocation (which ends any wait
+/// the application's thread is in, so the end's lock is free within a sleep; the shared word
+/// alone could be cleared by the peer), and the end itself.
 #[derive(Debug)]
 pub(crate) enum EndRef {
-    Out(u64, Weak<Mutex<Option<StreamWriter>>>),
-    In(u64, Weak<Mutex<Option<StreamReader>>>),
-    Caller(u64, Weak<Mutex<Option<RegionCaller>>>),
-    Callee(u64, Weak<Mutex<Option<RegionCallee>>>),
+    Out(u64, LocalRevoke, Weak<Mutex<Option<StreamWriter>>>),
+    In(u64, LocalRevoke, Weak<Mutex<Option<StreamReader>>>),
+    Caller(u64, LocalRevoke, Weak<Mutex<Option<RegionCaller>>>),
+    Callee(u64, LocalRevoke, Weak<Mutex<Option<RegionCallee>>>),
 }
 
 /// Drops what `w` still points to, if anything.
@@ -188,26 +196,38 @@ fn release_weak<T>(w: &Weak<Mutex<Option<T>>>) {
 impl EndRef {
     pub(crate) fn stream(&self) -> u64 {
         match self {
-            EndRef::Out(s, _) | EndRef::In(s, _) | EndRef::Caller(s, _) | EndRef::Callee(s, _) => *s,
+            EndRef::Out(s, ..) | EndRef::In(s, ..) | EndRef::Caller(s, ..) | EndRef::Callee(s, ..) => *s,
         }
     }
 
     /// Unmaps and closes the end now (the application's handle answers `Revoked` from then on).
     pub(crate) fn release(&self) {
         match self {
-            EndRef::Out(_, w) => release_weak(w),
-            EndRef::In(_, r) => release_weak(r),
-            EndRef::Caller(_, c) => release_weak(c),
-            EndRef::Callee(_, c) => release_weak(c),
+            EndRef::Out(_, l, w) => {
+                l.revoke();
+                release_weak(w)
+            }
+            EndRef::In(_, l, r) => {
+                l.revoke();
+                release_weak(r)
+            }
+            EndRef::Caller(_, l, c) => {
+                l.revoke();
+                release_weak(c)
+            }
+            EndRef::Callee(_, l, c) => {
+                l.revoke();
+                release_weak(c)
+            }
         }
     }
 
     pub(crate) fn alive(&self) -> bool {
         match self {
-            EndRef::Out(_, w) => w.strong_count() > 0,
-            EndRef::In(_, r) => r.strong_count() > 0,
-            EndRef::Caller(_, c) => c.strong_count() > 0,
-            EndRef::Callee(_, c) => c.strong_count() > 0,
+            EndRef::Out(_, _, w) => w.strong_count() > 0,
+            EndRef::In(_, _, r) => r.strong_count() > 0,
+            EndRef::Caller(_, _, c) => c.strong_count() > 0,
+            EndRef::Callee(_, _, c) => c.strong_count() > 0,
         }
     }
 }
