@@ -500,9 +500,13 @@ fn remove_dir(d: &Path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return,
             Err(_) => {
                 if attempt == 0 || attempt % 10 == 5 {
-                    let procs = fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
-                    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+                    // v2 (5.14 and later) kills every process in it at once, with no pid to
+                    // race with reuse; elsewhere each pid listed is killed.
+                    if fs::write(d.join("cgroup.kill"), "1").is_err() {
+                        let procs = fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
+                        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+                        }
                     }
                 }
                 std::thread::sleep(Duration::from_millis(10));
