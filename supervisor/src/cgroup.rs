@@ -130,7 +130,11 @@ pub fn cgroup_dir(m: &Mount, path: &str) -> Option<PathBuf> {
 /// controllers (`v2_controllers`: the text of `cgroup.controllers` in airlockd's own v2
 /// cgroup, if readable). v2 wins when it has every controller; else v1 when every controller
 /// has a writable hierarchy. Pure: the caller checks writability by trying.
-pub fn choose_layout(mounts: &[Mount], own: &[Membership], v2_controllers: Option<&str>) -> Result<Layout, String> {
+pub fn choose_layout(
+    mounts: &[Mount],
+    own: &[Membership],
+    v2_controllers: Option<&str>,
+) -> Result<Layout, CgroupError> {
     let mut why = Vec::new();
     let v2_mount = mounts.iter().find(|m| m.fstype == "cgroup2");
     let v2_own = own.iter().find(|m| m.hierarchy == 0 && m.controllers.is_empty());
@@ -185,7 +189,7 @@ pub fn choose_layout(mounts: &[Mount], own: &[Membership], v2_controllers: Optio
     if let [memory, pids, cpu] = &v1[..] {
         return Ok(Layout::V1 { memory: memory.clone(), pids: pids.clone(), cpu: cpu.clone() });
     }
-    Err(why.join("; "))
+    Err(CgroupError::NoLayout(why))
 }
 
 /// Control files of a cgroup v1 directory whose names have no dot, so a worker could be named
@@ -253,9 +257,34 @@ struct Active {
     memsw: bool,
 }
 
-fn io_why(what: &str, path: &Path, e: &io::Error) -> String {
-    let n = e.raw_os_error().map_or("error", airlock_protocol::confinement::errno_name);
-    format!("{what} {}: {n} ({e})", path.display())
+/// Why a worker's cgroup could not be set up or verified, or why airlockd has none to give;
+/// each names the file and the errno, as the layer report shows them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CgroupError {
+    /// No layout airlockd may use here: the reasons found, one per hierarchy.
+    #[error("{}", .0.join("; "))]
+    NoLayout(Vec<String>),
+    /// This airlockd has no cgroups to give (why, as probed at start).
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{what} {}: {errno} ({message})", path.display())]
+    Io { what: String, path: PathBuf, errno: &'static str, message: String },
+    #[error("/proc/{pid}/cgroup: {message}")]
+    ProcUnreadable { pid: i32, message: String },
+    #[error("/proc/{pid}/cgroup does not place the worker in its {controller} cgroup {}", dir.display())]
+    NotPlaced { pid: i32, controller: &'static str, dir: PathBuf },
+    #[error("{} holds {got}, not {want}", path.display())]
+    LimitDiffers { path: PathBuf, got: String, want: String },
+}
+
+fn io_why(what: &str, path: &Path, e: &io::Error) -> CgroupError {
+    CgroupError::Io {
+        what: what.to_string(),
+        path: path.to_path_buf(),
+        errno: e.raw_os_error().map_or("error", airlock_protocol::confinement::errno_name),
+        message: e.to_string(),
+    }
 }
 
 impl Cgroups {
@@ -276,15 +305,15 @@ impl Cgroups {
         });
         let layout = match choose_layout(&mounts, &own, v2.as_deref()) {
             Ok(l) => l,
-            Err(why) => return (Cgroups::unavailable(why), Vec::new()),
+            Err(why) => return (Cgroups::unavailable(why.to_string()), Vec::new()),
         };
         match Self::activate(layout) {
             Ok((a, cleaned)) => (Cgroups { state: Ok(a) }, cleaned),
-            Err(why) => (Cgroups::unavailable(why), Vec::new()),
+            Err(why) => (Cgroups::unavailable(why.to_string()), Vec::new()),
         }
     }
 
-    fn activate(layout: Layout) -> Result<(Active, Vec<String>), String> {
+    fn activate(layout: Layout) -> Result<(Active, Vec<String>), CgroupError> {
         let me = format!("airlock.{}", std::process::id());
         let bases: Vec<(&'static str, PathBuf)> = match &layout {
             Layout::V1 { memory, pids, cpu } => {
@@ -335,8 +364,8 @@ impl Cgroups {
     }
 
     /// Creates (afresh) the cgroup of worker `name` with limits `l`.
-    pub fn create(&self, name: &str, l: &WorkerLimits) -> Result<WorkerCgroup, String> {
-        let a = self.state.as_ref().map_err(Clone::clone)?;
+    pub fn create(&self, name: &str, l: &WorkerLimits) -> Result<WorkerCgroup, CgroupError> {
+        let a = self.state.as_ref().map_err(|why| CgroupError::Unavailable(why.clone()))?;
         let mut dirs = Vec::new();
         for (c, inst) in &a.instance {
             let dir = inst.join(name);
@@ -387,7 +416,7 @@ impl WorkerCgroup {
     }
 
     /// Moves process `pid` (not yet exec'd) into this cgroup, in every hierarchy.
-    pub fn attach(&self, pid: i32) -> Result<(), String> {
+    pub fn attach(&self, pid: i32) -> Result<(), CgroupError> {
         for (_, d) in &self.dirs {
             let procs = d.join("cgroup.procs");
             fs::write(&procs, pid.to_string()).map_err(|e| io_why("moving the worker into", &procs, &e))?;
@@ -419,8 +448,9 @@ impl WorkerCgroup {
 
     /// Checks from outside that `pid` is in this cgroup and that the limit files hold the
     /// configured values.
-    pub fn verify(&self, pid: i32) -> Result<(), String> {
-        let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).map_err(|e| format!("/proc/{pid}/cgroup: {e}"))?;
+    pub fn verify(&self, pid: i32) -> Result<(), CgroupError> {
+        let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .map_err(|e| CgroupError::ProcUnreadable { pid, message: e.to_string() })?;
         let own = parse_proc_cgroup(&text);
         for (c, d) in &self.dirs {
             let want = d.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -432,7 +462,7 @@ impl WorkerCgroup {
                 in_hierarchy && m.path.ends_with(&format!("/airlock.{}/{want}", std::process::id()))
             });
             if !member {
-                return Err(format!("/proc/{pid}/cgroup does not place the worker in its {c} cgroup {}", d.display()));
+                return Err(CgroupError::NotPlaced { pid, controller: c, dir: d.clone() });
             }
         }
         for (c, file, value) in limit_files(&self.layout, &self.limits, self.memsw) {
@@ -443,7 +473,7 @@ impl WorkerCgroup {
             let same = got == value
                 || matches!((got.parse::<u64>(), value.parse::<u64>()), (Ok(g), Ok(v)) if file.starts_with("memory") && g <= v && v - g < 4096);
             if !same {
-                return Err(format!("{} holds {got}, not {value}", path.display()));
+                return Err(CgroupError::LimitDiffers { path, got: got.to_string(), want: value });
             }
         }
         Ok(())
@@ -486,7 +516,7 @@ fn mkdir(p: &Path) -> io::Result<()> {
     }
 }
 
-fn enable_controllers(dir: &Path) -> Result<(), String> {
+fn enable_controllers(dir: &Path) -> Result<(), CgroupError> {
     let ctl = dir.join("cgroup.subtree_control");
     let want = CONTROLLERS.iter().map(|c| format!("+{c}")).collect::<Vec<_>>().join(" ");
     fs::write(&ctl, want).map_err(|e| io_why("enabling memory, pids and cpu in", &ctl, &e))
@@ -599,7 +629,7 @@ mod tests {
     #[test]
     fn an_undelegated_unified_cgroup_says_which_controllers_are_missing() {
         let own = parse_proc_cgroup("0::/system.slice/airlockd.service\n");
-        let e = choose_layout(&parse_mountinfo(UNIFIED), &own, Some("cpu pids")).expect_err("no layout");
+        let e = choose_layout(&parse_mountinfo(UNIFIED), &own, Some("cpu pids")).expect_err("no layout").to_string();
         assert!(e.contains("lacks the memory controller") && e.contains("not delegated"), "{e}");
         assert!(e.contains("no v1 memory hierarchy"), "{e}");
     }
@@ -608,7 +638,7 @@ mod tests {
     fn read_only_mounts_are_refused_with_the_reason() {
         let ro =
             HYBRID.replace("rw,nosuid,nodev,noexec,relatime shared:15", "ro,nosuid,nodev,noexec,relatime shared:15");
-        let e = choose_layout(&parse_mountinfo(&ro), &parse_proc_cgroup(HYBRID_OWN), None).expect_err("no layout");
+        let e = choose_layout(&parse_mountinfo(&ro), &parse_proc_cgroup(HYBRID_OWN), None).expect_err("no layout").to_string();
         assert!(e.contains("v1 memory hierarchy at /sys/fs/cgroup/memory is read-only"), "{e}");
     }
 

@@ -228,9 +228,9 @@ fn spawn_inner(cfg: &Config, index: usize, host: &HostAbilities, child: &AtomicI
         match host.cgroups.create(w.name.get_ref(), &d.limits) {
             Ok(cg) => cgroup.0 = Some(cg),
             Err(why) if d.plan.requirement(Layer::Cgroup) == Requirement::Required => {
-                return Err(SpawnError::LayerUnavailable { layer: Layer::Cgroup, reason: why })
+                return Err(SpawnError::LayerUnavailable { layer: Layer::Cgroup, reason: why.to_string() })
             }
-            Err(why) => d.plan.from_supervisor.push((Layer::Cgroup, LayerState::Unavailable(why))),
+            Err(why) => d.plan.from_supervisor.push((Layer::Cgroup, LayerState::Unavailable(why.to_string()))),
         }
     }
     let brokered = open_resources(w)?;
@@ -305,7 +305,7 @@ fn spawn_inner(cfg: &Config, index: usize, host: &HostAbilities, child: &AtomicI
     }
     // Its cgroup and priority before it runs a single instruction of its own.
     let placed = [
-        (Layer::Cgroup, cgroup.0.as_ref().map(|cg| cg.attach(pid))),
+        (Layer::Cgroup, cgroup.0.as_ref().map(|cg| cg.attach(pid).map_err(|e| e.to_string()))),
         (Layer::Priority, d.priority.then(|| apply_priority(pid, &d.limits))),
     ];
     for (layer, result) in placed {
