@@ -329,7 +329,11 @@ impl Region {
             for _ in 0..SPINS_PER_CHECK {
                 match look() {
                     Seen::Nothing => std::hint::spin_loop(),
-                    s => return Ok(Waited::Seen(s)),
+                    s => {
+                        // Progress: a late wake left over from earlier calls is not idleness.
+                        *idle_wakes = 0;
+                        return Ok(Waited::Seen(s));
+                    }
                 }
             }
             let spent = start.elapsed();
@@ -595,6 +599,11 @@ pub struct RegionCallee {
     poisoned: Option<String>,
     closed: bool,
     idle_wakes: u32,
+    /// A call taken with [`RegionCallee::take_request`] and not answered yet.
+    pending: Option<u64>,
+    /// `serve`'s second buffer: requests and answers trade places between the two, so that a
+    /// large region's buffers are allocated once, not per call.
+    spare: Vec<u8>,
 }
 
 impl RegionCallee {
@@ -606,7 +615,17 @@ impl RegionCallee {
         if ans != 0 || region.flag(OFF_CALLEE_CLOSED) {
             return Err(StreamError::BadArea(format!("region already answered ({ans}): a callee attaches once")));
         }
-        Ok(RegionCallee { region, seq: 0, cipher, buf: Vec::new(), poisoned: None, closed: false, idle_wakes: 0 })
+        Ok(RegionCallee {
+            region,
+            seq: 0,
+            cipher,
+            buf: Vec::new(),
+            poisoned: None,
+            closed: false,
+            idle_wakes: 0,
+            pending: None,
+            spare: Vec::new(),
+        })
     }
 
     /// A handle that revokes this end from within this process (see [`stream::LocalRevoke`]).
@@ -651,7 +670,28 @@ impl RegionCallee {
         timeout: Duration,
         f: impl FnOnce(&mut Vec<u8>) -> Result<(), String>,
     ) -> Result<bool, StreamError> {
+        let mut request = std::mem::take(&mut self.spare);
+        let taken = self.take_request(timeout, &mut request);
+        if !matches!(taken, Ok(true)) {
+            self.spare = request;
+            return taken;
+        }
+        let result = f(&mut request);
+        let answered = self.answer(&mut request, result);
+        self.spare = request;
+        answered.map(|()| true)
+    }
+
+    /// The first half of [`RegionCallee::serve`], for a callee that must not hold the end
+    /// while it works out an answer (so that whoever owns the end can drop it, unmapping the
+    /// region, at any time): waits up to `timeout` for the next request and puts its private,
+    /// checked copy into `request` (replacing what was there). `Ok(true)` when a call was
+    /// taken: answer it with [`RegionCallee::answer`] before taking the next.
+    pub fn take_request(&mut self, timeout: Duration, request: &mut Vec<u8>) -> Result<bool, StreamError> {
         self.usable()?;
+        if self.pending.is_some() {
+            return Err(StreamError::BadParams("the call taken before was not answered".into()));
+        }
         let last = self.seq;
         let n = last + 1;
         let region = &self.region;
@@ -682,8 +722,23 @@ impl RegionCallee {
         }
         self.read_request(n)?;
         self.seq = n;
+        self.pending = Some(n);
+        std::mem::swap(request, &mut self.buf);
+        Ok(true)
+    }
+
+    /// The second half of [`RegionCallee::serve`]: answers the call taken with `answer`'s
+    /// bytes (`result` Ok; `answer` gets back a buffer to reuse) or refuses it with a reason.
+    /// An answer longer than [`RegionParams::max_message`] becomes a refusal saying so; a
+    /// reason longer than that is cut.
+    pub fn answer(&mut self, answer: &mut Vec<u8>, result: Result<(), String>) -> Result<(), StreamError> {
+        self.usable()?;
+        let Some(n) = self.pending.take() else {
+            return Err(StreamError::BadParams("no call taken to answer".into()));
+        };
         let max = self.region.params.max_message();
-        let status = match f(&mut self.buf) {
+        std::mem::swap(answer, &mut self.buf);
+        let status = match result {
             Ok(()) if self.buf.len() <= max => STATUS_ANSWER,
             Ok(()) => {
                 let why = format!("answer of {} bytes exceeds the region's {max}", self.buf.len());
@@ -697,8 +752,7 @@ impl RegionCallee {
                 STATUS_REFUSED
             }
         };
-        self.write_answer(n, status)?;
-        Ok(true)
+        self.write_answer(n, status)
     }
 
     /// Copies call `n`'s published request out once into `buf`, then checks and decrypts it.

@@ -638,7 +638,9 @@ mod tests {
     fn read_only_mounts_are_refused_with_the_reason() {
         let ro =
             HYBRID.replace("rw,nosuid,nodev,noexec,relatime shared:15", "ro,nosuid,nodev,noexec,relatime shared:15");
-        let e = choose_layout(&parse_mountinfo(&ro), &parse_proc_cgroup(HYBRID_OWN), None).expect_err("no layout").to_string();
+        let e = choose_layout(&parse_mountinfo(&ro), &parse_proc_cgroup(HYBRID_OWN), None)
+            .expect_err("no layout")
+            .to_string();
         assert!(e.contains("v1 memory hierarchy at /sys/fs/cgroup/memory is read-only"), "{e}");
     }
 

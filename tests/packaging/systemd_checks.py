@@ -330,6 +330,7 @@ def check_plant(mode, password):
     # A trend of the last minute, answered in place in the ui-historian call region
     # (docs/hmi.md, "Trends answered in place"), which airlock status lists.
     now = int(time.time() * 1000)
+    since = cursor()
     status, _, body = request("GET", f"/api/trend?tag=level&from={now - 60000}&to={now}", cookie=cookie)
     points = json.loads(body).get("points", []) if status == 200 else []
     check(status == 200 and len(points) > 0, f"a trend of the level has points ({status}, {len(points)} points)")
@@ -337,6 +338,9 @@ def check_plant(mode, password):
     check(len(regions) == 1 and (regions[0]["producer"], regions[0]["consumer"], regions[0]["to"], regions[0]["encrypted"]) ==
           ("ui", "historian", "historian.trend", True),
           f"it was answered in an encrypted ui -> historian call region ({regions})")
+    log = journal(since, units=(unit,))
+    check("call region failed" not in log, "and no call in the region failed over to airlockd",
+          "\n".join(l for l in log.splitlines() if "region" in l)[:600])
 
 
 def check_security(mode):

@@ -230,10 +230,18 @@ fn an_operator_logs_in_watches_the_plant_writes_setpoints_and_downloads_the_hist
         ("ui", "historian", "historian.trend", true)
     );
     assert_eq!(h.json(&format!("/api/trend?tag=level&from={from}&to={to}"), &cookie), trend);
+    // In place indeed: the ui opened the region and no call in it failed over to airlockd.
+    let log = h.d.log_text();
+    assert!(log.contains("calling in place") && !log.contains("call region failed"), "{log}");
     // Revoked (as if the historian restarted): the next trend goes through airlockd, answered the same.
     let out = h.d.airlock(&["revoke-stream", &regions[0].stream.to_string()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(h.json(&format!("/api/trend?tag=level&from={from}&to={to}"), &cookie), trend);
+    // At the latest the one after opens a new region, and is answered there.
+    assert_eq!(h.json(&format!("/api/trend?tag=level&from={from}&to={to}"), &cookie), trend);
+    let again: Vec<_> = h.d.status().streams.into_iter().filter(|s| s.call_region && s.revoked.is_none()).collect();
+    assert!(again.len() == 1 && again[0].stream != regions[0].stream, "{again:?}");
+    assert!(!h.d.log_text().contains("call region failed"));
     let csv = h.get(&format!("/api/export.csv?from={from}&to={to}"), &cookie);
     assert_eq!(csv.status, 200, "{}", csv.text());
     assert!(csv.header("content-type").is_some_and(|t| t.starts_with("text/csv")));

@@ -113,6 +113,12 @@ impl RegionClient {
         (RegionClient { region, end }, r)
     }
 
+    /// Whether the library let go of this region (airlockd revoked it: the callee died or
+    /// restarted, or the operator asked): open a new one.
+    pub fn is_released(&self) -> bool {
+        lock(&self.end).is_none()
+    }
+
     /// One call: `request` in, the callee's answer into `answer`, within `timeout` (a call
     /// that times out poisons the region: open a new one).
     pub fn call(&self, request: &[u8], answer: &mut Vec<u8>, timeout: Duration) -> Result<(), StreamError> {
@@ -156,14 +162,25 @@ impl RegionServer {
 
     /// Waits up to `timeout` for the next call and answers it with `f`, which turns the
     /// request (a private copy, checked) into the answer in place, or refuses it. Ok(false)
-    /// when no call came.
+    /// when no call came. The end is not held while `f` runs: a revocation meanwhile unmaps
+    /// the region at once (however long `f` takes, so this worker is never killed for a slow
+    /// answer), and the answer is then dropped ([`StreamError::Revoked`]).
     pub fn serve(
         &self,
         timeout: Duration,
         f: impl FnOnce(&mut Vec<u8>) -> Result<(), String>,
     ) -> Result<bool, StreamError> {
+        let mut buf = Vec::new();
+        let taken = match lock(&self.end).as_mut() {
+            Some(c) => c.take_request(timeout, &mut buf)?,
+            None => return Err(StreamError::Revoked),
+        };
+        if !taken {
+            return Ok(false);
+        }
+        let result = f(&mut buf);
         match lock(&self.end).as_mut() {
-            Some(c) => c.serve(timeout, f),
+            Some(c) => c.answer(&mut buf, result).map(|()| true),
             None => Err(StreamError::Revoked),
         }
     }

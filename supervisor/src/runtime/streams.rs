@@ -214,9 +214,6 @@ impl Supervisor {
             })
             .map(|(id, _)| *id)
             .collect();
-        for id in old {
-            self.revoke_stream(id, &format!("replaced by a new {} of the same name", area.word()));
-        }
         let held = self.streams.open.values().filter(|s| s.producer == i).count();
         if held >= MAX_STREAMS_PER_PRODUCER {
             return Err(CallFailure::Busy {
@@ -237,6 +234,11 @@ impl Supervisor {
             worker: "airlockd".into(),
             why: format!("setting up the {word}: {e}"),
         };
+        // Only now, with the new one about to exist, is the old one replaced (revoked): a
+        // request that fails above leaves the live area alone.
+        for id in old {
+            self.revoke_stream(id, &format!("replaced by a new {} of the same name", area.word()));
+        }
         let fd = area.create().map_err(fail)?;
         let control = StreamControl::attach(fd.as_fd()).map_err(fail)?;
         let key = if area.encrypted() { Some(StreamKey::generate().map_err(fail)?) } else { None };

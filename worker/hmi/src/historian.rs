@@ -20,6 +20,9 @@ const PRUNE_EVERY: u64 = 1000;
 /// Rows a trend may read, and an export may hold: beyond, ask for a shorter range (a
 /// single-threaded historian must stay responsive to the samples arriving).
 const MAX_TREND_ROWS: i64 = 2_000_000;
+/// Rows a trend answered in a call region may read (well under a second's work, so the ui,
+/// which waits at most 900 ms there, is answered): a longer range goes through airlockd.
+const REGION_TREND_ROWS: i64 = 100_000;
 const MAX_EXPORT_ROWS: i64 = 1_000_000;
 
 #[derive(Debug, serde::Deserialize)]
@@ -170,10 +173,13 @@ fn serve_region(r: airlock_worker::streams::RegionServer, h: std::sync::Arc<std:
         return;
     }
     let spawned = std::thread::Builder::new().name("trend-region".into()).spawn(move || loop {
+        let mut held = std::time::Duration::ZERO;
         let served = r.serve(REGION_POLL, |buf| {
             let q: TrendQuery = hmi::decode(buf)?;
-            let points = lock(&h).trend(&q)?;
-            *buf = hmi::encode(&points);
+            let t = std::time::Instant::now();
+            let points = lock(&h).trend_within(&q, REGION_TREND_ROWS, Some(hmi::TOO_LARGE_FOR_REGION));
+            held = t.elapsed();
+            *buf = hmi::encode(&points?);
             Ok(())
         });
         if let Err(e) = served {
@@ -181,6 +187,9 @@ fn serve_region(r: airlock_worker::streams::RegionServer, h: std::sync::Arc<std:
             r.close();
             return;
         }
+        // At most half the historian's time goes to queries in regions, however fast they
+        // come: storing samples and events (the serving thread) gets the rest.
+        std::thread::sleep(held);
     });
     if let Err(e) = spawned {
         tracing::error!("no thread for a call region: {e}");
@@ -273,6 +282,12 @@ impl Historian {
     }
 
     fn trend(&self, q: &TrendQuery) -> Result<Vec<(i64, f64)>, String> {
+        self.trend_within(q, MAX_TREND_ROWS, None)
+    }
+
+    /// A trend reading at most `max_rows` samples; beyond, `too_many` if given (the region's
+    /// marker that sends the query through airlockd), else a refusal naming the limit.
+    fn trend_within(&self, q: &TrendQuery, max_rows: i64, too_many: Option<&str>) -> Result<Vec<(i64, f64)>, String> {
         if self.plant.tag(&q.tag).is_none() {
             return Err(format!("no tag {:?}", q.tag));
         }
@@ -287,11 +302,14 @@ impl Historian {
                 |r| r.get(0),
             )
             .map_err(|e| e.to_string())?;
-        if rows > MAX_TREND_ROWS {
-            return Err(format!("{rows} samples in that range (at most {MAX_TREND_ROWS}): choose a shorter range"));
+        if rows > max_rows {
+            if let Some(marker) = too_many {
+                return Err(marker.to_string());
+            }
+            return Err(format!("{rows} samples in that range (at most {max_rows}): choose a shorter range"));
         }
         let points = i64::from(q.max_points.clamp(1, 10_000));
-        let bucket = ((q.to_ms - q.from_ms) / points).max(1);
+        let bucket = (q.to_ms.saturating_sub(q.from_ms) / points).max(1);
         let mut st = self
             .db
             .prepare_cached(

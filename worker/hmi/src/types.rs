@@ -314,6 +314,10 @@ pub struct Event {
     pub text: String,
 }
 
+/// The historian's refusal of a trend too large to answer in a call region: the ui then asks
+/// through airlockd (no operator sees it).
+pub const TOO_LARGE_FOR_REGION: &str = "too large a range for a call region";
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrendQuery {
     pub tag: String,

@@ -14,7 +14,8 @@
 //! and `stream_send_held` sends one more record on it, answering `ok` or the error.
 //!
 //! Call regions: every incoming region is served on a thread of its own, answering each request
-//! with its bytes plus one (wrapping), or refusing one that starts with `refuse`;
+//! with its bytes plus one (wrapping), or refusing one that starts with `refuse` (one that
+//! starts with `slow` is answered after 3 s);
 //! `region_stats` answers `calls N ended WHY`. `region_call` (body `SERVICE METHOD COUNT SIZE
 //! [keep]`) opens a region and makes COUNT calls of SIZE bytes (2 s each), checking every
 //! answer, and answers `called N` (or `failed after N: WHY`); with `keep` it holds the region,
@@ -65,6 +66,10 @@ fn main() {
             let served = h.serve(std::time::Duration::from_secs(1), |buf| {
                 if buf.starts_with(b"refuse") {
                     return Err("refused by echo".into());
+                }
+                if buf.starts_with(b"slow") {
+                    // An answer that takes longer than airlockd's release deadline.
+                    std::thread::sleep(std::time::Duration::from_secs(3));
                 }
                 for b in buf.iter_mut() {
                     *b = b.wrapping_add(1);

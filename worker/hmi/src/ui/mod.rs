@@ -111,6 +111,11 @@ struct Settings {
 /// a new one.
 const REGION_RETRY: Duration = Duration::from_secs(5);
 
+/// The longest wait for an answer in a region: under airlockd's 2 s for an end to let go of a
+/// revoked area (the ui's one thread cannot read the revocation while it waits). A slower
+/// answer goes through airlockd instead.
+const REGION_WAIT: Duration = Duration::from_millis(900);
+
 /// The call regions the ui uses, by `service.method`: opened on first use, dropped (and the
 /// call made through the supervisor) when one fails.
 #[derive(Debug, Default)]
@@ -140,7 +145,12 @@ impl Calls<'_> {
             return None;
         }
         if let Some(c) = self.regions.open.get(to) {
-            return Some(c.clone());
+            if !c.is_released() {
+                return Some(c.clone());
+            }
+            // Revoked (the historian restarted): a new one is opened now.
+            tracing::info!(region = c.region, to, "call region revoked: opening a new one");
+            self.regions.open.remove(to);
         }
         if self.regions.retry_at.get(to).is_some_and(|t| Instant::now() < *t) {
             return None;
@@ -191,18 +201,35 @@ impl Backend for Calls<'_> {
         deadline_ms: u32,
     ) -> Result<Vec<u8>, CallError> {
         let to = format!("{service}.{method}");
+        let started = Instant::now();
         if self.fatal.is_none() {
             if let Some(c) = self.region(&to, service, method) {
-                let deadline = Duration::from_millis(u64::from(deadline_ms.max(1)));
+                // This one thread also answers airlockd's revocations: it never waits in a
+                // region as long as airlockd gives an end to let go of a revoked area.
+                let wait = match deadline_ms {
+                    0 => REGION_WAIT,
+                    ms => Duration::from_millis(u64::from(ms)).min(REGION_WAIT),
+                };
                 let mut answer = std::mem::take(&mut self.regions.answer);
-                let r = c.call(&body, &mut answer, deadline);
-                let out = match r {
-                    Ok(()) => Some(Ok(answer.clone())),
-                    // The callee's own refusal, as through the supervisor.
-                    Err(StreamError::Refused(why)) => Some(Err(CallError::Failed(CallFailure::Callee(why)))),
+                let out = match c.call(&body, &mut answer, wait) {
+                    Ok(()) => Some(Ok(std::mem::take(&mut answer))),
+                    // Too large to answer in the region: through airlockd, the region kept.
+                    Err(StreamError::Refused(why)) if why == crate::types::TOO_LARGE_FOR_REGION => None,
+                    // The callee's own refusal, as through the supervisor (its words, cut).
+                    Err(StreamError::Refused(why)) => {
+                        Some(Err(CallError::Failed(CallFailure::Callee(why.chars().take(300).collect()))))
+                    }
+                    Err(StreamError::Revoked) => {
+                        // The historian restarted, or the operator revoked it: this call goes
+                        // through the supervisor, the next opens a new region.
+                        tracing::info!(region = c.region, "call region revoked: calling through airlockd");
+                        c.close();
+                        self.regions.open.remove(&to);
+                        None
+                    }
                     Err(e) => {
-                        // Revoked (the historian restarted), poisoned or timed out: this call
-                        // goes through the supervisor, and the region is opened again later.
+                        // Poisoned, closed or too slow: this call goes through the supervisor,
+                        // and a new region is tried after a while.
                         tracing::warn!(region = c.region, error = %e, "call region failed: calling through airlockd");
                         c.close();
                         self.regions.open.remove(&to);
@@ -216,7 +243,16 @@ impl Backend for Calls<'_> {
                 }
             }
         }
-        self.call(service, method, body, deadline_ms).map(|(reply, _)| reply)
+        // What is left of the deadline: a failed region never doubles the wait.
+        let spent = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
+        let left = deadline_ms.saturating_sub(spent);
+        if deadline_ms > 0 && left == 0 {
+            return Err(CallError::Failed(CallFailure::TimedOut {
+                worker: service.to_string(),
+                after_ms: u64::from(spent),
+            }));
+        }
+        self.call(service, method, body, left).map(|(reply, _)| reply)
     }
 }
 
