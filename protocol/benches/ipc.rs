@@ -1,6 +1,10 @@
 //! `cargo bench -p airlock-protocol --bench ipc`: two-process benchmarks of the secure channel
 //! and the bulk transport, each against a baseline measured in the same run. Prints one JSON
-//! object per line: `scenario`, `airlock`, `baseline`, `unit`, `ratio` (lower is better).
+//! object per line: `scenario`, `airlock`, `baseline`, `unit`, `ratio` (lower is better),
+//! `ratio_range` and `rounds`. Every scenario runs in `rounds` rounds (`AIRLOCK_BENCH_ROUNDS`;
+//! 5, or 1 with `AIRLOCK_BENCH_QUICK`), each measuring it and its baseline back to back; its
+//! `ratio` is the median of the rounds' ratios, `ratio_range` their least and greatest, and
+//! `airlock` and `baseline` the medians of the rounds' figures.
 //!
 //! The peer is this same binary re-executed with `--peer MODE`; it receives its descriptors
 //! through the real hand-off. Pinned scenarios run both processes on CPU 0.
@@ -60,6 +64,21 @@ fn main() {
     let quick = std::env::var("AIRLOCK_BENCH_QUICK").is_ok();
     let only_list = std::env::var("AIRLOCK_BENCH_ONLY").ok();
     let want = |name: &str| only_list.as_deref().is_none_or(|l| l.split(',').any(|x| x == name));
+    // Each scenario's figure is the median of this many same-run ratios (AIRLOCK_BENCH_ROUNDS;
+    // 5, or 1 in quick mode), printed with their range once every round ran.
+    let rounds: usize = std::env::var("AIRLOCK_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .filter(|&r| r > 0)
+        .unwrap_or(if quick { 1 } else { 5 });
+    for _ in 0..rounds {
+        run_round(quick, &want);
+    }
+    print_rows();
+}
+
+/// Every wanted scenario once, pinned then unpinned.
+fn run_round(quick: bool, want: &dyn Fn(&str) -> bool) {
     for pinned in [true, false] {
         if pinned {
             sys::pin_to_cpu(0).expect("pin to CPU 0");
@@ -106,19 +125,63 @@ fn main() {
     }
 }
 
-fn emit(scenario: &str, airlock: f64, baseline: f64, unit: &str, lower_is_better: bool, extra: Option<(&str, String)>) {
+/// One round's figures of one scenario.
+struct Row {
+    scenario: String,
+    airlock: f64,
+    baseline: f64,
+    unit: &'static str,
+    ratio: f64,
+    extra: Option<(String, String)>,
+}
+
+thread_local! {
+    static ROWS: std::cell::RefCell<Vec<Row>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Records one round's figures; [`print_rows`] prints each scenario once every round ran.
+fn emit(
+    scenario: &str,
+    airlock: f64,
+    baseline: f64,
+    unit: &'static str,
+    lower_is_better: bool,
+    extra: Option<(&str, String)>,
+) {
     let ratio = if lower_is_better { airlock / baseline } else { baseline / airlock };
-    let mut o = serde_json::json!({
-        "scenario": scenario,
-        "airlock": round(airlock),
-        "baseline": round(baseline),
-        "unit": unit,
-        "ratio": (ratio * 1000.0).round() / 1000.0,
-    });
-    if let Some((k, v)) = extra {
-        o[k] = serde_json::Value::String(v);
+    let extra = extra.map(|(k, v)| (k.to_string(), v));
+    ROWS.with(|r| r.borrow_mut().push(Row { scenario: scenario.to_string(), airlock, baseline, unit, ratio, extra }));
+}
+
+/// One line per scenario, in the order first measured: the median of its rounds' ratios (each
+/// round measures the scenario and its baseline back to back), their range, and the median
+/// airlock and baseline figures.
+fn print_rows() {
+    let rows = ROWS.with(|r| std::mem::take(&mut *r.borrow_mut()));
+    let mut order: Vec<&str> = Vec::new();
+    for r in &rows {
+        if !order.contains(&r.scenario.as_str()) {
+            order.push(&r.scenario);
+        }
     }
-    println!("{o}");
+    for name in order {
+        let mine: Vec<&Row> = rows.iter().filter(|r| r.scenario == name).collect();
+        let ratios: Vec<f64> = mine.iter().map(|r| r.ratio).collect();
+        let (lo, hi) = ratios.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        let mut o = serde_json::json!({
+            "scenario": name,
+            "airlock": round(median(mine.iter().map(|r| r.airlock).collect())),
+            "baseline": round(median(mine.iter().map(|r| r.baseline).collect())),
+            "unit": mine[0].unit,
+            "ratio": (median(ratios) * 1000.0).round() / 1000.0,
+            "ratio_range": [(lo * 1000.0).round() / 1000.0, (hi * 1000.0).round() / 1000.0],
+            "rounds": mine.len(),
+        });
+        if let Some((k, v)) = mine.last().and_then(|r| r.extra.clone()) {
+            o[k] = serde_json::Value::String(v);
+        }
+        println!("{o}");
+    }
 }
 
 fn round(x: f64) -> f64 {
