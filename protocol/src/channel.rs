@@ -595,6 +595,25 @@ impl Channel {
         self.try_recv()
     }
 
+    /// As [`Channel::recv_timeout`], with a memfd bulk payload taken in only when `admit`
+    /// says so (see [`Channel::try_recv_admitting`]).
+    pub fn recv_timeout_admitting<T: DeserializeOwned>(
+        &mut self,
+        timeout: Duration,
+        admit: impl FnMut(&T, &BulkAnnounce) -> bool,
+    ) -> Result<Option<Received<T>>, ChannelError> {
+        self.check_poison()?;
+        self.require_established()?;
+        if !self.has_buffered() {
+            let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+            let ready = sys::poll_readable(self.sock.as_fd(), ms).map_err(|e| ChannelError::io("poll", e));
+            if !self.poison(ready)? {
+                return Ok(None);
+            }
+        }
+        self.try_recv_admitting(admit)
+    }
+
     /// Receives a message if one is ready, without blocking.
     pub fn try_recv<T: DeserializeOwned>(&mut self) -> Result<Option<Received<T>>, ChannelError> {
         self.check_poison()?;

@@ -51,6 +51,8 @@ pub enum ChannelError {
     Bulk(#[from] BulkError),
     #[error("key hand-off failed: {0}")]
     Handoff(#[from] HandoffError),
+    #[error("a {kind} message arrived with a bulk payload where none belongs (closed unread)")]
+    UnexpectedBulk { kind: &'static str },
     #[error("channel is poisoned by an earlier failure: {reason}")]
     Poisoned { reason: String },
 }

@@ -182,7 +182,13 @@ fn recv_within(
     timeout_ms: u64,
 ) -> Result<airlock_protocol::Received<FromWorker>, SpawnError> {
     let left = deadline.saturating_duration_since(Instant::now());
-    match ch.recv_timeout::<FromWorker>(left) {
+    // Nothing a starting worker says carries a payload: one is closed unread (never
+    // decrypted or mapped), and the start fails.
+    match ch.recv_timeout_admitting::<FromWorker>(left, |_, _| false) {
+        Ok(Some(r)) if r.bulk.is_some() || r.declined.is_some() => Err(SpawnError::Channel {
+            step,
+            source: airlock_protocol::ChannelError::UnexpectedBulk { kind: r.msg.kind() },
+        }),
         Ok(Some(r)) => Ok(r),
         Ok(None) => Err(SpawnError::Timeout { step, timeout_ms }),
         Err(e) => Err(SpawnError::Channel { step, source: e }),
