@@ -583,16 +583,22 @@ impl Channel {
         &mut self,
         timeout: Duration,
     ) -> Result<Option<Received<T>>, ChannelError> {
-        self.check_poison()?;
-        self.require_established()?;
-        if !self.has_buffered() {
-            let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-            let ready = sys::poll_readable(self.sock.as_fd(), ms).map_err(|e| ChannelError::io("poll", e));
-            if !self.poison(ready)? {
-                return Ok(None);
-            }
+        if !self.wait_readable(timeout)? {
+            return Ok(None);
         }
         self.try_recv()
+    }
+
+    /// Whether a frame is buffered or arrives within `timeout`.
+    fn wait_readable(&mut self, timeout: Duration) -> Result<bool, ChannelError> {
+        self.check_poison()?;
+        self.require_established()?;
+        if self.has_buffered() {
+            return Ok(true);
+        }
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        let ready = sys::poll_readable(self.sock.as_fd(), ms).map_err(|e| ChannelError::io("poll", e));
+        self.poison(ready)
     }
 
     /// As [`Channel::recv_timeout`], with a memfd bulk payload taken in only when `admit`
@@ -602,14 +608,8 @@ impl Channel {
         timeout: Duration,
         admit: impl FnMut(&T, &BulkAnnounce) -> bool,
     ) -> Result<Option<Received<T>>, ChannelError> {
-        self.check_poison()?;
-        self.require_established()?;
-        if !self.has_buffered() {
-            let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-            let ready = sys::poll_readable(self.sock.as_fd(), ms).map_err(|e| ChannelError::io("poll", e));
-            if !self.poison(ready)? {
-                return Ok(None);
-            }
+        if !self.wait_readable(timeout)? {
+            return Ok(None);
         }
         self.try_recv_admitting(admit)
     }

@@ -117,22 +117,10 @@ fn status(sock: &PathBuf, json: bool) -> anyhow::Result<std::process::ExitCode> 
         }
     }
     for t in &st.streams {
-        if t.call_region {
-            airlock_supervisor::outln!(
-                "\ncall region {} {} -> {} ({}): {} KiB, messages <= {} B, {}{}",
-                t.stream,
-                t.producer,
-                t.consumer,
-                t.to,
-                t.ring_bytes / 1024,
-                t.max_record,
-                if t.encrypted { "encrypted" } else { "PLAINTEXT" },
-                t.revoked.as_ref().map_or(String::new(), |why| format!(", revoked: {why}"))
-            );
-            continue;
-        }
+        let (what, size, unit) =
+            if t.call_region { ("call region", "", "messages") } else { ("stream", "ring ", "records") };
         airlock_supervisor::outln!(
-            "\nstream {} {} -> {} ({}): ring {} KiB, records <= {} B, {}{}",
+            "\n{what} {} {} -> {} ({}): {size}{} KiB, {unit} <= {} B, {}{}",
             t.stream,
             t.producer,
             t.consumer,
