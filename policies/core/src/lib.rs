@@ -107,6 +107,19 @@ fn display_join(root: &str, key: &str) -> String {
     }
 }
 
+/// In-memory sources `(key, text)` as the loader's inputs.
+fn inputs_of(sources: &[(&str, &str)], display_root: &str) -> Vec<Input> {
+    sources
+        .iter()
+        .map(|(key, text)| Input {
+            key: key.to_string(),
+            display: display_join(display_root, key),
+            name: name_of(key),
+            text: text.to_string(),
+        })
+        .collect()
+}
+
 impl PolicySet {
     fn from_loaded(loaded: Loaded, origin: String) -> (PolicySet, Vec<Finding>) {
         (PolicySet { files: loaded.files, policies: loaded.policies, origin }, loaded.findings)
@@ -115,16 +128,7 @@ impl PolicySet {
     /// Loads in-memory sources `(key, text)`; includes resolve among them. Returns the usable
     /// part of the set and every loading problem (files with problems are left out).
     pub fn from_sources(sources: &[(&str, &str)], display_root: &str) -> (PolicySet, Vec<Finding>) {
-        let inputs = sources
-            .iter()
-            .map(|(key, text)| Input {
-                key: key.to_string(),
-                display: display_join(display_root, key),
-                name: name_of(key),
-                text: text.to_string(),
-            })
-            .collect();
-        let loaded = model::load(inputs, &mut |_| None);
+        let loaded = model::load(inputs_of(sources, display_root), &mut |_| None);
         PolicySet::from_loaded(loaded, display_root.to_string())
     }
 
@@ -133,16 +137,7 @@ impl PolicySet {
     /// per input). Includes resolve among both; a source with the key of a file already in the
     /// set is left out. Returns the usable part of the new set and every problem of the sources.
     pub fn with_sources(&self, sources: &[(&str, &str)], display_root: &str) -> (PolicySet, Vec<Finding>) {
-        let inputs = sources
-            .iter()
-            .map(|(key, text)| Input {
-                key: key.to_string(),
-                display: display_join(display_root, key),
-                name: name_of(key),
-                text: text.to_string(),
-            })
-            .collect();
-        let loaded = model::load_onto(&self.files, inputs, &mut |_| None);
+        let loaded = model::load_onto(&self.files, inputs_of(sources, display_root), &mut |_| None);
         PolicySet::from_loaded(loaded, display_root.to_string())
     }
 

@@ -124,8 +124,6 @@ struct Regions {
     wanted: Vec<String>,
     open: std::collections::BTreeMap<String, airlock_worker::streams::RegionClient>,
     retry_at: std::collections::BTreeMap<String, Instant>,
-    /// Reused for every answer.
-    answer: Vec<u8>,
 }
 
 /// The worker's channel as the handlers' [`Backend`]. A failure of the channel itself (not
@@ -210,9 +208,9 @@ impl Backend for Calls<'_> {
                     0 => REGION_WAIT,
                     ms => Duration::from_millis(u64::from(ms)).min(REGION_WAIT),
                 };
-                let mut answer = std::mem::take(&mut self.regions.answer);
+                let mut answer = Vec::new();
                 let out = match c.call(&body, &mut answer, wait) {
-                    Ok(()) => Some(Ok(std::mem::take(&mut answer))),
+                    Ok(()) => Some(Ok(answer)),
                     // Too large to answer in the region: through airlockd, the region kept.
                     Err(StreamError::Refused(why)) if why == crate::types::TOO_LARGE_FOR_REGION => None,
                     // The callee's own refusal, as through the supervisor (its words, cut).
@@ -237,7 +235,6 @@ impl Backend for Calls<'_> {
                         None
                     }
                 };
-                self.regions.answer = answer;
                 if let Some(out) = out {
                     return out;
                 }
