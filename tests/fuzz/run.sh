@@ -24,9 +24,12 @@ echo "building ${#targets[@]} targets"
 # cargo-fuzz has no --locked: check the lockfile is current first (CI builds locked).
 cargo +nightly fetch --locked >/dev/null || { echo "tests/fuzz/Cargo.lock is out of date"; echo "fuzz: 0 passed, 1 failed"; exit 1; }
 started=$SECONDS
-if ! cargo +nightly fuzz build -O >/dev/null 2>&1; then
+build_log=$(mktemp)
+if ! cargo +nightly fuzz build -O >"$build_log" 2>&1; then
+  tail -n 30 "$build_log"; rm -f "$build_log"
   echo "building the fuzz targets failed"; echo "fuzz: 0 passed, ${#targets[@]} failed"; exit 1
 fi
+rm -f "$build_log"
 echo "built in $((SECONDS - started)) s"
 # The dictionary a target runs with, if any (checked-in, under dict/).
 dict_for() {
