@@ -42,22 +42,15 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use airlock_protocol::sys;
-use airlock_supervisor::runtime::{CallResult, ControlRequest};
+use airlock_supervisor::runtime::ControlRequest;
 
 const CALLS: usize = 20_000;
 const MESSAGES: usize = 20_000;
 const BATCH: usize = 64;
 
 mod common;
+use common::hmi::{control, cpu_ns, http, login, rss_kib, start_hmi, stop, KillOnPanic};
 use common::{build_binaries, emit, median, target_dir};
-
-fn control(sock: &Path, req: &ControlRequest) -> CallResult {
-    let mut s = UnixStream::connect(sock).expect("connect control socket");
-    writeln!(s, "{}", serde_json::to_string(req).expect("json")).expect("write");
-    let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line).expect("read");
-    serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad answer {line:?}: {e}"))
-}
 
 fn call(sock: &Path, service: &str, method: &str, body: &str) -> String {
     let r = control(
@@ -203,16 +196,6 @@ fn peer(mode: &str) {
     }
 }
 
-/// CPU time of every thread of `pid` so far, in nanoseconds.
-fn cpu_ns(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
-    tasks
-        .filter_map(Result::ok)
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()))
-        .sum()
-}
-
 /// airlockd with a `peer` and a hostile worker that may call nothing of it, never killed for
 /// its violations (the flood goes on).
 fn start_hostile_airlockd(dir: &Path, bins: &Path) -> Child {
@@ -290,16 +273,6 @@ fn start_attack_airlockd(dir: &Path, bins: &Path, cgroup: &str) -> Child {
     d
 }
 
-/// Resident memory of `pid` in KiB.
-fn rss_kib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.split_whitespace().next()?.parse().ok()))
-        })
-        .unwrap_or(0.0)
-}
-
 /// `call_under_cpu_attack_64` (or its `_priority_only` twin): returns airlockd's RSS at rest.
 fn cpu_attack(bins: &Path, scenario: &str, cgroup: &str) -> (Child, PathBuf, f64) {
     // Short: the control socket's path must fit in sun_path.
@@ -344,82 +317,8 @@ fn cpu_attack(bins: &Path, scenario: &str, cgroup: &str) -> (Child, PathBuf, f64
     (d, dir, rest_rss)
 }
 
-/// Kills airlockd `pid` (and so its workers) when dropped during a panic.
-struct KillOnPanic(u32);
-
-impl Drop for KillOnPanic {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0 as i32), nix::sys::signal::SIGKILL);
-        }
-    }
-}
-
 /// The embedded default HMI polling every 20 ms, with or without sample streams; returns
 /// airlockd's CPU milliseconds over `secs` seconds after a second of warm-up.
-/// The default HMI under airlockd in a directory of its own, with `edits` applied to the
-/// embedded configuration (after its ports are made free ones): (airlockd, its directory, the
-/// ui's port). Waits until logic answers.
-fn start_hmi(bins: &Path, tag: &str, edits: &[(&str, &str)]) -> (Child, PathBuf, u16) {
-    let dir = bins.join(format!("airlock-bench-broker-{}-hmi-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
-    let port = |_: ()| {
-        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")
-    };
-    let ui = port(());
-    let mut cfg = airlock_supervisor::config::EMBEDDED_DEFAULT
-        .replace(
-            "[supervisor]\n",
-            &format!(
-                "[supervisor]\nstate-directory = \"{d}/state\"\nruntime-directory = \"{d}/run\"\nworker-directory = \"{b}\"\n",
-                d = dir.display(),
-                b = bins.display()
-            ),
-        )
-        .replace("127.0.0.1:8080", &format!("127.0.0.1:{ui}"))
-        .replace("127.0.0.1:1502", &format!("127.0.0.1:{}", port(())));
-    for (from, to) in edits {
-        assert!(cfg.contains(from), "the embedded default has no {from:?}");
-        cfg = cfg.replace(from, to);
-    }
-    std::fs::write(dir.join("airlock.toml"), cfg).expect("config");
-    let d = Command::new(bins.join("airlockd"))
-        .arg("--config")
-        .arg(dir.join("airlock.toml"))
-        .env("AIRLOCK_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("airlockd.log")).expect("log"))
-        .spawn()
-        .expect("airlockd");
-    let guard = KillOnPanic(d.id());
-    let sock = dir.join("run/control.sock");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !(sock.exists()
-        && control(
-            &sock,
-            &ControlRequest::Call {
-                service: "logic".into(),
-                method: "values".into(),
-                body: String::new(),
-                deadline_ms: 0,
-            },
-        )
-        .ok)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the HMI did not start: {}",
-            std::fs::read_to_string(dir.join("airlockd.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::mem::forget(guard);
-    (d, dir, ui)
-}
-
 fn hmi_cpu(bins: &Path, streams: bool, secs: u64) -> f64 {
     let samples = format!("stream-samples = {streams}");
     let (d, dir, _) = start_hmi(
@@ -438,44 +337,6 @@ fn hmi_cpu(bins: &Path, streams: bool, secs: u64) -> f64 {
     ms
 }
 
-/// One HTTP/1.1 request on a kept-alive connection: (status, body).
-fn http(conn: &mut std::net::TcpStream, method: &str, path: &str, cookie: Option<&str>, body: &str) -> (u16, Vec<u8>) {
-    use std::io::Read;
-    let cookie = cookie.map_or(String::new(), |c| format!("Cookie: airlock_session={c}\r\n"));
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: bench\r\n{cookie}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    conn.write_all(req.as_bytes()).expect("write request");
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 16 * 1024];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let n = conn.read(&mut chunk).expect("read response");
-        assert!(n > 0, "the ui closed the connection");
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-    let status = head.get(9..12).and_then(|s| s.parse().ok()).expect("status");
-    let len: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().expect("length")))
-        .expect("content-length");
-    while buf.len() < head_end + len {
-        let n = conn.read(&mut chunk).expect("read body");
-        assert!(n > 0, "the ui closed the connection");
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let session = head.lines().find_map(|l| l.strip_prefix("set-cookie: airlock_session=").map(str::to_string));
-    if let Some(s) = session {
-        let token = s.split(';').next().unwrap_or("").to_string();
-        return (status, token.into_bytes());
-    }
-    (status, buf[head_end..head_end + len].to_vec())
-}
-
 /// Median and p99 microseconds of `n` trend queries of the last minute through the HMI's ui,
 /// with `[settings.ui] trend-in-place` as given: the query answered in a call region shared
 /// with the historian, or through airlockd.
@@ -483,26 +344,12 @@ fn hmi_trend(bins: &Path, in_place: bool, n: usize) -> (f64, f64) {
     let setting = format!("trend-in-place = {in_place}");
     let (d, dir, ui) = start_hmi(bins, &format!("trend-{in_place}"), &[("trend-in-place = true", &setting)]);
     let guard = KillOnPanic(d.id());
-    let log = dir.join("airlockd.log");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let password = loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if let Some(p) =
-            text.split("created operator \"operator\" with password ").nth(1).and_then(|r| r.split_whitespace().next())
-        {
-            break p.to_string();
-        }
-        assert!(Instant::now() < deadline, "no operator password in the log: {text}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    // Password first: auth says it as it starts, before any history is worth querying.
+    let password_log = dir.join("airlockd.log");
+    common::hmi::operator_password(&password_log);
     // A minute of history (the default polls every 500 ms) for every query to read.
     std::thread::sleep(Duration::from_secs(5));
-    let mut conn = std::net::TcpStream::connect(("127.0.0.1", ui)).expect("connect to the ui");
-    conn.set_nodelay(true).expect("nodelay");
-    let (st, token) =
-        http(&mut conn, "POST", "/api/login", None, &format!(r#"{{"user":"operator","password":"{password}"}}"#));
-    assert_eq!(st, 200, "login");
-    let cookie = String::from_utf8(token).expect("token");
+    let (mut conn, cookie) = login(ui, &password_log);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64;
     let path = format!("/api/trend?tag=level&from={}&to={now}", now - 60_000);
     let (st, first) = http(&mut conn, "GET", &path, Some(&cookie), "");
@@ -527,12 +374,6 @@ fn hmi_trend(bins: &Path, in_place: bool, n: usize) -> (f64, f64) {
     times.sort_by(f64::total_cmp);
     let p99 = times[(times.len() * 99 / 100).min(times.len() - 1)];
     (median(times), p99)
-}
-
-fn stop(mut d: Child) {
-    let pidfd = airlock_supervisor::sys::pidfd_open(d.id() as i32).expect("pidfd");
-    let _ = airlock_supervisor::sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGTERM);
-    let _ = d.wait();
 }
 
 fn main() {

@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub mod hmi;
+
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -34,6 +36,35 @@ pub fn emit_with(
         "baseline": (baseline * 100.0).round() / 100.0,
         "unit": unit,
         "ratio": (ratio * 1000.0).round() / 1000.0,
+        "note": note,
+    });
+    if let Some(fields) = line.as_object_mut() {
+        fields.extend(extra);
+    }
+    println!("{line}");
+}
+
+/// One line for a scenario measured in rounds, each an (airlock, baseline) pair measured
+/// back to back: `ratio` is the median of the rounds' ratios (airlock/baseline; a lower
+/// ratio is better), `ratio_range` their least and greatest, `airlock` and `baseline` the
+/// medians of the rounds' figures, `rounds` how many; then `extra`.
+pub fn emit_rounds(
+    scenario: &str,
+    rounds: &[(f64, f64)],
+    unit: &str,
+    note: &str,
+    extra: serde_json::Map<String, serde_json::Value>,
+) {
+    let ratios: Vec<f64> = rounds.iter().map(|(a, b)| a / b).collect();
+    let (lo, hi) = ratios.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+    let mut line = serde_json::json!({
+        "scenario": scenario,
+        "airlock": (median(rounds.iter().map(|r| r.0).collect()) * 100.0).round() / 100.0,
+        "baseline": (median(rounds.iter().map(|r| r.1).collect()) * 100.0).round() / 100.0,
+        "unit": unit,
+        "ratio": (median(ratios) * 1000.0).round() / 1000.0,
+        "ratio_range": [(lo * 1000.0).round() / 1000.0, (hi * 1000.0).round() / 1000.0],
+        "rounds": rounds.len(),
         "note": note,
     });
     if let Some(fields) = line.as_object_mut() {

@@ -43,7 +43,7 @@ fn d_lockout() -> u64 {
 }
 
 #[derive(Debug, Deserialize)]
-struct Settings {
+pub(crate) struct Settings {
     #[serde(default)]
     auth: Option<AuthSettings>,
 }
@@ -56,7 +56,7 @@ struct Session {
 }
 
 #[derive(Debug)]
-struct Auth {
+pub(crate) struct Auth {
     file: PathBuf,
     settings: AuthSettings,
     sessions: HashMap<String, Session>,
@@ -79,12 +79,7 @@ pub fn main() -> ExitCode {
         }
     };
     let settings = match w.settings::<Settings>() {
-        Ok(s) => s.auth.unwrap_or_else(|| AuthSettings {
-            session_ttl_s: d_ttl(),
-            max_sessions: d_max(),
-            max_failures: d_failures(),
-            lockout_s: d_lockout(),
-        }),
+        Ok(s) => s,
         Err(e) => {
             tracing::error!("bad [settings.auth]: {e}");
             return ExitCode::from(2);
@@ -94,28 +89,14 @@ pub fn main() -> ExitCode {
         tracing::error!("auth needs its state directory (state-directory = true) for the credential file");
         return ExitCode::from(2);
     };
-    let file = dir.join(credentials::FILE_NAME);
-    if let Err(e) = first_start(&file) {
-        tracing::error!(file = %file.display(), "cannot create the credential file: {e}");
-        return ExitCode::from(2);
-    }
-    let mut auth =
-        Auth { file, settings, sessions: HashMap::new(), failures: HashMap::new(), hash_window: (Instant::now(), 0) };
-    let served = w.serve(|_w, req, _bulk| {
-        let body = match req.method.as_str() {
-            "login" => hmi::encode(&auth.login(hmi::decode(&req.body)?)?),
-            "validate" => hmi::encode(&auth.validate(&hmi::decode::<Token>(&req.body)?)?),
-            "logout" => {
-                let t: Token = hmi::decode(&req.body)?;
-                if let Some(s) = auth.sessions.remove(&t.0) {
-                    tracing::info!(user = %s.user, "logout");
-                }
-                hmi::encode(&())
-            }
-            other => return Err(format!("auth has no method {other:?}")),
-        };
-        Ok(Response::bytes(body))
-    });
+    let mut auth = match Auth::open(settings, &dir) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let served = w.serve(|_w, req, _bulk| Ok(Response::bytes(auth.handle(&req.method, &req.body)?)));
     match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -147,6 +128,42 @@ fn first_start(file: &Path) -> std::io::Result<()> {
 }
 
 impl Auth {
+    /// Sessions and lockouts kept in memory, operators read from the credential file in
+    /// `dir` (created with one operator on the first start).
+    pub(crate) fn open(settings: Settings, dir: &Path) -> Result<Auth, String> {
+        let settings = settings.auth.unwrap_or_else(|| AuthSettings {
+            session_ttl_s: d_ttl(),
+            max_sessions: d_max(),
+            max_failures: d_failures(),
+            lockout_s: d_lockout(),
+        });
+        let file = dir.join(credentials::FILE_NAME);
+        first_start(&file).map_err(|e| format!("cannot create the credential file {}: {e}", file.display()))?;
+        Ok(Auth {
+            file,
+            settings,
+            sessions: HashMap::new(),
+            failures: HashMap::new(),
+            hash_window: (Instant::now(), 0),
+        })
+    }
+
+    /// Answers a request for one of auth's methods.
+    pub(crate) fn handle(&mut self, method: &str, body: &[u8]) -> Result<Vec<u8>, String> {
+        Ok(match method {
+            "login" => hmi::encode(&self.login(hmi::decode(body)?)?),
+            "validate" => hmi::encode(&self.validate(&hmi::decode::<Token>(body)?)?),
+            "logout" => {
+                let t: Token = hmi::decode(body)?;
+                if let Some(s) = self.sessions.remove(&t.0) {
+                    tracing::info!(user = %s.user, "logout");
+                }
+                hmi::encode(&())
+            }
+            other => return Err(format!("auth has no method {other:?}")),
+        })
+    }
+
     /// Reads the file on every login, so `airlock-hmi user add` takes effect without a restart.
     fn operators(&self) -> Result<Vec<Operator>, String> {
         let text = std::fs::read_to_string(&self.file).map_err(|e| {

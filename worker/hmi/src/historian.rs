@@ -37,7 +37,7 @@ fn d_retention() -> u64 {
 }
 
 #[derive(Debug, serde::Deserialize)]
-struct Settings {
+pub(crate) struct Settings {
     plant: hmi::Plant,
     historian: Option<HistorianSettings>,
 }
@@ -52,10 +52,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let settings = w.settings::<Settings>().map_err(|e| e.to_string()).and_then(|s| {
-        let retention = s.historian.map_or(d_retention(), |h| h.retention_days);
-        Ok((s.plant.validated()?, retention))
-    });
+    let settings = w.settings::<Settings>().map_err(|e| e.to_string()).and_then(Settings::checked);
     let (plant, retention_days) = match settings {
         Ok(p) => p,
         Err(e) => {
@@ -68,14 +65,14 @@ pub fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     let path = dir.join("history.sqlite3");
-    let db = match open(&path) {
-        Ok(db) => db,
+    let historian = match Historian::open(&path, plant, retention_days) {
+        Ok(h) => h,
         Err(e) => {
             tracing::error!(path = %path.display(), "cannot open the history database: {e}");
             return ExitCode::from(2);
         }
     };
-    match db.query_row("SELECT v FROM meta WHERE k = 'last_delivery'", [], |r| r.get::<_, i64>(0)) {
+    match historian.db.query_row("SELECT v FROM meta WHERE k = 'last_delivery'", [], |r| r.get::<_, i64>(0)) {
         Ok(id) => w.resume_after(u64::try_from(id).unwrap_or(0)),
         Err(rusqlite::Error::QueryReturnedNoRows) => {}
         Err(e) => {
@@ -84,7 +81,7 @@ pub fn main() -> ExitCode {
         }
     }
     // Shared with the threads that answer trend queries in call regions (see `serve_regions`).
-    let h = std::sync::Arc::new(std::sync::Mutex::new(Historian { db, plant, retention_days, stored: 0 }));
+    let h = std::sync::Arc::new(std::sync::Mutex::new(historian));
     let served_by_regions = h.clone();
     w.on_incoming_region(move |r| serve_region(r, served_by_regions.clone()));
     let mut streamed = crate::samples::SampleIn::default();
@@ -115,7 +112,7 @@ pub fn main() -> ExitCode {
                     }
                 },
                 "event" => match hmi::decode::<Event>(&d.body) {
-                    Ok(e) => lock(&h).store_event(d.id, &e),
+                    Ok(e) => lock(&h).store_event(Some(d.id), &e),
                     Err(e) => {
                         tracing::error!(from = %d.from, id = d.id, "event dropped: {e}");
                         Ok(())
@@ -152,7 +149,15 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn lock(h: &std::sync::Mutex<Historian>) -> std::sync::MutexGuard<'_, Historian> {
+impl Settings {
+    /// The validated plant and the retention period in days.
+    pub(crate) fn checked(self) -> Result<(hmi::Plant, u64), String> {
+        let retention = self.historian.map_or(d_retention(), |h| h.retention_days);
+        Ok((self.plant.validated()?, retention))
+    }
+}
+
+pub(crate) fn lock(h: &std::sync::Mutex<Historian>) -> std::sync::MutexGuard<'_, Historian> {
     // A panic while holding it cannot leave the database half-written (SQLite's transactions
     // do not depend on this lock), so a poisoned lock is taken over.
     h.lock().unwrap_or_else(|e| e.into_inner())
@@ -215,7 +220,7 @@ fn open(path: &std::path::Path) -> rusqlite::Result<Connection> {
 }
 
 #[derive(Debug)]
-struct Historian {
+pub(crate) struct Historian {
     db: Connection,
     plant: hmi::Plant,
     retention_days: u64,
@@ -224,9 +229,14 @@ struct Historian {
 }
 
 impl Historian {
+    /// Opens (or creates) the history database at `path`.
+    pub(crate) fn open(path: &std::path::Path, plant: hmi::Plant, retention_days: u64) -> rusqlite::Result<Historian> {
+        Ok(Historian { db: open(path)?, plant, retention_days, stored: 0 })
+    }
+
     /// Stores a sample; `delivery` (a journaled message's id) is marked handled in the same
     /// transaction. A streamed sample has none: a stream is live data, never redelivered.
-    fn store_sample(&mut self, delivery: Option<u64>, s: &Sample) -> Result<(), String> {
+    pub(crate) fn store_sample(&mut self, delivery: Option<u64>, s: &Sample) -> Result<(), String> {
         let tx = self.db.transaction().map_err(|e| e.to_string())?;
         {
             let mut ins = tx
@@ -270,18 +280,22 @@ impl Historian {
         }
     }
 
-    fn store_event(&mut self, id: u64, e: &Event) -> Result<(), String> {
+    /// Stores an event, durably before it returns (`synchronous = FULL`); `delivery` as for
+    /// samples.
+    pub(crate) fn store_event(&mut self, delivery: Option<u64>, e: &Event) -> Result<(), String> {
         let tx = self.db.transaction().map_err(|e| e.to_string())?;
         tx.execute(
             "INSERT INTO events (ts, kind, tag, user, value, text) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![e.ts_ms, e.kind, e.tag, e.user, e.value, e.text],
         )
         .map_err(|e| e.to_string())?;
-        mark(&tx, id)?;
+        if let Some(id) = delivery {
+            mark(&tx, id)?;
+        }
         tx.commit().map_err(|e| e.to_string())
     }
 
-    fn trend(&self, q: &TrendQuery) -> Result<Vec<(i64, f64)>, String> {
+    pub(crate) fn trend(&self, q: &TrendQuery) -> Result<Vec<(i64, f64)>, String> {
         self.trend_within(q, MAX_TREND_ROWS, None)
     }
 
@@ -436,7 +450,7 @@ mod tests {
                 .expect("store");
         }
         h.store_event(
-            5,
+            Some(5),
             &Event {
                 ts_ms: now - 5 * day,
                 kind: "ack".into(),

@@ -9,6 +9,7 @@
 //! - [`auth`]: operator logins against the [`credentials`] file, sessions.
 //! - [`ui`]: HTTP/1.1 for operators' browsers on a socket the supervisor opened.
 //! - [`types`]: the bodies the layers exchange; [`operators`]: the `airlock-hmi user` tool.
+//! - [`single`]: the same layers composed in one process, the baseline of the HMI benchmark.
 //!
 //! Nothing here is linked by the supervisor: its dependency graph holds none of this crate's
 //! dependencies (SQLite, Argon2, Modbus, HTTP parsing).
@@ -23,5 +24,7 @@ pub mod logic;
 pub mod operators;
 pub mod plcsim;
 pub mod samples;
+#[cfg(feature = "history")]
+pub mod single;
 pub mod types;
 pub mod ui;

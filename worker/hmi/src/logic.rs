@@ -16,7 +16,7 @@ use crate::types::{
 use airlock_worker::{Response, Worker};
 
 #[derive(Debug)]
-struct Logic {
+pub(crate) struct Logic {
     plant: hmi::Plant,
     /// Last raw value per tag and when it was read.
     raw: BTreeMap<String, (u16, i64)>,
@@ -46,52 +46,13 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let logic = std::cell::RefCell::new(Logic {
-        plant,
-        raw: BTreeMap::new(),
-        fault: Some("no sample from the device yet".into()),
-        alarms: BTreeMap::new(),
-        last_write: BTreeMap::new(),
-        last_sample_ms: 0,
-    });
-    let events: Vec<Event> = Vec::new();
+    let logic = std::cell::RefCell::new(Logic::new(plant));
     let pending = std::cell::RefCell::new(std::collections::VecDeque::new());
     let mut streamed = crate::samples::SampleIn::default();
-    let events = std::cell::RefCell::new(events);
     let served = w.serve_all_ticking(
         std::time::Duration::from_millis(20),
         |w, req, _bulk| {
-            let mut logic = logic.borrow_mut();
-            let body = match req.method.as_str() {
-                "values" => hmi::encode(&logic.values()),
-                "alarms" => hmi::encode(&logic.alarms.values().cloned().collect::<Vec<_>>()),
-                "ack" => {
-                    let a: Ack = hmi::decode(&req.body)?;
-                    let who = session(w, &a.token)?;
-                    let ev = logic.ack(&a, &who.user)?;
-                    record(w, &pending, ev);
-                    hmi::encode(&())
-                }
-                "setpoint" => {
-                    let s: Setpoint = hmi::decode(&req.body)?;
-                    let who = session(w, &s.token)?;
-                    let verdict = logic.setpoint(w, &s, &who.user);
-                    record(
-                        w,
-                        &pending,
-                        Event {
-                            ts_ms: hmi::now_ms(),
-                            kind: if verdict.accepted { "setpoint" } else { "refused" }.into(),
-                            tag: s.tag.clone(),
-                            user: Some(who.user),
-                            value: Some(s.value),
-                            text: verdict.reason.clone(),
-                        },
-                    );
-                    hmi::encode(&verdict)
-                }
-                other => return Err(format!("logic has no method {other:?}")),
-            };
+            let body = logic.borrow_mut().handle(&req.method, &req.body, &mut Brokered { w, pending: &pending })?;
             Ok(Response::bytes(body))
         },
         |w, d, _bulk| {
@@ -100,25 +61,11 @@ pub fn main() -> ExitCode {
                 return;
             }
             match hmi::decode::<Sample>(&d.body) {
-                Ok(s) => {
-                    let mut events = events.borrow_mut();
-                    logic.borrow_mut().sample(&s, &mut events);
-                    for ev in events.drain(..) {
-                        record(w, &pending, ev);
-                    }
-                }
+                Ok(s) => logic.borrow_mut().on_sample(&s, &mut Brokered { w, pending: &pending }),
                 Err(e) => tracing::warn!(from = %d.from, "dropping a sample: {e}"),
             }
         },
-        |w| {
-            streamed.drain(w, |w, s| {
-                let mut events = events.borrow_mut();
-                logic.borrow_mut().sample(&s, &mut events);
-                for ev in events.drain(..) {
-                    record(w, &pending, ev);
-                }
-            })
-        },
+        |w| streamed.drain(w, |w, s| logic.borrow_mut().on_sample(&s, &mut Brokered { w, pending: &pending })),
     );
     match served {
         Ok(()) => ExitCode::SUCCESS,
@@ -129,14 +76,46 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// The operator behind a token, as `auth` says (logic does not trust the ui's word).
-fn session(w: &mut Worker, token: &str) -> Result<SessionInfo, String> {
-    let (body, _) =
-        w.call_with_deadline("auth", "validate", hmi::encode(&Token(token.into())), 2000).map_err(|e| match e {
+/// What logic asks of the other layers. The layered HMI asks through airlockd
+/// ([`Brokered`]); the one-process HMI of the benchmark (`crate::single`) calls the same
+/// layers' code directly.
+pub(crate) trait Peers {
+    /// The operator behind a session token, as `auth` says (logic does not trust the ui's word).
+    fn session(&mut self, token: &str) -> Result<SessionInfo, String>;
+    /// Writes a raw value to the device through `field`; returns once the device has it.
+    fn write(&mut self, write: &RawWrite) -> Result<(), String>;
+    /// Records an event durably with the historian (operator actions and alarms are records).
+    fn record(&mut self, ev: Event);
+}
+
+/// Logic's peers through airlockd: calls under the permit table, events journaled.
+struct Brokered<'a> {
+    w: &'a mut Worker,
+    pending: &'a Pending,
+}
+
+impl Peers for Brokered<'_> {
+    fn session(&mut self, token: &str) -> Result<SessionInfo, String> {
+        let (body, _) = self
+            .w
+            .call_with_deadline("auth", "validate", hmi::encode(&Token(token.into())), 2000)
+            .map_err(|e| match e {
+                airlock_worker::WorkerError::Call { failure, .. } => failure.to_string(),
+                other => other.to_string(),
+            })?;
+        hmi::decode(&body)
+    }
+
+    fn write(&mut self, write: &RawWrite) -> Result<(), String> {
+        self.w.call_with_deadline("field", "write", hmi::encode(write), 3000).map(drop).map_err(|e| match e {
             airlock_worker::WorkerError::Call { failure, .. } => failure.to_string(),
             other => other.to_string(),
-        })?;
-    hmi::decode(&body)
+        })
+    }
+
+    fn record(&mut self, ev: Event) {
+        record(self.w, self.pending, ev);
+    }
 }
 
 /// Events the broker could not take yet (the historian's backlog is over logic's quota).
@@ -174,6 +153,57 @@ fn record(w: &mut Worker, pending: &Pending, ev: Event) {
 }
 
 impl Logic {
+    /// Before the first sample: no values, and a fault until the device answers.
+    pub(crate) fn new(plant: hmi::Plant) -> Logic {
+        Logic {
+            plant,
+            raw: BTreeMap::new(),
+            fault: Some("no sample from the device yet".into()),
+            alarms: BTreeMap::new(),
+            last_write: BTreeMap::new(),
+            last_sample_ms: 0,
+        }
+    }
+
+    /// Answers a request for one of logic's methods.
+    pub(crate) fn handle(&mut self, method: &str, body: &[u8], peers: &mut dyn Peers) -> Result<Vec<u8>, String> {
+        Ok(match method {
+            "values" => hmi::encode(&self.values()),
+            "alarms" => hmi::encode(&self.alarms.values().cloned().collect::<Vec<_>>()),
+            "ack" => {
+                let a: Ack = hmi::decode(body)?;
+                let who = peers.session(&a.token)?;
+                let ev = self.ack(&a, &who.user)?;
+                peers.record(ev);
+                hmi::encode(&())
+            }
+            "setpoint" => {
+                let s: Setpoint = hmi::decode(body)?;
+                let who = peers.session(&s.token)?;
+                let verdict = self.setpoint(peers, &s, &who.user);
+                peers.record(Event {
+                    ts_ms: hmi::now_ms(),
+                    kind: if verdict.accepted { "setpoint" } else { "refused" }.into(),
+                    tag: s.tag.clone(),
+                    user: Some(who.user),
+                    value: Some(s.value),
+                    text: verdict.reason.clone(),
+                });
+                hmi::encode(&verdict)
+            }
+            other => return Err(format!("logic has no method {other:?}")),
+        })
+    }
+
+    /// Takes a sample from `field`, recording the alarms and faults it raises or clears.
+    pub(crate) fn on_sample(&mut self, s: &Sample, peers: &mut dyn Peers) {
+        let mut events = Vec::new();
+        self.sample(s, &mut events);
+        for ev in events {
+            peers.record(ev);
+        }
+    }
+
     fn value(&self, tag: &str) -> Option<f64> {
         let def = self.plant.tag(tag)?;
         self.raw.get(tag).map(|(r, _)| def.to_eng(*r))
@@ -370,7 +400,7 @@ impl Logic {
         self.raw.insert(s.tag.clone(), (raw, hmi::now_ms()));
     }
 
-    fn setpoint(&mut self, w: &mut Worker, s: &Setpoint, user: &str) -> Verdict {
+    fn setpoint(&mut self, peers: &mut dyn Peers, s: &Setpoint, user: &str) -> Verdict {
         let now = Instant::now();
         let raw = match self.check(s, now) {
             Ok(r) => r,
@@ -383,19 +413,13 @@ impl Logic {
             return Verdict { accepted: false, reason: format!("no tag {:?}", s.tag) };
         };
         let write = RawWrite { tag: s.tag.clone(), register, raw };
-        match w.call_with_deadline("field", "write", hmi::encode(&write), 3000) {
-            Ok(_) => {
+        match peers.write(&write) {
+            Ok(()) => {
                 self.written(s, raw, now);
                 tracing::info!(tag = %s.tag, %user, "setpoint written");
                 Verdict { accepted: true, reason: "accepted".into() }
             }
-            Err(e) => {
-                let reason = match e {
-                    airlock_worker::WorkerError::Call { failure, .. } => format!("the field layer failed: {failure}"),
-                    other => format!("the field layer failed: {other}"),
-                };
-                Verdict { accepted: false, reason }
-            }
+            Err(e) => Verdict { accepted: false, reason: format!("the field layer failed: {e}") },
         }
     }
 }

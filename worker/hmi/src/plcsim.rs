@@ -14,10 +14,13 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use airlock_worker::{Pump, Worker};
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use rmodbus::server::context::ModbusContext;
 use rmodbus::server::storage::ModbusStorageSmall;
 use rmodbus::server::ModbusFrame;
@@ -94,19 +97,11 @@ pub fn main() -> ExitCode {
         tracing::error!("listener: {e}");
         return ExitCode::from(2);
     }
-    let mut regs = ModbusStorageSmall::new();
-    let mut tank = Tank { level: 50.0, temperature: 20.0 };
-    let _ = regs.set_holding(INLET, 400);
-    let _ = regs.set_holding(HEATER_SP, 400);
-    let _ = regs.set_holding(OUTLET, 500);
-    tank.publish(&mut regs);
-    let tick = Duration::from_millis(s.tick_ms.max(10));
-    let mut next_tick = Instant::now() + tick;
-    let mut clients: Vec<Client> = Vec::new();
+    let mut sim = Sim::new(s.unit_id, s.tick_ms);
     loop {
-        // A short wait on the channel; the sockets are non-blocking and served every pass.
-        let wait_ms = if w.has_pending() { 0 } else { 10 };
-        match airlock_protocol::sys::poll_readable(w.channel_fd(), wait_ms).map(|r| r || w.has_pending()) {
+        // A wait on the channel, the listener and every client, until the next tick at most.
+        let max = if w.has_pending() { Duration::ZERO } else { Duration::from_secs(1) };
+        match sim.wait(&listener, Some(w.channel_fd()), max).map(|r| r || w.has_pending()) {
             Ok(true) => match w.pump(|_, _, _| Err("plcsim serves no requests".into()), |_, _, _| {}) {
                 Ok(Pump::Idle) => {}
                 Ok(Pump::Stop) => return ExitCode::SUCCESS,
@@ -121,11 +116,49 @@ pub fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
         }
+        sim.turn(&listener);
+    }
+}
+
+/// The simulated device: its registers, the tank and its Modbus clients, served a pass at a
+/// time on a non-blocking listener. The worker above drives it; so does the HMI benchmark,
+/// which gives the layered HMI and the one-process HMI the same device.
+pub struct Sim {
+    regs: ModbusStorageSmall,
+    tank: Tank,
+    clients: Vec<Client>,
+    unit: u8,
+    tick: Duration,
+    next_tick: Instant,
+}
+
+impl std::fmt::Debug for Sim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sim").field("tank", &self.tank).field("clients", &self.clients.len()).finish_non_exhaustive()
+    }
+}
+
+impl Sim {
+    /// A tank half full at 20 °C, the inlet at 40 %, the heater at 40 °C, the outlet at 50 %.
+    pub fn new(unit_id: u8, tick_ms: u64) -> Sim {
+        let mut regs = ModbusStorageSmall::new();
+        let tank = Tank { level: 50.0, temperature: 20.0 };
+        let _ = regs.set_holding(INLET, 400);
+        let _ = regs.set_holding(HEATER_SP, 400);
+        let _ = regs.set_holding(OUTLET, 500);
+        tank.publish(&mut regs);
+        let tick = Duration::from_millis(tick_ms.max(10));
+        Sim { regs, tank, clients: Vec::new(), unit: unit_id, tick, next_tick: Instant::now() + tick }
+    }
+
+    /// One pass: accepts waiting clients (`listener` is non-blocking), answers every complete
+    /// frame, and steps the tank when a tick is due. The caller waits between passes.
+    pub fn turn(&mut self, listener: &TcpListener) {
         loop {
             match listener.accept() {
-                Ok((stream, _)) if clients.len() < MAX_CLIENTS && stream.set_nonblocking(true).is_ok() => {
+                Ok((stream, _)) if self.clients.len() < MAX_CLIENTS && stream.set_nonblocking(true).is_ok() => {
                     let _ = stream.set_nodelay(true);
-                    clients.push(Client { stream, buf: Vec::new() });
+                    self.clients.push(Client { stream, buf: Vec::new() });
                 }
                 Ok(_) => tracing::warn!("too many Modbus clients: connection closed"),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
@@ -135,11 +168,37 @@ pub fn main() -> ExitCode {
                 }
             }
         }
-        clients.retain_mut(|c| serve(c, &mut regs, s.unit_id));
-        if Instant::now() >= next_tick {
-            next_tick += tick;
-            tank.step(&mut regs, tick.as_secs_f64());
+        let (regs, unit) = (&mut self.regs, self.unit);
+        self.clients.retain_mut(|c| serve(c, regs, unit));
+        if Instant::now() >= self.next_tick {
+            self.next_tick += self.tick;
+            self.tank.step(&mut self.regs, self.tick.as_secs_f64());
         }
+    }
+
+    /// Waits until the listener, a client or `also` (the worker's channel) is readable, or
+    /// the next tick is due, for `max` at most. Returns whether `also` is readable.
+    pub fn wait(&self, listener: &TcpListener, also: Option<BorrowedFd<'_>>, max: Duration) -> std::io::Result<bool> {
+        let until_tick = self.next_tick.saturating_duration_since(Instant::now()).min(max);
+        // Rounded up, so that the loop does not wake just before the tick.
+        let ms = until_tick.as_micros().div_ceil(1000);
+        let timeout = PollTimeout::try_from(ms.min(60_000) as i32).map_err(|_| std::io::Error::from(Errno::EINVAL))?;
+        let mut fds: Vec<PollFd<'_>> = also.into_iter().map(|fd| PollFd::new(fd, PollFlags::POLLIN)).collect();
+        fds.push(PollFd::new(listener.as_fd(), PollFlags::POLLIN));
+        fds.extend(self.clients.iter().map(|c| PollFd::new(c.stream.as_fd(), PollFlags::POLLIN)));
+        loop {
+            match poll(&mut fds, timeout) {
+                Ok(_) => break,
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(also.is_some() && fds[0].revents().is_some_and(|r| !r.is_empty()))
+    }
+
+    /// A holding register's value (what a write left there).
+    pub fn holding(&self, register: u16) -> Option<u16> {
+        self.regs.get_holding(register).ok()
     }
 }
 

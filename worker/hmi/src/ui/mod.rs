@@ -41,7 +41,7 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-enum UiError {
+pub(crate) enum UiError {
     #[error("listening socket (descriptor {LISTENER_FD}): {0}")]
     ClaimListener(std::io::Error),
     #[error("descriptor {LISTENER_FD} is not a listening TCP socket")]
@@ -255,6 +255,45 @@ impl Backend for Calls<'_> {
 
 /// Serves until the supervisor says `Shutdown` or closes the channel.
 fn serve(w: &mut Worker, listener: &OwnedFd) -> Result<(), UiError> {
+    let mut regions = Regions::default();
+    if w.settings::<Settings>()?.ui.is_some_and(|u| u.trend_in_place) {
+        regions.wanted.push("historian.trend".into());
+    }
+    tracing::info!("ui serving HTTP on its listening socket");
+    serve_loop(&mut Calls { w, regions: &mut regions, fatal: None, called: false }, listener)
+}
+
+/// What the HTTP loop serves for: the ui worker ([`Calls`]: its channel, the other layers
+/// through airlockd), or the one-process HMI of the benchmark (`crate::single`: the layers'
+/// code called directly).
+pub(crate) trait Host: Backend {
+    /// A descriptor to wait on beside the connections (the worker's channel), if any.
+    fn wake_fd(&self) -> Option<RawFd>;
+    /// Handles what arrived on it, or what calls brought along. True: stop serving.
+    fn pump(&mut self) -> Result<bool, UiError>;
+    /// After each turn: a failure of the host itself ends the loop; true: a pump is due.
+    fn end_turn(&mut self) -> Result<bool, UiError>;
+}
+
+impl Host for Calls<'_> {
+    fn wake_fd(&self) -> Option<RawFd> {
+        Some(self.w.channel_fd().as_raw_fd())
+    }
+
+    fn pump(&mut self) -> Result<bool, UiError> {
+        Ok(self.w.pump(|_, _, _| Err("ui serves no requests".into()), |_, _, _| {})? == Pump::Stop)
+    }
+
+    fn end_turn(&mut self) -> Result<bool, UiError> {
+        if let Some(e) = self.fatal.take() {
+            return Err(e.into());
+        }
+        Ok(std::mem::take(&mut self.called))
+    }
+}
+
+/// Serves HTTP on `listener` (non-blocking) until the host says stop or fails.
+pub(crate) fn serve_loop<H: Host>(host: &mut H, listener: &OwnedFd) -> Result<(), UiError> {
     let mut conns: Vec<Conn<TcpStream>> = Vec::new();
     let mut refused: Vec<Conn<TcpStream>> = Vec::new();
     let mut fds: Vec<libc::pollfd> = Vec::new();
@@ -263,15 +302,10 @@ fn serve(w: &mut Worker, listener: &OwnedFd) -> Result<(), UiError> {
     let mut last_accept_warning: Option<Instant> = None;
     let mut pump_due = true;
     let mut more = false;
-    let mut regions = Regions::default();
-    if w.settings::<Settings>()?.ui.is_some_and(|u| u.trend_in_place) {
-        regions.wanted.push("historian.trend".into());
-    }
-    tracing::info!("ui serving HTTP on its listening socket");
     loop {
         if pump_due {
             pump_due = false;
-            if w.pump(|_, _, _| Err("ui serves no requests".into()), |_, _, _| {})? == Pump::Stop {
+            if host.pump()? {
                 tracing::info!(connections = conns.len(), "ui stopping");
                 return Ok(());
             }
@@ -295,7 +329,7 @@ fn serve(w: &mut Worker, listener: &OwnedFd) -> Result<(), UiError> {
             i32::try_from(wait.as_millis() + u128::from(wait.subsec_nanos() % 1_000_000 != 0)).unwrap_or(i32::MAX)
         };
         fds.clear();
-        fds.push(pollfd(w.channel_fd().as_raw_fd(), libc::POLLIN));
+        fds.push(pollfd(host.wake_fd().unwrap_or(-1), libc::POLLIN));
         let listen_fd = if accept_paused_until.is_some() { -1 } else { listener.as_raw_fd() };
         fds.push(pollfd(listen_fd, libc::POLLIN));
         for c in conns.iter().chain(refused.iter()) {
@@ -315,19 +349,14 @@ fn serve(w: &mut Worker, listener: &OwnedFd) -> Result<(), UiError> {
             pump_due = true;
         }
         more = false;
-        let mut calls = Calls { w: &mut *w, regions: &mut regions, fatal: None, called: false };
         for (c, p) in conns.iter_mut().zip(&fds[2..]) {
-            more |= turn(c, p.revents, &mut calls, now, &mut scratch);
+            more |= turn(c, p.revents, host, now, &mut scratch);
         }
         for (c, p) in refused.iter_mut().zip(&fds[2 + conns.len()..]) {
             io_events(c, p.revents, now, &mut scratch);
             c.check_timeout(now);
         }
-        let Calls { fatal, called, .. } = calls;
-        if let Some(e) = fatal {
-            return Err(e.into());
-        }
-        pump_due |= called;
+        pump_due |= host.end_turn()?;
         conns.retain(|c| !c.is_closed());
         refused.retain(|c| !c.is_closed());
         if fds[1].revents != 0 {
@@ -367,17 +396,17 @@ fn io_events(c: &mut Conn<TcpStream>, revents: libc::c_short, now: Instant, scra
 
 /// One connection's turn: its socket events, its requests, its deadline. Returns whether
 /// it may have more requests waiting already.
-fn turn(
+fn turn<H: Host>(
     c: &mut Conn<TcpStream>,
     revents: libc::c_short,
-    calls: &mut Calls<'_>,
+    host: &mut H,
     now: Instant,
     scratch: &mut [u8],
 ) -> bool {
     io_events(c, revents, now, scratch);
     let mut more = false;
     if revents != 0 || c.has_input() {
-        more = drive(c, calls);
+        more = drive(c, host);
     }
     if let Some(r) = c.check_timeout(Instant::now()) {
         tracing::debug!(route = "-", status = r.status, "request timed out");
@@ -386,7 +415,7 @@ fn turn(
 }
 
 /// Answers the complete requests waiting on `c`, up to [`REQUESTS_PER_TURN`].
-fn drive(c: &mut Conn<TcpStream>, calls: &mut Calls<'_>) -> bool {
+fn drive<H: Host>(c: &mut Conn<TcpStream>, host: &mut H) -> bool {
     for _ in 0..REQUESTS_PER_TURN {
         if c.is_closed() {
             return false;
@@ -403,7 +432,7 @@ fn drive(c: &mut Conn<TcpStream>, calls: &mut Calls<'_>) -> bool {
                 return false;
             }
             Next::Request(req) => {
-                let out = api::handle(&req.head, &req.body, calls);
+                let out = api::handle(&req.head, &req.body, host);
                 tracing::debug!(
                     method = req.head.method.as_str(),
                     route = out.route,
