@@ -75,7 +75,7 @@ fn main() {
     // Both have samples, so logic takes writes (values are stale before the first one).
     std::thread::sleep(Duration::from_secs(1));
 
-    let (mut setpoint, mut cpu, mut rss) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut setpoint, mut cpu, mut rss, mut pss) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     // The layered HMI's CPU per sample by process (its executable's name), summed over the rounds.
     let mut by_process: std::collections::BTreeMap<String, f64> = std::collections::BTreeMap::new();
     let mut layered_samples = 0usize;
@@ -114,6 +114,7 @@ fn main() {
         layered_samples += ls;
         cpu.push(((l1 - l0) as f64 / 1e3 / ls as f64, (o1 - o0) as f64 / 1e3 / os as f64));
         rss.push((layered_pids.iter().map(|p| rss_kib(*p)).sum(), rss_kib(one.id())));
+        pss.push((layered_pids.iter().map(|p| pss_kib(*p)).sum::<f64>(), pss_kib(one.id())));
     }
     let p99 = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -138,12 +139,17 @@ fn main() {
         "CPU time of every process of the HMI (airlockd and its workers; the one process) per sample stored in the history, polling every 20 ms; layered_by_process_us over all rounds; target 2.0",
         extra,
     );
+    // RSS counts a page shared by several processes (libc, the kernel's zero page) in each;
+    // PSS divides it among them.
+    let mut extra = serde_json::Map::new();
+    let last = pss.last().copied().unwrap_or_default();
+    extra.insert("pss_kib".into(), serde_json::json!([last.0.round(), last.1.round()]));
     emit_rounds(
         "hmi_rss_total",
         &rss,
         "KiB",
-        "resident memory of every process of the HMI (airlockd and its workers; the one process); reported",
-        serde_json::Map::new(),
+        "resident memory of every process of the HMI (airlockd and its workers; the one process); pss_kib [layered, one process] in the last round; reported",
+        extra,
     );
     stop(layered);
     let _ = Command::new("kill").arg(one.id().to_string()).status();
@@ -201,6 +207,16 @@ fn family(pid: u32) -> Vec<u32> {
         }
     }
     out
+}
+
+/// Proportional set size of `pid` in KiB (0 where `/proc/PID/smaps_rollup` cannot be read).
+fn pss_kib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Pss:").and_then(|v| v.split_whitespace().next()?.parse().ok()))
+        })
+        .unwrap_or(0.0)
 }
 
 fn cpu_sum(pids: &[u32]) -> u64 {
