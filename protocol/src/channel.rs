@@ -115,9 +115,13 @@ pub struct Received<T> {
     /// Descriptors passed with the message (the bulk memfd, if any, is not among them).
     pub fds: Vec<OwnedFd>,
     pub bulk: Option<Bulk>,
-    /// A memfd bulk payload the receiver declined ([`Channel::try_recv_admitting`]): closed
-    /// without being verified, mapped or decrypted.
+    /// A memfd bulk payload the receiver declined ([`Channel::try_recv_admitting`]): never
+    /// verified, mapped or decrypted.
     pub declined: Option<BulkAnnounce>,
+    /// The declined payload's descriptor, as it came. Whoever closes a memfd's last reference
+    /// pays the kernel for freeing its pages: a broker hands it back to its sender with the
+    /// refusal where it can, and closes it otherwise.
+    pub declined_fd: Option<OwnedFd>,
 }
 
 /// What an authenticated frame says of its memfd bulk payload, known before any byte of the
@@ -787,13 +791,13 @@ impl Channel {
         }
         // The message is decoded before its memfd payload is touched, so that the receiver can
         // decline the payload (permits, quotas) before it costs a mapping or a decryption.
-        let mut declined = None;
+        let (mut declined, mut declined_fd) = (None, None);
         if let Some((fd, d)) = memfd {
             let encrypted = header.flags & FLAG_BULK_ENCRYPTED != 0;
             let announce = BulkAnnounce { len: d.len, encrypted, other_fds: fds.len() };
             if admit.is_some_and(|a| !a(&msg, &announce)) {
-                drop(fd);
                 declined = Some(announce);
+                declined_fd = Some(fd);
             } else {
                 let decrypt = encrypted.then_some((&self.rx, header.seq, &d.tag));
                 bulk_out = Some(if self.limits.map_bulk || decrypt.is_some() {
@@ -804,7 +808,7 @@ impl Channel {
                 });
             }
         }
-        Ok(Received { msg, fds, bulk: bulk_out, declined })
+        Ok(Received { msg, fds, bulk: bulk_out, declined, declined_fd })
     }
 
     /// Takes over the decrypted plaintext of a batch frame in `slot` and indexes its entries.
@@ -838,7 +842,7 @@ impl Channel {
         if !trailing.is_empty() {
             return Err(ChannelError::BadHeader { reason: "trailing bytes after a batched message" });
         }
-        Ok(Some(Received { msg, fds: Vec::new(), bulk: None, declined: None }))
+        Ok(Some(Received { msg, fds: Vec::new(), bulk: None, declined: None, declined_fd: None }))
     }
 
     /// Test hook: writes raw bytes on the socket as if they were a frame, bypassing all

@@ -657,6 +657,17 @@ impl SharedArea {
     }
 }
 
+/// Bytes this socket sent that its peer has not read yet (`ioctl(SIOCOUTQ)`; for `AF_UNIX`,
+/// what the peer's receive queue holds of ours). nix 0.29 has no wrapper for it.
+pub fn unread_by_peer(sock: BorrowedFd<'_>) -> io::Result<usize> {
+    // SIOCOUTQ is TIOCOUTQ on every architecture Linux has.
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one c_int to the pointer, which is valid for that write; `sock`
+    // is a live descriptor for the call's duration.
+    Errno::result(unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut n) })?;
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
 /// Faults in every page of a writable mapping now (`MADV_POPULATE_WRITE`, Linux 5.14), or by
 /// touching each page where the kernel is older.
 pub fn populate_write(m: &mut Mapping) -> io::Result<()> {

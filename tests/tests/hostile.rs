@@ -136,7 +136,8 @@ const BULK_PERMIT: &str = "\n[[permit]]\nfrom = \"hostile\"\nto = \"peer.bulk\"\
 #[test]
 fn encrypted_bulk_over_quota_is_refused_busy_and_never_decrypted() {
     let d = start(&["bulk-calls", "peer", "20", "1048576"], "[worker.quota]\nbulk-bytes = 65536", BULK_PERMIT);
-    d.wait_log("event: bulk done 0 20 0");
+    // Every refusal brings the payload's memfd back, for the sender to close.
+    d.wait_log("event: bulk done 0 20 0 20");
     let w = d.worker("hostile");
     assert_eq!((w.bulk_refused_unread, w.bulk_decrypted), (20, 0), "{w:?}");
     assert_eq!(w.violations, 0, "busy is backpressure, not a violation");
@@ -149,7 +150,7 @@ fn encrypted_bulk_over_quota_is_refused_busy_and_never_decrypted() {
 #[test]
 fn encrypted_bulk_the_permit_table_refuses_is_a_violation_and_never_decrypted() {
     let d = start(&["bulk-calls", "peer", "2", "1048576"], "", "");
-    d.wait_log("event: bulk done 0 0 2");
+    d.wait_log("event: bulk done 0 0 2 2");
     let w = d.worker("hostile");
     assert_eq!((w.bulk_refused_unread, w.bulk_decrypted, w.violations), (2, 0, 2), "{w:?}");
     let (st, log) = d.stop();

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -187,14 +188,15 @@ pub(super) fn check_call_quota(
 
 impl Supervisor {
     /// A worker's call: permit table, quota, then routing. `declined` is a bulk payload the
-    /// channel closed unread because [`admits_bulk`] refused it: the same checks refuse the
-    /// call here.
+    /// channel did not take in because [`admits_bulk`] refused it (`declined_fd`, unread): the
+    /// same checks refuse the call here, and the payload goes back with the refusal.
     pub(super) fn call_from_worker(
         &mut self,
         i: usize,
         req: Request,
         bulk: Option<Bulk>,
         declined: Option<BulkAnnounce>,
+        declined_fd: Option<OwnedFd>,
     ) {
         let caller = Caller::Worker { slot: i, id: req.id };
         let name = self.slots[i].name.clone();
@@ -221,18 +223,18 @@ impl Supervisor {
             Ok(_) if declined.is_some() => {
                 // Not reached: the channel asked the same checks, in the same state.
                 let why = "the call's bulk payload was not taken in".to_string();
-                self.answer(caller, Err(CallFailure::Busy { why }), None);
+                self.refuse_returning(i, req.id, CallFailure::Busy { why }, declined_fd);
                 return;
             }
             Ok(grant) => grant,
             Err(CallFailure::NotPermitted { rule }) => {
                 self.violation(i, &rule);
-                self.answer(caller, Err(CallFailure::NotPermitted { rule }), None);
+                self.refuse_returning(i, req.id, CallFailure::NotPermitted { rule }, declined_fd);
                 return;
             }
             // Busy (a quota) is backpressure, not a violation.
             Err(other) => {
-                self.answer(caller, Err(other), None);
+                self.refuse_returning(i, req.id, other, declined_fd);
                 return;
             }
         };
@@ -338,6 +340,34 @@ impl Supervisor {
                 let _ = writeln!(stream, "{}", serde_json::to_string(&reply).unwrap_or_default());
             }
         }
+    }
+}
+
+impl Supervisor {
+    /// Refuses worker `slot`'s call `id`, handing back the bulk payload airlockd declined
+    /// (see [`send_returning`]).
+    fn refuse_returning(&mut self, slot: usize, id: u64, failure: CallFailure, returned: Option<OwnedFd>) {
+        let Some(r) = self.slots[slot].run.as_mut() else { return };
+        let msg = ToWorker::Reply(Reply { id, result: Err(failure) });
+        if let Err(e) = send_returning(&mut r.channel, &msg, returned) {
+            tracing::warn!(worker = %self.slots[slot].name, error = %e, "could not deliver a reply");
+        }
+    }
+}
+
+/// Sends `msg` (a refusal) with `returned`, a bulk payload's descriptor airlockd declined
+/// unread, attached: the sender gets its memfd back and closes it, so the kernel's freeing of
+/// its pages is charged to the sender rather than to airlockd's event loop (which would pay
+/// it for every refused payload of a hostile flood). Handed back only while the worker has
+/// read everything airlockd sent it: descriptors in flight count against airlockd's own
+/// limit (`RLIMIT_NOFILE` of in-flight descriptors per user), so one worker that does not
+/// read must not pile them up. Otherwise airlockd closes it here.
+pub(super) fn send_returning(ch: &mut Channel, msg: &ToWorker, returned: Option<OwnedFd>) -> Result<(), ChannelError> {
+    match returned {
+        Some(fd) if airlock_protocol::sys::unread_by_peer(ch.as_fd()).is_ok_and(|n| n == 0) => {
+            ch.send_with(msg, &[fd.as_fd()])
+        }
+        _ => ch.send(msg),
     }
 }
 

@@ -14,8 +14,9 @@
 //! - `hang-at-start`: never says hello: sleeps before taking its channel, as a worker stuck
 //!   (or malicious) at start-up would.
 //! - `bulk-calls SERVICE COUNT BYTES` (also on demand: a call to `hostile.attack` with that
-//!   text as its body answers `OK BUSY REFUSED` when done; BYTES 0 sends no payload): COUNT calls to `SERVICE.bulk`, each with an encrypted
-//!   bulk payload of BYTES bytes, one after the other; then an event `bulk done OK BUSY REFUSED`.
+//!   text as its body answers `OK BUSY REFUSED RETURNED` when done; BYTES 0 sends no payload): COUNT calls to `SERVICE.bulk`, each with an encrypted
+//!   bulk payload of BYTES bytes, one after the other; then an event `bulk done OK BUSY REFUSED
+//!   RETURNED` (RETURNED: refusals that brought the payload's memfd back).
 //! - `memhog MEMFD_MIB HEAP_MIB`: takes memory the way the address-space limit does not see:
 //!   memfds of MEMFD_MIB MiB each (filled through a mapping, unmapped, kept open) until it may open or grow
 //!   no more, then heap in 1 MiB blocks (touched) up to HEAP_MIB MiB or the first refusal; an
@@ -160,7 +161,7 @@ fn forge_log(w: &mut Worker) {
 }
 
 fn bulk_calls(w: &mut Worker, service: &str, count: u64, bytes: u64) -> String {
-    let (mut ok, mut busy, mut refused) = (0u64, 0u64, 0u64);
+    let (mut ok, mut busy, mut refused, mut returned) = (0u64, 0u64, 0u64, 0u64);
     for id in 1..=count {
         let req = Request { id, service: service.into(), method: "bulk".into(), body: Vec::new(), deadline_ms: 0 };
         // BYTES 0: the same call without a payload (the benchmark's baseline).
@@ -176,21 +177,32 @@ fn bulk_calls(w: &mut Worker, service: &str, count: u64, bytes: u64) -> String {
         }
         let ch = w.raw_channel();
         loop {
-            match ch.recv::<ToWorker>().map(|g| g.msg) {
-                Ok(ToWorker::Reply(r)) if r.id == id => {
+            match ch.recv::<ToWorker>() {
+                Ok(g) => {
+                    let ToWorker::Reply(r) = g.msg else { continue };
+                    if r.id != id {
+                        continue;
+                    }
                     match r.result {
                         Ok(_) => ok += 1,
                         Err(CallFailure::Busy { .. }) => busy += 1,
                         Err(_) => refused += 1,
                     }
+                    // A payload airlockd declined comes back with the refusal: this process
+                    // closes the last reference (and pays for freeing its pages).
+                    let back = |fd: &std::os::fd::OwnedFd| {
+                        fd.try_clone().ok().map(std::fs::File::from).and_then(|f| f.metadata().ok()).map(|m| m.len())
+                    };
+                    if g.fds.len() == 1 && back(&g.fds[0]) == Some(bytes) {
+                        returned += 1;
+                    }
                     break;
                 }
-                Ok(_) => {}
-                Err(_) => return format!("{ok} {busy} {refused} (channel closed)"),
+                Err(_) => return format!("{ok} {busy} {refused} {returned} (channel closed)"),
             }
         }
     }
-    let done = format!("{ok} {busy} {refused}");
+    let done = format!("{ok} {busy} {refused} {returned}");
     let _ = w.event(&format!("bulk done {done}"));
     done
 }
