@@ -1,5 +1,8 @@
 //! `cargo bench -p airlock-supervisor --bench broker`: the broker against baselines measured in
-//! the same run. One JSON object per line, as the protocol benchmark prints. Every process
+//! the same run. One JSON object per line, as the protocol benchmark prints: every scenario
+//! runs in `rounds` rounds (`AIRLOCK_BENCH_ROUNDS`, 5; 1 with `AIRLOCK_BENCH_QUICK`, which also
+//! shortens the HMI scenarios), and its line gives the median of the rounds' ratios and their
+//! range. Every process
 //! (and every baseline) is pinned to CPU 0, except in `async_durable_1k_all_cpus` and
 //! `call_under_flood_64`.
 //!
@@ -390,6 +393,17 @@ fn main() {
     let wants = |name: &str| filter.is_empty() || name == filter;
     build_binaries(&["airlock-test-workers", "airlock-supervisor", "airlock-hmi"]);
     let bins = target_dir();
+    // Every scenario in each round; each line printed at the end is the median of the
+    // rounds' ratios (common::print_rows).
+    for _ in 0..common::rounds() {
+        run_round(&bins, &wants);
+    }
+    common::print_rows();
+}
+
+/// One round of every scenario `wants`.
+fn run_round(bins: &Path, wants: &dyn Fn(&str) -> bool) {
+    let bins = bins.to_path_buf();
     // On the target's file system (not /tmp, which may be tmpfs where fsync is free).
     let dir = bins.join(format!("airlock-bench-broker-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

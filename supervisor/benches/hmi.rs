@@ -47,11 +47,7 @@ fn main() {
         return;
     }
     let quick = std::env::var_os("AIRLOCK_BENCH_QUICK").is_some();
-    let rounds: usize = std::env::var("AIRLOCK_BENCH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(if quick { 1 } else { 5 })
-        .max(1);
+    let rounds = common::rounds();
     let (posts, window) = if quick { (50, Duration::from_secs(1)) } else { (200, Duration::from_secs(4)) };
     build_binaries(&["airlock-supervisor", "airlock-hmi"]);
     let bins = target_dir();
@@ -126,6 +122,7 @@ fn main() {
         "hmi_setpoint_roundtrip",
         &setpoint,
         "us",
+        true,
         "median per round of an operator's setpoint POST until answered (the device holds the value), layered under airlockd vs the same layers in one process; p99_us [layered, one process]; target 1.5",
         extra,
     );
@@ -136,6 +133,7 @@ fn main() {
         "hmi_cpu_per_sample",
         &cpu,
         "us/sample",
+        true,
         "CPU time of every process of the HMI (airlockd and its workers; the one process) per sample stored in the history, polling every 20 ms; layered_by_process_us over all rounds; target 2.0",
         extra,
     );
@@ -148,6 +146,7 @@ fn main() {
         "hmi_rss_total",
         &rss,
         "KiB",
+        true,
         "resident memory of every process of the HMI (airlockd and its workers; the one process); pss_kib [layered, one process] in the last round; reported",
         extra,
     );

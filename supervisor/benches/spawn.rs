@@ -1,5 +1,7 @@
 //! `cargo bench -p airlock-supervisor --bench spawn`: one JSON object per line, as the protocol
-//! benchmark prints, each beside a baseline measured in the same run.
+//! benchmark prints, each beside a baseline measured in the same run; every scenario runs in
+//! `rounds` rounds (`AIRLOCK_BENCH_ROUNDS`, 5; 1 with `AIRLOCK_BENCH_QUICK`), and its line gives
+//! the median of the rounds' ratios and their range.
 //!
 //! - `spawn_verified`: median time from the decision to start a worker to a verified, ready
 //!   worker (`spawn::spawn`, what airlockd runs), versus `bwrap --unshare-all
@@ -276,11 +278,19 @@ fn main() {
     let cfg = config::parse(&text, "bench", &airlock_supervisor::known_policies()).expect("bench config");
     let host = HostAbilities::probe();
 
+    for _ in 0..common::rounds() {
+        run_round(&bins, &cfg, &host, iters, quick);
+    }
+    common::print_rows();
+}
+
+/// One round of every scenario.
+fn run_round(bins: &Path, cfg: &config::Config, host: &HostAbilities, iters: usize, quick: bool) {
     let mut times = Vec::new();
     let mut report = String::new();
     for _ in 0..iters + 2 {
         let t = Instant::now();
-        let st = spawn::spawn(&cfg, 0, &host).expect("spawn");
+        let st = spawn::spawn(cfg, 0, host).expect("spawn");
         times.push(t.elapsed().as_secs_f64() * 1e3);
         if report.is_empty() {
             report = st
@@ -325,8 +335,8 @@ fn main() {
     let reps = if quick { 1 } else { 3 };
     let (mut idle, mut base) = (Vec::new(), Vec::new());
     for _ in 0..reps {
-        base.push(measure_airlockd(&bins, BASELINE_WORKERS));
-        idle.push(measure_airlockd(&bins, IDLE_WORKERS));
+        base.push(measure_airlockd(bins, BASELINE_WORKERS));
+        idle.push(measure_airlockd(bins, IDLE_WORKERS));
     }
     let med = |v: &[Memory], f: fn(&Memory) -> f64| median(v.iter().map(f).collect());
     let added = (IDLE_WORKERS - BASELINE_WORKERS) as f64;

@@ -12,14 +12,37 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Prints one result line; `ratio` is airlock/baseline for times (`lower_is_better`),
-/// baseline/airlock for throughputs, so a lower ratio is always better.
+/// How many rounds each scenario runs: `AIRLOCK_BENCH_ROUNDS`, else 5 (1 with
+/// `AIRLOCK_BENCH_QUICK`).
+pub fn rounds() -> usize {
+    let quick = std::env::var_os("AIRLOCK_BENCH_QUICK").is_some();
+    std::env::var("AIRLOCK_BENCH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(if quick { 1 } else { 5 }).max(1)
+}
+
+/// One round's figure of a scenario, kept until [`print_rows`].
+struct Row {
+    scenario: String,
+    airlock: f64,
+    baseline: f64,
+    unit: String,
+    lower_is_better: bool,
+    note: String,
+    extra: serde_json::Map<String, serde_json::Value>,
+}
+
+thread_local! {
+    static ROWS: std::cell::RefCell<Vec<Row>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Records one round's result of a scenario; `ratio` is airlock/baseline for times
+/// (`lower_is_better`), baseline/airlock for throughputs, so a lower ratio is always better.
+/// [`print_rows`] prints it.
 pub fn emit(scenario: &str, airlock: f64, baseline: f64, unit: &str, lower_is_better: bool, note: &str) {
     emit_with(scenario, airlock, baseline, unit, lower_is_better, note, serde_json::Map::new());
 }
 
-/// As [`emit`], with `extra` fields appended to the line (figures derived from the same
-/// measurement, such as a per-worker increment).
+/// As [`emit`], with `extra` fields for the line (figures derived from the same measurement,
+/// such as a per-worker increment; the last round's are printed).
 pub fn emit_with(
     scenario: &str,
     airlock: f64,
@@ -29,33 +52,50 @@ pub fn emit_with(
     note: &str,
     extra: serde_json::Map<String, serde_json::Value>,
 ) {
-    let ratio = if lower_is_better { airlock / baseline } else { baseline / airlock };
-    let mut line = serde_json::json!({
-        "scenario": scenario,
-        "airlock": (airlock * 100.0).round() / 100.0,
-        "baseline": (baseline * 100.0).round() / 100.0,
-        "unit": unit,
-        "ratio": (ratio * 1000.0).round() / 1000.0,
-        "note": note,
-    });
-    if let Some(fields) = line.as_object_mut() {
-        fields.extend(extra);
+    let row = Row {
+        scenario: scenario.to_string(),
+        airlock,
+        baseline,
+        unit: unit.to_string(),
+        lower_is_better,
+        note: note.to_string(),
+        extra,
+    };
+    ROWS.with(|r| r.borrow_mut().push(row));
+}
+
+/// One line per scenario recorded with [`emit`], in the order first recorded, as
+/// [`emit_rounds`] prints them (the note and extra fields of the last round).
+pub fn print_rows() {
+    let rows = ROWS.with(|r| std::mem::take(&mut *r.borrow_mut()));
+    let mut order: Vec<&str> = Vec::new();
+    for r in &rows {
+        if !order.contains(&r.scenario.as_str()) {
+            order.push(&r.scenario);
+        }
     }
-    println!("{line}");
+    for name in order {
+        let mine: Vec<&Row> = rows.iter().filter(|r| r.scenario == name).collect();
+        let Some(last) = mine.last() else { continue };
+        let pairs: Vec<(f64, f64)> = mine.iter().map(|r| (r.airlock, r.baseline)).collect();
+        emit_rounds(name, &pairs, &last.unit, last.lower_is_better, &last.note, last.extra.clone());
+    }
 }
 
 /// One line for a scenario measured in rounds, each an (airlock, baseline) pair measured
-/// back to back: `ratio` is the median of the rounds' ratios (airlock/baseline; a lower
-/// ratio is better), `ratio_range` their least and greatest, `airlock` and `baseline` the
-/// medians of the rounds' figures, `rounds` how many; then `extra`.
+/// back to back: `ratio` is the median of the rounds' ratios (airlock/baseline for times and
+/// memory, `lower_is_better`; baseline/airlock for rates: a lower ratio is always better),
+/// `ratio_range` their least and greatest, `airlock` and `baseline` the medians of the rounds'
+/// figures, `rounds` how many; then `extra`.
 pub fn emit_rounds(
     scenario: &str,
     rounds: &[(f64, f64)],
     unit: &str,
+    lower_is_better: bool,
     note: &str,
     extra: serde_json::Map<String, serde_json::Value>,
 ) {
-    let ratios: Vec<f64> = rounds.iter().map(|(a, b)| a / b).collect();
+    let ratios: Vec<f64> = rounds.iter().map(|(a, b)| if lower_is_better { a / b } else { b / a }).collect();
     let (lo, hi) = ratios.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
     let mut line = serde_json::json!({
         "scenario": scenario,
