@@ -232,7 +232,7 @@ impl Supervisor {
             self.drain_channel(i);
         }
         // What its rate limits suppressed is told before its exit.
-        self.summarise_noise(i, true);
+        self.summarise_noise(i, Instant::now(), true);
         let Some(r) = self.slots[i].run.take() else { return };
         let status = match sys::reap(r.pidfd.as_fd()) {
             Ok(Some(s)) => s,

@@ -369,7 +369,8 @@ impl Supervisor {
         self.expire_calls(now);
         self.enforce_stream_releases(now);
         for i in 0..self.slots.len() {
-            self.summarise_noise(i, false);
+            // The turn's clock: one reading for every slot (this runs on every turn).
+            self.summarise_noise(i, now, false);
         }
         if let Some(w) = self.notifier.watchdog {
             if now.duration_since(self.last_watchdog) >= w {

@@ -62,10 +62,10 @@ impl Supervisor {
     }
 
     /// Logs what worker `i`'s rate limits suppressed, once per period (or now, with `flush`).
-    pub(super) fn summarise_noise(&mut self, i: usize, flush: bool) {
+    pub(super) fn summarise_noise(&mut self, i: usize, now: Instant, flush: bool) {
         let slot = &mut self.slots[i];
         let pid = slot.run.as_ref().map(|r| r.pid);
-        for (kind, n) in slot.noise.summary(Instant::now(), flush) {
+        for (kind, n) in slot.noise.summary(now, flush) {
             let (name, what) = (&slot.name, kind.what());
             if kind == Noise::Stderr {
                 tracing::warn!(worker = %name, pid = pid.unwrap_or(0), "suppressed {n} {what} from worker {name}");
