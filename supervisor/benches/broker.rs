@@ -52,7 +52,7 @@ const MESSAGES: usize = 20_000;
 const BATCH: usize = 64;
 
 mod common;
-use common::hmi::{control, cpu_ns, http, login, rss_kib, start_hmi, stop, KillOnPanic};
+use common::hmi::{control, cpu_ns, http, login, rss_kib, spawn_airlockd, start_hmi, stop, KillOnPanic};
 use common::{build_binaries, emit, median, target_dir};
 
 fn call(sock: &Path, service: &str, method: &str, body: &str) -> String {
@@ -85,15 +85,7 @@ fn start_airlockd(dir: &Path, bins: &Path) -> Child {
         b = bins.display()
     );
     std::fs::write(dir.join("airlock.toml"), cfg).expect("config");
-    let child = Command::new(bins.join("airlockd"))
-        .arg("--config")
-        .arg(dir.join("airlock.toml"))
-        .env("AIRLOCK_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("airlockd.log")).expect("log"))
-        .spawn()
-        .expect("airlockd");
+    let child = spawn_airlockd(bins, dir, "warn");
     let sock = dir.join("run/control.sock");
     let deadline = Instant::now() + Duration::from_secs(30);
     while !sock.exists() {
@@ -208,15 +200,7 @@ fn start_hostile_airlockd(dir: &Path, bins: &Path) -> Child {
         b = bins.display()
     );
     std::fs::write(dir.join("airlock.toml"), cfg).expect("config");
-    let d = Command::new(bins.join("airlockd"))
-        .arg("--config")
-        .arg(dir.join("airlock.toml"))
-        .env("AIRLOCK_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("airlockd.log")).expect("log"))
-        .spawn()
-        .expect("airlockd");
+    let d = spawn_airlockd(bins, dir, "warn");
     wait_hostile_up(dir);
     d
 }
@@ -254,15 +238,7 @@ fn start_attack_airlockd(dir: &Path, bins: &Path, cgroup: &str) -> Child {
         b = bins.display()
     );
     std::fs::write(dir.join("airlock.toml"), cfg).expect("config");
-    let d = Command::new(bins.join("airlockd"))
-        .arg("--config")
-        .arg(dir.join("airlock.toml"))
-        .env("AIRLOCK_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("airlockd.log")).expect("log"))
-        .spawn()
-        .expect("airlockd");
+    let d = spawn_airlockd(bins, dir, "warn");
     wait_hostile_up(dir);
     let sock = dir.join("run/control.sock");
     for w in ["pinger", "peer"] {

@@ -10,6 +10,20 @@ use std::time::{Duration, Instant};
 
 use airlock_supervisor::runtime::{CallResult, ControlRequest};
 
+/// airlockd (next to this bench) with `dir/airlock.toml`, logging at `level` to
+/// `dir/airlockd.log`.
+pub fn spawn_airlockd(bins: &Path, dir: &Path, level: &str) -> Child {
+    Command::new(bins.join("airlockd"))
+        .arg("--config")
+        .arg(dir.join("airlock.toml"))
+        .env("AIRLOCK_LOG", level)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("airlockd.log")).expect("log"))
+        .spawn()
+        .expect("airlockd")
+}
+
 /// One request on airlockd's control socket `sock`, and its answer.
 pub fn control(sock: &Path, req: &ControlRequest) -> CallResult {
     let mut s = UnixStream::connect(sock).expect("connect control socket");
@@ -80,15 +94,7 @@ pub fn start_hmi(bins: &Path, tag: &str, edits: &[(&str, &str)]) -> (Child, Path
         .replace("127.0.0.1:8080", &format!("127.0.0.1:{ui}"))
         .replace("127.0.0.1:1502", &format!("127.0.0.1:{}", port(())));
     std::fs::write(dir.join("airlock.toml"), cfg).expect("config");
-    let d = Command::new(bins.join("airlockd"))
-        .arg("--config")
-        .arg(dir.join("airlock.toml"))
-        .env("AIRLOCK_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("airlockd.log")).expect("log"))
-        .spawn()
-        .expect("airlockd");
+    let d = spawn_airlockd(bins, &dir, "info");
     let guard = KillOnPanic(d.id());
     let sock = dir.join("run/control.sock");
     let deadline = Instant::now() + Duration::from_secs(60);
