@@ -11,7 +11,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use airlock_protocol::confinement::Layer;
-use airlock_protocol::control::{LayerWord, WorkerStatus};
+use airlock_protocol::control::{LayerWord, WorkerState, WorkerStatus};
 use airlock_supervisor::cgroup::{choose_layout, parse_mountinfo, parse_proc_cgroup, Layout};
 use common::*;
 
@@ -198,4 +198,29 @@ fn cgroups_left_by_a_killed_airlockd_are_removed_at_the_next_start() {
     assert!(d.log_text().contains("removed a stale worker cgroup"), "{}", d.log_text());
     let (st, log) = d.stop();
     assert!(st.success(), "{log}");
+}
+
+#[test]
+fn a_niced_airlockd_gives_its_workers_the_planned_nice_value_or_says_why_not() {
+    // airlockd started at nice 5 (a unit's `Nice=`, or `nice airlockd`): its children inherit 5,
+    // which no plan asked for. Where airlockd may lower it (root on the host), the worker runs
+    // at the planned 0; elsewhere the priority layer fails naming setpriority, not as a
+    // confinement verification the worker seemed to fail (what it was).
+    let d = Daemon::start_niced(&echo_worker("peer", "peer", ""), 5);
+    let w = d.wait_for("peer", "running or failed", |w| {
+        w.state == WorkerState::Running || matches!(w.state, WorkerState::Failed(_)) || w.last_exit.is_some()
+    });
+    match (&w.state, w.pid) {
+        (WorkerState::Running, Some(pid)) => {
+            assert_eq!(stat_field(pid, 19), 0, "the planned nice value, not airlockd's");
+            assert_eq!(stat_field(d.pid(), 19), 5, "airlockd itself runs niced");
+        }
+        _ => {
+            let text = format!("{w:?}\n{}", d.log_text());
+            // Root on the host (the lane that can read filters) may lower a child's nice value.
+            assert!(!can_read_filters(), "a privileged airlockd failed to: {text}");
+            assert!(text.contains("setpriority(nice 0)") && !text.contains("nice is Some(5)"), "{text}");
+        }
+    }
+    d.stop();
 }

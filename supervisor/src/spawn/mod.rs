@@ -112,9 +112,15 @@ fn apply_priority(pid: i32, l: &WorkerLimits) -> Result<(), String> {
     let errno = |e: std::io::Error| {
         e.raw_os_error().map_or(e.to_string(), |n| format!("{} ({e})", airlock_protocol::confinement::errno_name(n)))
     };
-    if l.nice != 0 {
-        sys::set_nice(pid, l.nice).map_err(|e| format!("setpriority(nice {}): {}", l.nice, errno(e)))?;
-    }
+    // Set even when it is 0: the child inherits airlockd's own nice value (a unit's `Nice=`, or
+    // `nice airlockd`), which the plan does not (an unprivileged airlockd cannot lower it).
+    sys::set_nice(pid, l.nice).map_err(|e| {
+        format!(
+            "setpriority(nice {}): {} (a worker starts at airlockd's own nice value; lowering it takes privilege)",
+            l.nice,
+            errno(e)
+        )
+    })?;
     if l.sched_idle {
         sys::set_sched_idle(pid).map_err(|e| format!("sched_setscheduler(SCHED_IDLE): {}", errno(e)))?;
     }

@@ -174,14 +174,31 @@ impl Daemon {
         d
     }
 
+    /// As `start`, with airlockd itself started at nice value `nice` (`nice -n`).
+    pub fn start_niced(workers: &str, nice: i32) -> Daemon {
+        let dir = Daemon::prepare(workers);
+        Daemon::launch_cmd(dir, "airlockd.log", &[], true, Some(nice))
+    }
+
     fn launch(dir: PathBuf, log_name: &str, env: &[(&str, &str)]) -> Daemon {
         Daemon::launch_with(dir, log_name, env, true)
     }
 
     fn launch_with(dir: PathBuf, log_name: &str, env: &[(&str, &str)], wait_starts: bool) -> Daemon {
+        Daemon::launch_cmd(dir, log_name, env, wait_starts, None)
+    }
+
+    fn launch_cmd(dir: PathBuf, log_name: &str, env: &[(&str, &str)], wait_starts: bool, nice: Option<i32>) -> Daemon {
         let cfg_path = dir.join("airlock.toml");
         let log = dir.join(log_name);
-        let mut cmd = Command::new(bin("airlockd"));
+        let mut cmd = match nice {
+            Some(n) => {
+                let mut c = Command::new("nice");
+                c.arg("-n").arg(n.to_string()).arg(bin("airlockd"));
+                c
+            }
+            None => Command::new(bin("airlockd")),
+        };
         cmd.arg("--config")
             .arg(&cfg_path)
             .env("AIRLOCK_LOG", "info")
