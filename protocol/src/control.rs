@@ -86,7 +86,8 @@ pub struct WorkerStatus {
     #[serde(default)]
     pub bulk_decrypted: u64,
     /// Memfd bulk payloads from this worker that airlockd refused (permit table, quota, or a
-    /// reply nobody waits for) and closed unread: never verified, mapped or decrypted.
+    /// reply nobody waits for) unread: never verified, mapped or decrypted; handed back to the
+    /// sender with the refusal where one goes back, else closed.
     #[serde(default)]
     pub bulk_refused_unread: u64,
     /// Which bounds hold this worker's memory, CPU and processes, one line each

@@ -665,7 +665,8 @@ pub fn unread_by_peer(sock: BorrowedFd<'_>) -> io::Result<usize> {
     // SAFETY: SIOCOUTQ writes one c_int to the pointer, which is valid for that write; `sock`
     // is a live descriptor for the call's duration.
     Errno::result(unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut n) })?;
-    Ok(usize::try_from(n).unwrap_or(0))
+    // A negative count cannot happen; read as "not drained" (the caller then holds back).
+    Ok(usize::try_from(n).unwrap_or(usize::MAX))
 }
 
 /// Faults in every page of a writable mapping now (`MADV_POPULATE_WRITE`, Linux 5.14), or by

@@ -159,6 +159,16 @@ fn encrypted_bulk_the_permit_table_refuses_is_a_violation_and_never_decrypted() 
 }
 
 #[test]
+fn a_payload_attached_to_a_message_that_carries_none_kills_the_sender() {
+    let d = start(&["bulk-event"], "", "");
+    d.wait_log("descriptors or a bulk payload on a message of kind Event; killing it");
+    let w = d.worker("hostile");
+    assert_eq!((w.bulk_refused_unread, w.bulk_decrypted), (1, 0), "never taken in: {w:?}");
+    assert!(!d.log_text().contains("with a payload"), "the event was not logged");
+    drop(d);
+}
+
+#[test]
 fn permitted_encrypted_bulk_is_decrypted_and_counted() {
     // The counter's positive control: a call the broker takes is decrypted (to be re-encrypted).
     let d = start(&["bulk-calls", "peer", "1", "1048576"], "", BULK_PERMIT);

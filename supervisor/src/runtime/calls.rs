@@ -135,7 +135,8 @@ pub(super) fn check_call(
 /// Whether the supervisor takes in (verifies, and decrypts when encrypted) the memfd bulk
 /// payload of `msg` from worker `slot`: only for a call the permit table and the quotas allow
 /// and for a reply to a call waiting for it, within its quota. Everything else is refused
-/// anyway, so its payload is closed unread.
+/// anyway, so its payload is never read: handed back to its sender with the refusal where
+/// one goes back ([`send_returning`]), else closed.
 pub(super) fn admits_bulk(
     msg: &FromWorker,
     bulk: &BulkAnnounce,
@@ -347,7 +348,8 @@ impl Supervisor {
     /// Refuses worker `slot`'s call `id`, handing back the bulk payload airlockd declined
     /// (see [`send_returning`]).
     fn refuse_returning(&mut self, slot: usize, id: u64, failure: CallFailure, returned: Option<OwnedFd>) {
-        let Some(r) = self.slots[slot].run.as_mut() else { return };
+        // A worker its violations got killed gets nothing back (it is going away).
+        let Some(r) = self.slots[slot].run.as_mut().filter(|r| !r.killed) else { return };
         let msg = ToWorker::Reply(Reply { id, result: Err(failure) });
         if let Err(e) = send_returning(&mut r.channel, &msg, returned) {
             tracing::warn!(worker = %self.slots[slot].name, error = %e, "could not deliver a reply");
@@ -358,13 +360,20 @@ impl Supervisor {
 /// Sends `msg` (a refusal) with `returned`, a bulk payload's descriptor airlockd declined
 /// unread, attached: the sender gets its memfd back and closes it, so the kernel's freeing of
 /// its pages is charged to the sender rather than to airlockd's event loop (which would pay
-/// it for every refused payload of a hostile flood). Handed back only while the worker has
-/// read everything airlockd sent it: descriptors in flight count against airlockd's own
-/// limit (`RLIMIT_NOFILE` of in-flight descriptors per user), so one worker that does not
-/// read must not pile them up. Otherwise airlockd closes it here.
+/// it for every refused payload of a hostile flood). Handed back only
+/// - if it is a memfd (`F_GET_SEALS` answers; nothing is mapped or read): a worker that
+///   announced a payload and attached something else, such as its own channel socket, must
+///   not get airlockd to put that into a socket queue (a descriptor cycle in flight);
+/// - while the worker has read everything airlockd sent it: descriptors in flight count
+///   against airlockd's own limit (`RLIMIT_NOFILE` of in-flight descriptors per user), so a
+///   worker that does not read cannot pile them up.
+///
+/// Otherwise airlockd closes it here, and pays for it: a sender that does not read keeps that
+/// cost on airlockd, bounded by what it can send before its violations or quotas stop it.
 pub(super) fn send_returning(ch: &mut Channel, msg: &ToWorker, returned: Option<OwnedFd>) -> Result<(), ChannelError> {
+    use airlock_protocol::sys::{get_seals, unread_by_peer};
     match returned {
-        Some(fd) if airlock_protocol::sys::unread_by_peer(ch.as_fd()).is_ok_and(|n| n == 0) => {
+        Some(fd) if get_seals(fd.as_fd()).is_ok() && unread_by_peer(ch.as_fd()).is_ok_and(|n| n == 0) => {
             ch.send_with(msg, &[fd.as_fd()])
         }
         _ => ch.send(msg),

@@ -177,7 +177,8 @@ impl Supervisor {
                 return;
             }
             // Permits and quotas are checked before a bulk payload is taken in: a payload the
-            // broker refuses is closed unread (never mapped or decrypted).
+            // broker refuses is never mapped or decrypted (handed back to its sender with the
+            // refusal, or closed).
             let got =
                 r.channel.try_recv_admitting::<FromWorker>(|msg, bulk| admits_bulk(msg, bulk, slot, permits, calls, i));
             slot.run = Some(r);
@@ -197,6 +198,17 @@ impl Supervisor {
                     return;
                 }
             };
+            // Only calls, replies and sends may carry a payload (and only calls and sends get it
+            // back with their refusal): descriptors or a payload on any other message are a
+            // protocol violation, and airlockd will not keep paying for them.
+            let carries = !got.fds.is_empty() || got.bulk.is_some() || got.declined.is_some();
+            if carries && !matches!(got.msg, FromWorker::Request(_) | FromWorker::Reply(_) | FromWorker::Send(_)) {
+                let what =
+                    format_args!("descriptors or a bulk payload on a message of kind {}; killing it", got.msg.kind());
+                security::event(&self.slots[i].name, self.slots[i].run.as_ref().map(|r| r.pid), what);
+                self.kill(i);
+                return;
+            }
             // Calls go back and forth one frame at a time; sends and acknowledgements stream.
             let exchange = matches!(got.msg, FromWorker::Request(_) | FromWorker::Reply(_));
             match got.msg {

@@ -7,6 +7,7 @@
 //! - `forge-log`: log lines forged through every string it chooses: the services it announces,
 //!   an event, its stderr, the service and method of a call and of a message.
 //! - `flood-events COUNT BYTES`: COUNT events of BYTES bytes each.
+//! - `bulk-event`: one event with a 1 MiB sealed payload attached (events carry none).
 //! - `unknown-replies COUNT`: COUNT replies to calls nobody made.
 //! - `unknown-acks COUNT`: COUNT acknowledgements of messages never delivered to it.
 //! - `forge-sigsys`: writes a fake SIGSYS report naming `execve`, closes its stderr so that
@@ -101,6 +102,18 @@ fn main() {
         }
         "bulk-calls" => {
             bulk_calls(&mut w, args.get(1).map_or("peer", String::as_str), num(&args, 2), num(&args, 3));
+        }
+        "bulk-event" => {
+            // An event (which carries nothing) with a 1 MiB payload attached.
+            if let Ok(mut writer) = w.bulk_writer(1 << 20) {
+                writer.as_mut_slice().fill(0x5a);
+                let _ = w.raw_channel().send_bulk(
+                    &FromWorker::Event("with a payload".into()),
+                    &[],
+                    writer,
+                    BulkMode::Sealed,
+                );
+            }
         }
         "memhog" => {
             let held = memhog(num(&args, 1), num(&args, 2));
