@@ -44,12 +44,13 @@ pub(crate) struct Settings {
 impl Settings {
     /// The validated plant and field's own settings.
     pub(crate) fn checked(self) -> Result<(hmi::Plant, FieldSettings), String> {
+        let plant = self.plant.validated()?;
         let fs =
             self.field.unwrap_or(FieldSettings { poll_ms: d_poll(), timeout_ms: d_timeout(), stream_samples: false });
         if !(20..=3_600_000).contains(&fs.poll_ms) || !(10..=60_000).contains(&fs.timeout_ms) {
             return Err("bad [settings.field]: poll-ms must be 20..=3600000 and timeout-ms 10..=60000".to_string());
         }
-        Ok((self.plant.validated()?, fs))
+        Ok((plant, fs))
     }
 }
 

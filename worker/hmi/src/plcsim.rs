@@ -36,6 +36,8 @@ const HEATER_SP: u16 = 101;
 const OUTLET: u16 = 102;
 /// Connections served at once; more are closed on accept.
 const MAX_CLIENTS: usize = 16;
+/// How long accepting pauses after accept fails (out of descriptors or memory).
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -130,6 +132,8 @@ pub struct Sim {
     unit: u8,
     tick: Duration,
     next_tick: Instant,
+    /// Accepting pauses until then after an accept error (out of descriptors or memory).
+    accept_paused_until: Option<Instant>,
 }
 
 impl std::fmt::Debug for Sim {
@@ -148,13 +152,24 @@ impl Sim {
         let _ = regs.set_holding(OUTLET, 500);
         tank.publish(&mut regs);
         let tick = Duration::from_millis(tick_ms.max(10));
-        Sim { regs, tank, clients: Vec::new(), unit: unit_id, tick, next_tick: Instant::now() + tick }
+        Sim {
+            regs,
+            tank,
+            clients: Vec::new(),
+            unit: unit_id,
+            tick,
+            next_tick: Instant::now() + tick,
+            accept_paused_until: None,
+        }
     }
 
     /// One pass: accepts waiting clients (`listener` is non-blocking), answers every complete
     /// frame, and steps the tank when a tick is due. The caller waits between passes.
     pub fn turn(&mut self, listener: &TcpListener) {
-        loop {
+        if self.accept_paused_until.is_some_and(|t| Instant::now() >= t) {
+            self.accept_paused_until = None;
+        }
+        while self.accept_paused_until.is_none() {
             match listener.accept() {
                 Ok((stream, _)) if self.clients.len() < MAX_CLIENTS && stream.set_nonblocking(true).is_ok() => {
                     let _ = stream.set_nodelay(true);
@@ -163,7 +178,10 @@ impl Sim {
                 Ok(_) => tracing::warn!("too many Modbus clients: connection closed"),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) => {
-                    tracing::warn!("accept: {e}");
+                    // Out of descriptors or memory: the connection stays queued and the
+                    // listener readable, so accepting pauses rather than spin.
+                    tracing::warn!("accept: {e}; accepting pauses for {} ms", ACCEPT_PAUSE.as_millis());
+                    self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
                     break;
                 }
             }
@@ -179,12 +197,16 @@ impl Sim {
     /// Waits until the listener, a client or `also` (the worker's channel) is readable, or
     /// the next tick is due, for `max` at most. Returns whether `also` is readable.
     pub fn wait(&self, listener: &TcpListener, also: Option<BorrowedFd<'_>>, max: Duration) -> std::io::Result<bool> {
-        let until_tick = self.next_tick.saturating_duration_since(Instant::now()).min(max);
+        // Until the next tick, or the end of a pause in accepting.
+        let next = self.accept_paused_until.map_or(self.next_tick, |t| t.min(self.next_tick));
+        let until_tick = next.saturating_duration_since(Instant::now()).min(max);
         // Rounded up, so that the loop does not wake just before the tick.
         let ms = until_tick.as_micros().div_ceil(1000);
         let timeout = PollTimeout::try_from(ms.min(60_000) as i32).map_err(|_| std::io::Error::from(Errno::EINVAL))?;
         let mut fds: Vec<PollFd<'_>> = also.into_iter().map(|fd| PollFd::new(fd, PollFlags::POLLIN)).collect();
-        fds.push(PollFd::new(listener.as_fd(), PollFlags::POLLIN));
+        if self.accept_paused_until.is_none() {
+            fds.push(PollFd::new(listener.as_fd(), PollFlags::POLLIN));
+        }
         fds.extend(self.clients.iter().map(|c| PollFd::new(c.stream.as_fd(), PollFlags::POLLIN)));
         loop {
             match poll(&mut fds, timeout) {

@@ -4,14 +4,17 @@
 //! The same layers' code as the workers run (field's device I/O, logic's checks and alarms,
 //! the historian's SQLite history, auth's sessions, the ui's HTTP loop and handlers), composed
 //! with no IPC and no confinement: where a worker would call another through airlockd, this
-//! calls the other layer's code directly. The durability is the same: a setpoint's event is in
-//! the history database (`synchronous = FULL`) before the operator is answered, as in the
-//! layered HMI it is in airlockd's journal; every sample is committed to the history as it
-//! arrives, as the historian commits a streamed sample.
+//! calls the other layer's code directly. The durability is the same, with the same fsyncs on
+//! the same paths: an event (an operator's action, an alarm) is appended to an event log and
+//! `fdatasync`ed before logic goes on (the layered HMI journals it in airlockd, one
+//! `fdatasync`), and committed to the history database afterwards, off the operator's path,
+//! as the historian commits it in the layered HMI; every sample is committed to the history
+//! as it arrives, as the historian commits a streamed sample.
 //!
 //! Not a product: it runs with the privileges it was started with, has no supervisor to
 //! restart it, and answers no CSV export (the workers pass that as a sealed memfd).
 
+use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::path::Path;
@@ -28,8 +31,8 @@ use crate::logic::{Logic, Peers};
 use crate::types::{self as hmi, Event, RawWrite, SessionInfo, Token};
 use crate::ui::api::{Backend, CallError};
 
-/// Every layer, each behind a lock of its own (taken in the order logic, then auth, device
-/// or history; never the other way round).
+/// Every layer, each behind a lock of its own (taken in the order logic, then auth, device,
+/// history or the event log; never the other way round, and none while the event log's is held).
 #[derive(Debug)]
 struct Layers {
     plant: hmi::Plant,
@@ -37,6 +40,16 @@ struct Layers {
     auth: Mutex<Auth>,
     device: Mutex<Device>,
     history: Mutex<Historian>,
+    events: Mutex<EventLog>,
+}
+
+/// Events made durable before logic goes on, then handed to the history thread.
+#[derive(Debug)]
+struct EventLog {
+    file: std::fs::File,
+    /// Events written here and not yet committed to the history.
+    pending: usize,
+    to_history: std::sync::mpsc::Sender<Event>,
 }
 
 /// Runs the HMI described by `config` (an airlockd configuration: its `[settings]` tables)
@@ -62,13 +75,26 @@ pub fn run(config: &str, state: &Path, ui: TcpListener, device: TcpStream) -> Re
     let path = state.join("historian/history.sqlite3");
     let history = Historian::open(&path, plant.clone(), retention_days)
         .map_err(|e| format!("cannot open the history database {}: {e}", path.display()))?;
+    let log_path = state.join("events.log");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| format!("{}: {e}", log_path.display()))?;
+    let (to_history, events_in) = std::sync::mpsc::channel();
     let layers = Arc::new(Layers {
         logic: Mutex::new(Logic::new(plant.clone())),
         auth: Mutex::new(Auth::open(auth, &state.join("auth"))?),
         device: Mutex::new(Device::new(device, &plant, &field)),
         history: Mutex::new(history),
+        events: Mutex::new(EventLog { file, pending: 0, to_history }),
         plant,
     });
+    let stored = layers.clone();
+    std::thread::Builder::new()
+        .name("historian".into())
+        .spawn(move || store_events(&stored, &events_in))
+        .map_err(|e| format!("no thread for the historian: {e}"))?;
     let every = Duration::from_millis(field.poll_ms);
     let polled = layers.clone();
     std::thread::Builder::new()
@@ -98,6 +124,24 @@ fn poll(layers: &Layers, every: Duration) {
     }
 }
 
+/// The historian's part: commits each logged event to the history, and empties the log once
+/// everything in it is committed.
+fn store_events(layers: &Layers, events: &std::sync::mpsc::Receiver<Event>) {
+    while let Ok(ev) = events.recv() {
+        if let Err(e) = lock(&layers.history).store_event(None, &ev) {
+            tracing::error!(kind = %ev.kind, tag = %ev.tag, "event not stored (it stays in the event log): {e}");
+            continue;
+        }
+        let mut log = lock(&layers.events);
+        log.pending = log.pending.saturating_sub(1);
+        if log.pending == 0 {
+            if let Err(e) = log.file.set_len(0) {
+                tracing::warn!("emptying the event log: {e}");
+            }
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -118,8 +162,17 @@ impl Peers for Direct<'_> {
     }
 
     fn record(&mut self, ev: Event) {
-        if let Err(e) = lock(&self.layers.history).store_event(None, &ev) {
+        // Durable before logic goes on (the layered HMI's journal append and fdatasync).
+        let mut log = lock(&self.layers.events);
+        let mut line = hmi::encode(&ev);
+        line.splice(0..0, (line.len() as u32).to_le_bytes());
+        if let Err(e) = log.file.write_all(&line).and_then(|()| log.file.sync_data()) {
             tracing::error!(kind = %ev.kind, tag = %ev.tag, "event not recorded: {e}");
+            return;
+        }
+        log.pending += 1;
+        if log.to_history.send(ev).is_err() {
+            tracing::error!("the history thread is gone: the event stays in the event log");
         }
     }
 }
