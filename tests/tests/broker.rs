@@ -176,7 +176,7 @@ fn ten_thousand_messages_reach_a_receiver_killed_repeatedly_exactly_once_in_orde
         d.wait_for("sink", "restart", |w| w.restarts == kills && w.state == WorkerState::Running);
     }
     let out = sender.join().expect("sender");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), d.log_text());
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "sent 10000");
     wait_drained(&d);
     assert_exactly_once_in_order(&sink_log(&d), 10_000);

@@ -241,6 +241,10 @@ fn main() {
                 let batch: u64 = batch.parse::<u64>().map_err(|_| "BATCH must be a number")?.max(1);
                 let durable = mode == "durable";
                 let mut i = 0;
+                // Progress events at most every 100 ms: airlockd allows a worker 20 events a
+                // second (a burst of 50), and a fast sender crossing a hundred every few
+                // milliseconds was killed for an event flood.
+                let mut last_event: Option<std::time::Instant> = None;
                 while i < count {
                     let k = batch.min(count - i);
                     if k == 1 {
@@ -252,8 +256,10 @@ fn main() {
                     }
                     let before = i;
                     i += k;
-                    if i / 100 != before / 100 || i == count {
+                    let due = last_event.is_none_or(|t| t.elapsed() >= std::time::Duration::from_millis(100));
+                    if (i / 100 != before / 100 && due) || i == count {
                         let _ = w.event(&format!("accepted {i}"));
+                        last_event = Some(std::time::Instant::now());
                     }
                 }
                 Ok(Response::bytes(format!("sent {count}").into_bytes()))
