@@ -635,9 +635,10 @@ impl Channel {
 
     /// As [`Channel::try_recv`], but a memfd bulk payload is taken in (verified, mapped or
     /// decrypted) only when `admit` says so, given the decoded message and what its frame
-    /// announces of the payload. A declined payload is never verified, mapped or decrypted: it is
-    /// reported in [`Received::declined`] with its descriptor in [`Received::declined_fd`]: a broker checks its permits and quotas here, so a
-    /// payload it refuses costs it no decryption. Inline payloads, inside the frame, are not
+    /// announces of the payload. A declined payload is never verified, mapped or decrypted:
+    /// it is reported in [`Received::declined`], its descriptor in [`Received::declined_fd`].
+    /// A broker checks its permits and quotas here, so a payload it refuses costs it no
+    /// decryption. Inline payloads, inside the frame, are not
     /// asked about.
     pub fn try_recv_admitting<T: DeserializeOwned>(
         &mut self,

@@ -12,6 +12,7 @@
 //! - the memory mapping (`mmap`, `munmap`, `madvise` are `unsafe fn`s in nix too), and
 //!   `MADV_POPULATE_WRITE`, `SCHED_IDLE` and `close_range`, which nix 0.29 lacks;
 //! - the `pre_exec` hook that installs a child's descriptors;
+//! - `ioctl(SIOCOUTQ)`, through nix's `ioctl_read_bad!` (an `unsafe fn` in nix too);
 //! - [`SharedArea`]: a mapping another process writes concurrently (stream rings), reached only
 //!   through atomics and raw-pointer copies, and the shared `futex` calls on its words, which
 //!   nix 0.29 lacks.
@@ -657,14 +658,17 @@ impl SharedArea {
     }
 }
 
+// `ioctl(SIOCOUTQ)` (SIOCOUTQ is TIOCOUTQ on every architecture Linux has), through nix's
+// ioctl macro; nix 0.29 has no safe wrapper for it.
+nix::ioctl_read_bad!(siocoutq, libc::TIOCOUTQ, libc::c_int);
+
 /// Bytes this socket sent that its peer has not read yet (`ioctl(SIOCOUTQ)`; for `AF_UNIX`,
-/// what the peer's receive queue holds of ours). nix 0.29 has no wrapper for it.
+/// what the peer's receive queue holds of ours).
 pub fn unread_by_peer(sock: BorrowedFd<'_>) -> io::Result<usize> {
-    // SIOCOUTQ is TIOCOUTQ on every architecture Linux has.
     let mut n: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ writes one c_int to the pointer, which is valid for that write; `sock`
-    // is a live descriptor for the call's duration.
-    Errno::result(unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut n) })?;
+    // SAFETY: SIOCOUTQ writes one c_int through the pointer, which is valid for that write;
+    // `sock` is a live descriptor for the call's duration.
+    unsafe { siocoutq(sock.as_raw_fd(), &mut n) }?;
     // A negative count cannot happen; read as "not drained" (the caller then holds back).
     Ok(usize::try_from(n).unwrap_or(usize::MAX))
 }

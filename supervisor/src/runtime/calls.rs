@@ -342,9 +342,7 @@ impl Supervisor {
             }
         }
     }
-}
 
-impl Supervisor {
     /// Refuses worker `slot`'s call `id`, handing back the bulk payload airlockd declined
     /// (see [`send_returning`]).
     fn refuse_returning(&mut self, slot: usize, id: u64, failure: CallFailure, returned: Option<OwnedFd>) {

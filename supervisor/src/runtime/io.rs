@@ -233,7 +233,7 @@ impl Supervisor {
                 }
                 FromWorker::Request(req) => self.call_from_worker(i, req, got.bulk, got.declined, got.declined_fd),
                 FromWorker::Reply(rep) => self.route_reply(i, rep, got.bulk, got.declined),
-                FromWorker::Send(msg) if !got.fds.is_empty() || got.bulk.is_some() || got.declined.is_some() => {
+                FromWorker::Send(msg) if carries => {
                     let why = "asynchronous messages carry no descriptors or bulk payloads: use a call".to_string();
                     if let Some(run) = self.slots[i].run.as_mut() {
                         let refused = ToWorker::Refused { seq: msg.seq, refusal: Refusal::NotPermitted(why) };
