@@ -83,6 +83,8 @@ pub struct Worker {
     /// The `[settings.*]` tables the supervisor gave this worker, as TOML text.
     settings: String,
     state_directory: Option<std::path::PathBuf>,
+    /// Deliveries are acknowledged by the application ([`Worker::hold_acks`]).
+    hold_acks: bool,
     /// Acknowledgements not yet sent (see [`Worker::serve_all`]).
     acks: Vec<FromWorker>,
     shutdown: bool,
@@ -161,6 +163,7 @@ impl Worker {
             settings,
             state_directory: plan.state_directory.clone(),
             acks: Vec::new(),
+            hold_acks: false,
             shutdown: false,
             stream_ends: Vec::new(),
             incoming: Vec::new(),
@@ -392,6 +395,23 @@ impl Worker {
         self.handled_up_to = self.handled_up_to.max(id);
     }
 
+    /// From now on a delivery is not acknowledged when its handler returns: the application
+    /// acknowledges it with [`Worker::ack`] once it is done with it (the bridge: once the
+    /// broker has confirmed what it published). Until then airlockd keeps the message in its
+    /// journal, counts it against the sender's and this worker's quotas, and delivers it
+    /// again after a restart of this worker or of airlockd. At most `delivery-window`
+    /// messages are delivered unacknowledged, so holding them also holds back the rest.
+    pub fn hold_acks(&mut self) {
+        self.hold_acks = true;
+    }
+
+    /// Acknowledges deliveries held under [`Worker::hold_acks`], in one batch: airlockd then
+    /// removes them from its journal and delivers the next.
+    pub fn ack(&mut self, ids: impl IntoIterator<Item = u64>) -> Result<(), WorkerError> {
+        self.acks.extend(ids.into_iter().map(|id| FromWorker::Ack { id }));
+        self.flush_acks()
+    }
+
     /// Serves requests until the supervisor says `Shutdown` or closes the channel.
     /// Asynchronous deliveries are acknowledged unhandled: use [`Worker::serve_all`].
     pub fn serve<F>(&mut self, handler: F) -> Result<(), WorkerError>
@@ -520,8 +540,12 @@ impl Worker {
                     self.handled_up_to = d.id;
                 } else {
                     tracing::debug!(id = d.id, "redelivery of a handled message: acknowledged, not handled again");
+                    self.acks.push(FromWorker::Ack { id: d.id });
+                    return Ok(());
                 }
-                self.acks.push(FromWorker::Ack { id: d.id });
+                if !self.hold_acks {
+                    self.acks.push(FromWorker::Ack { id: d.id });
+                }
             }
             ToWorker::Shutdown => {
                 self.flush_acks()?;

@@ -98,6 +98,13 @@ pub struct Quota {
     /// broker passes on without mapping it).
     #[serde(default = "q_bulk")]
     pub bulk_bytes: u64,
+    /// Bytes of messages waiting for this worker (journaled, not yet handled), from every
+    /// sender together; a message over it is refused `Busy` to its sender. Unbounded when
+    /// absent: each sender's `journal-bytes` bounds it then. A worker that holds messages
+    /// while a peer outside is away (the bridge's store and forward) sets it, so that its
+    /// backlog cannot fill a sender's quota and starve that sender's other destinations.
+    #[serde(default)]
+    pub inbox_bytes: Option<usize>,
 }
 fn q_bulk() -> u64 {
     64 << 20
@@ -114,7 +121,13 @@ fn q_body() -> usize {
 
 impl Default for Quota {
     fn default() -> Self {
-        Quota { in_flight_calls: q_calls(), journal_bytes: q_journal(), max_body_bytes: q_body(), bulk_bytes: q_bulk() }
+        Quota {
+            in_flight_calls: q_calls(),
+            journal_bytes: q_journal(),
+            max_body_bytes: q_body(),
+            bulk_bytes: q_bulk(),
+            inbox_bytes: None,
+        }
     }
 }
 

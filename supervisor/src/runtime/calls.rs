@@ -457,7 +457,13 @@ mod tests {
             grant: Some("operator".into()),
             ..permits::Permit::default()
         }];
-        let q = Quota { in_flight_calls: 2, journal_bytes: 100, max_body_bytes: 10, bulk_bytes: 1 << 20 };
+        let q = Quota {
+            in_flight_calls: 2,
+            journal_bytes: 100,
+            max_body_bytes: 10,
+            bulk_bytes: 1 << 20,
+            inbox_bytes: None,
+        };
         let req = |method: &str| Request {
             id: 1,
             service: "logic".into(),
@@ -478,7 +484,8 @@ mod tests {
 
     #[test]
     fn call_quota_says_which_limit_refused() {
-        let q = Quota { in_flight_calls: 2, journal_bytes: 100, max_body_bytes: 10, bulk_bytes: 1000 };
+        let q =
+            Quota { in_flight_calls: 2, journal_bytes: 100, max_body_bytes: 10, bulk_bytes: 1000, inbox_bytes: None };
         assert_eq!(check_call_quota("ui", &q, 1, 10, Some(1000)), Ok(()));
         assert_eq!(check_call_quota("ui", &q, 2, 0, None), Err("ui has 2 calls in flight (quota 2)".into()));
         assert_eq!(

@@ -33,6 +33,17 @@ pub(super) fn check_send_quota(name: &str, q: &Quota, waiting: usize, msg: &Mess
     Ok(charge)
 }
 
+/// Whether worker `name`, with `waiting` bytes of messages for it not yet handled, may be
+/// sent one more that costs `charge` (its `inbox-bytes` quota).
+pub(super) fn check_inbox(name: &str, q: &Quota, waiting: usize, charge: usize) -> Result<(), String> {
+    match q.inbox_bytes {
+        Some(limit) if waiting + charge > limit => {
+            Err(format!("{name} has {waiting} bytes of messages waiting for it (its inbox-bytes quota is {limit})"))
+        }
+        _ => Ok(()),
+    }
+}
+
 impl Supervisor {
     /// A worker's asynchronous message: permit table, quota, journal, then `Accepted`
     /// (after the turn's group fsync when durable).
@@ -70,6 +81,10 @@ impl Supervisor {
                 return;
             }
         };
+        if let Err(why) = check_inbox(&self.slots[t].name, &self.slots[t].cfg.quota, self.slots[t].inbox_bytes, len) {
+            refuse(self, Refusal::Busy(why));
+            return;
+        }
         let entry = match self.journal.enqueue(&name, &msg.service, &msg.method, msg.body) {
             Ok(e) => e,
             Err(e) => {
@@ -79,6 +94,7 @@ impl Supervisor {
             }
         };
         self.slots[i].journal_bytes += len;
+        self.slots[t].inbox_bytes += len;
         let id = entry.id;
         self.slots[t].outbox.push_back(entry);
         if msg.durable {
@@ -191,8 +207,9 @@ impl Supervisor {
         if let Err(err) = self.journal.done(id) {
             tracing::error!(error = %err, id, "journal: recording a handled message failed; it may be redelivered");
         }
+        let charge = entry_charge(&e.service, &e.method, e.body.len());
+        self.slots[i].inbox_bytes = self.slots[i].inbox_bytes.saturating_sub(charge);
         if let Some(&f) = self.by_name.get(&e.from) {
-            let charge = entry_charge(&e.service, &e.method, e.body.len());
             self.slots[f].journal_bytes = self.slots[f].journal_bytes.saturating_sub(charge);
         }
     }
@@ -229,7 +246,7 @@ mod tests {
 
     #[test]
     fn send_quota_charges_the_whole_entry_and_refuses_past_the_quota() {
-        let q = Quota { in_flight_calls: 1, journal_bytes: 200, max_body_bytes: 100, bulk_bytes: 0 };
+        let q = Quota { in_flight_calls: 1, journal_bytes: 200, max_body_bytes: 100, bulk_bytes: 0, inbox_bytes: None };
         let charge = entry_charge("historian", "event", 10);
         assert_eq!(charge, 64 + 9 + 5 + 10);
         assert_eq!(check_send_quota("logic", &q, 0, &msg(10)), Ok(charge));
@@ -242,6 +259,18 @@ mod tests {
         assert_eq!(
             check_send_quota("logic", &q, 0, &msg(101)),
             Err("message of 101 bytes exceeds logic's quota of 100".into())
+        );
+    }
+
+    #[test]
+    fn an_inbox_bound_refuses_past_it_and_its_absence_bounds_nothing() {
+        let mut q = Quota::default();
+        assert_eq!(check_inbox("bridge", &q, usize::MAX / 2, 100), Ok(()));
+        q.inbox_bytes = Some(1000);
+        assert_eq!(check_inbox("bridge", &q, 900, 100), Ok(()));
+        assert_eq!(
+            check_inbox("bridge", &q, 901, 100),
+            Err("bridge has 901 bytes of messages waiting for it (its inbox-bytes quota is 1000)".into())
         );
     }
 }

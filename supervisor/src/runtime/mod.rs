@@ -154,9 +154,11 @@ impl Supervisor {
             let from = by_name.get(&e.from).copied();
             match providers.get(&e.service) {
                 Some(&t) => {
+                    let charge = entry_charge(&e.service, &e.method, e.body.len());
                     if let Some(f) = from {
-                        slots[f].journal_bytes += entry_charge(&e.service, &e.method, e.body.len());
+                        slots[f].journal_bytes += charge;
                     }
+                    slots[t].inbox_bytes += charge;
                     slots[t].outbox.push_back(e);
                 }
                 None => {

@@ -61,6 +61,9 @@ pub(super) struct Slot {
     pub noise: Limiter,
     /// Bytes of this worker's journaled messages not yet handled.
     pub journal_bytes: usize,
+    /// Bytes of messages for this worker, from every sender, not yet handled (its
+    /// `inbox-bytes` quota).
+    pub inbox_bytes: usize,
     /// Messages for this worker, not yet delivered (journal order).
     pub outbox: VecDeque<Entry>,
     /// Delivered, not yet acknowledged.
@@ -97,6 +100,7 @@ impl Slot {
             violations: 0,
             noise: Limiter::new(Instant::now()),
             journal_bytes: 0,
+            inbox_bytes: 0,
             outbox: VecDeque::new(),
             delivered: BTreeMap::new(),
             incarnation: 0,

@@ -8,6 +8,7 @@
 //! - [`historian`]: the SQLite history, trends and CSV export.
 //! - [`auth`]: operator logins against the [`credentials`] file, sessions.
 //! - [`ui`]: HTTP/1.1 for operators' browsers on a socket the supervisor opened.
+//! - [`bridge`]: the site's Sparkplug B edge node over MQTT, with store and forward.
 //! - [`types`]: the bodies the layers exchange; [`operators`]: the `airlock-hmi user` tool.
 //! - [`single`]: the same layers composed in one process, the baseline of the HMI benchmark.
 //!
@@ -16,6 +17,7 @@
 #![deny(unsafe_code)]
 
 pub mod auth;
+pub mod bridge;
 pub mod credentials;
 pub mod field;
 #[cfg(feature = "history")]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use std::time::Instant;
 
 use crate::types::{
-    self as hmi, Ack, Alarm, AlarmKind, Event, PlantSettings, RawWrite, Sample, SessionInfo, Setpoint, TagValue, Token,
+    self as hmi, Ack, Alarm, AlarmKind, Event, RawWrite, Sample, SessionInfo, Setpoint, TagValue, Token, Update,
     Verdict,
 };
 use airlock_worker::{Response, Worker};
@@ -29,6 +29,24 @@ pub(crate) struct Logic {
     last_sample_ms: i64,
 }
 
+/// Logic's settings: the plant, and its own table.
+#[derive(Debug, serde::Deserialize)]
+struct Settings {
+    plant: hmi::Plant,
+    #[serde(default)]
+    logic: LogicSettings,
+}
+
+/// `[settings.logic]`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct LogicSettings {
+    /// Send the plant's state after every sample to the bridge (`bridge.update`), which
+    /// publishes it beyond the site (`docs/multi-site.md`).
+    #[serde(default)]
+    publish_to_bridge: bool,
+}
+
 /// The worker's entry point (its binary is one line that calls this).
 pub fn main() -> ExitCode {
     airlock_worker::init_logging();
@@ -39,7 +57,8 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let plant = match w.settings::<PlantSettings>().map_err(|e| e.to_string()).and_then(|s| s.plant.validated()) {
+    let settings = w.settings::<Settings>().map_err(|e| e.to_string());
+    let (plant, own) = match settings.and_then(|s| Ok((s.plant.validated()?, s.logic))) {
         Ok(p) => p,
         Err(e) => {
             tracing::error!("{e}");
@@ -48,11 +67,16 @@ pub fn main() -> ExitCode {
     };
     let logic = std::cell::RefCell::new(Logic::new(plant));
     let pending = std::cell::RefCell::new(std::collections::VecDeque::new());
+    let bridge = std::cell::RefCell::new(own.publish_to_bridge.then(BridgeOut::default));
     let mut streamed = crate::samples::SampleIn::default();
     let served = w.serve_all_ticking(
         std::time::Duration::from_millis(20),
         |w, req, _bulk| {
-            let body = logic.borrow_mut().handle(&req.method, &req.body, &mut Brokered { w, pending: &pending })?;
+            let body = logic.borrow_mut().handle(
+                &req.method,
+                &req.body,
+                &mut Brokered { w, pending: &pending, bridge: &bridge },
+            )?;
             Ok(Response::bytes(body))
         },
         |w, d, _bulk| {
@@ -61,11 +85,15 @@ pub fn main() -> ExitCode {
                 return;
             }
             match hmi::decode::<Sample>(&d.body) {
-                Ok(s) => logic.borrow_mut().on_sample(&s, &mut Brokered { w, pending: &pending }),
+                Ok(s) => logic.borrow_mut().on_sample(&s, &mut Brokered { w, pending: &pending, bridge: &bridge }),
                 Err(e) => tracing::warn!(from = %d.from, "dropping a sample: {e}"),
             }
         },
-        |w| streamed.drain(w, |w, s| logic.borrow_mut().on_sample(&s, &mut Brokered { w, pending: &pending })),
+        |w| {
+            streamed.drain(w, |w, s| {
+                logic.borrow_mut().on_sample(&s, &mut Brokered { w, pending: &pending, bridge: &bridge })
+            })
+        },
     );
     match served {
         Ok(()) => ExitCode::SUCCESS,
@@ -86,12 +114,24 @@ pub(crate) trait Peers {
     fn write(&mut self, write: &RawWrite) -> Result<(), String>;
     /// Records an event durably with the historian (operator actions and alarms are records).
     fn record(&mut self, ev: Event);
+    /// Passes the plant's state after a sample on beyond the site, where a bridge does that.
+    fn publish(&mut self, _update: &Update) {}
 }
 
 /// Logic's peers through airlockd: calls under the permit table, events journaled.
 struct Brokered<'a> {
     w: &'a mut Worker,
     pending: &'a Pending,
+    /// Set when logic publishes to the bridge (`publish-to-bridge`).
+    bridge: &'a std::cell::RefCell<Option<BridgeOut>>,
+}
+
+/// Logic's side of the bridge: what it could not hand over, said once per episode.
+#[derive(Debug, Default)]
+struct BridgeOut {
+    /// Updates the broker refused since the last one it took (the bridge's inbox is full or
+    /// the bridge is not running).
+    refused: u64,
 }
 
 impl Peers for Brokered<'_> {
@@ -115,6 +155,31 @@ impl Peers for Brokered<'_> {
 
     fn record(&mut self, ev: Event) {
         record(self.w, self.pending, ev);
+    }
+
+    /// Durable, so that the bridge's store and forward survives airlockd's restart. Never
+    /// blocks logic beyond the journal's fsync: an update the broker refuses (the bridge's
+    /// inbox is full after a long outage) is dropped and counted, and the bridge's consumers
+    /// see the gap in the sample times.
+    fn publish(&mut self, update: &Update) {
+        let mut bridge = self.bridge.borrow_mut();
+        let Some(out) = bridge.as_mut() else { return };
+        match self.w.send("bridge", "update", hmi::encode(update), true) {
+            Ok(()) => {
+                if out.refused > 0 {
+                    tracing::warn!(dropped = out.refused, "the bridge takes updates again");
+                    out.refused = 0;
+                }
+            }
+            Err(e) => {
+                if out.refused == 0 {
+                    tracing::error!(
+                        "an update for the bridge was dropped (and any more are, until it takes them again): {e}"
+                    );
+                }
+                out.refused += 1;
+            }
+        }
     }
 }
 
@@ -202,6 +267,18 @@ impl Logic {
         for ev in events {
             peers.record(ev);
         }
+        peers.publish(&self.update(s));
+    }
+
+    /// The plant's state after sample `s`, for the bridge.
+    fn update(&self, s: &Sample) -> Update {
+        let values = s
+            .values
+            .iter()
+            .filter_map(|(name, raw)| Some((name.clone(), self.plant.tag(name)?.to_eng(*raw))))
+            .collect();
+        let active_alarms = self.alarms.values().filter(|a| a.active).map(|a| (a.tag.clone(), a.kind)).collect();
+        Update { ts_ms: s.ts_ms, values, fault: s.fault.clone(), active_alarms }
     }
 
     fn value(&self, tag: &str) -> Option<f64> {

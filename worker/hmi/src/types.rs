@@ -10,6 +10,7 @@
 //! | logic | `field.write`             | call | [`RawWrite`] → `()`                  |
 //! | logic | `auth.validate`           | call | [`Token`] → [`SessionInfo`]          |
 //! | logic | `historian.event`         | send | [`Event`]                            |
+//! | logic | `bridge.update`           | send | [`Update`] (multi-site only)         |
 //! | ui    | `auth.login`              | call | [`Login`] → [`SessionInfo`]          |
 //! | ui    | `auth.validate`/`logout`  | call | [`Token`] → [`SessionInfo`] / `()`   |
 //! | ui    | `logic.values`            | call | `()` → `Vec<`[`TagValue`]`>`         |
@@ -202,6 +203,20 @@ impl Plant {
 #[derive(Debug, Clone, Deserialize)]
 pub struct PlantSettings {
     pub plant: Plant,
+}
+
+/// The plant's state after one sample, in engineering units: what `logic` sends the bridge
+/// (`bridge.update`, a durable message) for it to publish beyond the site
+/// (`docs/multi-site.md`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Update {
+    /// When the sample was taken (ms since the epoch).
+    pub ts_ms: i64,
+    /// Every tag read in the sample; empty when the device could not be read.
+    pub values: Vec<(String, f64)>,
+    pub fault: Option<String>,
+    /// The alarms active after this sample.
+    pub active_alarms: Vec<(String, AlarmKind)>,
 }
 
 /// One poll of the device: raw registers by tag name, or why the poll failed.
