@@ -30,7 +30,7 @@ if [ $build = 1 ]; then
   cargo build --release --locked --workspace --bins >&2
 fi
 rel=target/release
-workers=(plcsim field logic historian auth ui)
+workers=(plcsim field logic historian auth ui bridge)
 root=target/debian/root
 rm -rf "$root"
 install -d "$root/DEBIAN" "$root/usr/bin" "$root/usr/libexec/airlock" "$root/usr/share/airlock/policies/common" \

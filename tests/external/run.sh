@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The HMI's tests against real peers: a pymodbus server as the device (test_field_pymodbus.py)
-# and headless Chromium through chromedriver as the operator (test_browser.py).
+# The HMI's tests against real peers: a pymodbus server as the device (test_field_pymodbus.py),
+# headless Chromium through chromedriver as the operator (test_browser.py), and two sites
+# publishing through Mosquitto to a paho-mqtt/pysparkplug primary host (test_multi_site.py).
 #
-#   tests/external/run.sh [field|browser|all] [unittest names...]
+#   tests/external/run.sh [field|browser|multi-site|all] [unittest names...]
 #
-# Installs what is missing (Debian: chromium, chromium-driver, python3-venv; a venv with
-# pymodbus under target/), builds the binaries (`cargo build --workspace --bins`; skipped when
+# Installs what is missing (Debian: chromium, chromium-driver, mosquitto, openssl,
+# python3-venv; a venv with pymodbus and pysparkplug under target/), builds the binaries (`cargo build --workspace --bins`; skipped when
 # AIRLOCK_BIN_DIR names a directory of built binaries), runs the tests with unittest and ends
 # with `external: N passed, M failed`. Exit status 0 only if every test ran and passed.
 # Runs as root on a fresh Debian machine with no stdin (CI=true). EXTERNAL_KEEP=1 keeps every
@@ -18,14 +19,17 @@ cd "$root"
 export DEBIAN_FRONTEND=noninteractive
 
 PYMODBUS_VERSION=3.16.1
+# pysparkplug 0.6.1 decodes Sparkplug B (Apache-2.0); it pins paho-mqtt below 2 (1.6.1).
+PYSPARKPLUG_VERSION=0.6.1
 venv=${EXTERNAL_VENV:-$root/target/pyenv}
 which=${1:-all}
 [ $# -gt 0 ] && shift
 case $which in
   field) modules=(test_field_pymodbus) ;;
   browser) modules=(test_browser) ;;
-  all) modules=(test_field_pymodbus test_browser) ;;
-  *) echo "usage: $0 [field|browser|all] [unittest names...]" >&2; exit 2 ;;
+  multi-site) modules=(test_multi_site) ;;
+  all) modules=(test_field_pymodbus test_browser test_multi_site) ;;
+  *) echo "usage: $0 [field|browser|multi-site|all] [unittest names...]" >&2; exit 2 ;;
 esac
 [ $# -gt 0 ] && modules=("$@")
 
@@ -46,7 +50,16 @@ apt_install() {
 }
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'ok installed'; }
 
-if [ "$which" != field ]; then
+if [ "$which" = multi-site ] || [ "$which" = all ]; then
+  need=()
+  for p in mosquitto openssl; do installed "$p" || need+=("$p"); done
+  [ ${#need[@]} -eq 0 ] || apt_install "${need[@]}"
+  # Debian starts the packaged broker as a service where there is an init; the tests start
+  # their own on free ports and need nothing else.
+  step "$(mosquitto -h 2>/dev/null | head -1), $(openssl version)"
+fi
+
+if [ "$which" = browser ] || [ "$which" = all ]; then
   need=()
   for p in chromium chromium-driver fonts-dejavu-core; do installed "$p" || need+=("$p"); done
   [ ${#need[@]} -eq 0 ] || apt_install "${need[@]}"
@@ -58,18 +71,25 @@ fi
 # ---------------------------------------------------------------- python venv with pymodbus
 py=${PYTHON:-python3}
 py_ok() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; }
-if ! py_ok "$venv/bin/python" || ! "$venv/bin/python" -c "import pymodbus, sys; sys.exit(pymodbus.__version__ != '$PYMODBUS_VERSION')" 2>/dev/null; then
+venv_ok() {
+  "$venv/bin/python" - "$PYMODBUS_VERSION" "$PYSPARKPLUG_VERSION" <<'PY' 2>/dev/null
+import sys
+from importlib.metadata import version
+sys.exit(version("pymodbus") != sys.argv[1] or version("pysparkplug") != sys.argv[2])
+PY
+}
+if ! py_ok "$venv/bin/python" || ! venv_ok; then
   command -v "$py" >/dev/null && py_ok "$py" || py=/usr/bin/python3
   if ! "$py" -c 'import venv, ensurepip' 2>/dev/null; then
     apt_install python3-venv
     py=/usr/bin/python3
   fi
   py_ok "$py" || fail "$py is older than Python 3.11 (tomllib)"
-  step "creating $venv with pymodbus==$PYMODBUS_VERSION ($("$py" --version))"
+  step "creating $venv with pymodbus==$PYMODBUS_VERSION pysparkplug==$PYSPARKPLUG_VERSION ($("$py" --version))"
   rm -rf "$venv"
   "$py" -m venv "$venv" || fail "python -m venv failed"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-input "pymodbus==$PYMODBUS_VERSION" ||
-    fail "pip install pymodbus==$PYMODBUS_VERSION failed"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-input "pymodbus==$PYMODBUS_VERSION" \
+    "pysparkplug==$PYSPARKPLUG_VERSION" || fail "pip install pymodbus==$PYMODBUS_VERSION pysparkplug==$PYSPARKPLUG_VERSION failed"
 fi
 step "$("$venv/bin/python" --version), pymodbus $("$venv/bin/python" -c 'import pymodbus; print(pymodbus.__version__)')"
 
@@ -84,7 +104,7 @@ else
   export AIRLOCK_BIN_DIR=$root/target/debug
 fi
 for b in airlockd airlock airlock-worker-field airlock-worker-logic airlock-worker-historian \
-  airlock-worker-auth airlock-worker-ui airlock-worker-plcsim; do
+  airlock-worker-auth airlock-worker-ui airlock-worker-plcsim airlock-worker-bridge; do
   [ -x "$AIRLOCK_BIN_DIR/$b" ] || fail "no $AIRLOCK_BIN_DIR/$b"
 done
 

@@ -80,6 +80,27 @@ impl Tls {
     }
 }
 
+/// The socket as rustls sees it: one `send` per write. rustls writes TLS records with
+/// `write_vectored`, which on a `TcpStream` is `writev`, a syscall the bridge's policy keeps
+/// for stderr; reads are `recv` either way.
+struct Sock<'a>(&'a TcpStream);
+
+impl Read for Sock<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        (&*self.0).read(buf)
+    }
+}
+
+impl Write for Sock<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        (&*self.0).write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A connection to the broker, plain or under TLS.
 #[derive(Debug)]
 pub enum Link {
@@ -93,9 +114,8 @@ impl Link {
     pub fn open(sock: TcpStream, tls: Option<&Tls>) -> Result<Link, LinkError> {
         let Some(tls) = tls else { return Ok(Link::Plain(sock)) };
         let mut conn = rustls::ClientConnection::new(tls.config.clone(), tls.server_name.clone())?;
-        let mut sock = sock;
         while conn.is_handshaking() {
-            let (read, written) = conn.complete_io(&mut sock)?;
+            let (read, written) = conn.complete_io(&mut Sock(&sock))?;
             if read == 0 && written == 0 && conn.is_handshaking() {
                 return Err(LinkError::Closed);
             }
@@ -116,7 +136,7 @@ impl Link {
             Link::Tls(c, s) => {
                 c.writer().write_all(bytes)?;
                 while c.wants_write() {
-                    c.write_tls(s)?;
+                    c.write_tls(&mut Sock(s))?;
                 }
             }
         }
@@ -132,7 +152,7 @@ impl Link {
                 n => into.extend_from_slice(&buf[..n]),
             },
             Link::Tls(c, s) => {
-                if c.read_tls(s)? == 0 {
+                if c.read_tls(&mut Sock(s))? == 0 {
                     return Err(LinkError::Closed);
                 }
                 c.process_new_packets()?;
@@ -145,7 +165,7 @@ impl Link {
                     }
                 }
                 while c.wants_write() {
-                    c.write_tls(s)?;
+                    c.write_tls(&mut Sock(s))?;
                 }
             }
         }
