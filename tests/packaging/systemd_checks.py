@@ -32,6 +32,11 @@ LANE = "/run/airlock-lane"
 CURRENT = f"{LANE}/current.deb"
 LOWER = f"{LANE}/lower.deb"
 DOCS = open(f"{LANE}/deployment.md").read() if os.path.exists(f"{LANE}/deployment.md") else ""
+MULTI_SITE = open(f"{LANE}/multi-site.md").read() if os.path.exists(f"{LANE}/multi-site.md") else ""
+CONFIG = "/etc/airlock/airlock.toml"
+# A broker off the machine, as far as the unit can tell: docs/multi-site.md's example address,
+# added to this machine's loopback device (not localhost, so IPAddressAllow=localhost refuses it).
+BROKER_ADDR, BROKER_PORT = "192.0.2.10", 8883
 
 # The one place that names the operator-management command (the HMI's own tool); the
 # environment's AIRLOCK_USER_ADD overrides it.
@@ -459,6 +464,98 @@ def check_privileged_without_dropin():
     check(prop(SOCKET, "Triggers") == PRIV and active(PRIV) == "active", "drop-in back, privileged unit restarted")
 
 
+def multi_site_dropin():
+    """docs/multi-site.md's drop-in for the bridge, verbatim (the ```ini block of its systemd
+    section)."""
+    section_text = MULTI_SITE.split("## Under systemd: the drop-in", 1)[-1]
+    m = re.search(r"```ini\n(.*?)```", section_text, re.S)
+    return m.group(1) if m else ""
+
+
+def bridge_config(base):
+    """The installed configuration plus the bridge, plain MQTT to BROKER_ADDR (docs/multi-site.md)."""
+    cfg = base.replace('settings = ["plant"]\n', 'settings = ["plant", "logic"]\n', 1)
+    cfg = cfg.replace("[settings.plcsim]", "[settings.logic]\npublish-to-bridge = true\n\n"
+                      '[settings.bridge]\ngroup = "plants"\nedge-node = "lane"\n\n[settings.plcsim]', 1)
+    return cfg + f"""
+[[worker]]
+name = "bridge"
+executable = "airlock-worker-bridge"
+policy = "bridge"
+uid = "dynamic"
+services = ["bridge"]
+settings = ["plant", "bridge"]
+
+[worker.quota]
+inbox-bytes = 1048576
+
+[[worker.resource]]
+kind = "tcp-connect"
+address = "{BROKER_ADDR}:{BROKER_PORT}"
+
+[[permit]]
+from = "logic"
+to = "bridge.update"
+kind = "send"
+"""
+
+
+def check_bridge_dropin(unit):
+    section(f"the bridge and a broker off the machine: refused by the unit, reached with docs/multi-site.md's drop-in")
+    dropin_text = multi_site_dropin()
+    check(f"IPAddressAllow={BROKER_ADDR}" in dropin_text and "PrivateNetwork=no" in dropin_text,
+          "docs/multi-site.md has the drop-in", dropin_text)
+    run(["ip", "addr", "add", f"{BROKER_ADDR}/32", "dev", "lo"])
+    conf = f"{LANE}/mosquitto.conf"
+    with open(conf, "w") as f:
+        f.write(f"listener {BROKER_PORT} {BROKER_ADDR}\nallow_anonymous true\npersistence false\n")
+    os.chmod(conf, 0o644)
+    broker = subprocess.Popen(["mosquitto", "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = open(CONFIG).read()
+    dropin = f"/etc/systemd/system/{unit}.d/bridge.conf"
+
+    def births(seconds):
+        r = run(["mosquitto_sub", "-h", BROKER_ADDR, "-p", str(BROKER_PORT), "-t", "spBv1.0/plants/NBIRTH/lane",
+                 "-C", "1", "-W", str(seconds), "-F", "%t"])
+        return r.stdout.strip()
+
+    try:
+        with open(CONFIG, "w") as f:
+            f.write(bridge_config(base))
+        r = run(["airlockd", "--check-config", CONFIG])
+        check(r.returncode == 0, "the configuration with the bridge checks", r.stdout + r.stderr)
+        cur = cursor()
+        run(["systemctl", "restart", unit])
+        s = wait(lambda: (lambda j: j if j and all(w["state"] == "Running" for w in j["workers"]) else None)(status_json()), 20)
+        check(s is not None and any(w["name"] == "bridge" for w in s["workers"]), "the bridge runs under the unit")
+        refused = wait(lambda: "broker connection lost: connecting" in journal(cur, units=(unit,)), 20)
+        got = births(5)
+        check(refused and got == "", f"without the drop-in the unit keeps the bridge off {BROKER_ADDR} (no birth)",
+              got or "\n".join(l for l in journal(cur, units=(unit,)).splitlines() if "bridge" in l)[-1500:])
+        os.makedirs(os.path.dirname(dropin), exist_ok=True)
+        with open(dropin, "w") as f:
+            f.write(dropin_text)
+        run("systemctl daemon-reload")
+        cur = cursor()
+        run(["systemctl", "restart", unit])
+        got = births(30)
+        check(got == "spBv1.0/plants/NBIRTH/lane", f"with the drop-in the bridge's birth reaches the broker at {BROKER_ADDR}",
+              got or "\n".join(l for l in journal(cur, units=(unit,)).splitlines() if "bridge" in l)[-1500:])
+    finally:
+        with open(CONFIG, "w") as f:
+            f.write(base)
+        if os.path.exists(dropin):
+            os.remove(dropin)
+            os.rmdir(os.path.dirname(dropin))
+        run("systemctl daemon-reload")
+        run(["systemctl", "restart", unit])
+        broker.kill()
+        broker.wait(10)
+        run(["ip", "addr", "del", f"{BROKER_ADDR}/32", "dev", "lo"])
+    s = wait(lambda: (lambda j: j if j and all(w["state"] == "Running" for w in j["workers"]) else None)(status_json()), 20)
+    check(s is not None and not any(w["name"] == "bridge" for w in s["workers"]), "configuration and unit restored")
+
+
 def switch(commands, mode):
     section(f"switching to the {mode} mode as docs/deployment.md says")
     for c in commands:
@@ -536,6 +633,7 @@ def main():
     check_status(mode)
     check_plant(mode, password)
     check_security(mode)
+    check_bridge_dropin(UNPRIV)
     check_notify_watchdog(UNPRIV)
     check_stop_and_activation(mode)
     check_restart_keeps_state(mode, password)

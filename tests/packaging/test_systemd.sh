@@ -14,6 +14,9 @@
 set -uo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
 shared=${AIRLOCK_SHARED:-$(cd "$here/.." && pwd)/shared}
+# Mosquitto in the machine: the "remote" broker of the bridge's drop-in check (docs/multi-site.md).
+# .ci/run sets the machine up with the same list (one rootfs per list).
+RUN_SYSTEMD_PACKAGES=${RUN_SYSTEMD_PACKAGES:-mosquitto,mosquitto-clients}
 [ $# -ge 1 ] && [ -f "$1" ] || { echo "usage: $0 DEB [LOWER_DEB]" >&2; exit 2; }
 deb=$(readlink -f "$1")
 fail() { echo "FAIL $*"; echo "systemd: 0 passed, 1 failed"; exit 1; }
@@ -34,11 +37,12 @@ echo "package $(dpkg-deb -f "$deb" Version), upgrade from $(dpkg-deb -f "$lower"
 
 # Ten minutes for the whole lane (boot, install, checks, cleanup).
 start=$SECONDS
-RUN_SYSTEMD_TIMEOUT=${RUN_SYSTEMD_TIMEOUT:-600} RUN_SYSTEMD_ENV="${AIRLOCK_USER_ADD:+AIRLOCK_USER_ADD}" \
+RUN_SYSTEMD_PACKAGES=$RUN_SYSTEMD_PACKAGES RUN_SYSTEMD_TIMEOUT=${RUN_SYSTEMD_TIMEOUT:-600} RUN_SYSTEMD_ENV="${AIRLOCK_USER_ADD:+AIRLOCK_USER_ADD}" \
   "$shared/run-systemd" --deb "$deb" \
   --copy "$deb:/run/airlock-lane/current.deb" --copy "$lower:/run/airlock-lane/lower.deb" \
   --copy "$here/tests/packaging/systemd_checks.py:/run/airlock-lane/systemd_checks.py" \
   --copy "$here/docs/deployment.md:/run/airlock-lane/deployment.md" \
+  --copy "$here/docs/multi-site.md:/run/airlock-lane/multi-site.md" \
   -- python3 /run/airlock-lane/systemd_checks.py
 rc=$?
 echo "systemd lane: exit $rc after $((SECONDS - start)) s"
