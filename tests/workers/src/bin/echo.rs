@@ -1,7 +1,8 @@
 //! The reference worker: serves the `echo` service. Used by the supervisor's tests and
 //! benchmarks as a real, confined workload.
 //!
-//! Methods: `echo` (returns the body), `sum` (wrapping sum of the bulk payload's bytes as
+//! Methods: `echo` (returns the body), `send_updates` (the bridge's input, for the multi-site
+//! benchmark), `sum` (wrapping sum of the bulk payload's bytes as
 //! 8 little-endian bytes), `make_bulk` (body: a decimal length, optionally followed by `encrypted`; returns a sealed bulk payload of
 //! that many bytes), `exit` (body: a decimal exit code; exits with it), `forbidden` (issues `ptrace`,
 //! which every worker policy forbids).
@@ -263,6 +264,35 @@ fn main() {
                         let _ = w.event(&format!("accepted {i}"));
                         tokens -= 1.0;
                     }
+                }
+                Ok(Response::bytes(format!("sent {count}").into_bytes()))
+            }
+            "send_updates" => {
+                // Body `COUNT TAGS BATCH START`: COUNT durable `bridge.update` messages (the
+                // bridge's real input), each with tags t0..t{TAGS-1} all at START + i, BATCH at
+                // a time (the multi-site benchmark's burst).
+                let text = String::from_utf8_lossy(&req.body).into_owned();
+                let n: Vec<u64> = text.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+                let [count, tags, batch, start] = n[..] else {
+                    return Err("body must be: COUNT TAGS BATCH START".into());
+                };
+                let names: Vec<String> = (0..tags).map(|t| format!("t{t}")).collect();
+                let mut i = 0;
+                while i < count {
+                    let k = batch.max(1).min(count - i);
+                    let bodies = (i..i + k)
+                        .map(|x| {
+                            let v = (start + x) as f64;
+                            airlock_hmi::types::encode(&airlock_hmi::types::Update {
+                                ts_ms: airlock_hmi::types::now_ms(),
+                                values: names.iter().map(|n| (n.clone(), v)).collect(),
+                                fault: None,
+                                active_alarms: Vec::new(),
+                            })
+                        })
+                        .collect();
+                    w.send_many("bridge", "update", bodies, true).map_err(|e| e.to_string())?;
+                    i += k;
                 }
                 Ok(Response::bytes(format!("sent {count}").into_bytes()))
             }

@@ -22,6 +22,13 @@ pub struct Payload {
     pub body: Option<Vec<u8>>,
 }
 
+impl Payload {
+    /// The payload's protobuf bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        prost::Message::encode_to_vec(self)
+    }
+}
+
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Metric {
     #[prost(string, optional, tag = "1")]
@@ -358,6 +365,11 @@ pub fn death(bd_seq: u64, now_ms: u64) -> Payload {
     }
 }
 
+/// Decodes a payload (for consumers: the tests and the benchmark).
+pub fn decode(payload: &[u8]) -> Result<Payload, String> {
+    <Payload as prost::Message>::decode(payload).map_err(|e| format!("not a Sparkplug B payload: {e}"))
+}
+
 /// What a command (NCMD) asks.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
@@ -369,7 +381,7 @@ pub enum Command {
 
 /// Decodes an NCMD payload (from the broker: untrusted).
 pub fn command(payload: &[u8]) -> Result<Command, String> {
-    let p = <Payload as prost::Message>::decode(payload).map_err(|e| format!("not a Sparkplug B payload: {e}"))?;
+    let p = decode(payload)?;
     let mut refused = Vec::new();
     let mut rebirth = false;
     for m in &p.metrics {
