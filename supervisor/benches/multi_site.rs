@@ -201,7 +201,8 @@ fn updates(start: u64, n: u64) -> Vec<Update> {
 
 fn config(bins: &Path, dir: &Path, port: u16) -> String {
     let default = airlock_supervisor::config::EMBEDDED_DEFAULT;
-    let head = default.split("# ----------------------------------------------------------------").next().expect("head");
+    let head =
+        default.split("# ----------------------------------------------------------------").next().expect("head");
     let head = head.replace(
         "[supervisor]\n",
         &format!(

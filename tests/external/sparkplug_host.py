@@ -122,6 +122,72 @@ class Broker:
             return "".join(f.readlines()[-n:])
 
 
+class Link:
+    """A site's network link to the broker: a TCP relay on a free port. `cut()` makes it go
+    silent without closing anything (bytes stop flowing both ways, as when a line or a router
+    fails: no FIN, no RST); `restore()` lets them flow again. New connections during a cut are
+    accepted by the kernel and then hang, as a connection into a dead link does."""
+
+    def __init__(self, target_port: int):
+        import socket
+        self.target = ("127.0.0.1", target_port)
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        while not self.closed:
+            try:
+                a, _ = self.listener.accept()
+            except OSError:
+                return
+            self.flowing.wait()
+            try:
+                b = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                a.close()
+                continue
+            b.settimeout(None)  # a silent link is silent for as long as it is cut
+            for src, dst in ((a, b), (b, a)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src, dst):
+        try:
+            while True:
+                self.flowing.wait()
+                data = src.recv(65536)
+                # Nothing crosses a cut link, not even the end of a connection.
+                self.flowing.wait()
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(2)
+            except OSError:
+                pass
+
+    def cut(self):
+        self.flowing.clear()
+
+    def restore(self):
+        self.flowing.set()
+
+    def close(self):
+        self.closed = True
+        self.flowing.set()
+        self.listener.close()
+
+
 class Host:
     """The primary host application: publishes its STATE (retained, QoS 1, with a will saying
     offline), subscribes to the group and records, per edge node and in arrival order, every

@@ -19,7 +19,7 @@ from pysparkplug import DataType, Metric
 
 from device import PymodbusDevice, Registers
 from harness import Airlockd, AirlockTestCase, Api, free_port, hmi_config, wait_for, wait_http
-from sparkplug_host import GROUP, HOST_ID, Broker, Host, Pki, new_dir, remove
+from sparkplug_host import GROUP, HOST_ID, Broker, Host, Link, Pki, new_dir, remove
 
 POLL_MS = 100
 LEVEL, TEMPERATURE, INFLOW, PRESSURE = 0, 1, 2, 3
@@ -33,9 +33,10 @@ TAGS = ["level", "temperature", "inflow", "pressure", "inlet_valve", "heater_sp"
 SAMPLE_TIME = "Node Info/Sample Time"
 
 
-def site_config(name: str, ui_port: int, device_port: int, broker: Broker, pki: Pki, inbox: int) -> dict:
+def site_config(name: str, ui_port: int, device_port: int, broker: Broker, pki: Pki, inbox: int, link: Link) -> dict:
     """The default HMI on free ports, a pymodbus device as the plant, and the bridge: site-a
-    authenticates with a password, site-b with a client certificate."""
+    authenticates with a password and reaches the broker through `link`, site-b with a client
+    certificate, directly."""
     cfg = hmi_config(ui_port, device_port, with_plcsim=False)
     cfg["settings"]["field"]["poll-ms"] = POLL_MS
     cfg["settings"]["logic"] = {"publish-to-bridge": True}
@@ -44,7 +45,7 @@ def site_config(name: str, ui_port: int, device_port: int, broker: Broker, pki: 
             w["settings"] = ["plant", "logic"]
     bridge = {"group": GROUP, "edge-node": name, "primary-host": HOST_ID, "keepalive-s": 5,
               "tls": {"server-name": "broker.test", "ca": 1}}
-    resources = [{"kind": "tcp-connect", "address": f"127.0.0.1:{broker.port}"}, {"kind": "file", "path": pki.ca}]
+    resources = [{"kind": "tcp-connect", "address": f"127.0.0.1:{link.port}"}, {"kind": "file", "path": pki.ca}]
     if name == "site-a":
         secret = os.path.join(broker.dir, f"{name}.password")
         with open(secret, "w", encoding="utf-8") as f:
@@ -67,12 +68,12 @@ def site_config(name: str, ui_port: int, device_port: int, broker: Broker, pki: 
 
 
 class Site:
-    def __init__(self, name: str, broker: Broker, pki: Pki, inbox: int):
+    def __init__(self, name: str, broker: Broker, pki: Pki, inbox: int, link: Link):
         self.name = name
         self.regs = Registers(PLANTS[name], HOLDINGS)
         self.device = PymodbusDevice(free_port(), self.regs)
         self.ui_port = free_port()
-        self.airlockd = Airlockd(site_config(name, self.ui_port, self.device.port, broker, pki, inbox), name)
+        self.airlockd = Airlockd(site_config(name, self.ui_port, self.device.port, broker, pki, inbox, link), name)
 
     def start(self):
         self.device.start()
@@ -102,7 +103,9 @@ class Sites(AirlockTestCase):
         self.host = Host(self.broker, self.pki.ca)
         self.host.start()
         self.addCleanup(self.host.stop)
-        self.sites = {n: Site(n, self.broker, self.pki, self.inbox) for n in ("site-a", "site-b")}
+        self.link = Link(self.broker.port)
+        self.addCleanup(self.link.close)
+        self.sites = {n: Site(n, self.broker, self.pki, self.inbox, self.link) for n in ("site-a", "site-b")}
         for s in self.sites.values():
             s.start()
             self.addCleanup(s.device.stop)
@@ -231,6 +234,30 @@ class MultiSite(Sites):
             self.assert_nothing_lost_or_reordered(n, t0, end, (down, up))
         pressure = [m for m in self.host.data("site-a") if m.name == "pressure" and m.value == 4.1]
         self.assertTrue(pressure and pressure[0].is_historical, f"the change during the outage: {pressure[:1]}")
+
+    def test_a_silent_link_outage_loses_nothing_published_into_it(self):
+        """site-a's link goes silent (no FIN, no RST) for 20 s: what the bridge published into
+        it is never confirmed (no PINGRESP), so after its keepalive it reconnects, and once the
+        link is back everything since the last confirmation is published again."""
+        t0 = int(time.time() * 1000)
+        for n in self.sites:
+            self.wait_caught_up(n, t0)
+        time.sleep(2)
+        down = int(time.time() * 1000)
+        self.link.cut()
+        time.sleep(20)
+        up = int(time.time() * 1000)
+        self.link.restore()
+        self.wait_birth("site-a", after=1, timeout=60)
+        for n in self.sites:
+            self.wait_caught_up(n, up, timeout=60)
+        end = int(time.time() * 1000) - 1000
+        for n in self.sites:
+            self.assert_nothing_lost_or_reordered(n, t0, end, (down, up) if n == "site-a" else None)
+        # The broker declared site-a dead (its will), and site-b never noticed.
+        self.assertTrue(self.host.of("site-a", "NDEATH"), "no NDEATH for site-a while its link was silent")
+        self.assertEqual(len(self.host.of("site-b", "NBIRTH")), 1, "site-b was born again")
+        self.assertIn("did not answer a PINGREQ", self.sites["site-a"].airlockd.log())
 
     def test_primary_host_outage_stores_and_forwards_as_historical(self):
         t0 = int(time.time() * 1000)

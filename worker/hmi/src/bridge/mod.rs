@@ -409,7 +409,15 @@ impl Bridge {
         match std::mem::replace(&mut self.conn, Conn::Down) {
             Conn::Connecting(sock, _) => {
                 if let Err(e) = self.establish(sock) {
-                    self.fail(format!("connecting: {e}"));
+                    let why = match &e {
+                        LinkError::Io(io)
+                            if matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+                        {
+                            format!("the broker did not answer within {} s", IO_TIMEOUT.as_secs())
+                        }
+                        _ => e.to_string(),
+                    };
+                    self.fail(format!("connecting: {why}"));
                 }
             }
             Conn::Up(mut s) => {
