@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::hmi::{control, spawn_airlockd, KillOnPanic};
+use common::hmi::{control, cpu_ns, spawn_airlockd, KillOnPanic};
 use common::{build_binaries, emit_rounds, locate_binaries, median};
 
 use airlock_hmi::bridge::{mqtt, sparkplug};
@@ -253,6 +253,24 @@ kind = \"send\"
     )
 }
 
+/// airlockd's workers by executable name (`/proc/PID/cmdline`'s first word).
+fn workers(airlockd: u32) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("/proc").filter_map(Result::ok) {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if ppid != Some(airlockd) {
+            continue;
+        }
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let first = cmd.split(|b| *b == 0).next().unwrap_or_default();
+        let name = String::from_utf8_lossy(first).rsplit('/').next().unwrap_or_default().to_string();
+        out.push((name, pid));
+    }
+    out
+}
+
 fn feed(sock: &Path, count: u64, start: u64) {
     let r = control(
         sock,
@@ -308,19 +326,31 @@ fn main() {
 
     // bridge_publish_rate
     let (mut rate_rounds, mut feed_ms, mut start) = (Vec::new(), Vec::new(), 1 + warm);
+    // CPU per update of each process on the bridge's path, and of the broker on both.
+    let mut procs = workers(d.id());
+    procs.push(("airlockd".into(), d.id()));
+    procs.push(("mosquitto".into(), mosq.id()));
+    let mut cpu: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    let mut broker_plain = Vec::new();
     for _ in 0..rounds {
         let before = count(&seen, BRIDGE_TOPIC).0;
+        let cpu0: Vec<u64> = procs.iter().map(|(_, p)| cpu_ns(*p)).collect();
         let t = Instant::now();
         feed(&sock, per_round, start);
         feed_ms.push(t.elapsed().as_secs_f64() * 1e3);
         let last = wait_metrics(&seen, BRIDGE_TOPIC, before + changes, "the bridge's burst");
+        for ((name, pid), c0) in procs.iter().zip(&cpu0) {
+            cpu.entry(name.clone()).or_default().push((cpu_ns(*pid) - c0) as f64 / 1e3 / per_round as f64);
+        }
         let bridge = changes as f64 / last.duration_since(t).as_secs_f64();
 
         let before = count(&seen, PLAIN_TOPIC).0;
         let batch = updates(start, per_round);
+        let m0 = cpu_ns(mosq.id());
         let t = Instant::now();
         plain.publish(&batch);
         let last = wait_metrics(&seen, PLAIN_TOPIC, before + changes, "the plain publisher's burst");
+        broker_plain.push((cpu_ns(mosq.id()) - m0) as f64 / 1e3 / per_round as f64);
         let base = changes as f64 / last.duration_since(t).as_secs_f64();
         rate_rounds.push((bridge, base));
         start += per_round;
@@ -331,10 +361,16 @@ fn main() {
         "changes/s",
         false,
         "tag changes from the bridge's input (durable messages through airlockd's journal) to a subscriber, vs the same updates published from memory with the same code",
-        serde_json::Map::from_iter([(
-            "feed_accepted_ms".to_string(),
-            serde_json::json!((median(feed_ms) * 10.0).round() / 10.0),
-        )]),
+        serde_json::Map::from_iter([
+            ("feed_accepted_ms".to_string(), serde_json::json!((median(feed_ms) * 10.0).round() / 10.0)),
+            (
+                "cpu_us_per_update".to_string(),
+                serde_json::Value::Object(
+                    cpu.into_iter().map(|(k, v)| (k, serde_json::json!((median(v) * 100.0).round() / 100.0))).collect(),
+                ),
+            ),
+            ("broker_cpu_us_per_update_plain".to_string(), serde_json::json!((median(broker_plain) * 100.0).round() / 100.0)),
+        ]),
     );
 
     // bridge_latency
