@@ -89,7 +89,7 @@ class Broker:
         tls = f"cafile {pki.ca}\ncertfile {pki.broker_cert}\nkeyfile {pki.broker_key}\n"
         self.conf = os.path.join(d, "mosquitto.conf")
         with open(self.conf, "w", encoding="utf-8") as f:
-            f.write("per_listener_settings true\npersistence false\nlog_dest stderr\n"
+            f.write("per_listener_settings true\npersistence false\nset_tcp_nodelay true\nlog_dest stderr\n"
                     "log_type error\nlog_type warning\nlog_type notice\n"
                     f"listener {self.port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\n"
                     f"acl_file {acl}\n{tls}"
