@@ -12,6 +12,7 @@ the birth certificates' content; commands refused.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
@@ -311,6 +312,13 @@ class FullInbox(Sites):
         self.broker.stop()
         wait_for("logic told the bridge's inbox is full", lambda: "an update for the bridge was dropped" in a.airlockd.log(),
                  30, 0.2)
+        # airlock status says what holds the store, and that it is full.
+        bridge = a.airlockd.workers()["bridge"]
+        inbox = [b for b in bridge["bounds"] if b.startswith("inbox: ")]
+        self.assertEqual(len(inbox), 1, bridge["bounds"])
+        waiting, limit = (int(x) for x in re.match(r"inbox: (\d+) of (\d+) bytes", inbox[0]).groups())
+        self.assertEqual(limit, self.inbox)
+        self.assertGreater(waiting, self.inbox * 3 // 4, inbox[0])
         # The operator's setpoint still reaches the device and the historian's record.
         wait_http(a.ui_port)
         api = Api(a.ui_port)

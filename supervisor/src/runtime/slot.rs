@@ -141,7 +141,13 @@ impl Slot {
             calls_made: self.calls_made,
             bulk_decrypted: self.bulk_decrypted,
             bulk_refused_unread: self.bulk_refused_unread,
-            bounds: self.bounds.clone(),
+            bounds: {
+                let mut b = self.bounds.clone();
+                if let Some(limit) = self.cfg.quota.inbox_bytes {
+                    b.push(format!("inbox: {} of {limit} bytes of messages waiting (inbox-bytes)", self.inbox_bytes));
+                }
+                b
+            },
         }
     }
 }
