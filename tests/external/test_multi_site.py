@@ -183,6 +183,7 @@ class MultiSite(Sites):
             for tag in TAGS:
                 self.assertEqual(by_name[tag].datatype, DataType.DOUBLE, tag)
             self.assertEqual(by_name["bdSeq"].datatype, DataType.UINT64)
+            self.assertEqual(by_name["bdSeq"].value, 0, "the first CONNECT's bdSeq")
             self.assertEqual(by_name["Node Control/Rebirth"].value, False)
             self.assertEqual(by_name["level/Alarm High"].datatype, DataType.BOOLEAN)
             self.assertEqual(by_name["level/Alarm Low"].datatype, DataType.BOOLEAN)
@@ -233,6 +234,8 @@ class MultiSite(Sites):
         end = int(time.time() * 1000) - 1000
         for n in self.sites:
             self.assert_nothing_lost_or_reordered(n, t0, end, (down, up))
+            bd = [[m.value for m in b.metrics if m.name == "bdSeq"] for b in self.host.of(n, "NBIRTH")]
+            self.assertEqual(bd, [[0], [1]], f"{n}: one more bdSeq for the one CONNECT after the outage")
         pressure = [m for m in self.host.data("site-a") if m.name == "pressure" and m.value == 4.1]
         self.assertTrue(pressure and pressure[0].is_historical, f"the change during the outage: {pressure[:1]}")
 

@@ -255,7 +255,10 @@ pub struct Bridge {
     /// everything after it again.
     confirmed: BTreeMap<String, (sparkplug::Val, i64)>,
     fence: Option<Fence>,
+    /// The session's birth/death sequence number (`bdSeq`): 0 in the first CONNECT after the
+    /// bridge starts, one more in each next one, 0 after 255.
     bd_seq: u64,
+    connections: u64,
     /// The newest STATE timestamp seen from the primary host.
     host_ts: i64,
     conn: Conn,
@@ -317,6 +320,7 @@ impl Bridge {
             confirmed: BTreeMap::new(),
             fence: None,
             bd_seq: 0,
+            connections: 0,
             host_ts: 0,
             conn,
             next_attempt: Instant::now(),
@@ -438,9 +442,11 @@ impl Bridge {
         sock.set_write_timeout(Some(IO_TIMEOUT))?;
         sock.set_nodelay(true)?;
         let mut link = Link::open(sock, self.tls.as_ref())?;
-        self.bd_seq = (self.bd_seq + 1) % 256;
+        // Counted per CONNECT written (a connection refused or a handshake that fails sends
+        // none), as Sparkplug counts them.
+        let bd_seq = self.connections % 256;
         let now = hmi::now_ms();
-        let will = sparkplug::death(self.bd_seq, now.max(0) as u64).encode_to_vec();
+        let will = sparkplug::death(bd_seq, now.max(0) as u64).encode_to_vec();
         let client_id = self.s.client_id.clone().unwrap_or_else(|| format!("{}-{}", self.s.group, self.s.edge_node));
         let will_topic = self.topic("NDEATH");
         link.send(&mqtt::connect(&mqtt::ConnectArgs {
@@ -451,6 +457,8 @@ impl Bridge {
             will_topic: &will_topic,
             will: &will,
         }))?;
+        self.bd_seq = bd_seq;
+        self.connections += 1;
         let now = Instant::now();
         self.conn = Conn::Up(Box::new(Session {
             link,
