@@ -286,6 +286,25 @@ fn setsockopt_under_field_and_plcsim_allows_their_named_options_only() {
 }
 
 #[test]
+fn bridge_has_no_network_and_no_path_of_its_own_only_its_socket_options() {
+    // The bridge reaches the broker only on the connection airlockd opened, and reads its
+    // certificates and password from descriptors airlockd opened.
+    for (case, want) in [
+        ("socket-inet", Outcome::Sigsys),
+        ("openat", Outcome::Sigsys),
+        ("openat-rdonly-cloexec", Outcome::Errno(libc::EACCES)),
+        ("ioctl-fionbio", Outcome::Sigsys),
+        ("setsockopt-rcvtimeo", Outcome::Errno(libc::EBADF)),
+        ("setsockopt-sndtimeo", Outcome::Errno(libc::EBADF)),
+        ("setsockopt-nodelay", Outcome::Errno(libc::EBADF)),
+        ("setsockopt-reuseaddr", Outcome::Sigsys),
+        ("setsockopt-nodelay-at-sol-socket", Outcome::Sigsys),
+    ] {
+        assert_eq!(probe("bridge", case), want, "bridge {case}");
+    }
+}
+
+#[test]
 fn prctl_under_echo_allows_thread_names_only() {
     assert_eq!(probe("echo", "prctl-dumpable"), Outcome::Sigsys);
     assert_eq!(probe("echo", "prctl-seccomp"), Outcome::Sigsys);
