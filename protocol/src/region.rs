@@ -102,8 +102,6 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
 
-use chacha20poly1305::aead::AeadInPlace;
-use chacha20poly1305::Tag;
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::{nonce, DOMAIN_REGION_ANSWER, DOMAIN_REGION_REQUEST};
@@ -548,7 +546,7 @@ impl RegionCaller {
         // The copy is private now: nothing the callee writes from here on changes it.
         if let Some(Cipher(c)) = &self.cipher {
             let body = len - TAG_LEN;
-            let tag = Tag::clone_from_slice(&answer[body..]);
+            let tag = stream::tag_of(&answer[body..]);
             answer.truncate(body);
             let ad = aad(n, len as u32, status);
             if c.decrypt_in_place_detached(&nonce(DOMAIN_REGION_ANSWER, n), &ad, answer, &tag).is_err() {
@@ -773,7 +771,7 @@ impl RegionCallee {
         // The copy is private now: nothing the caller writes from here on changes it.
         if let Some(Cipher(c)) = &self.cipher {
             let body = len - TAG_LEN;
-            let tag = Tag::clone_from_slice(&self.buf[body..]);
+            let tag = stream::tag_of(&self.buf[body..]);
             self.buf.truncate(body);
             let ad = aad(n, len as u32, STATUS_ANSWER);
             if c.decrypt_in_place_detached(&nonce(DOMAIN_REGION_REQUEST, n), &ad, &mut self.buf, &tag).is_err() {
@@ -974,7 +972,7 @@ mod tests {
             let mut v = vec![0u8; len];
             self.area.copy_out(DATA, &mut v).expect("read answer");
             if let Some(Cipher(c)) = &self.cipher {
-                let tag = Tag::clone_from_slice(&v[len - TAG_LEN..]);
+                let tag = stream::tag_of(&v[len - TAG_LEN..]);
                 v.truncate(len - TAG_LEN);
                 let ad = aad(n, len as u32, status);
                 c.decrypt_in_place_detached(&nonce(DOMAIN_REGION_ANSWER, n), &ad, &mut v, &tag).expect("open");

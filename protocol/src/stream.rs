@@ -85,12 +85,10 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
 
-use chacha20poly1305::aead::{AeadInPlace, KeyInit};
-use chacha20poly1305::{ChaCha20Poly1305, Tag};
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
-use crate::crypto::{nonce, DOMAIN_STREAM, KEY_LEN};
+use crate::crypto::{nonce, Aead, DOMAIN_STREAM, KEY_LEN};
 use crate::frame::TAG_LEN;
 use crate::sys::{self, FutexWait, SharedArea};
 
@@ -242,9 +240,16 @@ impl StreamKey {
         Ok(k)
     }
 
-    fn cipher(&self) -> ChaCha20Poly1305 {
-        ChaCha20Poly1305::new((&self.0).into())
+    fn cipher(&self) -> Aead {
+        Aead::new(&self.0)
     }
+}
+
+/// The tag at the end of a record (`t` is exactly `TAG_LEN` bytes, cut by the caller).
+pub(crate) fn tag_of(t: &[u8]) -> [u8; TAG_LEN] {
+    let mut tag = [0u8; TAG_LEN];
+    tag.copy_from_slice(t);
+    tag
 }
 
 fn align8(n: usize) -> usize {
@@ -474,7 +479,7 @@ pub struct StreamWriter {
 }
 
 /// A ChaCha20-Poly1305 instance (it zeroizes its expanded key on drop); `Debug` shows nothing.
-pub(crate) struct Cipher(pub(crate) ChaCha20Poly1305);
+pub(crate) struct Cipher(pub(crate) Aead);
 
 impl std::fmt::Debug for Cipher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -840,7 +845,7 @@ impl StreamReader {
             header[..4].copy_from_slice(&(len as u32).to_le_bytes());
             header[4..].copy_from_slice(&KIND_DATA.to_le_bytes());
             let body = len - TAG_LEN;
-            let tag = Tag::clone_from_slice(&buf[body..]);
+            let tag = tag_of(&buf[body..]);
             buf.truncate(body);
             if c.decrypt_in_place_detached(&nonce(DOMAIN_STREAM, seq), &header, &mut buf, &tag).is_err() {
                 return Err(
