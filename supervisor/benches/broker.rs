@@ -96,16 +96,8 @@ fn start_airlockd(dir: &Path, bins: &Path) -> Child {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Wait until the workers answer.
-    while control(
-        &sock,
-        &ControlRequest::Call { service: "peer".into(), method: "echo".into(), body: "x".into(), deadline_ms: 0 },
-    )
-    .body
-        != "x"
-    {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // The sink `stuck` is meant not to start.
+    common::hmi::wait_running(&sock, &["pinger", "peer", "writer", "receiver", "flooder"], &dir.join("airlockd.log"));
     child
 }
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use airlock_supervisor::runtime::{CallResult, ControlRequest};
+use airlock_supervisor::runtime::{CallResult, ControlRequest, Status, WorkerState};
 
 /// airlockd (next to this bench) with `dir/airlock.toml`, logging at `level` to
 /// `dir/airlockd.log`.
@@ -22,6 +22,39 @@ pub fn spawn_airlockd(bins: &Path, dir: &Path, level: &str) -> Child {
         .stderr(std::fs::File::create(dir.join("airlockd.log")).expect("log"))
         .spawn()
         .expect("airlockd")
+}
+
+/// Waits until every worker named in `names` is running (verified and ready) under the
+/// airlockd of `sock`, whose log is `log`. airlockd starts its workers concurrently, so one
+/// worker answering says nothing of the others. Panics with the log when one fails or after 60 s.
+pub fn wait_running(sock: &Path, names: &[&str], log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = None;
+    loop {
+        let status = UnixStream::connect(sock).ok().and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            writeln!(s, "{}", serde_json::to_string(&ControlRequest::Status).ok()?).ok()?;
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).ok()?;
+            serde_json::from_str::<Status>(&line).ok()
+        });
+        if let Some(st) = status {
+            let state = |n: &str| st.workers.iter().find(|w| w.name == n).map(|w| w.state.clone());
+            if let Some(n) = names.iter().find(|n| matches!(state(n), Some(WorkerState::Failed(_)))) {
+                panic!("worker {n} failed: {:?}; log:\n{}", state(n), std::fs::read_to_string(log).unwrap_or_default());
+            }
+            if names.iter().all(|n| state(n) == Some(WorkerState::Running)) {
+                return;
+            }
+            last = Some(st.workers.iter().map(|w| format!("{}: {:?}", w.name, w.state)).collect::<Vec<_>>());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "workers {names:?} not all running within 60 s; last status {last:?}; log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// One request on airlockd's control socket `sock`, and its answer.
@@ -93,7 +126,7 @@ pub fn start_hmi(bins: &Path, tag: &str, edits: &[(&str, &str)]) -> (Child, Path
         )
         .replace("127.0.0.1:8080", &format!("127.0.0.1:{ui}"))
         .replace("127.0.0.1:1502", &format!("127.0.0.1:{}", port(())));
-    std::fs::write(dir.join("airlock.toml"), cfg).expect("config");
+    std::fs::write(dir.join("airlock.toml"), &cfg).expect("config");
     let d = spawn_airlockd(bins, &dir, "info");
     let guard = KillOnPanic(d.id());
     let sock = dir.join("run/control.sock");
@@ -117,6 +150,16 @@ pub fn start_hmi(bins: &Path, tag: &str, edits: &[(&str, &str)]) -> (Child, Path
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // logic answering says nothing of ui and auth (started concurrently).
+    let names: Vec<String> = toml::from_str::<toml::Value>(&cfg)
+        .expect("config")
+        .get("worker")
+        .and_then(toml::Value::as_array)
+        .expect("workers")
+        .iter()
+        .filter_map(|w| w.get("name")?.as_str().map(str::to_string))
+        .collect();
+    wait_running(&sock, &names.iter().map(String::as_str).collect::<Vec<_>>(), &dir.join("airlockd.log"));
     std::mem::forget(guard);
     (d, dir, ui)
 }
