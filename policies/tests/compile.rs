@@ -48,6 +48,44 @@ fn arch_specific_rules_compile_only_where_the_syscall_exists() {
 }
 
 #[test]
+fn channel_sendto_is_allowed_only_without_a_destination_address() {
+    // The channel sends descriptor-less frames with send(2): sendto with no address. A worker
+    // that only has the channel cannot name a destination; the TCP workers' own rules widen it.
+    let set = embedded();
+    let allow = Action::Allow.ret_value();
+    for arch in Arch::ALL {
+        let nr = syscalls::number(arch, "sendto").expect("sendto nr");
+        let (addr, len) = (0x7fff_0000_1000_u64, 16u64);
+        for name in ["echo", "logic", "auth", "historian"] {
+            let prog = set.compile(name, arch).expect("compile");
+            let policy = set.get(name).expect("policy");
+            assert_eq!(
+                evaluate(&prog, &data(arch, nr, [3, 0x1000, 64, 0x4000, 0, 0])).expect("eval"),
+                allow,
+                "{name}/{arch}"
+            );
+            for args in
+                [[3, 0x1000, 64, 0x4000, addr, len], [3, 0x1000, 64, 0x4000, addr, 0], [3, 0x1000, 64, 0x4000, 0, len]]
+            {
+                assert_eq!(
+                    evaluate(&prog, &data(arch, nr, args)).expect("eval"),
+                    policy.default_action.ret_value(),
+                    "{name}/{arch}: sendto with an address {args:x?}"
+                );
+            }
+        }
+        for name in ["field", "bridge", "ui", "plcsim"] {
+            let prog = set.compile(name, arch).expect("compile");
+            assert_eq!(
+                evaluate(&prog, &data(arch, nr, [3, 0x1000, 64, 0x4000, addr, len])).expect("eval"),
+                allow,
+                "{name}/{arch}"
+            );
+        }
+    }
+}
+
+#[test]
 fn compiled_programs_give_every_call_the_action_of_the_rules() {
     let set = embedded();
     let mut checked = 0usize;

@@ -160,6 +160,17 @@ pub fn send_datagram_nonblocking(sock: BorrowedFd<'_>, buf: &[u8], fds: &[RawFd]
 }
 
 fn send_datagram_flags(sock: BorrowedFd<'_>, buf: &[u8], fds: &[RawFd], extra: MsgFlags) -> io::Result<()> {
+    if fds.is_empty() {
+        // Without descriptors, send(2) (sendto with no address; policies/common/channel.toml)
+        // is cheaper than sendmsg: no msghdr to copy in and check.
+        loop {
+            match socket::send(sock.as_raw_fd(), buf, MsgFlags::MSG_NOSIGNAL | extra) {
+                Ok(_) => return Ok(()),
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
     let iov = [IoSlice::new(buf)];
     let rights = [ControlMessage::ScmRights(fds)];
     let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &rights };
