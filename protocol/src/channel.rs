@@ -481,9 +481,14 @@ impl Channel {
 
     fn poison_send(&mut self, r: Result<(), ChannelError>) -> Result<(), ChannelError> {
         match r {
-            // Encoding and size errors happen before a sequence number is used: the channel
-            // is still consistent.
-            Err(e @ (ChannelError::Encode(_) | ChannelError::MessageTooLarge { .. } | ChannelError::Bulk(_))) => Err(e),
+            // Encoding, size and descriptor-count errors happen before a sequence number is
+            // used: the channel is still consistent.
+            Err(
+                e @ (ChannelError::Encode(_)
+                | ChannelError::MessageTooLarge { .. }
+                | ChannelError::TooManyAttachments { .. }
+                | ChannelError::Bulk(_)),
+            ) => Err(e),
             other => self.poison(other),
         }
     }

@@ -331,6 +331,27 @@ fn too_large_message_is_refused_before_sending_and_channel_survives() {
 }
 
 #[test]
+fn too_many_descriptors_are_refused_before_sending_and_channel_survives() {
+    // Like a too-large message, nothing has left and no sequence number is used: the caller
+    // gets a clear error and the channel stays usable (it used to be poisoned).
+    let limits = Limits::default();
+    let (mut a, mut b) = established(limits.clone(), DEFAULT_REKEY_INTERVAL);
+    let files: Vec<std::fs::File> =
+        (0..=limits.max_attachments).map(|_| std::fs::File::open("/dev/null").expect("open")).collect();
+    let fds: Vec<_> = files.iter().map(std::os::fd::AsFd::as_fd).collect();
+    let r = a.send_with(&Msg::Ping(1), &fds);
+    assert!(
+        matches!(r, Err(ChannelError::TooManyAttachments { count, limit }) if count == limits.max_attachments + 1 && limit == limits.max_attachments),
+        "{r:?}"
+    );
+    assert!(a.poisoned().is_none(), "{:?}", a.poisoned());
+    a.send_with(&Msg::Ping(2), &fds[..limits.max_attachments]).expect("channel still usable");
+    let got = b.recv::<Msg>().expect("recv");
+    assert_eq!(got.msg, Msg::Ping(2));
+    assert_eq!(got.fds.len(), limits.max_attachments);
+}
+
+#[test]
 fn wrong_key_fails_authentication() {
     let (sa, sb) = airlock_protocol::sys::seqpacket_pair().expect("pair");
     let (ka, _) = ChannelKeys::generate(DEFAULT_REKEY_INTERVAL).expect("keys");
