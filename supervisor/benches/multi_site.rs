@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::hmi::{control, cpu_ns, spawn_airlockd, start_hmi, KillOnPanic};
+use common::hmi::{control, cpu_ns, spawn_airlockd, start_hmi, wait_running, KillOnPanic};
 use common::{build_binaries, emit_rounds, locate_binaries, median};
 
 use airlock_hmi::bridge::{mqtt, sparkplug};
@@ -323,6 +323,8 @@ fn main() {
         assert!(Instant::now() < deadline, "the bridge did not go live:\n{}", log());
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The bridge being live says nothing of echo, which feeds it (started concurrently).
+    wait_running(&sock, &["echo", "bridge"], &dir.join("airlockd.log"));
     let plant = plant();
     let mut plain = Plain::new(port, &plant);
     let quick = std::env::var_os("AIRLOCK_BENCH_QUICK").is_some();
