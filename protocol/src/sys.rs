@@ -173,9 +173,8 @@ fn send_datagram_flags(sock: BorrowedFd<'_>, buf: &[u8], fds: &[RawFd], extra: M
     }
     let iov = [IoSlice::new(buf)];
     let rights = [ControlMessage::ScmRights(fds)];
-    let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &rights };
     loop {
-        match socket::sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL | extra, None) {
+        match socket::sendmsg::<()>(sock.as_raw_fd(), &iov, &rights, MsgFlags::MSG_NOSIGNAL | extra, None) {
             Ok(_) => return Ok(()),
             Err(Errno::EINTR) => {}
             Err(e) => return Err(e.into()),

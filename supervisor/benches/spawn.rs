@@ -14,16 +14,14 @@
 //!   (the `spawn_verified` peer running `sleep` instead of `true`), every process of each.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use airlock_protocol::wire::ToWorker;
 use airlock_supervisor::config;
-use airlock_supervisor::runtime::{ControlRequest, Status, WorkerState};
+use airlock_supervisor::runtime::{Status, WorkerState};
 use airlock_supervisor::spawn::{self, HostAbilities};
 
 mod common;
@@ -141,12 +139,7 @@ impl Daemon {
 
     /// `status` through the control socket; `None` while airlockd does not answer yet.
     fn status(&self) -> Option<Status> {
-        let mut s = UnixStream::connect(self.dir.join("run/control.sock")).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        writeln!(s, "{}", serde_json::to_string(&ControlRequest::Status).ok()?).ok()?;
-        let mut line = String::new();
-        BufReader::new(&s).read_line(&mut line).ok()?;
-        serde_json::from_str(&line).ok()
+        common::hmi::status(&self.dir.join("run/control.sock"))
     }
 
     /// Waits until all `workers` are running (verified and ready); returns their pids.

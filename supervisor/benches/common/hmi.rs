@@ -24,6 +24,16 @@ pub fn spawn_airlockd(bins: &Path, dir: &Path, level: &str) -> Child {
         .expect("airlockd")
 }
 
+/// `status` through airlockd's control socket `sock`; `None` while airlockd does not answer yet.
+pub fn status(sock: &Path) -> Option<Status> {
+    let mut s = UnixStream::connect(sock).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    writeln!(s, "{}", serde_json::to_string(&ControlRequest::Status).ok()?).ok()?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).ok()?;
+    serde_json::from_str(&line).ok()
+}
+
 /// Waits until every worker named in `names` is running (verified and ready) under the
 /// airlockd of `sock`, whose log is `log`. airlockd starts its workers concurrently, so one
 /// worker answering says nothing of the others. Panics with the log when one fails or after 60 s.
@@ -31,14 +41,7 @@ pub fn wait_running(sock: &Path, names: &[&str], log: &Path) {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut last = None;
     loop {
-        let status = UnixStream::connect(sock).ok().and_then(|mut s| {
-            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-            writeln!(s, "{}", serde_json::to_string(&ControlRequest::Status).ok()?).ok()?;
-            let mut line = String::new();
-            BufReader::new(&s).read_line(&mut line).ok()?;
-            serde_json::from_str::<Status>(&line).ok()
-        });
-        if let Some(st) = status {
+        if let Some(st) = status(sock) {
             let state = |n: &str| st.workers.iter().find(|w| w.name == n).map(|w| w.state.clone());
             if let Some(n) = names.iter().find(|n| matches!(state(n), Some(WorkerState::Failed(_)))) {
                 panic!("worker {n} failed: {:?}; log:\n{}", state(n), std::fs::read_to_string(log).unwrap_or_default());
