@@ -86,6 +86,46 @@ fn channel_sendto_is_allowed_only_without_a_destination_address() {
 }
 
 #[test]
+fn channel_recvfrom_is_allowed_only_without_a_source_address() {
+    // The channel reads frames that no descriptor notice announced with recv(2): recvfrom
+    // with no address. The TCP workers' own rules widen it for their connections.
+    let set = embedded();
+    let allow = Action::Allow.ret_value();
+    for arch in Arch::ALL {
+        let nr = syscalls::number(arch, "recvfrom").expect("recvfrom nr");
+        let (addr, len) = (0x7fff_0000_1000_u64, 0x7fff_0000_2000_u64);
+        for name in ["echo", "logic", "auth", "historian"] {
+            let prog = set.compile(name, arch).expect("compile");
+            let policy = set.get(name).expect("policy");
+            assert_eq!(
+                evaluate(&prog, &data(arch, nr, [3, 0x1000, 65536, 0x20, 0, 0])).expect("eval"),
+                allow,
+                "{name}/{arch}"
+            );
+            for args in [
+                [3, 0x1000, 65536, 0x20, addr, len],
+                [3, 0x1000, 65536, 0x20, addr, 0],
+                [3, 0x1000, 65536, 0x20, 0, len],
+            ] {
+                assert_eq!(
+                    evaluate(&prog, &data(arch, nr, args)).expect("eval"),
+                    policy.default_action.ret_value(),
+                    "{name}/{arch}: recvfrom with an address {args:x?}"
+                );
+            }
+        }
+        for name in ["field", "bridge", "ui", "plcsim"] {
+            let prog = set.compile(name, arch).expect("compile");
+            assert_eq!(
+                evaluate(&prog, &data(arch, nr, [3, 0x1000, 64, 0, addr, len])).expect("eval"),
+                allow,
+                "{name}/{arch}"
+            );
+        }
+    }
+}
+
+#[test]
 fn compiled_programs_give_every_call_the_action_of_the_rules() {
     let set = embedded();
     let mut checked = 0usize;

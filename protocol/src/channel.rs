@@ -170,9 +170,25 @@ pub struct Channel {
     /// With non-blocking sends: sealed frames the socket had no room for yet, in order, with
     /// the descriptors they carry.
     nonblocking_sends: bool,
-    out_queue: VecDeque<(Vec<u8>, Vec<OwnedFd>)>,
+    out_queue: VecDeque<Queued>,
     out_queued_bytes: usize,
+    /// The peer's last datagram was a descriptor notice: the next one carries descriptors and
+    /// is read with `recvmsg`; every other one with `recv(2)` (`sys::DESCRIPTOR_NOTICE`).
+    fds_announced: bool,
 }
+
+/// A sealed frame waiting for room in the socket, with duplicates of its descriptors.
+#[derive(Debug)]
+struct Queued {
+    bytes: Vec<u8>,
+    fds: Vec<OwnedFd>,
+    /// Its descriptor notice has gone out already (only the frame is left to send).
+    noticed: bool,
+}
+
+/// Most descriptor notices one non-blocking read takes before it returns to the caller's
+/// event loop (a peer that sends nothing else is only wasting its own turn).
+const MAX_NOTICES_PER_READ: usize = 16;
 
 impl Channel {
     /// Wraps a connected `SOCK_SEQPACKET` socket with this end's keys. No frame is exchanged
@@ -196,6 +212,7 @@ impl Channel {
             nonblocking_sends: false,
             out_queue: VecDeque::new(),
             out_queued_bytes: 0,
+            fds_announced: false,
         }
     }
 
@@ -243,11 +260,11 @@ impl Channel {
     /// Sends queued frames until the socket is full again (non-blocking).
     pub fn flush_queued(&mut self) -> Result<(), ChannelError> {
         self.check_poison()?;
-        while let Some((bytes, fds)) = self.out_queue.front() {
-            let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-            match sys::send_datagram_nonblocking(self.sock.as_fd(), bytes, &raw) {
+        while let Some(q) = self.out_queue.front_mut() {
+            let raw: Vec<RawFd> = q.fds.iter().map(|f| f.as_raw_fd()).collect();
+            match sys::send_announced_nonblocking(self.sock.as_fd(), &q.bytes, &raw, &mut q.noticed) {
                 Ok(()) => {
-                    self.out_queued_bytes -= bytes.len();
+                    self.out_queued_bytes -= q.bytes.len();
                     self.out_queue.pop_front();
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
@@ -257,15 +274,17 @@ impl Channel {
         Ok(())
     }
 
-    /// Sends one sealed frame now, or queues it (non-blocking mode) with duplicates of its
-    /// descriptors (the caller's may close as soon as we return).
+    /// Sends one sealed frame now (after its descriptor notice, if it carries descriptors), or
+    /// queues it (non-blocking mode) with duplicates of its descriptors (the caller's may close
+    /// as soon as we return).
     fn transmit(&mut self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), ChannelError> {
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
         if !self.nonblocking_sends {
-            return sys::send_datagram(self.sock.as_fd(), bytes, &raw).map_err(|e| ChannelError::io("sendmsg", e));
+            return sys::send_announced(self.sock.as_fd(), bytes, &raw).map_err(|e| ChannelError::io("sendmsg", e));
         }
+        let mut noticed = false;
         if self.out_queue.is_empty() {
-            match sys::send_datagram_nonblocking(self.sock.as_fd(), bytes, &raw) {
+            match sys::send_announced_nonblocking(self.sock.as_fd(), bytes, &raw, &mut noticed) {
                 Ok(()) => return Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(ChannelError::io("sendmsg", e)),
@@ -277,7 +296,7 @@ impl Channel {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| ChannelError::io("dup queued descriptor", e))?;
         self.out_queued_bytes += bytes.len();
-        self.out_queue.push_back((bytes.to_vec(), owned));
+        self.out_queue.push_back(Queued { bytes: bytes.to_vec(), fds: owned, noticed });
         Ok(())
     }
 
@@ -662,7 +681,18 @@ impl Channel {
         self.poison(r).map(Some)
     }
 
+    /// Reads what the socket has into `pending`. Blocking, it returns once at least one frame
+    /// (or the peer's hang-up) is pending; descriptor notices are consumed on the way.
     fn fill(&mut self, nonblocking: bool) -> Result<(), ChannelError> {
+        loop {
+            self.fill_once(nonblocking)?;
+            if nonblocking || !self.pending.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn fill_once(&mut self, nonblocking: bool) -> Result<(), ChannelError> {
         let batch = self.limits.recv_batch.max(1);
         // Receive slots are allocated as needed: one for request/reply traffic, a full batch
         // only once the peer streams. An idle channel holds one frame's worth of buffer.
@@ -678,14 +708,47 @@ impl Channel {
             let got = sys::recv_datagrams(self.sock.as_fd(), &mut self.slots, nonblocking)
                 .map_err(|e| ChannelError::io("recvmmsg", e))?;
             self.read_short = got.len() < self.slots.len();
-            self.pending.extend(got.into_iter().enumerate().map(|(slot, info)| Pending { slot, info }));
+            for (slot, mut info) in got.into_iter().enumerate() {
+                if sys::is_descriptor_notice(&self.slots[slot], &info) {
+                    self.fds_announced = true;
+                    continue;
+                }
+                if !std::mem::replace(&mut self.fds_announced, false) {
+                    // What recv(2) does on the one-frame path: descriptors no notice announced
+                    // are closed unused, and the frame's header, which counts them, decides.
+                    info.fds.clear();
+                    info.control_truncated = false;
+                    info.foreign_control = false;
+                }
+                self.pending.push_back(Pending { slot, info });
+            }
         } else {
-            // One frame with plain recvmsg: cheaper for request/reply traffic.
-            let got = sys::recv_datagram(self.sock.as_fd(), &mut self.slots[0], nonblocking)
-                .map_err(|e| ChannelError::io("recvmsg", e))?;
+            // One frame at a time, cheaper for request/reply traffic: with recv(2), or with
+            // recvmsg and a control buffer when a notice announced descriptors.
             self.read_short = true;
-            if let Some(info) = got {
+            let mut notices = 0;
+            loop {
+                let slot = &mut self.slots[0];
+                let got = if self.fds_announced {
+                    sys::recv_datagram(self.sock.as_fd(), slot, nonblocking)
+                        .map_err(|e| ChannelError::io("recvmsg", e))?
+                } else {
+                    sys::recv_datagram_plain(self.sock.as_fd(), slot, nonblocking)
+                        .map_err(|e| ChannelError::io("recv", e))?
+                };
+                let Some(info) = got else { break };
+                if sys::is_descriptor_notice(&self.slots[0], &info) {
+                    self.fds_announced = true;
+                    notices += 1;
+                    if nonblocking && notices >= MAX_NOTICES_PER_READ {
+                        self.read_short = false;
+                        break;
+                    }
+                    continue;
+                }
+                self.fds_announced = false;
                 self.pending.push_back(Pending { slot: 0, info });
+                break;
             }
         }
         Ok(())
@@ -852,9 +915,18 @@ impl Channel {
     }
 
     /// Test hook: writes raw bytes on the socket as if they were a frame, bypassing all
-    /// framing. Adversarial tests use it to play a hostile peer.
+    /// framing (descriptors, if any, announced as the channel does). Adversarial tests use it
+    /// to play a hostile peer.
     #[doc(hidden)]
     pub fn send_raw_datagram(&mut self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), ChannelError> {
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        sys::send_announced(self.sock.as_fd(), bytes, &raw).map_err(|e| ChannelError::io("sendmsg", e))
+    }
+
+    /// Test hook: as [`Channel::send_raw_datagram`], but descriptors go without their notice
+    /// (a peer that tries to slip them past the receiver).
+    #[doc(hidden)]
+    pub fn send_raw_datagram_unannounced(&mut self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), ChannelError> {
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let d = [sys::OutDatagram { parts: [bytes, &[]], fds: &raw }];
         sys::send_datagrams(self.sock.as_fd(), &d).map_err(|e| ChannelError::io("sendmsg", e))

@@ -182,6 +182,76 @@ fn send_datagram_flags(sock: BorrowedFd<'_>, buf: &[u8], fds: &[RawFd], extra: M
     }
 }
 
+/// The one-byte datagram that goes just before every datagram carrying descriptors, so that
+/// the receiver takes that one with `recvmsg` and a control buffer and every other one with the
+/// cheaper `recv(2)` ([`recv_datagram_plain`]), which installs no descriptor at all. Frames are
+/// never this short, so it cannot be mistaken for one. It carries no authority: a notice with no
+/// descriptors after it, or two in a row, only costs the receiver a `recvmsg`.
+pub const DESCRIPTOR_NOTICE: [u8; 1] = [0xfd];
+
+/// True when a received datagram is a [`DESCRIPTOR_NOTICE`].
+pub fn is_descriptor_notice(slot: &RecvSlot, info: &Received) -> bool {
+    info.len == DESCRIPTOR_NOTICE.len() && !info.truncated && slot.buf[..info.len] == DESCRIPTOR_NOTICE
+}
+
+/// Sends one frame, first its [`DESCRIPTOR_NOTICE`] if it carries descriptors (both with one
+/// `sendmmsg`), waiting for room.
+pub fn send_announced(sock: BorrowedFd<'_>, buf: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    if fds.is_empty() {
+        return send_datagram(sock, buf, fds);
+    }
+    let out = [OutDatagram { parts: [&DESCRIPTOR_NOTICE, &[]], fds: &[] }, OutDatagram { parts: [buf, &[]], fds }];
+    send_datagrams(sock, &out)
+}
+
+/// As [`send_announced`], without waiting (`WouldBlock` when the socket is full). `noticed`
+/// records that the notice went out, so that a retry sends only the frame.
+pub fn send_announced_nonblocking(
+    sock: BorrowedFd<'_>,
+    buf: &[u8],
+    fds: &[RawFd],
+    noticed: &mut bool,
+) -> io::Result<()> {
+    if !fds.is_empty() && !*noticed {
+        send_datagram_nonblocking(sock, &DESCRIPTOR_NOTICE, &[])?;
+        *noticed = true;
+    }
+    send_datagram_nonblocking(sock, buf, fds)
+}
+
+/// Receives one datagram into `slot` with `recv(2)` (`recvfrom` without an address), for a
+/// datagram that no [`DESCRIPTOR_NOTICE`] announced. It takes no control message: descriptors
+/// a peer attached anyway are discarded by the kernel and never installed here, and the frame,
+/// whose authenticated header counts them, then fails its attachment check. `MSG_TRUNC` makes
+/// the kernel return the datagram's full length, so an oversized one is still seen as
+/// truncated. With `nonblocking`, returns `None` instead of waiting.
+pub fn recv_datagram_plain(
+    sock: BorrowedFd<'_>,
+    slot: &mut RecvSlot,
+    nonblocking: bool,
+) -> io::Result<Option<Received>> {
+    let mut flags = MsgFlags::MSG_TRUNC;
+    if nonblocking {
+        flags |= MsgFlags::MSG_DONTWAIT;
+    }
+    loop {
+        match socket::recv(sock.as_raw_fd(), &mut slot.buf, flags) {
+            Ok(n) => {
+                return Ok(Some(Received {
+                    len: n.min(slot.buf.len()),
+                    truncated: n > slot.buf.len(),
+                    control_truncated: false,
+                    foreign_control: false,
+                    fds: Vec::new(),
+                }))
+            }
+            Err(Errno::EINTR) => {}
+            Err(Errno::EAGAIN) if nonblocking => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Receives one datagram into `slot` with `recvmsg(MSG_CMSG_CLOEXEC)`. With `nonblocking`,
 /// returns `None` instead of waiting.
 pub fn recv_datagram(sock: BorrowedFd<'_>, slot: &mut RecvSlot, nonblocking: bool) -> io::Result<Option<Received>> {

@@ -5,6 +5,8 @@ use airlock_protocol::{
     Bulk, BulkAnnounce, BulkMode, BulkWriter, Channel, ChannelError, ChannelKeys, Hello, Limits, Role,
     DEFAULT_REKEY_INTERVAL,
 };
+use std::os::fd::AsFd;
+
 use proptest::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -257,7 +259,90 @@ fn admitted_payload_is_still_verified() {
 fn deliver_raw(frame: &[u8]) -> Result<Msg, ChannelError> {
     let (mut a, mut b) = established(Limits::default(), DEFAULT_REKEY_INTERVAL);
     a.send_raw_datagram(frame, &[]).expect("raw send");
+    // Hung up, so that a datagram the receiver takes for a descriptor notice ends in `Closed`
+    // rather than a wait for the frame it announced.
+    drop(a);
     b.recv::<Msg>().map(|r| r.msg)
+}
+
+#[test]
+fn descriptor_frames_keep_their_descriptors_when_read_in_a_batch() {
+    // Nothing is read until everything is sent: the receiver takes the frames with recvmmsg,
+    // notices and all, and each frame gets exactly what was attached to it.
+    let (mut a, mut b) = established(Limits::default(), DEFAULT_REKEY_INTERVAL);
+    let mut keep = Vec::new();
+    for i in 0..24u64 {
+        if i % 3 == 0 {
+            a.send(&Msg::Ping(i)).expect("send");
+        } else {
+            let (r, w) = std::io::pipe().expect("pipe");
+            let both = [r.as_fd(), w.as_fd()];
+            let fds = &both[..1 + usize::from(i % 3 == 2)];
+            a.send_with(&Msg::Ping(i), fds).expect("send with fds");
+            keep.push((r, w));
+        }
+    }
+    for i in 0..24u64 {
+        let got = b.recv::<Msg>().expect("recv");
+        assert_eq!(got.msg, Msg::Ping(i));
+        assert_eq!(got.fds.len(), [0, 1, 2][(i % 3) as usize], "frame {i}");
+    }
+}
+
+#[test]
+fn queued_descriptor_frames_are_announced_once_and_arrive_with_their_descriptors() {
+    // Non-blocking sends: fill the socket so that a frame with a descriptor waits in the queue,
+    // then drain and flush alternately.
+    let (mut a, mut b) = established(Limits::default(), DEFAULT_REKEY_INTERVAL);
+    a.set_nonblocking_sends(true);
+    let blob = Msg::Blob(vec![7; 60_000]);
+    let mut blobs = 0;
+    while !a.wants_write() {
+        a.send(&blob).expect("send");
+        blobs += 1;
+        assert!(blobs < 1000, "the socket never filled");
+    }
+    let (r, w) = std::io::pipe().expect("pipe");
+    a.send_with(&Msg::Text("with fd".into()), &[w.as_fd()]).expect("queued send");
+    drop(w);
+    let mut seen = 0;
+    let got = loop {
+        a.flush_queued().expect("flush");
+        let m = b.recv::<Msg>().expect("recv");
+        if seen < blobs {
+            assert_eq!(m.msg, blob);
+            assert!(m.fds.is_empty());
+            seen += 1;
+        } else {
+            break m;
+        }
+    };
+    assert_eq!(got.msg, Msg::Text("with fd".into()));
+    assert_eq!(got.fds.len(), 1);
+    // The descriptor is the pipe's write end: writing through it reaches our read end.
+    let mut f = std::fs::File::from(got.fds.into_iter().next().expect("fd"));
+    std::io::Write::write_all(&mut f, b"x").expect("write");
+    let mut buf = [0u8; 1];
+    std::io::Read::read_exact(&mut std::fs::File::from(std::os::fd::OwnedFd::from(r)), &mut buf).expect("read");
+    assert_eq!(&buf, b"x");
+}
+
+#[test]
+fn a_notice_without_descriptors_after_it_costs_nothing_but_a_read() {
+    let (mut a, mut b) = established(Limits::default(), DEFAULT_REKEY_INTERVAL);
+    b.send(&Msg::Ping(0)).expect("send");
+    a.recv::<Msg>().expect("recv");
+    // Two stray notices (what the channel sends before a frame with descriptors), then a
+    // plain frame: delivered as usual; then one more, and the peer hangs up.
+    a.send_raw_datagram(&airlock_protocol::sys::DESCRIPTOR_NOTICE, &[]).expect("notice");
+    a.send_raw_datagram(&airlock_protocol::sys::DESCRIPTOR_NOTICE, &[]).expect("notice");
+    a.send(&Msg::Ping(1)).expect("send");
+    assert_eq!(b.recv::<Msg>().expect("recv").msg, Msg::Ping(1));
+    assert!(b.try_recv::<Msg>().expect("try").is_none());
+    a.send_raw_datagram(&airlock_protocol::sys::DESCRIPTOR_NOTICE, &[]).expect("notice");
+    assert!(b.try_recv::<Msg>().expect("try").is_none());
+    drop(a);
+    assert!(matches!(b.recv::<Msg>(), Err(ChannelError::Closed)));
 }
 
 #[test]

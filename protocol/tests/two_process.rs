@@ -109,6 +109,20 @@ fn run_peer(mode: &str) -> Result<(), String> {
             let (r, _w) = std::io::pipe().map_err(|e| e.to_string())?;
             ch.send_raw_datagram(&f, &[r.as_fd()]).map_err(|e| e.to_string())?;
         }
+        "unannounced_fd" => {
+            // Descriptors without their notice: the receiver reads this datagram with recv(2),
+            // so the kernel discards the pipe end before the receiver sees it. The first frame
+            // claims no attachment and is delivered; the second claims one and is refused.
+            let (r, _w) = std::io::pipe().map_err(|e| e.to_string())?;
+            ch.recv::<Msg>().map_err(|e| e.to_string())?;
+            let f = ch.seal_raw(&ping).map_err(|e| e.to_string())?;
+            ch.send_raw_datagram_unannounced(&f, &[r.as_fd()]).map_err(|e| e.to_string())?;
+            let plain = postcard::to_allocvec(&ping).map_err(|e| e.to_string())?;
+            let f = ch.seal_raw_plaintext(airlock_protocol::frame::Kind::Message, 0, 1, &plain);
+            ch.send_raw_datagram_unannounced(&f, &[r.as_fd()]).map_err(|e| e.to_string())?;
+            // Hold the pipe's write end until the receiver has judged both frames.
+            let _ = ch.recv::<Msg>();
+        }
         "too_many_fds" | "far_too_many_fds" => {
             let n = if mode == "too_many_fds" { Limits::default().max_attachments + 1 } else { 40 };
             let f = ch.seal_raw(&ping).map_err(|e| e.to_string())?;
@@ -326,6 +340,29 @@ fn frame_under_wrong_key_from_peer_fails_authentication() {
 #[test]
 fn unexpected_fd_is_rejected_and_closed() {
     assert!(matches!(hostile("unexpected_fd"), ChannelError::AttachmentCount { header: 0, received: 1 }));
+}
+
+#[test]
+fn descriptors_without_their_notice_are_never_installed() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let before = sys::count_open_fds().expect("count fds");
+    let mut p = spawn_peer("unannounced_fd");
+    p.ch.set_recv_timeout(Some(std::time::Duration::from_secs(30))).expect("recv timeout");
+    // Having just sent, the channel reads the first frame alone with recv(2), the second in a
+    // batch with recvmmsg: both paths are under test.
+    p.ch.send(&Msg::Ping(1)).expect("go");
+    // The first frame claims no attachment: delivered, without the pipe end the peer attached.
+    let first = p.ch.recv::<Msg>().expect("first frame");
+    assert_eq!(first.msg, Msg::Ping(7));
+    assert!(first.fds.is_empty() && first.bulk.is_none());
+    assert_eq!(sys::count_open_fds().expect("count fds"), before + 1, "an unannounced descriptor was installed");
+    // The second claims one: refused, since none can arrive without a notice.
+    let e = p.ch.recv::<Msg>().expect_err("a frame whose descriptor was discarded must be refused");
+    assert!(matches!(e, ChannelError::AttachmentCount { header: 1, received: 0 }), "{e}");
+    assert_eq!(sys::count_open_fds().expect("count fds"), before + 1, "descriptors leaked");
+    let status = p.finish();
+    assert!(status.success(), "peer failed: {status:?}");
+    assert_eq!(sys::count_open_fds().expect("count fds"), before, "descriptors leaked");
 }
 
 #[test]
