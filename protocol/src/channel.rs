@@ -23,8 +23,11 @@ use crate::frame::{
 };
 use crate::sys;
 
-/// The protocol version carried in `Hello`. Bump on any incompatible change of message types.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version carried in `Hello`. Bump on any incompatible change of message types
+/// or of the framing. 2: a frame with descriptors follows a descriptor notice
+/// (`sys::DESCRIPTOR_NOTICE`), which a version 1 peer would take for a malformed frame; the
+/// `Hello` exchange itself is unchanged, so mixed versions fail there, by name.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Bounds on everything a peer controls. Both sides of a channel should use the same values.
 #[derive(Debug, Clone)]

@@ -251,7 +251,10 @@ fn spawn_peer(mode: &str) -> Peer {
         assert_eq!(peer.expect("handshake"), "peer");
     } else {
         let e = peer.expect_err("version mismatch must fail");
-        assert!(matches!(e, ChannelError::ProtocolVersion { ours: 1, theirs: 99 }), "{e}");
+        assert!(
+            matches!(e, ChannelError::ProtocolVersion { ours: airlock_protocol::PROTOCOL_VERSION, theirs: 99 }),
+            "{e}"
+        );
     }
     Peer { ch, child }
 }
