@@ -110,9 +110,10 @@ fn run_peer(mode: &str) -> Result<(), String> {
             ch.send_raw_datagram(&f, &[r.as_fd()]).map_err(|e| e.to_string())?;
         }
         "unannounced_fd" => {
-            // Descriptors without their notice: the receiver reads this datagram with recv(2),
-            // so the kernel discards the pipe end before the receiver sees it. The first frame
-            // claims no attachment and is delivered; the second claims one and is refused.
+            // Descriptors without their notice, after the parent's go: the parent reads the
+            // first frame alone with recv(2) (the kernel discards the pipe end) and the second
+            // in a recvmmsg batch (the channel closes it unused). The first frame claims no
+            // attachment and is delivered; the second claims one and is refused.
             let (r, _w) = std::io::pipe().map_err(|e| e.to_string())?;
             ch.recv::<Msg>().map_err(|e| e.to_string())?;
             let f = ch.seal_raw(&ping).map_err(|e| e.to_string())?;
