@@ -809,6 +809,9 @@ fn peer(mode: &str) -> Result<(), String> {
         "airlock" => {
             let mut ch = handoff::take_inherited(bench_limits()).map_err(|e| e.to_string())?;
             ch.handshake(&Hello::new(Role::Worker, "bench-peer")).map_err(|e| e.to_string())?;
+            // Received payloads are unmapped and freed at idle priority, after the answer, as
+            // the sender's pool allocates and faults them ahead (`BulkReaper`, `BulkPool`).
+            let reaper = airlock_protocol::BulkReaper::new(2).map_err(|e| e.to_string())?;
             let mut count = 0u64;
             loop {
                 let r = match ch.recv::<BenchMsg>() {
@@ -826,6 +829,9 @@ fn peer(mode: &str) -> Result<(), String> {
                     BenchMsg::Fold => {
                         let s = r.bulk.as_deref().map(fold).unwrap_or(0);
                         ch.send(&BenchMsg::Sum(s)).map_err(|e| e.to_string())?;
+                        if let Some(b) = r.bulk {
+                            reaper.release(b);
+                        }
                     }
                     other => return Err(format!("unexpected {other:?}")),
                 }

@@ -32,7 +32,7 @@ pub mod wire;
 /// which postcard then encodes as one length-prefixed block instead of byte by byte.
 pub use serde_bytes;
 
-pub use bulk::{Bulk, BulkMode, BulkPool, BulkWriter};
+pub use bulk::{Bulk, BulkMode, BulkPool, BulkReaper, BulkWriter};
 pub use channel::{
     BulkAnnounce, Channel, ChannelKeys, Hello, Limits, Received, Role, DEFAULT_REKEY_INTERVAL, PROTOCOL_VERSION,
 };
