@@ -171,11 +171,18 @@ fn a_payload_attached_to_a_message_that_carries_none_kills_the_sender() {
 #[test]
 fn permitted_encrypted_bulk_is_decrypted_and_counted() {
     // The counter's positive control: a call the broker takes is decrypted (to be re-encrypted).
-    let d = start(&["bulk-calls", "peer", "1", "1048576"], "", BULK_PERMIT);
+    let d = start(&["bulk-calls", "peer", "3", "1048576"], "", BULK_PERMIT);
+    let pid = d.worker("peer").pid;
     d.wait_log("event: bulk done ");
     let w = d.worker("hostile");
-    assert_eq!((w.bulk_refused_unread, w.bulk_decrypted), (0, 1), "{w:?}");
-    assert_eq!(d.worker("peer").calls_served, 1);
+    assert_eq!((w.bulk_refused_unread, w.bulk_decrypted), (0, 3), "{w:?}");
+    // The peer released each payload after answering, on the worker library's reaper thread
+    // (started under the peer's seccomp filter): it is still the same process, and serves on.
+    let (ok, msg) = d.call("peer", "echo", "still serving");
+    assert!(ok && msg == "still serving", "{msg}");
+    let peer = d.worker("peer");
+    assert_eq!((peer.calls_served, peer.restarts, peer.pid), (4, 0, pid), "{peer:?}");
+    assert_eq!(peer.last_exit, None, "{peer:?}");
     drop(d);
 }
 

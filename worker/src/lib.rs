@@ -15,7 +15,7 @@ pub mod sandbox;
 pub mod streams;
 pub mod sys;
 
-use airlock_protocol::{handoff, Bulk, BulkMode, BulkWriter, Channel, ChannelError, Hello, Limits, Role};
+use airlock_protocol::{handoff, Bulk, BulkMode, BulkReaper, BulkWriter, Channel, ChannelError, Hello, Limits, Role};
 
 pub use airlock_protocol::confinement::{ConfinementPlan, ConfinementReport, Layer, LayerState, Requirement};
 /// The messages a worker exchanges with its supervisor (re-exported from `airlock-protocol`).
@@ -98,6 +98,9 @@ pub struct Worker {
     incoming_regions: Vec<streams::RegionServer>,
     /// Where incoming call regions go instead, if the application said so.
     on_region: Option<Box<dyn FnMut(streams::RegionServer) + Send>>,
+    /// Releases received memfd payloads after their request is answered (see
+    /// [`Worker::release_bulk`]); started on first use. `Err` once starting it failed.
+    reaper: Option<Result<BulkReaper, ()>>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -170,7 +173,28 @@ impl Worker {
             on_stream: None,
             incoming_regions: Vec::new(),
             on_region: None,
+            reaper: None,
         })
+    }
+
+    /// Releases a payload the handlers are done with. One that came in a memfd (or as a large
+    /// decrypted copy) goes to a reaper thread at idle priority, started on first use: its
+    /// unmap and the last close that frees its pages (~2 ms for 16 MiB) then no longer delay
+    /// the next request. Inline payloads, and every payload where the thread cannot be
+    /// started (logged once), are dropped here.
+    fn release_bulk(&mut self, bulk: Option<Bulk>) {
+        let Some(b) = bulk else { return };
+        if b.inline_bytes().is_some() || b.len() < airlock_protocol::bulk::DEFAULT_INLINE_THRESHOLD {
+            return;
+        }
+        let reaper = self.reaper.get_or_insert_with(|| {
+            BulkReaper::new(2).map_err(|e| {
+                tracing::warn!(error = %e, "no bulk reaper thread: received payloads are released inline");
+            })
+        });
+        if let Ok(r) = reaper {
+            r.release(b);
+        }
     }
 
     /// The `[settings.NAME]` tables of the configuration this worker was given, parsed.
@@ -531,12 +555,14 @@ impl Worker {
                         self.ch.send(&FromWorker::Reply(reply))?
                     }
                 }
+                self.release_bulk(got.bulk);
             }
             ToWorker::Deliver(d) => {
                 let _span =
                     tracing::debug_span!("message", service = %d.service, method = %d.method, id = d.id).entered();
                 if d.id > self.handled_up_to {
                     on_message(self, &d, got.bulk.as_ref());
+                    self.release_bulk(got.bulk);
                     self.handled_up_to = d.id;
                 } else {
                     tracing::debug!(id = d.id, "redelivery of a handled message: acknowledged, not handled again");
