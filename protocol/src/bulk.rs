@@ -185,7 +185,13 @@ enum BulkInner {
         map: Mapping,
         fd: OwnedFd,
     },
-    Decrypted(Vec<u8>),
+    /// Decrypted into private memory. The ciphertext's memfd and mapping are kept until the
+    /// payload is dropped: unmapping it and (when this is the last reference) freeing its pages
+    /// then happens where the payload is released (a [`BulkReaper`]), not while receiving.
+    Decrypted {
+        bytes: Vec<u8>,
+        _ciphertext: (Mapping, OwnedFd),
+    },
     /// Verified (memfd, exact seals, size) but not mapped: received with `map_bulk` off.
     Sealed {
         fd: OwnedFd,
@@ -218,7 +224,7 @@ impl Bulk {
     /// The bytes; empty for a payload received unmapped (`Limits::map_bulk` off).
     pub fn bytes(&self) -> &[u8] {
         match &self.inner {
-            BulkInner::Inline(v) | BulkInner::Decrypted(v) => v,
+            BulkInner::Inline(v) | BulkInner::Decrypted { bytes: v, .. } => v,
             BulkInner::Mapped { map, .. } => map.as_slice(),
             BulkInner::Sealed { .. } => &[],
         }
@@ -235,7 +241,7 @@ impl Bulk {
     /// True for a payload that arrived encrypted (now decrypted in private memory): a broker
     /// passes it on re-encrypted under the next channel's key.
     pub fn was_encrypted(&self) -> bool {
-        matches!(self.inner, BulkInner::Decrypted(_))
+        matches!(self.inner, BulkInner::Decrypted { .. })
     }
 
     /// An inline payload's bytes, for passing on (a broker re-sends them inline).
@@ -317,11 +323,10 @@ pub(crate) fn accept_memfd(
         None => Ok(Bulk { inner: BulkInner::Mapped { map, fd } }),
         Some((dir, seq, tag)) => {
             let mut v = map.as_slice().to_vec();
-            drop(map);
             if !dir.open_bulk(seq, &mut v, tag) {
                 return Err(BulkError::Authenticate);
             }
-            Ok(Bulk { inner: BulkInner::Decrypted(v) })
+            Ok(Bulk { inner: BulkInner::Decrypted { bytes: v, _ciphertext: (map, fd) } })
         }
     }
 }
