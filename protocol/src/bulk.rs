@@ -335,7 +335,7 @@ pub(crate) fn accept_memfd(
 /// so that a sender's hot path neither allocates nor faults pages. The thread runs at idle
 /// priority, and refills only while no writer taken from the pool is still unsealed (unless
 /// the pool is empty): faulting in 16 MiB beside a writer's copy and unmap slowed them by
-/// ~0.3 ms on two CPUs (memory bandwidth, and the mmap lock the unmap waits for).
+/// ~0.4 ms on two CPUs (memory bandwidth, and the mmap lock the unmap waits for).
 #[derive(Debug)]
 pub struct BulkPool {
     shared: Arc<PoolShared>,
@@ -542,7 +542,7 @@ mod tests {
     }
 
     #[test]
-    fn a_reaper_releases_everything_it_is_given_and_never_holds_more_than_its_depth() {
+    fn a_reaper_releases_everything_it_takes_and_what_it_cannot_take_at_once() {
         let reaper = BulkReaper::new(2).expect("reaper");
         let mut handed = Vec::new();
         for _ in 0..64 {

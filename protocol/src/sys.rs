@@ -797,7 +797,7 @@ pub fn advise_hugepage(m: &Mapping) -> io::Result<()> {
 /// `madvise(MADV_RANDOM)` on a bulk payload's mapping (best effort): its pages are written or
 /// read once and then freed, so the kernel need not age them. A mapping with this advice has
 /// no "recency" (`vma_has_recency`, Linux 6.3+): unmapping it does not mark each page
-/// accessed, which for 16 MiB of dirty shared pages is about a third of the `munmap` a sender
+/// accessed, which for 16 MiB of dirty shared pages is about half of the `munmap` a sender
 /// must do before `F_SEAL_WRITE` (figures in docs/performance.md, "Bulk without huge pages").
 /// For shmem the advice changes nothing else (there is no readahead to turn off).
 pub fn advise_used_once(m: &Mapping) -> io::Result<()> {
