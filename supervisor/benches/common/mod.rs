@@ -133,6 +133,18 @@ pub fn build_binaries(packages: &[&str]) {
     };
     let mut cmd = Command::new(cargo);
     cmd.args(["build", "--release", "--locked", "--bins"]);
+    // Cargo runs this bench with the variables of the bench's own crate set. Some build
+    // scripts watch one of them (ring's: `CARGO_MANIFEST_DIR`), so inherited they made every
+    // run rebuild ring, rustls and what depends on them twice, here and in the next
+    // `cargo bench` (~70 s a run). They describe the bench, not the build asked for here.
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        let per_target = ["CARGO_MANIFEST_", "CARGO_PKG_", "CARGO_BIN_EXE_"].iter().any(|p| name.starts_with(p))
+            || ["CARGO_CRATE_NAME", "CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR"].contains(&name);
+        if per_target {
+            cmd.env_remove(name);
+        }
+    }
     for p in packages {
         cmd.args(["-p", p]);
     }
