@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 use airlock_supervisor::runtime::{CallResult, ControlRequest, Status, WorkerState};
 
 /// airlockd (next to this bench) with `dir/airlock.toml`, logging at `level` to
-/// `dir/airlockd.log`.
+/// `dir/airlockd.log`. Until [`stop`] ends it, a panic anywhere in the bench kills it (and so
+/// its workers): an assertion that fails while it starts must not leave it running.
 pub fn spawn_airlockd(bins: &Path, dir: &Path, level: &str) -> Child {
-    Command::new(bins.join("airlockd"))
+    let child = Command::new(bins.join("airlockd"))
         .arg("--config")
         .arg(dir.join("airlock.toml"))
         .env("AIRLOCK_LOG", level)
@@ -21,7 +22,29 @@ pub fn spawn_airlockd(bins: &Path, dir: &Path, level: &str) -> Child {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("airlockd.log")).expect("log"))
         .spawn()
-        .expect("airlockd")
+        .expect("airlockd");
+    kill_on_panic(child.id());
+    child
+}
+
+/// airlockd processes a panic kills (see [`spawn_airlockd`]).
+static RUNNING: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+fn kill_on_panic(pid: u32) {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            previous(info);
+            let pids = RUNNING.lock().map(|p| p.clone()).unwrap_or_default();
+            for pid in pids {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL);
+            }
+        }));
+    });
+    if let Ok(mut p) = RUNNING.lock() {
+        p.push(pid);
+    }
 }
 
 /// `status` through airlockd's control socket `sock`; `None` while airlockd does not answer yet.
@@ -213,6 +236,9 @@ pub fn http(
 
 /// Stops airlockd `d` as systemd would (SIGTERM) and reaps it.
 pub fn stop(mut d: Child) {
+    if let Ok(mut p) = RUNNING.lock() {
+        p.retain(|&pid| pid != d.id());
+    }
     let pidfd = airlock_supervisor::sys::pidfd_open(d.id() as i32).expect("pidfd");
     let _ = airlock_supervisor::sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGTERM);
     let _ = d.wait();
