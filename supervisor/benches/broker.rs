@@ -9,6 +9,11 @@
 //! - `call_via_broker_64`: median round trip of a 64-byte call from one confined worker to
 //!   another through `airlockd` (two encrypted hops each way, permit check, routing), versus a
 //!   raw `SOCK_SEQPACKET` ping-pong through a relay process doing the same hops, no crypto.
+//! - `call_via_broker_64_no_seccomp`, `call_via_broker_64_no_cgroup`,
+//!   `call_via_broker_64_unconfined`: the same calls between the same two workers with their
+//!   seccomp layer off, with their cgroup layer off, and with every layer that can be off
+//!   (seccomp, cgroup, Landlock, every namespace but the user namespace) off, versus the same
+//!   relay: what the confinement costs on this path. Reported; not a setting to deploy.
 //! - `async_durable_1k`: durable 1 KiB messages per second (journaled, encrypted, fsynced in
 //!   groups of 64), versus writing the same bytes to a file in the same directory and
 //!   `fdatasync`ing every 64; `async_durable_1k_all_cpus`: the same on all CPUs.
@@ -108,6 +113,71 @@ fn spawn_peer(mode: &str, fds: Vec<(OwnedFd, i32)>) -> Child {
     let c = cmd.spawn().expect("spawn peer");
     drop(guard);
     c
+}
+
+/// The confinement layers `call_via_broker_64_unconfined` turns off: all that can be off
+/// while the workers keep their own uid (which needs the user namespace here).
+const UNCONFINED: [&str; 9] = [
+    "seccomp",
+    "cgroup",
+    "landlock",
+    "pid-namespace",
+    "net-namespace",
+    "mount-namespace",
+    "ipc-namespace",
+    "uts-namespace",
+    "cgroup-namespace",
+];
+
+/// airlockd with only `pinger` and `peer` (as in [`start_airlockd`]), the confinement layers
+/// in `off` turned off and every other one best-effort.
+fn start_call_pair(dir: &Path, bins: &Path, off: &[&str]) -> Child {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).expect("dir");
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
+    let layers = [
+        "user-namespace",
+        "pid-namespace",
+        "net-namespace",
+        "mount-namespace",
+        "ipc-namespace",
+        "uts-namespace",
+        "cgroup-namespace",
+        "cgroup",
+        "uid",
+        "landlock",
+        "seccomp",
+    ];
+    let confinement: String =
+        layers.iter().map(|l| format!("{l} = \"{}\"\n", if off.contains(l) { "off" } else { "best-effort" })).collect();
+    let worker = |name: &str| {
+        format!("[[worker]]\nname = \"{name}\"\nexecutable = \"airlock-worker-echo\"\npolicy = \"echo\"\nuid = \"dynamic\"\nservices = [\"{name}\"]\n\n")
+    };
+    let cfg = format!(
+        "[supervisor]\nstate-directory = \"{d}/state\"\nruntime-directory = \"{d}/run\"\nworker-directory = \"{b}\"\n\n[defaults.confinement]\n{confinement}\n{}{}[[permit]]\nfrom = \"pinger\"\nto = \"peer.echo\"\nkind = \"call\"\n",
+        worker("pinger"),
+        worker("peer"),
+        d = dir.display(),
+        b = bins.display()
+    );
+    std::fs::write(dir.join("airlock.toml"), cfg).expect("config");
+    let child = spawn_airlockd(bins, dir, "warn");
+    let sock = dir.join("run/control.sock");
+    common::hmi::wait_running(&sock, &["pinger", "peer"], &dir.join("airlockd.log"));
+    // The row means what it says only if exactly the layers named are off, and seccomp,
+    // where it stays on, is applied.
+    let status = common::hmi::status(&sock).expect("status");
+    for w in &status.workers {
+        for l in &w.confinement {
+            let name = l.layer.name();
+            let is_off = l.state == airlock_protocol::control::LayerWord::Off;
+            assert_eq!(is_off, off.contains(&name), "{}: layer {name} is {:?}", w.name, l.state);
+            if name == "seccomp" && !is_off {
+                assert_eq!(l.state, airlock_protocol::control::LayerWord::Applied, "{}: seccomp", w.name);
+            }
+        }
+    }
+    child
 }
 
 fn relay_baseline() -> f64 {
@@ -356,9 +426,9 @@ fn main() {
     if args.iter().any(|a| a == "--list") {
         return;
     }
-    // `cargo bench --bench broker -- NAME`: only the scenario NAME.
+    // `cargo bench --bench broker -- NAME[,NAME...]`: only the scenarios named.
     let filter = args.iter().skip(1).find(|a| !a.starts_with('-')).cloned().unwrap_or_default();
-    let wants = |name: &str| filter.is_empty() || name == filter;
+    let wants = |name: &str| filter.is_empty() || filter.split(',').any(|f| f == name);
     build_binaries(&["airlock-test-workers", "airlock-supervisor", "airlock-hmi"]);
     let bins = target_dir();
     // Every scenario in each round; each line printed at the end is the median of the
@@ -381,9 +451,12 @@ fn run_round(bins: &Path, wants: &dyn Fn(&str) -> bool) {
     let d = start_airlockd(&dir, &bins);
     let sock = dir.join("run/control.sock");
 
+    // One relay baseline per round for the three call rows.
+    let mut relay = None;
+    let mut relay_us = || *relay.get_or_insert_with(relay_baseline);
     if wants("call_via_broker_64") {
         let airlock_us: f64 = call(&sock, "pinger", "ping_many", &format!("peer {CALLS}")).parse().expect("median");
-        let base_us = relay_baseline();
+        let base_us = relay_us();
         emit(
             "call_via_broker_64",
             airlock_us,
@@ -391,6 +464,34 @@ fn run_round(bins: &Path, wants: &dyn Fn(&str) -> bool) {
             "us",
             true,
             "worker -> airlockd -> worker and back, median measured inside the calling worker",
+        );
+    }
+    for (name, off, what) in [
+        ("call_via_broker_64_no_seccomp", &["seccomp"][..], "the workers' seccomp layer off"),
+        ("call_via_broker_64_no_cgroup", &["cgroup"][..], "the workers' cgroup layer off"),
+        (
+            "call_via_broker_64_unconfined",
+            &UNCONFINED[..],
+            "the workers' seccomp, cgroup, Landlock and namespace layers off (user namespace and uid kept)",
+        ),
+    ] {
+        if !wants(name) {
+            continue;
+        }
+        let pair_dir = dir.join(name);
+        let pair = start_call_pair(&pair_dir, &bins, off);
+        let pair_sock = pair_dir.join("run/control.sock");
+        let airlock_us: f64 =
+            call(&pair_sock, "pinger", "ping_many", &format!("peer {CALLS}")).parse().expect("median");
+        stop(pair);
+        let base_us = relay_us();
+        emit(
+            name,
+            airlock_us,
+            base_us,
+            "us",
+            true,
+            &format!("call_via_broker_64 with {what}: reported, not a setting to deploy"),
         );
     }
 
