@@ -74,10 +74,20 @@ fn call(sock: &Path, service: &str, method: &str, body: &str) -> String {
     r.body
 }
 
+/// `dir`, emptied (or created) and writable by the workers' dynamic uids.
+fn fresh_dir(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).expect("dir");
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
+}
+
+/// The configuration of an echo worker `name` serving the service `name`.
+fn echo_worker(name: &str) -> String {
+    format!("[[worker]]\nname = \"{name}\"\nexecutable = \"airlock-worker-echo\"\npolicy = \"echo\"\nuid = \"dynamic\"\nservices = [\"{name}\"]\n")
+}
+
 fn start_airlockd(dir: &Path, bins: &Path) -> Child {
-    let worker = |name: &str, extra: &str| {
-        format!("[[worker]]\nname = \"{name}\"\nexecutable = \"airlock-worker-echo\"\npolicy = \"echo\"\nuid = \"dynamic\"\nservices = [\"{name}\"]\n{extra}\n")
-    };
+    let worker = |name: &str, extra: &str| format!("{}{extra}\n", echo_worker(name));
     let cfg = format!(
         "[supervisor]\nstate-directory = \"{d}/state\"\nruntime-directory = \"{d}/run\"\nworker-directory = \"{b}\"\n\n[defaults.confinement]\nuser-namespace = \"best-effort\"\npid-namespace = \"best-effort\"\nnet-namespace = \"best-effort\"\nmount-namespace = \"best-effort\"\nipc-namespace = \"best-effort\"\nuts-namespace = \"best-effort\"\ncgroup-namespace = \"best-effort\"\ncgroup = \"best-effort\"\nuid = \"best-effort\"\nlandlock = \"best-effort\"\n\n{}{}{}{}{}{}\n[[permit]]\nfrom = \"flooder\"\nto = \"stuck.*\"\nkind = \"send\"\n[[permit]]\nfrom = \"pinger\"\nto = \"peer.echo\"\nkind = \"call\"\n[[permit]]\nfrom = \"writer\"\nto = \"receiver.*\"\nkind = \"send\"\n",
         worker("pinger", ""),
@@ -132,9 +142,7 @@ const UNCONFINED: [&str; 9] = [
 /// airlockd with only `pinger` and `peer` (as in [`start_airlockd`]), the confinement layers
 /// in `off` turned off and every other one best-effort.
 fn start_call_pair(dir: &Path, bins: &Path, off: &[&str]) -> Child {
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir).expect("dir");
-    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
+    fresh_dir(dir);
     let layers = [
         "user-namespace",
         "pid-namespace",
@@ -150,9 +158,7 @@ fn start_call_pair(dir: &Path, bins: &Path, off: &[&str]) -> Child {
     ];
     let confinement: String =
         layers.iter().map(|l| format!("{l} = \"{}\"\n", if off.contains(l) { "off" } else { "best-effort" })).collect();
-    let worker = |name: &str| {
-        format!("[[worker]]\nname = \"{name}\"\nexecutable = \"airlock-worker-echo\"\npolicy = \"echo\"\nuid = \"dynamic\"\nservices = [\"{name}\"]\n\n")
-    };
+    let worker = |name: &str| format!("{}\n", echo_worker(name));
     let cfg = format!(
         "[supervisor]\nstate-directory = \"{d}/state\"\nruntime-directory = \"{d}/run\"\nworker-directory = \"{b}\"\n\n[defaults.confinement]\n{confinement}\n{}{}[[permit]]\nfrom = \"pinger\"\nto = \"peer.echo\"\nkind = \"call\"\n",
         worker("pinger"),
@@ -286,16 +292,11 @@ fn wait_hostile_up(dir: &Path) {
 /// airlockd with `pinger` calling `peer`, and a hostile worker with the ui's limits; `cgroup` is
 /// that layer's requirement.
 fn start_attack_airlockd(dir: &Path, bins: &Path, cgroup: &str) -> Child {
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir).expect("dir");
-    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
-    let echo = |name: &str| {
-        format!("[[worker]]\nname = \"{name}\"\nexecutable = \"airlock-worker-echo\"\npolicy = \"echo\"\nuid = \"dynamic\"\nservices = [\"{name}\"]\n")
-    };
+    fresh_dir(dir);
     let cfg = format!(
         "[supervisor]\nstate-directory = \"{d}/state\"\nruntime-directory = \"{d}/run\"\nworker-directory = \"{b}\"\n\n[defaults.confinement]\nuser-namespace = \"best-effort\"\npid-namespace = \"best-effort\"\nnet-namespace = \"best-effort\"\nmount-namespace = \"best-effort\"\nipc-namespace = \"best-effort\"\nuts-namespace = \"best-effort\"\ncgroup-namespace = \"best-effort\"\ncgroup = \"{cgroup}\"\nuid = \"best-effort\"\nlandlock = \"best-effort\"\n\n[broker]\nmax-violations = 0\n\n{}{}[[worker]]\nname = \"hostile\"\nexecutable = \"airlock-worker-hostile\"\npolicy = \"hostile\"\nuid = \"dynamic\"\nservices = [\"hostile\"]\n[worker.limits]\ncpu-weight = 25\nnice = 10\nmemory-mib = 128\npids = 1024\n[worker.rlimits]\nnofile = 64\nnproc = 4096\naddress-space-mib = 1024\nfile-size-mib = 4\n\n[[permit]]\nfrom = \"pinger\"\nto = \"peer.echo\"\nkind = \"call\"\n",
-        echo("pinger"),
-        echo("peer"),
+        echo_worker("pinger"),
+        echo_worker("peer"),
         d = dir.display(),
         b = bins.display()
     );
@@ -444,9 +445,7 @@ fn run_round(bins: &Path, wants: &dyn Fn(&str) -> bool) {
     let bins = bins.to_path_buf();
     // On the target's file system (not /tmp, which may be tmpfs where fsync is free).
     let dir = bins.join(format!("airlock-bench-broker-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
+    fresh_dir(&dir);
     sys::pin_to_cpu(0).expect("pin");
     let d = start_airlockd(&dir, &bins);
     let sock = dir.join("run/control.sock");
@@ -517,9 +516,7 @@ fn run_round(bins: &Path, wants: &dyn Fn(&str) -> bool) {
     // too (the broker is a pipeline of three processes).
     sys::unpin().expect("unpin");
     let dir2 = bins.join(format!("airlock-bench-broker-{}-all", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir2);
-    std::fs::create_dir_all(&dir2).expect("dir");
-    std::fs::set_permissions(&dir2, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
+    fresh_dir(&dir2);
     let d = start_airlockd(&dir2, &bins);
     let sock = dir2.join("run/control.sock");
     // A flooding worker against its quota: another pair's calls while it floods, versus the
@@ -587,9 +584,7 @@ fn run_round(bins: &Path, wants: &dyn Fn(&str) -> bool) {
 
     if wants("supervisor_cpu_under_bulk_flood") {
         let dir3 = bins.join(format!("airlock-bench-broker-{}-hostile", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir3);
-        std::fs::create_dir_all(&dir3).expect("dir");
-        std::fs::set_permissions(&dir3, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
+        fresh_dir(&dir3);
         let d = start_hostile_airlockd(&dir3, &bins);
         let sock = dir3.join("run/control.sock");
         const FLOOD: u64 = 2000;
