@@ -465,7 +465,7 @@ fn run_round(bins: &Path, wants: &dyn Fn(&str) -> bool) {
             "worker -> airlockd -> worker and back, median measured inside the calling worker",
         );
     }
-    for (name, off, what) in [
+    for (i, (name, off, what)) in [
         ("call_via_broker_64_no_seccomp", &["seccomp"][..], "the workers' seccomp layer off"),
         ("call_via_broker_64_no_cgroup", &["cgroup"][..], "the workers' cgroup layer off"),
         (
@@ -473,16 +473,21 @@ fn run_round(bins: &Path, wants: &dyn Fn(&str) -> bool) {
             &UNCONFINED[..],
             "the workers' seccomp, cgroup, Landlock and namespace layers off (user namespace and uid kept)",
         ),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         if !wants(name) {
             continue;
         }
-        let pair_dir = dir.join(name);
+        // A short name: the control socket's path must fit in sockaddr_un (108 bytes).
+        let pair_dir = bins.join(format!("airlock-bench-broker-{}-p{i}", std::process::id()));
         let pair = start_call_pair(&pair_dir, &bins, off);
         let pair_sock = pair_dir.join("run/control.sock");
         let airlock_us: f64 =
             call(&pair_sock, "pinger", "ping_many", &format!("peer {CALLS}")).parse().expect("median");
         stop(pair);
+        let _ = std::fs::remove_dir_all(&pair_dir);
         let base_us = relay_us();
         emit(
             name,
