@@ -89,15 +89,14 @@ fn echo_worker(name: &str) -> String {
 fn start_airlockd(dir: &Path, bins: &Path) -> Child {
     let worker = |name: &str, extra: &str| format!("{}{extra}\n", echo_worker(name));
     let cfg = format!(
-        "[supervisor]\nstate-directory = \"{d}/state\"\nruntime-directory = \"{d}/run\"\nworker-directory = \"{b}\"\n\n[defaults.confinement]\nuser-namespace = \"best-effort\"\npid-namespace = \"best-effort\"\nnet-namespace = \"best-effort\"\nmount-namespace = \"best-effort\"\nipc-namespace = \"best-effort\"\nuts-namespace = \"best-effort\"\ncgroup-namespace = \"best-effort\"\ncgroup = \"best-effort\"\nuid = \"best-effort\"\nlandlock = \"best-effort\"\n\n{}{}{}{}{}{}\n[[permit]]\nfrom = \"flooder\"\nto = \"stuck.*\"\nkind = \"send\"\n[[permit]]\nfrom = \"pinger\"\nto = \"peer.echo\"\nkind = \"call\"\n[[permit]]\nfrom = \"writer\"\nto = \"receiver.*\"\nkind = \"send\"\n",
+        "{}{}{}{}{}{}{}\n[[permit]]\nfrom = \"flooder\"\nto = \"stuck.*\"\nkind = \"send\"\n[[permit]]\nfrom = \"pinger\"\nto = \"peer.echo\"\nkind = \"call\"\n[[permit]]\nfrom = \"writer\"\nto = \"receiver.*\"\nkind = \"send\"\n",
+        config_head(dir, bins, &[]),
         worker("pinger", ""),
         worker("peer", ""),
         worker("writer", "[worker.quota]\njournal-bytes = 268435456"),
         worker("receiver", ""),
         worker("flooder", "[worker.quota]\njournal-bytes = 262144"),
         "[[worker]]\nname = \"stuck\"\nexecutable = \"airlock-worker-sink\"\npolicy = \"sink\"\nargs = [\"/proc/no-such-dir/log\"]\nservices = [\"stuck\"]\n[worker.restart]\npolicy = \"never\"\n",
-        d = dir.display(),
-        b = bins.display()
     );
     std::fs::write(dir.join("airlock.toml"), cfg).expect("config");
     let child = spawn_airlockd(bins, dir, "warn");
@@ -125,46 +124,50 @@ fn spawn_peer(mode: &str, fds: Vec<(OwnedFd, i32)>) -> Child {
     c
 }
 
-/// The confinement layers `call_via_broker_64_unconfined` turns off: all that can be off
-/// while the workers keep their own uid (which needs the user namespace here).
-const UNCONFINED: [&str; 9] = [
-    "seccomp",
-    "cgroup",
-    "landlock",
+/// The confinement layers every broker-bench configuration names, each `best-effort` unless
+/// said otherwise (the layers not named keep their default, `required`).
+const LAYERS: [&str; 10] = [
+    "user-namespace",
     "pid-namespace",
     "net-namespace",
     "mount-namespace",
     "ipc-namespace",
     "uts-namespace",
     "cgroup-namespace",
+    "cgroup",
+    "uid",
+    "landlock",
 ];
 
-/// airlockd with only `pinger` and `peer` (as in [`start_airlockd`]), the confinement layers
-/// in `off` turned off and every other one best-effort.
-fn start_call_pair(dir: &Path, bins: &Path, off: &[&str]) -> Child {
-    fresh_dir(dir);
-    let layers = [
-        "user-namespace",
-        "pid-namespace",
-        "net-namespace",
-        "mount-namespace",
-        "ipc-namespace",
-        "uts-namespace",
-        "cgroup-namespace",
-        "cgroup",
-        "uid",
-        "landlock",
-        "seccomp",
-    ];
+/// The `[supervisor]` section for `dir` and `bins`, and `[defaults.confinement]` with every
+/// layer of [`LAYERS`] `best-effort` except where `overrides` says otherwise (it may also name
+/// other layers).
+fn config_head(dir: &Path, bins: &Path, overrides: &[(&str, &str)]) -> String {
+    let requirement = |layer: &str| overrides.iter().find(|(l, _)| *l == layer).map_or("best-effort", |(_, r)| *r);
+    let others = overrides.iter().map(|(l, _)| *l).filter(|l| !LAYERS.contains(l));
     let confinement: String =
-        layers.iter().map(|l| format!("{l} = \"{}\"\n", if off.contains(l) { "off" } else { "best-effort" })).collect();
-    let worker = |name: &str| format!("{}\n", echo_worker(name));
-    let cfg = format!(
-        "[supervisor]\nstate-directory = \"{d}/state\"\nruntime-directory = \"{d}/run\"\nworker-directory = \"{b}\"\n\n[defaults.confinement]\n{confinement}\n{}{}[[permit]]\nfrom = \"pinger\"\nto = \"peer.echo\"\nkind = \"call\"\n",
-        worker("pinger"),
-        worker("peer"),
+        LAYERS.into_iter().chain(others).map(|l| format!("{l} = \"{}\"\n", requirement(l))).collect();
+    format!(
+        "[supervisor]\nstate-directory = \"{d}/state\"\nruntime-directory = \"{d}/run\"\nworker-directory = \"{b}\"\n\n[defaults.confinement]\n{confinement}\n",
         d = dir.display(),
         b = bins.display()
+    )
+}
+
+/// airlockd with only `pinger` and `peer` (as in [`start_airlockd`]), the confinement layers
+/// in `off` turned off, seccomp `best-effort` unless it is one of them, and every other layer
+/// as [`config_head`] writes it.
+fn start_call_pair(dir: &Path, bins: &Path, off: &[&str]) -> Child {
+    fresh_dir(dir);
+    let mut overrides: Vec<(&str, &str)> = off.iter().map(|l| (*l, "off")).collect();
+    if !off.contains(&"seccomp") {
+        overrides.push(("seccomp", "best-effort"));
+    }
+    let cfg = format!(
+        "{}{}\n{}\n[[permit]]\nfrom = \"pinger\"\nto = \"peer.echo\"\nkind = \"call\"\n",
+        config_head(dir, bins, &overrides),
+        echo_worker("pinger"),
+        echo_worker("peer"),
     );
     std::fs::write(dir.join("airlock.toml"), cfg).expect("config");
     let child = spawn_airlockd(bins, dir, "warn");
@@ -263,9 +266,9 @@ fn peer(mode: &str) {
 /// its violations (the flood goes on).
 fn start_hostile_airlockd(dir: &Path, bins: &Path) -> Child {
     let cfg = format!(
-        "[supervisor]\nstate-directory = \"{d}/state\"\nruntime-directory = \"{d}/run\"\nworker-directory = \"{b}\"\n\n[defaults.confinement]\nuser-namespace = \"best-effort\"\npid-namespace = \"best-effort\"\nnet-namespace = \"best-effort\"\nmount-namespace = \"best-effort\"\nipc-namespace = \"best-effort\"\nuts-namespace = \"best-effort\"\ncgroup-namespace = \"best-effort\"\ncgroup = \"best-effort\"\nuid = \"best-effort\"\nlandlock = \"best-effort\"\n\n[broker]\nmax-violations = 0\n\n[[worker]]\nname = \"peer\"\nexecutable = \"airlock-worker-echo\"\npolicy = \"echo\"\nuid = \"dynamic\"\nservices = [\"peer\"]\n\n[[worker]]\nname = \"hostile\"\nexecutable = \"airlock-worker-hostile\"\npolicy = \"hostile\"\nuid = \"dynamic\"\nservices = [\"hostile\"]\n",
-        d = dir.display(),
-        b = bins.display()
+        "{}[broker]\nmax-violations = 0\n\n{}\n[[worker]]\nname = \"hostile\"\nexecutable = \"airlock-worker-hostile\"\npolicy = \"hostile\"\nuid = \"dynamic\"\nservices = [\"hostile\"]\n",
+        config_head(dir, bins, &[]),
+        echo_worker("peer"),
     );
     std::fs::write(dir.join("airlock.toml"), cfg).expect("config");
     let d = spawn_airlockd(bins, dir, "warn");
@@ -294,11 +297,10 @@ fn wait_hostile_up(dir: &Path) {
 fn start_attack_airlockd(dir: &Path, bins: &Path, cgroup: &str) -> Child {
     fresh_dir(dir);
     let cfg = format!(
-        "[supervisor]\nstate-directory = \"{d}/state\"\nruntime-directory = \"{d}/run\"\nworker-directory = \"{b}\"\n\n[defaults.confinement]\nuser-namespace = \"best-effort\"\npid-namespace = \"best-effort\"\nnet-namespace = \"best-effort\"\nmount-namespace = \"best-effort\"\nipc-namespace = \"best-effort\"\nuts-namespace = \"best-effort\"\ncgroup-namespace = \"best-effort\"\ncgroup = \"{cgroup}\"\nuid = \"best-effort\"\nlandlock = \"best-effort\"\n\n[broker]\nmax-violations = 0\n\n{}{}[[worker]]\nname = \"hostile\"\nexecutable = \"airlock-worker-hostile\"\npolicy = \"hostile\"\nuid = \"dynamic\"\nservices = [\"hostile\"]\n[worker.limits]\ncpu-weight = 25\nnice = 10\nmemory-mib = 128\npids = 1024\n[worker.rlimits]\nnofile = 64\nnproc = 4096\naddress-space-mib = 1024\nfile-size-mib = 4\n\n[[permit]]\nfrom = \"pinger\"\nto = \"peer.echo\"\nkind = \"call\"\n",
+        "{}[broker]\nmax-violations = 0\n\n{}{}[[worker]]\nname = \"hostile\"\nexecutable = \"airlock-worker-hostile\"\npolicy = \"hostile\"\nuid = \"dynamic\"\nservices = [\"hostile\"]\n[worker.limits]\ncpu-weight = 25\nnice = 10\nmemory-mib = 128\npids = 1024\n[worker.rlimits]\nnofile = 64\nnproc = 4096\naddress-space-mib = 1024\nfile-size-mib = 4\n\n[[permit]]\nfrom = \"pinger\"\nto = \"peer.echo\"\nkind = \"call\"\n",
+        config_head(dir, bins, &[("cgroup", cgroup)]),
         echo_worker("pinger"),
         echo_worker("peer"),
-        d = dir.display(),
-        b = bins.display()
     );
     std::fs::write(dir.join("airlock.toml"), cfg).expect("config");
     let d = spawn_airlockd(bins, dir, "warn");
@@ -465,12 +467,16 @@ fn run_round(bins: &Path, wants: &dyn Fn(&str) -> bool) {
             "worker -> airlockd -> worker and back, median measured inside the calling worker",
         );
     }
+    // Every layer that can be off while the workers keep their own uid (which needs the user
+    // namespace here).
+    let unconfined: Vec<&str> =
+        LAYERS.into_iter().filter(|l| !["user-namespace", "uid"].contains(l)).chain(["seccomp"]).collect();
     for (i, (name, off, what)) in [
         ("call_via_broker_64_no_seccomp", &["seccomp"][..], "the workers' seccomp layer off"),
         ("call_via_broker_64_no_cgroup", &["cgroup"][..], "the workers' cgroup layer off"),
         (
             "call_via_broker_64_unconfined",
-            &UNCONFINED[..],
+            &unconfined[..],
             "the workers' seccomp, cgroup, Landlock and namespace layers off (user namespace and uid kept)",
         ),
     ]
